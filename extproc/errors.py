@@ -1,0 +1,60 @@
+"""The exception tree. Every error a client can see has a stable code; ``HTTP_STATUS`` is the one table
+that maps codes to HTTP statuses."""
+
+from __future__ import annotations
+
+from typing import Final
+
+HTTP_STATUS: Final[dict[str, int]] = {
+    "invalid_json": 400,
+    "invalid_body": 400,
+    "body_too_large": 413,
+    "unsupported_media_type": 415,
+    "unsupported_content_encoding": 415,
+    "upstream_unscannable": 502,
+    "upstream_too_large": 502,
+    "internal_error": 500,
+}
+
+
+class ExtProcError(Exception):
+    """Base of every error the sidecar raises on purpose."""
+
+    code: str = "internal_error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+        if self.code not in HTTP_STATUS:
+            raise ValueError(f"error code {self.code!r} has no HTTP status in errors.HTTP_STATUS")
+        self.message = message
+
+    @property
+    def http_status(self) -> int:
+        return HTTP_STATUS[self.code]
+
+
+class ClientError(ExtProcError):
+    """The request itself is unacceptable; the client gets a JSON error and the model sees nothing."""
+
+    code = "invalid_body"
+
+
+class UpstreamError(ExtProcError):
+    """The model server's answer cannot be scanned or is too large; the client gets a JSON error."""
+
+    code = "upstream_unscannable"
+
+
+class ProtocolError(ExtProcError):
+    """Envoy sent something the exchange cannot accept (out of order, unknown, unsupported mode).
+
+    The exchange never answers these with a silent allow: the gRPC stream is aborted, and Envoy, configured
+    with ``failure_mode_allow: false``, fails the HTTP request."""
+
+    code = "internal_error"
+
+
+class ConfigError(Exception):
+    """Settings or a configuration file are invalid; raised at start-up, never on the request path."""

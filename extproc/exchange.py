@@ -1,0 +1,327 @@
+"""One Exchange per ext_proc stream (one HTTP request and its response): the phase state machine.
+
+The exchange sees only the plain events of ``extproc.model`` and answers with plain replies; ``envoy.py``
+does the protobuf. It never answers an unexpected message with a silent allow: out-of-order, repeated or
+unknown messages raise ProtocolError and the server aborts the stream, which Envoy (fail closed) turns
+into an error for the client.
+
+Body modes supported per direction: NONE, BUFFERED and FULL_DUPLEX_STREAMED. STREAMED, BUFFERED_PARTIAL
+and GRPC are refused when the stream opens: the first cannot hold bytes back across trailers, the second
+lets the part over its limit through unscanned, the third is not HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+from extproc.errors import ClientError, ExtProcError, ProtocolError, UpstreamError
+from extproc.mask.bodies import BodyProcessor, BufferedJson, BufferedText, Passthrough, SseEvents
+from extproc.model import (
+    Body,
+    BodyMode,
+    ContinueHeaders,
+    ContinueTrailers,
+    Direction,
+    Event,
+    Finding,
+    HeaderChanges,
+    Headers,
+    ProtocolConfig,
+    Reject,
+    ReplaceBody,
+    Reply,
+    StreamChunk,
+    Trailers,
+)
+from extproc.runtime import Snapshot
+
+DECISION_HEADER = "x-dlp-decision-id"
+METADATA_NAMESPACE = "llm.extproc"
+SUPPORTED_BODY_MODES = frozenset({BodyMode.NONE, BodyMode.BUFFERED, BodyMode.FULL_DUPLEX_STREAMED})
+_IDENTITY_ENCODINGS = frozenset({"", "identity"})
+
+
+class Phase(IntEnum):
+    START = 0
+    REQUEST_HEADERS = 1
+    REQUEST_BODY = 2
+    REQUEST_TRAILERS = 3
+    RESPONSE_HEADERS = 4
+    RESPONSE_BODY = 5
+    RESPONSE_TRAILERS = 6
+
+
+def _phase_of(event: Event) -> Phase:
+    request = event.direction is Direction.REQUEST
+    if isinstance(event, Headers):
+        return Phase.REQUEST_HEADERS if request else Phase.RESPONSE_HEADERS
+    if isinstance(event, Body):
+        return Phase.REQUEST_BODY if request else Phase.RESPONSE_BODY
+    return Phase.REQUEST_TRAILERS if request else Phase.RESPONSE_TRAILERS
+
+
+@dataclass
+class _Direction:
+    """Body state of one direction."""
+
+    mode: BodyMode
+    processor: BodyProcessor = field(default_factory=Passthrough)
+    had_content_length: bool = False
+    sse: bool = False
+    ended: bool = False  # the last body byte has been answered
+    discard: bool = False  # closed early with an in-band error: the rest of the upstream body is dropped
+    deferred_headers: ContinueHeaders | None = None  # response headers held until the body is masked
+
+
+def media_type(headers: Headers) -> str:
+    value = headers.get("content-type") or ""
+    return value.split(";", 1)[0].strip().lower()
+
+
+def is_json(media: str) -> bool:
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+class Exchange:
+    def __init__(self, snapshot: Snapshot, protocol: ProtocolConfig, decision_id: str) -> None:
+        for direction, mode in (
+            (Direction.REQUEST, protocol.request_body_mode),
+            (Direction.RESPONSE, protocol.response_body_mode),
+        ):
+            if mode not in SUPPORTED_BODY_MODES:
+                raise ProtocolError(f"{direction.value} body mode {mode.value} is not supported")
+        self._snapshot = snapshot
+        self.decision_id = decision_id
+        self.request_id = ""
+        self.passthrough = False
+        self.finished = False
+        self._phase = Phase.START
+        self._dirs = {
+            Direction.REQUEST: _Direction(protocol.request_body_mode),
+            Direction.RESPONSE: _Direction(protocol.response_body_mode),
+        }
+
+    @property
+    def findings(self) -> dict[Direction, list[Finding]]:
+        return {direction: state.processor.findings for direction, state in self._dirs.items()}
+
+    # -- dispatch -------------------------------------------------------------------------------------
+
+    def handle(self, event: Event) -> list[Reply]:
+        """Answer one message from Envoy. Raises ProtocolError for anything out of order."""
+        if not isinstance(event, Headers) and self._dirs[event.direction].discard:
+            return [ContinueTrailers(event.direction)] if isinstance(event, Trailers) else []
+        if self.finished:
+            raise ProtocolError("message received after the exchange was answered in full")
+        phase = _phase_of(event)
+        self._check_order(event, phase)
+        self._phase = phase
+        if isinstance(event, Headers):
+            if event.direction is Direction.REQUEST:
+                return self._request_headers(event)
+            return self._response_headers(event)
+        if isinstance(event, Body):
+            return self._body(event)
+        return self._trailers(event)
+
+    def _check_order(self, event: Event, phase: Phase) -> None:
+        if self._phase is Phase.START:
+            if phase is Phase.RESPONSE_HEADERS:
+                # A local reply from Envoy or an earlier filter (a 401, a 413): no model data to scan.
+                self.passthrough = True
+                return
+            if phase is not Phase.REQUEST_HEADERS:
+                raise ProtocolError(f"stream opened with {phase.name.lower()}, not headers")
+            return
+        if isinstance(event, Body):
+            state = self._dirs[event.direction]
+            if state.mode is BodyMode.NONE:
+                raise ProtocolError(f"{event.direction.value} body received in body mode NONE")
+            if state.ended:
+                raise ProtocolError(f"{event.direction.value} body received after its end")
+            repeat_ok = state.mode is BodyMode.FULL_DUPLEX_STREAMED
+            if phase < self._phase or (phase == self._phase and not repeat_ok):
+                raise ProtocolError(f"{phase.name.lower()} out of order after {self._phase.name.lower()}")
+            return
+        if phase <= self._phase:
+            raise ProtocolError(f"{phase.name.lower()} out of order after {self._phase.name.lower()}")
+
+    # -- phases ---------------------------------------------------------------------------------------
+
+    def _request_headers(self, event: Headers) -> list[Reply]:
+        self.request_id = event.get("x-request-id") or ""
+        state = self._dirs[Direction.REQUEST]
+        state.had_content_length = event.get("content-length") is not None
+        changes = HeaderChanges(set=((DECISION_HEADER, self.decision_id),))
+        metadata: dict[str, object] = {METADATA_NAMESPACE: {"decision_id": self.decision_id}}
+        if event.end_of_stream or state.mode is BodyMode.NONE:
+            state.ended = True
+            return [ContinueHeaders(Direction.REQUEST, changes, metadata)]
+        encoding = (event.get("content-encoding") or "").strip().lower()
+        if encoding not in _IDENTITY_ENCODINGS:
+            return self._reject(
+                ClientError(
+                    f"request content-encoding {encoding!r} cannot be scanned; send the body uncompressed",
+                    code="unsupported_content_encoding",
+                )
+            )
+        limits = self._snapshot.settings.limits
+        too_large = ClientError(
+            f"request body exceeds {limits.max_request_bytes} bytes", code="body_too_large"
+        )
+        media = media_type(event)
+        if is_json(media):
+            invalid = ClientError("request body is not valid JSON", code="invalid_json")
+            state.processor = BufferedJson(
+                self._snapshot.scanner, limits.max_request_bytes, too_large, invalid
+            )
+        elif media == "" or media.startswith("text/"):
+            state.processor = BufferedText(self._snapshot.scanner, limits.max_request_bytes, too_large)
+        else:
+            return self._reject(
+                ClientError(
+                    f"request content-type {media!r} cannot be scanned", code="unsupported_media_type"
+                )
+            )
+        return [ContinueHeaders(Direction.REQUEST, changes, metadata)]
+
+    def _response_headers(self, event: Headers) -> list[Reply]:
+        state = self._dirs[Direction.RESPONSE]
+        if self.passthrough:
+            state.ended = event.end_of_stream or state.mode is BodyMode.NONE
+            return [ContinueHeaders(Direction.RESPONSE)]
+        self._close_request_body()
+        changes = HeaderChanges(set=((DECISION_HEADER, self.decision_id),))
+        reply = ContinueHeaders(Direction.RESPONSE, changes)
+        if event.end_of_stream or state.mode is BodyMode.NONE:
+            state.ended = True
+            self.finished = True
+            return [reply]
+        encoding = (event.get("content-encoding") or "").strip().lower()
+        if encoding not in _IDENTITY_ENCODINGS:
+            return self._reject(UpstreamError(f"response content-encoding {encoding!r} cannot be scanned"))
+        limits = self._snapshot.settings.limits
+        media = media_type(event)
+        too_large = UpstreamError(
+            f"response body exceeds {limits.max_response_bytes} bytes", code="upstream_too_large"
+        )
+        if media == "text/event-stream":
+            state.sse = True
+            event_too_large = UpstreamError(
+                f"a server-sent event exceeds {limits.max_event_bytes} bytes", code="upstream_too_large"
+            )
+            state.processor = SseEvents(self._snapshot.scanner, limits.max_event_bytes, event_too_large)
+        elif is_json(media):
+            invalid = UpstreamError("response body is not valid JSON")
+            state.processor = BufferedJson(
+                self._snapshot.scanner, limits.max_response_bytes, too_large, invalid
+            )
+        elif media == "" or media.startswith("text/"):
+            state.processor = BufferedText(self._snapshot.scanner, limits.max_response_bytes, too_large)
+        else:
+            return self._reject(UpstreamError(f"response content-type {media!r} cannot be scanned"))
+        if state.mode is BodyMode.BUFFERED:
+            state.had_content_length = event.get("content-length") is not None
+            return [reply]
+        # FULL_DUPLEX_STREAMED. Events are released as they complete. A buffered body is answered only once
+        # it is masked: holding the headers answer until then keeps a proper error status available.
+        if state.sse:
+            return [reply]
+        state.deferred_headers = reply
+        return []
+
+    def _close_request_body(self) -> None:
+        """The upstream answered: whatever of the request body is still held will never be sent."""
+        state = self._dirs[Direction.REQUEST]
+        state.ended = True
+
+    def _body(self, event: Body) -> list[Reply]:
+        state = self._dirs[event.direction]
+        buffered = state.mode is BodyMode.BUFFERED
+        last = event.end_of_stream or buffered
+        try:
+            out = state.processor.feed(event.data)
+            if last:
+                out += state.processor.finish()
+        except ExtProcError as error:
+            return self._body_failed(event.direction, error)
+        if last:
+            self._end(event.direction)
+        if buffered:
+            if out == event.data:
+                return [ReplaceBody(event.direction, None)]
+            changes = HeaderChanges()
+            if state.had_content_length:
+                changes = HeaderChanges(set=(("content-length", str(len(out))),))
+            return [ReplaceBody(event.direction, out, changes)]
+        replies: list[Reply] = []
+        if last:
+            replies.extend(self._release_headers(state))
+        if out or event.end_of_stream:
+            replies.append(StreamChunk(event.direction, out, event.end_of_stream))
+        return replies
+
+    def _trailers(self, event: Trailers) -> list[Reply]:
+        state = self._dirs[event.direction]
+        replies: list[Reply] = []
+        if not state.ended and state.mode is BodyMode.FULL_DUPLEX_STREAMED:
+            # The body ended without end_of_stream because trailers follow: flush what is held first.
+            try:
+                out = state.processor.finish()
+            except ExtProcError as error:
+                return self._body_failed(event.direction, error)
+            replies.extend(self._release_headers(state))
+            if out:
+                replies.append(StreamChunk(event.direction, out, False))
+        self._end(event.direction)
+        replies.append(ContinueTrailers(event.direction))
+        return replies
+
+    # -- helpers --------------------------------------------------------------------------------------
+
+    def _end(self, direction: Direction) -> None:
+        self._dirs[direction].ended = True
+        if direction is Direction.RESPONSE:
+            self.finished = True
+
+    @staticmethod
+    def _release_headers(state: _Direction) -> list[Reply]:
+        if state.deferred_headers is None:
+            return []
+        reply, state.deferred_headers = state.deferred_headers, None
+        return [reply]
+
+    def _body_failed(self, direction: Direction, error: ExtProcError) -> list[Reply]:
+        state = self._dirs[direction]
+        if self.passthrough:
+            raise error
+        streaming_response = (
+            direction is Direction.RESPONSE
+            and state.mode is BodyMode.FULL_DUPLEX_STREAMED
+            and state.deferred_headers is None
+        )
+        if not streaming_response:
+            return self._reject(error)
+        # Response headers are already on their way to the client: an error status is no longer possible.
+        # End the stream with an in-band error event; nothing more of the upstream body is released.
+        self._end(direction)
+        state.discard = True
+        payload = json.dumps(self.error_body(error), separators=(",", ":")).encode()
+        return [StreamChunk(direction, b"event: error\ndata: " + payload + b"\n\n", True)]
+
+    def error_body(self, error: ExtProcError) -> dict[str, str]:
+        return {"error": error.code, "message": error.message, "request_id": self.request_id}
+
+    def _reject(self, error: ExtProcError) -> list[Reply]:
+        self.finished = True
+        body = json.dumps(self.error_body(error), separators=(",", ":")).encode()
+        return [
+            Reject(
+                status=error.http_status,
+                body=body,
+                headers=(("content-type", "application/json"), (DECISION_HEADER, self.decision_id)),
+                details=f"extproc_{error.code}",
+            )
+        ]

@@ -1,0 +1,125 @@
+"""Frozen value types shared by the pure modules and the exchange. No I/O, no protobuf."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class BodyMode(Enum):
+    """How Envoy sends a body to the processor (mirrors ext_proc's ProcessingMode.BodySendMode)."""
+
+    NONE = "NONE"
+    STREAMED = "STREAMED"
+    BUFFERED = "BUFFERED"
+    BUFFERED_PARTIAL = "BUFFERED_PARTIAL"
+    FULL_DUPLEX_STREAMED = "FULL_DUPLEX_STREAMED"
+    GRPC = "GRPC"
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolConfig:
+    request_body_mode: BodyMode = BodyMode.NONE
+    response_body_mode: BodyMode = BodyMode.NONE
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One detected value: which rule, what kind of data, where in the decoded text (character offsets)."""
+
+    rule_id: str
+    entity: str
+    start: int
+    end: int
+
+
+# Messages from Envoy, decoded by envoy.py.
+
+
+class Direction(Enum):
+    REQUEST = "request"
+    RESPONSE = "response"
+
+
+@dataclass(frozen=True, slots=True)
+class Headers:
+    """Request or response headers. Names are lower case; a repeated header keeps every value."""
+
+    direction: Direction
+    items: tuple[tuple[str, str], ...]
+    end_of_stream: bool
+    attributes: dict[str, object] = field(default_factory=dict)
+    metadata: dict[str, object] = field(default_factory=dict)
+
+    def get(self, name: str) -> str | None:
+        for key, value in self.items:
+            if key == name:
+                return value
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Body:
+    direction: Direction
+    data: bytes
+    end_of_stream: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Trailers:
+    direction: Direction
+
+
+Event = Headers | Body | Trailers
+
+
+# Answers to Envoy, encoded by envoy.py.
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderChanges:
+    set: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ContinueHeaders:
+    direction: Direction
+    changes: HeaderChanges = HeaderChanges()
+    metadata: dict[str, object] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReplaceBody:
+    """Answer to a BUFFERED body message: the whole body, replaced when ``data`` is not None."""
+
+    direction: Direction
+    data: bytes | None
+    changes: HeaderChanges = HeaderChanges()
+
+
+@dataclass(frozen=True, slots=True)
+class StreamChunk:
+    """One FULL_DUPLEX_STREAMED body piece sent back to Envoy."""
+
+    direction: Direction
+    data: bytes
+    end_of_stream: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ContinueTrailers:
+    direction: Direction
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """Answer the client directly; the upstream (or the rest of the response) is not used."""
+
+    status: int
+    body: bytes
+    headers: tuple[tuple[str, str], ...] = ()
+    details: str = ""
+
+
+Reply = ContinueHeaders | ReplaceBody | StreamChunk | ContinueTrailers | Reject

@@ -1,0 +1,162 @@
+"""The grpc.aio server: the Process loop, health, admin endpoints and graceful shutdown. Thin on purpose:
+per-request state and decisions live in the Exchange."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from extproc import envoy
+from extproc.errors import ExtProcError
+from extproc.exchange import Exchange
+from extproc.model import ProtocolConfig
+from extproc.runtime import Runtime
+from extproc.settings import Settings
+
+log = logging.getLogger("extproc.server")
+
+SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+
+
+class ExternalProcessor:
+    """Moves messages between Envoy and one Exchange per stream; never decides anything itself."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+
+    async def Process(
+        self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        snapshot = self._runtime.snapshot
+        exchange: Exchange | None = None
+        try:
+            async for message in request_iterator:
+                if exchange is None:
+                    protocol = envoy.protocol_config(message) or ProtocolConfig()
+                    exchange = Exchange(snapshot, protocol, uuid.uuid4().hex)
+                for reply in exchange.handle(envoy.decode(message)):
+                    yield envoy.encode(reply)
+        except ExtProcError as error:
+            # Never end the stream cleanly here: a clean close makes Envoy forward the request unprocessed.
+            log.error(
+                "exchange_failed",
+                extra={"code": error.code, "reason": error.message, **_ids(exchange)},
+            )
+            await context.abort(grpc.StatusCode.INTERNAL, f"{error.code}: {error.message}")
+        except Exception:
+            log.exception("exchange_crashed", extra=_ids(exchange))
+            await context.abort(grpc.StatusCode.INTERNAL, "internal_error")
+        if exchange is not None:
+            _log_exchange(exchange)
+
+
+def _ids(exchange: Exchange | None) -> dict[str, str]:
+    if exchange is None:
+        return {}
+    return {"decision_id": exchange.decision_id, "request_id": exchange.request_id}
+
+
+def _log_exchange(exchange: Exchange) -> None:
+    if not log.isEnabledFor(logging.INFO):
+        return
+    counts = {
+        direction.value: dict(Counter(f.entity for f in findings))
+        for direction, findings in exchange.findings.items()
+        if findings
+    }
+    log.info("exchange", extra={**_ids(exchange), "findings": counts, "passthrough": exchange.passthrough})
+
+
+class Server:
+    """The ext_proc gRPC server plus the admin HTTP endpoints, with a graceful stop."""
+
+    def __init__(self, settings: Settings, runtime: Runtime) -> None:
+        self._settings = settings
+        self._runtime = runtime
+        self._health = health.aio.HealthServicer()
+        self._grpc: grpc.aio.Server | None = None
+        self._serving = False
+        self._admin_runner: web.AppRunner | None = None
+        self.grpc_port = 0
+        self.admin_port = 0
+
+    async def start(self) -> None:
+        # grpc.aio binds its server to the running event loop: create it here, not in __init__.
+        limit = self._settings.server.max_message_bytes
+        self._grpc = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        envoy.add_servicer(ExternalProcessor(self._runtime), self._grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+        host, _, port = self._settings.server.grpc_address.rpartition(":")
+        self.grpc_port = self._grpc.add_insecure_port(f"{host}:{port}")
+        if self.grpc_port == 0:
+            raise OSError(f"cannot bind the gRPC address {self._settings.server.grpc_address}")
+        await self._grpc.start()
+        self.admin_port = await self._start_admin()
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self._serving = True
+        log.info(
+            "ready",
+            extra={"grpc": f"{host}:{self.grpc_port}", "admin": f"{self._admin_host()}:{self.admin_port}"},
+        )
+
+    def _admin_host(self) -> str:
+        return self._settings.server.admin_address.rpartition(":")[0]
+
+    async def _start_admin(self) -> int:
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        self._admin_runner = web.AppRunner(app, access_log=None)
+        await self._admin_runner.setup()
+        port = int(self._settings.server.admin_address.rpartition(":")[2])
+        site = web.TCPSite(self._admin_runner, self._admin_host(), port)
+        await site.start()
+        return int(self._admin_runner.addresses[0][1])
+
+    async def _healthz(self, _request: web.Request) -> web.Response:
+        return web.json_response({"status": "alive"})
+
+    async def _readyz(self, _request: web.Request) -> web.Response:
+        if self._serving:
+            return web.json_response({"status": "serving"})
+        return web.json_response({"status": "not_serving"}, status=503)
+
+    async def stop(self) -> None:
+        """NOT_SERVING first, so Envoy and Kubernetes stop sending new streams; then drain, then stop
+        with grace for the streams still open."""
+        server = self._settings.server
+        self._serving = False
+        await self._health.enter_graceful_shutdown()
+        log.info("draining", extra={"drain_seconds": server.drain_seconds})
+        await asyncio.sleep(server.drain_seconds)
+        if self._grpc is not None:
+            await self._grpc.stop(server.grace_seconds)
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+        log.info("stopped")
+
+    async def run_until_signal(self) -> None:
+        await self.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("signal_received")
+        await self.stop()
