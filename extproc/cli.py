@@ -63,6 +63,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
         settings_file=args.config,
         envoy_config=Path(args.envoy_config) if args.envoy_config else REPO_ENVOY_CONFIG,
     )
+
     def interrupt(_signum: int, _frame: object) -> None:
         raise KeyboardInterrupt
 

@@ -169,6 +169,8 @@ class Process:
                 self.popen.kill()
                 self.popen.wait(5)
         self._reader.join(5)
+        if self.popen.stdout is not None:
+            self.popen.stdout.close()
         return self.popen.returncode
 
     def kill(self) -> None:
@@ -195,14 +197,19 @@ class Stack:
     envoy_config: Path = REPO_ENVOY_CONFIG
     with_extproc: bool = True
     envoy_concurrency: int = 2
-    sink: IO[str] = field(default_factory=lambda: sys.stderr)
+    log_path: Path | None = None  # component output goes here; the terminal when None
     extra_env: dict[str, str] = field(default_factory=dict)
     processes: dict[str, Process] = field(default_factory=dict)
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="extproc-dev-")))
 
+    def __post_init__(self) -> None:
+        self._sink: IO[str] = (
+            sys.stderr if self.log_path is None else self.log_path.open("a", encoding="utf-8")
+        )
+
     def _python(self, name: str, args: list[str]) -> Process:
         env = {**os.environ, **self.extra_env, "PYTHONUNBUFFERED": "1"}
-        process = Process(name, [sys.executable, "-m", "extproc", *args], self.sink, env)
+        process = Process(name, [sys.executable, "-m", "extproc", *args], self._sink, env)
         self.processes[name] = process
         return process
 
@@ -248,7 +255,7 @@ class Stack:
             "--log-level", "warning",
             "--drain-time-s", "1",
         ]  # fmt: skip
-        self.processes["envoy"] = Process("envoy", argv, self.sink)
+        self.processes["envoy"] = Process("envoy", argv, self._sink)
         self._wait_envoy(admin_path, timeout)
 
     def _wait_envoy(self, admin_path: Path, timeout: float) -> None:
@@ -296,6 +303,8 @@ class Stack:
             if process is not None:
                 process.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)
+        if self._sink is not sys.stderr:
+            self._sink.close()
 
     def wait(self) -> str:
         """Block until a component exits; return its name."""

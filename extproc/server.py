@@ -152,11 +152,12 @@ class Server:
         log.info("stopped")
 
     async def run_until_signal(self) -> None:
-        await self.start()
+        # Handlers first: once the readiness line is out, a SIGTERM must already mean a graceful stop.
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        await self.start()
         await stop.wait()
         log.info("signal_received")
         await self.stop()

@@ -1,0 +1,57 @@
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from extproc.devenv import Stack
+
+
+def start_stack(log_path: Path, **options: Any) -> Stack:
+    return Stack(log_path=log_path, envoy_concurrency=1, **options).start()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Envoy + extproc + demo model on free ports, shared by the end-to-end tests."""
+    log = tmp_path_factory.mktemp("stack") / "stack.log"
+    running = start_stack(log)
+    yield running
+    running.stop()
+
+
+class Demo:
+    """The demo model's control surface: scripted replies and the requests it received."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def script(self, **reply: Any) -> str:
+        reply_id = reply.pop("id", uuid.uuid4().hex)
+        httpx.post(f"{self.url}/_demo/replies", json={"id": reply_id, **reply}).raise_for_status()
+        return str(reply_id)
+
+    def received(self, tag: str) -> list[dict[str, Any]]:
+        answer = httpx.get(f"{self.url}/_demo/requests", params={"tag": tag})
+        answer.raise_for_status()
+        found: list[dict[str, Any]] = answer.json()
+        return found
+
+
+@pytest.fixture
+def demo(stack: Stack) -> Demo:
+    return Demo(stack.demo_url)
+
+
+@pytest.fixture
+def tag() -> str:
+    return uuid.uuid4().hex
+
+
+def chat(content: str, **extra: Any) -> bytes:
+    return json.dumps(
+        {"model": "demo-small", "messages": [{"role": "user", "content": content}], **extra}
+    ).encode()

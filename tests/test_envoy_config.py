@@ -1,0 +1,110 @@
+"""Every Envoy config in the repository loads in Envoy 1.40 and keeps the rules that keep it safe."""
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from extproc.devenv import Upstream, envoy_binary, render_envoy_config
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = sorted(
+    p
+    for folder in ("envoy", "deploy")
+    for p in (ROOT / folder).rglob("*.yaml")
+    if "static_resources:" in p.read_text(encoding="utf-8")
+)
+
+
+def _seconds(value: str) -> float:
+    assert value.endswith("s"), value
+    return float(value[:-1])
+
+
+def _filters(config: dict[str, Any]) -> list[dict[str, Any]]:
+    found = []
+    for listener in config["static_resources"]["listeners"]:
+        for chain in listener["filter_chains"]:
+            for network_filter in chain["filters"]:
+                found.extend(network_filter["typed_config"].get("http_filters", []))
+    return found
+
+
+def _hcms(config: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        f["typed_config"]
+        for listener in config["static_resources"]["listeners"]
+        for chain in listener["filter_chains"]
+        for f in chain["filters"]
+    ]
+
+
+def test_configs_are_found() -> None:
+    assert ROOT / "envoy" / "envoy.yaml" in CONFIGS
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_envoy_accepts_the_config(path: Path) -> None:
+    result = subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(path), "--use-dynamic-base-id"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_ext_proc_rules(path: Path) -> None:
+    config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    [ext_proc] = [f["typed_config"] for f in _filters(config) if f["name"] == "envoy.filters.http.ext_proc"]
+    # Fail closed: a dead or failing processor must never mean unscanned traffic.
+    assert ext_proc["failure_mode_allow"] is False
+    # The 200 ms default message timeout is too short to scan a large prompt.
+    assert _seconds(ext_proc["message_timeout"]) >= 1
+    mode = ext_proc["processing_mode"]
+    assert mode["request_body_mode"] in ("BUFFERED", "FULL_DUPLEX_STREAMED")
+    # Token streams need a streaming body mode (BUFFERED holds the whole stream); FDS needs trailers SEND.
+    assert mode["response_body_mode"] == "FULL_DUPLEX_STREAMED"
+    assert mode["response_trailer_mode"] == "SEND"
+    # A rejected mutation (say, removing a credential) must fail the request, not vanish.
+    assert ext_proc["mutation_rules"]["disallow_is_error"] is True
+    # The extproc cluster speaks gRPC: without HTTP/2 every request fails at runtime.
+    [cluster] = [c for c in config["static_resources"]["clusters"] if c["name"] == "extproc"]
+    protocol = cluster["typed_extension_protocol_options"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    ]
+    assert "http2_protocol_options" in protocol["explicit_http_config"]
+    # Holds (approvals) and quiet streams must not be cut by an idle timer shorter than the hold ceiling.
+    ceiling = _seconds(ext_proc["max_message_timeout"])
+    for hcm in _hcms(config):
+        assert _seconds(hcm["stream_idle_timeout"]) > ceiling
+        for vhost in hcm["route_config"]["virtual_hosts"]:
+            for route in vhost["routes"]:
+                if "route" in route and route["route"].get("cluster") == "model":
+                    assert _seconds(route["route"]["idle_timeout"]) > ceiling
+                    # Responses reach ext_proc as sent: ask upstreams for identity encoding.
+                    assert "accept-encoding" in route["request_headers_to_remove"]
+
+
+def test_rendering_replaces_ports_and_can_drop_the_filter() -> None:
+    base = yaml.safe_load((ROOT / "envoy" / "envoy.yaml").read_text(encoding="utf-8"))
+    config = render_envoy_config(
+        base, listen_port=1, admin_port=2, extproc_port=3, upstream=Upstream.parse("http://model.local:4")
+    )
+    assert config["admin"]["address"]["socket_address"]["port_value"] == 2
+    model = next(c for c in config["static_resources"]["clusters"] if c["name"] == "model")
+    assert model["type"] == "STRICT_DNS"
+    assert base["static_resources"]["clusters"][1]["type"] == "STATIC"  # the base is not modified
+    bare = render_envoy_config(
+        base,
+        listen_port=1,
+        admin_port=2,
+        extproc_port=3,
+        upstream=Upstream("127.0.0.1", 4),
+        with_extproc=False,
+    )
+    assert all(f["name"] != "envoy.filters.http.ext_proc" for f in _filters(bare))

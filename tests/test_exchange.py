@@ -1,0 +1,242 @@
+"""The exchange as a pure state machine: plain events in, plain replies out."""
+
+import json
+
+import pytest
+
+from extproc.errors import ProtocolError
+from extproc.exchange import DECISION_HEADER, Exchange
+from extproc.model import (
+    Body,
+    BodyMode,
+    ContinueHeaders,
+    ContinueTrailers,
+    Direction,
+    Headers,
+    ProtocolConfig,
+    Reject,
+    ReplaceBody,
+    StreamChunk,
+    Trailers,
+)
+from extproc.runtime import build_snapshot
+from extproc.settings import load_settings
+
+REQ, RESP = Direction.REQUEST, Direction.RESPONSE
+FDS, BUFFERED, NONE = BodyMode.FULL_DUPLEX_STREAMED, BodyMode.BUFFERED, BodyMode.NONE
+SNAPSHOT = build_snapshot(load_settings(None, limits={"max_response_bytes": 4096, "max_event_bytes": 1024}))
+CHAT = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+
+def exchange(request_mode: BodyMode = BUFFERED, response_mode: BodyMode = FDS) -> Exchange:
+    return Exchange(SNAPSHOT, ProtocolConfig(request_mode, response_mode), "d-1")
+
+
+def headers(direction: Direction, *items: tuple[str, str], eos: bool = False) -> Headers:
+    return Headers(direction, tuple(items), eos)
+
+
+def json_request(ex: Exchange, body: bytes = CHAT) -> None:
+    ex.handle(
+        headers(
+            REQ,
+            ("content-type", "application/json"),
+            ("content-length", str(len(body))),
+            ("x-request-id", "r-1"),
+        )
+    )
+    ex.handle(Body(REQ, body, True))
+
+
+def test_request_headers_carry_the_decision_id_upstream_and_into_metadata() -> None:
+    ex = exchange()
+    [reply] = ex.handle(headers(REQ, ("content-type", "application/json")))
+    assert isinstance(reply, ContinueHeaders)
+    assert (DECISION_HEADER, "d-1") in reply.changes.set
+    assert reply.metadata == {"llm.extproc": {"decision_id": "d-1"}}
+
+
+def test_unchanged_buffered_request_body_is_not_rewritten() -> None:
+    ex = exchange()
+    ex.handle(headers(REQ, ("content-type", "application/json"), ("content-length", str(len(CHAT)))))
+    assert ex.handle(Body(REQ, CHAT, True)) == [ReplaceBody(REQ, None)]
+
+
+def test_masked_request_body_gets_a_matching_content_length() -> None:
+    body = json.dumps({"messages": [{"role": "user", "content": "I am jane@example.com"}]}).encode()
+    ex = exchange()
+    ex.handle(headers(REQ, ("content-type", "application/json"), ("content-length", str(len(body)))))
+    [reply] = ex.handle(Body(REQ, body, True))
+    assert isinstance(reply, ReplaceBody)
+    assert reply.data is not None
+    assert b"[REDACTED:EMAIL_ADDRESS]" in reply.data
+    assert reply.changes.set == (("content-length", str(len(reply.data))),)
+
+
+def test_invalid_json_request_is_refused_with_a_stable_code() -> None:
+    ex = exchange()
+    ex.handle(headers(REQ, ("content-type", "application/json"), ("x-request-id", "r-9")))
+    [reply] = ex.handle(Body(REQ, b"{oops", True))
+    assert isinstance(reply, Reject)
+    assert reply.status == 400
+    assert json.loads(reply.body) == {
+        "error": "invalid_json",
+        "message": "request body is not valid JSON",
+        "request_id": "r-9",
+    }
+    assert ("content-type", "application/json") in reply.headers
+    assert ex.finished
+
+
+@pytest.mark.parametrize(
+    ("header", "value", "code", "status"),
+    [
+        ("content-encoding", "gzip", "unsupported_content_encoding", 415),
+        ("content-type", "multipart/form-data; boundary=x", "unsupported_media_type", 415),
+    ],
+)
+def test_request_bodies_that_cannot_be_scanned_are_refused(
+    header: str, value: str, code: str, status: int
+) -> None:
+    [reply] = exchange().handle(headers(REQ, (header, value)))
+    assert isinstance(reply, Reject)
+    assert (reply.status, json.loads(reply.body)["error"]) == (status, code)
+
+
+def test_json_response_headers_wait_for_the_masked_body() -> None:
+    ex = exchange()
+    json_request(ex)
+    assert ex.handle(headers(RESP, (":status", "200"), ("content-type", "application/json"))) == []
+    body = b'{"choices":[{"message":{"content":"card 4111111111111111"}}]}'
+    assert ex.handle(Body(RESP, body[:20], False)) == []
+    first, second = ex.handle(Body(RESP, body[20:], True))
+    assert isinstance(first, ContinueHeaders)
+    assert first.direction is RESP
+    assert isinstance(second, StreamChunk)
+    assert second.end_of_stream
+    assert json.loads(second.data)["choices"][0]["message"]["content"] == "card [REDACTED:CREDIT_CARD]"
+    assert ex.finished
+    assert [f.entity for f in ex.findings[RESP]] == ["CREDIT_CARD"]
+
+
+def test_invalid_json_response_becomes_a_502_before_any_header_leaves() -> None:
+    ex = exchange()
+    json_request(ex)
+    ex.handle(headers(RESP, ("content-type", "application/json")))
+    [reply] = ex.handle(Body(RESP, b"<html>", True))
+    assert isinstance(reply, Reject)
+    assert reply.status == 502
+
+
+def test_response_over_the_limit_is_refused() -> None:
+    ex = exchange()
+    json_request(ex)
+    ex.handle(headers(RESP, ("content-type", "application/json")))
+    [reply] = ex.handle(Body(RESP, b"[" + b"1," * 3000, False))
+    assert isinstance(reply, Reject)
+    assert json.loads(reply.body)["error"] == "upstream_too_large"
+
+
+def test_sse_events_are_released_as_they_complete() -> None:
+    ex = exchange()
+    json_request(ex)
+    [reply] = ex.handle(headers(RESP, ("content-type", "text/event-stream")))
+    assert isinstance(reply, ContinueHeaders)
+    assert ex.handle(Body(RESP, b"data: a@b", False)) == []
+    assert ex.handle(Body(RESP, b".com\n\ndata: x", False)) == [
+        StreamChunk(RESP, b"data: [REDACTED:EMAIL_ADDRESS]\n\n", False)
+    ]
+    assert ex.handle(Body(RESP, b"", True)) == [StreamChunk(RESP, b"data: x", True)]
+
+
+def test_sse_event_over_the_limit_ends_the_stream_with_an_error_event() -> None:
+    ex = exchange()
+    json_request(ex)
+    ex.handle(headers(RESP, ("content-type", "text/event-stream")))
+    [reply] = ex.handle(Body(RESP, b"data: " + b"x" * 2000, False))
+    assert isinstance(reply, StreamChunk)
+    assert reply.end_of_stream
+    assert reply.data.startswith(b"event: error\ndata: ")
+    assert json.loads(reply.data.split(b"data: ", 1)[1])["error"] == "upstream_too_large"
+    # The rest of the upstream body is dropped, not released.
+    assert ex.handle(Body(RESP, b"data: more\n\n", False)) == []
+    assert ex.handle(Body(RESP, b"", True)) == []
+
+
+def test_trailers_flush_what_is_held() -> None:
+    ex = exchange()
+    json_request(ex)
+    ex.handle(headers(RESP, ("content-type", "text/event-stream")))
+    assert ex.handle(Body(RESP, b"data: held", False)) == []
+    assert ex.handle(Trailers(RESP)) == [StreamChunk(RESP, b"data: held", False), ContinueTrailers(RESP)]
+
+
+def test_unscannable_response_type_or_encoding_is_refused() -> None:
+    for item in (("content-type", "image/png"), ("content-encoding", "br")):
+        ex = exchange()
+        json_request(ex)
+        [reply] = ex.handle(headers(RESP, item))
+        assert isinstance(reply, Reject)
+        assert reply.status == 502
+
+
+def test_buffered_response_mode_replaces_the_body_and_fixes_content_length() -> None:
+    ex = exchange(BUFFERED, BUFFERED)
+    json_request(ex)
+    [reply] = ex.handle(headers(RESP, ("content-type", "text/plain"), ("content-length", "16")))
+    assert isinstance(reply, ContinueHeaders)
+    [body] = ex.handle(Body(RESP, b"x jane@example.com", True))
+    assert body == ReplaceBody(RESP, b"x [REDACTED:EMAIL_ADDRESS]", body.changes)
+    assert body.changes.set == (("content-length", "26"),)
+
+
+def test_body_less_exchange() -> None:
+    ex = exchange()
+    assert isinstance(ex.handle(headers(REQ, (":method", "GET"), eos=True))[0], ContinueHeaders)
+    assert isinstance(ex.handle(headers(RESP, (":status", "204"), eos=True))[0], ContinueHeaders)
+    assert ex.finished
+
+
+def test_stream_opened_by_a_local_reply_passes_through() -> None:
+    ex = exchange()
+    assert ex.handle(headers(RESP, (":status", "413"), ("content-type", "text/plain"))) == [
+        ContinueHeaders(RESP)
+    ]
+    assert ex.handle(Body(RESP, b"payload too large", True)) == [
+        StreamChunk(RESP, b"payload too large", True)
+    ]
+    assert ex.passthrough
+
+
+@pytest.mark.parametrize(
+    "events",
+    [
+        [Body(REQ, b"x", True)],  # a stream must open with headers
+        [Trailers(RESP)],
+        [headers(REQ), headers(REQ)],  # headers twice
+        [headers(REQ), Body(REQ, b"{}", True), Body(REQ, b"{}", True)],  # BUFFERED body twice
+        [headers(REQ, eos=True), Body(REQ, b"x", True)],  # a body after headers that ended the stream
+        [headers(REQ), Body(REQ, b"{}", True), headers(RESP, ("content-type", "text/plain")), headers(REQ)],
+        [headers(REQ), Body(REQ, b"{}", True), headers(RESP, eos=True), Body(RESP, b"late", True)],
+    ],
+)
+def test_out_of_order_messages_are_protocol_errors(events: list[Headers | Body | Trailers]) -> None:
+    ex = exchange()
+    *accepted, offending = events
+    for event in accepted:
+        ex.handle(event)
+    with pytest.raises(ProtocolError):
+        ex.handle(offending)
+
+
+def test_body_in_mode_none_is_a_protocol_error() -> None:
+    ex = exchange(NONE, NONE)
+    ex.handle(headers(REQ))
+    with pytest.raises(ProtocolError, match="mode NONE"):
+        ex.handle(Body(REQ, b"x", True))
+
+
+@pytest.mark.parametrize("mode", [BodyMode.STREAMED, BodyMode.BUFFERED_PARTIAL, BodyMode.GRPC])
+def test_unsafe_body_modes_are_refused_when_the_stream_opens(mode: BodyMode) -> None:
+    with pytest.raises(ProtocolError, match="not supported"):
+        Exchange(SNAPSHOT, ProtocolConfig(BUFFERED, mode), "d")

@@ -1,0 +1,191 @@
+"""The whole path through real Envoy 1.40, the extproc server and the demo model, on free ports."""
+
+import base64
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from extproc.devenv import Stack
+
+from .conftest import Demo, chat, start_stack
+
+CARD = "4111 1111 1111 1111"
+EMAIL = "jane.doe@example.com"
+
+
+def post(stack: Stack, body: bytes, **headers: str) -> httpx.Response:
+    return httpx.post(
+        f"{stack.url}/v1/chat/completions",
+        content=body,
+        headers={"content-type": "application/json", **headers},
+        timeout=30,
+    )
+
+
+def test_the_prompt_is_masked_before_it_reaches_the_model(stack: Stack, demo: Demo, tag: str) -> None:
+    answer = post(stack, chat(f"card {CARD}, mail {EMAIL}"), **{"x-test-tag": tag})
+    assert answer.status_code == 200
+    [seen] = demo.received(tag)
+    content = json.loads(seen["body"])["messages"][0]["content"]
+    assert content == "card [REDACTED:CREDIT_CARD], mail [REDACTED:EMAIL_ADDRESS]"
+    # The body changed length: Envoy needs the new content-length, or it fails the request.
+    assert seen["headers"]["content-length"] == str(len(seen["body"].encode()))
+    # A header set by extproc (raw_value) arrives with its value, and the client sees the same id.
+    decision = seen["headers"]["x-dlp-decision-id"]
+    assert len(decision) == 32
+    assert answer.headers["x-dlp-decision-id"] == decision
+
+
+def test_the_model_answer_is_masked_and_stays_valid_json(stack: Stack, demo: Demo) -> None:
+    reply = demo.script(content=f"Your card {CARD} is on file for {EMAIL}.")
+    answer = post(stack, chat("what is on file?"), **{"x-demo-reply": reply})
+    assert answer.status_code == 200
+    assert answer.headers["content-type"].startswith("application/json")
+    message = answer.json()["choices"][0]["message"]["content"]
+    assert message == "Your card [REDACTED:CREDIT_CARD] is on file for [REDACTED:EMAIL_ADDRESS]."
+    assert CARD not in answer.text
+    assert EMAIL not in answer.text
+
+
+def test_a_large_prompt_is_scanned_within_the_message_timeout(stack: Stack, demo: Demo, tag: str) -> None:
+    filler = "lorem ipsum dolor sit amet " * 150_000  # about 4 MB of text
+    answer = post(stack, chat(filler + EMAIL), **{"x-test-tag": tag})
+    assert answer.status_code == 200
+    [seen] = demo.received(tag)
+    assert seen["body"].endswith('[REDACTED:EMAIL_ADDRESS]"}]}')
+
+
+def test_the_openai_client_streams_masked_events(stack: Stack, demo: Demo) -> None:
+    reply = demo.script(content=f"Sure: {CARD} and {EMAIL}. Anything else?", chunk_chars=64)
+    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
+    stream = client.chat.completions.create(
+        model="demo-small",
+        messages=[{"role": "user", "content": "hi"}],
+        stream=True,
+        extra_headers={"x-demo-reply": reply},
+    )
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert text == "Sure: [REDACTED:CREDIT_CARD] and [REDACTED:EMAIL_ADDRESS]. Anything else?"
+
+
+def test_token_events_arrive_while_the_model_is_still_generating(stack: Stack, demo: Demo) -> None:
+    # BUFFERED response bodies would hold the whole stream; the configured streaming mode must not.
+    reply = demo.script(content="one two three four five six", chunk_chars=4, delay_ms=300)
+    started = time.monotonic()
+    arrivals = []
+    with httpx.stream(
+        "POST",
+        f"{stack.url}/v1/chat/completions",
+        content=chat("count", stream=True),
+        headers={"content-type": "application/json", "x-demo-reply": reply},
+        timeout=30,
+    ) as answer:
+        assert answer.headers["content-type"].startswith("text/event-stream")
+        for line in answer.iter_lines():
+            if line.startswith("data: ") and '"content": "one' in line:
+                arrivals.append(time.monotonic() - started)
+        total = time.monotonic() - started
+    assert arrivals, "the first token event never arrived"
+    assert total > 1.8  # seven pauses of 300 ms
+    assert arrivals[0] < total - 1.0
+
+
+def test_models_listing_without_a_request_body(stack: Stack) -> None:
+    answer = httpx.get(f"{stack.url}/v1/models", timeout=10)
+    assert answer.status_code == 200
+    assert [m["id"] for m in answer.json()["data"]] == ["demo-small", "demo-large"]
+
+
+def test_an_invalid_json_request_gets_a_json_error_and_never_reaches_the_model(
+    stack: Stack, demo: Demo, tag: str
+) -> None:
+    answer = post(stack, b'{"messages": [', **{"x-test-tag": tag, "x-request-id": "req-42"})
+    assert answer.status_code == 400
+    assert answer.json() == {
+        "error": "invalid_json",
+        "message": "request body is not valid JSON",
+        "request_id": "req-42",
+    }
+    assert demo.received(tag) == []
+
+
+def test_an_answer_that_cannot_be_scanned_is_refused(stack: Stack, demo: Demo) -> None:
+    reply = demo.script(raw_b64=base64.b64encode(b"\x89PNG\r\n").decode(), content_type="image/png")
+    answer = post(stack, chat("draw"), **{"x-demo-reply": reply})
+    assert answer.status_code == 502
+    assert answer.json()["error"] == "upstream_unscannable"
+    assert b"PNG" not in answer.content
+
+
+def test_a_compressed_answer_is_refused(stack: Stack, demo: Demo) -> None:
+    reply = demo.script(
+        raw_b64=base64.b64encode(b"\x1f\x8b\x08\x00").decode(), headers={"content-encoding": "gzip"}
+    )
+    answer = post(stack, chat("hi"), **{"x-demo-reply": reply})
+    assert answer.status_code == 502
+    assert answer.json()["error"] == "upstream_unscannable"
+
+
+def test_a_request_over_envoys_buffer_limit_is_refused_with_413(stack: Stack, demo: Demo, tag: str) -> None:
+    answer = post(stack, chat("x" * (17 * 1024 * 1024)), **{"x-test-tag": tag})
+    assert answer.status_code == 413
+    assert demo.received(tag) == []
+
+
+def test_a_dead_extproc_server_fails_closed(tmp_path: Path) -> None:
+    stack = start_stack(tmp_path / "stack.log")
+    try:
+        demo = Demo(stack.demo_url)
+        assert post(stack, chat("warm")).status_code == 200
+        stack.processes["extproc"].kill()
+        answer = post(stack, chat(f"card {CARD}"), **{"x-test-tag": "after-kill"})
+        assert answer.status_code == 503
+        assert demo.received("after-kill") == []
+    finally:
+        stack.stop()
+
+
+def test_make_run_prints_a_working_curl_line_and_stops_on_ctrl_c() -> None:
+    ports = ["--port", "0", "--envoy-admin-port", "0", "--extproc-port", "0", "--admin-port", "0"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "extproc", "dev", *ports, "--demo-port", "0"],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    assert process.stderr is not None
+    lines: list[str] = []
+    try:
+        for line in process.stderr:
+            lines.append(line)
+            if line.strip().startswith("curl -s "):
+                break
+        curl = "".join(lines[-1:]) + process.stderr.readline()
+        url = curl.split()[2]
+        data = curl.split("-d '", 1)[1].rsplit("'", 1)[0]
+        answer = httpx.post(
+            url, content=data.encode(), headers={"content-type": "application/json"}, timeout=30
+        )
+        assert answer.status_code == 200
+        content = answer.json()["choices"][0]["message"]["content"]
+        assert "[REDACTED:CREDIT_CARD]" in content
+        assert "[REDACTED:EMAIL_ADDRESS]" in content
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=30)
+    assert process.returncode == 0
+    leftovers = subprocess.run(["pgrep", "-f", f"--parent {process.pid}"], capture_output=True, check=False)
+    assert leftovers.stdout == b""
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/nothing-here"])
+def test_routes_without_a_model_skip_the_processor(stack: Stack, path: str) -> None:
+    answer = httpx.get(f"{stack.url}{path}", timeout=10)
+    assert answer.status_code == (200 if path == "/healthz" else 404)

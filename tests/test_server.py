@@ -1,0 +1,136 @@
+"""The grpc.aio server for real: fail-closed aborts, health, graceful shutdown."""
+
+import asyncio
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from extproc.runtime import Runtime, build_snapshot
+from extproc.server import SERVICE_NAME, Server
+from extproc.settings import load_settings
+
+
+def _settings(drain: float = 0.0, grace: float = 5.0):  # type: ignore[no-untyped-def]
+    return load_settings(
+        None,
+        server={
+            "grpc_address": "127.0.0.1:0",
+            "admin_address": "127.0.0.1:0",
+            "drain_seconds": drain,
+            "grace_seconds": grace,
+        },
+    )
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[Server]:
+    settings = _settings()
+    srv = Server(settings, Runtime(build_snapshot(settings)))
+    await srv.start()
+    yield srv
+    await srv.stop()
+
+
+def request_headers(*items: tuple[str, str], eos: bool = False) -> pb.ProcessingRequest:
+    return pb.ProcessingRequest(
+        request_headers=pb.HttpHeaders(
+            headers=base_pb2.HeaderMap(
+                headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in items]
+            ),
+            end_of_stream=eos,
+        ),
+        protocol_config=pb.ProtocolConfiguration(request_body_mode=2, response_body_mode=4),
+    )
+
+
+async def test_a_protocol_violation_aborts_the_stream_instead_of_closing_it_cleanly(server: Server) -> None:
+    # A clean close (status OK) makes Envoy forward the request unprocessed: errors must abort.
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        call = pb_grpc.ExternalProcessorStub(channel).Process()
+        await call.write(pb.ProcessingRequest(request_body=pb.HttpBody(body=b"x", end_of_stream=True)))
+        await call.done_writing()
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await call.read()
+        assert failure.value.code() == grpc.StatusCode.INTERNAL
+        assert "stream opened with request_body" in (failure.value.details() or "")
+
+
+async def test_an_unsupported_body_mode_aborts(server: Server) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        call = pb_grpc.ExternalProcessorStub(channel).Process()
+        message = request_headers(("content-type", "application/json"))
+        message.protocol_config.response_body_mode = 3  # BUFFERED_PARTIAL lets bytes through unscanned
+        await call.write(message)
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await call.read()
+        assert failure.value.code() == grpc.StatusCode.INTERNAL
+
+
+async def test_a_full_exchange_over_grpc(server: Server) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        call = pb_grpc.ExternalProcessorStub(channel).Process()
+        await call.write(request_headers(("content-type", "text/plain")))
+        first = await call.read()
+        assert first.HasField("request_headers")
+        await call.write(
+            pb.ProcessingRequest(request_body=pb.HttpBody(body=b"to a@b.io", end_of_stream=True))
+        )
+        second = await call.read()
+        assert second.request_body.response.body_mutation.body == b"to [REDACTED:EMAIL_ADDRESS]"
+        await call.done_writing()
+
+
+async def test_health_reports_serving_then_not_serving_while_draining() -> None:
+    settings = _settings(drain=1.0)
+    srv = Server(settings, Runtime(build_snapshot(settings)))
+    await srv.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.grpc_port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", SERVICE_NAME):
+            answer = await health.Check(health_pb2.HealthCheckRequest(service=service))
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        # A stream opened before the stop finishes during the grace period.
+        call = pb_grpc.ExternalProcessorStub(channel).Process()
+        await call.write(request_headers(("content-type", "text/plain")))
+        await call.read()
+        stopping = asyncio.create_task(srv.stop())
+        await asyncio.sleep(0.3)
+        answer = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
+        assert answer.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        await call.write(pb.ProcessingRequest(request_body=pb.HttpBody(body=b"late", end_of_stream=True)))
+        assert (await call.read()).HasField("request_body")
+        await call.done_writing()
+        await stopping
+
+
+def test_serve_stops_cleanly_on_sigterm() -> None:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "extproc",
+            "serve",
+            "--grpc-address",
+            "127.0.0.1:0",
+            "--admin-address",
+            "127.0.0.1:0",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={"EXTPROC_SERVER__DRAIN_SECONDS": "0", "PATH": "/usr/bin:/bin"},
+    )
+    assert process.stderr is not None
+    ready = process.stderr.readline()
+    assert '"event": "ready"' in ready
+    process.send_signal(signal.SIGTERM)
+    _, rest = process.communicate(timeout=20)
+    assert process.returncode == 0
+    assert '"event": "stopped"' in rest

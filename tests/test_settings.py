@@ -1,0 +1,55 @@
+from pathlib import Path
+
+import pytest
+
+from extproc.errors import ConfigError
+from extproc.settings import load_settings
+
+
+def test_defaults_without_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("EXTPROC_CONFIG", raising=False)
+    settings = load_settings()
+    assert settings.server.grpc_address == "127.0.0.1:50051"
+    assert settings.limits.max_request_bytes == 16 * 1024 * 1024
+
+
+def test_file_then_environment_then_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "settings.yaml"
+    path.write_text(
+        "server:\n  grpc_address: 0.0.0.0:6000\n  drain_seconds: 7\nlog:\n  format: text\n", encoding="utf-8"
+    )
+    monkeypatch.setenv("EXTPROC_SERVER__DRAIN_SECONDS", "1.5")
+    settings = load_settings(path, server={"grpc_address": "127.0.0.1:0"})
+    assert settings.server.grpc_address == "127.0.0.1:0"  # the override wins
+    assert settings.server.drain_seconds == 1.5  # the environment beats the file
+    assert settings.log.format == "text"  # the file beats the default
+
+
+def test_config_path_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text("limits:\n  max_request_bytes: 2048\n", encoding="utf-8")
+    monkeypatch.setenv("EXTPROC_CONFIG", str(path))
+    assert load_settings().limits.max_request_bytes == 2048
+
+
+def test_unknown_key_names_file_and_field(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("server:\n  grpc_adress: 127.0.0.1:1\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: server\.grpc_adress"):
+        load_settings(path)
+
+
+def test_invalid_value_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("server:\n  grpc_address: nowhere\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="HOST:PORT"):
+        load_settings(path)
+
+
+def test_invalid_yaml_and_missing_file(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("server: [\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_settings(broken)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(tmp_path / "absent.yaml")
