@@ -105,6 +105,44 @@ Ctrl-C stops all three.
         stack.stop()
 
 
+def _address(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    return host, int(port)
+
+
+def cmd_envoy(args: argparse.Namespace) -> int:
+    import os
+    import tempfile
+    from pathlib import Path
+
+    import yaml
+
+    from extproc.devenv import REPO_ENVOY_CONFIG, Upstream, envoy_binary, render_envoy_config
+
+    source = Path(args.envoy_config) if args.envoy_config else REPO_ENVOY_CONFIG
+    (listen_host, listen_port), (extproc_host, extproc_port) = args.listen, args.extproc
+    config = render_envoy_config(
+        yaml.safe_load(source.read_text(encoding="utf-8")),
+        listen_address=listen_host,
+        listen_port=listen_port,
+        admin_port=args.admin_port,
+        extproc_host=extproc_host,
+        extproc_port=extproc_port,
+        upstream=Upstream.parse(args.upstream),
+    )
+    text = yaml.safe_dump(config, sort_keys=False)
+    if args.print:
+        sys.stdout.write(text)
+        return 0
+    handle, rendered = tempfile.mkstemp(prefix="envoy-", suffix=".yaml")
+    with os.fdopen(handle, "w", encoding="utf-8") as out:
+        out.write(text)
+    argv = [envoy_binary(), "-c", rendered, *args.envoy_args]
+    os.execv(argv[0], argv)  # noqa: S606 - Envoy replaces this process, as a container entry point expects
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="extproc", description="DLP sidecar for model servers (Envoy ext_proc)"
@@ -128,6 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--upstream", help="front this model server (http://HOST:PORT) instead of the demo")
     dev.add_argument("--envoy-config", help="Envoy config to run (default: envoy/envoy.yaml)")
     dev.set_defaults(func=cmd_dev)
+
+    envoy = sub.add_parser("envoy", help="run Envoy with the repo's config for the given addresses")
+    envoy.add_argument("--listen", type=_address, default=("0.0.0.0", 8080), help="HOST:PORT (0.0.0.0:8080)")
+    envoy.add_argument("--admin-port", type=int, default=9901, help="admin port, loopback only (9901)")
+    envoy.add_argument("--extproc", type=_address, default=("127.0.0.1", 50051), help="extproc HOST:PORT")
+    envoy.add_argument("--upstream", default="http://127.0.0.1:8000", help="model server URL")
+    envoy.add_argument("--envoy-config", help="Envoy config to render (default: envoy/envoy.yaml)")
+    envoy.add_argument("--print", action="store_true", help="print the rendered config instead of running")
+    envoy.add_argument("envoy_args", nargs="*", help="extra Envoy arguments, after --")
+    envoy.set_defaults(func=cmd_envoy)
 
     demo = sub.add_parser("demo", help="run the OpenAI-compatible demo model server")
     demo.add_argument("--host", default="127.0.0.1")

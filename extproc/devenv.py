@@ -87,9 +87,11 @@ def render_envoy_config(
     base: dict[str, Any],
     *,
     listen_port: int,
+    listen_address: str = "127.0.0.1",
     admin_port: int,
     extproc_port: int,
     upstream: Upstream,
+    extproc_host: str = "127.0.0.1",
     with_extproc: bool = True,
 ) -> dict[str, Any]:
     """The repo's Envoy config with ports and the upstream replaced (and, for the baseline benchmark,
@@ -98,11 +100,12 @@ def render_envoy_config(
     config["admin"]["address"]["socket_address"]["port_value"] = admin_port
     listener = config["static_resources"]["listeners"][0]
     listener["address"]["socket_address"]["port_value"] = listen_port
+    listener["address"]["socket_address"]["address"] = listen_address
     clusters = config["static_resources"]["clusters"]
     for index, cluster in enumerate(clusters):
         if cluster["name"] == "extproc":
             cluster = dict(cluster)
-            _point(cluster, "127.0.0.1", extproc_port)
+            _point(cluster, extproc_host, extproc_port)
         elif cluster["name"] == "model":
             cluster = dict(cluster)
             _point(cluster, upstream.host, upstream.port)

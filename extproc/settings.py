@@ -54,7 +54,7 @@ class LimitSettings(_Section):
     max_request_bytes: int = Field(16 * MiB, ge=1, description="largest request body scanned")
     max_response_bytes: int = Field(16 * MiB, ge=1, description="largest buffered response body scanned")
     max_event_bytes: int = Field(
-        1 * MiB, ge=1024, description="largest single server-sent event held while it is incomplete"
+        1 * MiB, ge=1024, description="largest single server-sent event; a longer one ends the stream"
     )
 
 

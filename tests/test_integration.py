@@ -189,3 +189,25 @@ def test_make_run_prints_a_working_curl_line_and_stops_on_ctrl_c() -> None:
 def test_routes_without_a_model_skip_the_processor(stack: Stack, path: str) -> None:
     answer = httpx.get(f"{stack.url}{path}", timeout=10)
     assert answer.status_code == (200 if path == "/healthz" else 404)
+
+
+def test_a_stream_cut_short_ends_with_an_error_event_the_openai_client_raises(
+    stack: Stack, demo: Demo
+) -> None:
+    # One token event larger than limits.max_event_bytes (1 MiB): headers are gone, so the stream ends
+    # with an in-band error event and nothing of the oversized event is released.
+    reply = demo.script(content="A" * (1024 * 1024 + 10), chunk_chars=2 * 1024 * 1024)
+    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
+    stream = client.chat.completions.create(
+        model="demo-small",
+        messages=[{"role": "user", "content": "hi"}],
+        stream=True,
+        extra_headers={"x-demo-reply": reply},
+    )
+    received = []
+    with pytest.raises(openai.APIError) as raised:
+        for chunk in stream:
+            received.append(chunk)
+    assert isinstance(raised.value.body, str)
+    assert raised.value.body == "upstream_too_large"
+    assert all("AAAA" not in (c.choices[0].delta.content or "") for c in received if c.choices)

@@ -116,7 +116,9 @@ def test_sse_releases_whole_events_and_holds_the_rest() -> None:
     assert processor.finish() == b""
 
 
-def test_sse_event_over_the_limit_is_refused() -> None:
+@pytest.mark.parametrize("terminator", [b"", b"\n\n"])
+def test_sse_event_over_the_limit_is_refused_complete_or_not(terminator: bytes) -> None:
     processor = SseEvents(SCANNER, 1024, TOO_LARGE)
+    assert processor.feed(b"data: small\n\n") == b"data: small\n\n"
     with pytest.raises(ExtProcError):
-        processor.feed(b"data: " + b"x" * 2000)
+        processor.feed(b"data: " + b"x" * 2000 + terminator)

@@ -98,7 +98,8 @@ _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 
 
 class SseEvents:
-    """Server-sent events, released one whole event at a time, each masked as text.
+    """Server-sent events, released one whole event at a time, each masked as text. An event longer
+    than ``max_event_bytes``, complete or not, ends the stream with ``too_large``.
 
     Only the incomplete last event is held back. A value split across two events is not joined here."""
 
@@ -122,6 +123,8 @@ class SseEvents:
             return b""
         complete, self._pending = self._pending[:last_end], self._pending[last_end:]
         if len(self._pending) > self._max:
+            raise self._too_large
+        if len(complete) > self._max and any(len(e) > self._max for e in _EVENT_END.split(complete)):
             raise self._too_large
         return self._mask(complete)
 

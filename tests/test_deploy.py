@@ -1,0 +1,52 @@
+"""The deployment files stay in step with the code: commands parse, settings load, images copy what exists."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bench.__main__ import main as bench_main
+from extproc.cli import build_parser
+from extproc.settings import load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+MANIFESTS = [d for d in yaml.safe_load_all((ROOT / "deploy/kubernetes/deployment.yaml").read_text()) if d]
+
+
+def _containers() -> list[dict[str, object]]:
+    [deployment] = [d for d in MANIFESTS if d["kind"] == "Deployment"]
+    containers: list[dict[str, object]] = deployment["spec"]["template"]["spec"]["containers"]
+    return containers
+
+
+@pytest.mark.parametrize("container", _containers(), ids=lambda c: str(c["name"]))
+def test_container_commands_are_real_extproc_commands(container: dict[str, object]) -> None:
+    args = [str(a) for a in container["args"]]  # type: ignore[attr-defined]
+    parsed = build_parser().parse_args(args)
+    assert parsed.command in {"serve", "envoy", "demo"}
+
+
+def test_the_settings_config_map_loads(tmp_path: Path) -> None:
+    config_map = yaml.safe_load((ROOT / "deploy/kubernetes/extproc-settings.yaml").read_text())
+    path = tmp_path / "settings.yaml"
+    path.write_text(config_map["data"]["settings.yaml"])
+    settings = load_settings(path)
+    assert settings.server.admin_address == "0.0.0.0:9090"
+
+
+def test_the_image_copies_files_that_exist() -> None:
+    for line in (ROOT / "deploy/Dockerfile").read_text().splitlines():
+        if line.startswith("COPY ") and "--from" not in line:
+            *sources, _target = line.split()[1:]
+            for source in sources:
+                assert (ROOT / source).exists(), source
+
+
+def test_bench_runs_and_writes_its_report(tmp_path: Path) -> None:
+    assert bench_main(["--requests", "20", "--concurrency", "2", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "latest.json").read_text())
+    assert set(report["paths"]) == {"direct", "envoy", "extproc"}
+    for result in report["paths"].values():
+        assert result["sequential"]["errors"] == result["concurrent"]["errors"] == 0
+    assert "extproc adds" in (tmp_path / "latest.md").read_text()
