@@ -112,7 +112,7 @@ def _address(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def cmd_envoy(args: argparse.Namespace) -> int:
+def cmd_envoy(args: argparse.Namespace) -> int:  # noqa: RET503 - ends in os.execv
     import os
     import tempfile
     from pathlib import Path
