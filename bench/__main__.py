@@ -24,6 +24,7 @@ from typing import Any
 
 import aiohttp
 
+from bench import scan
 from extproc.devenv import Stack, Upstream
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -97,10 +98,37 @@ def main(argv: list[str] | None = None) -> int:
         "--concurrency", type=int, default=8, help="clients in the concurrent pass (default 8)"
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default bench/results)")
+    parser.add_argument(
+        "--scan-rounds", type=int, default=3, help="passes over the scan messages (default 3)"
+    )
+    parser.add_argument("--only", choices=("proxy", "scan"), help="run one of the two benchmarks")
     args = parser.parse_args(argv)
-
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    header = {"when": stamp, "machine": _machine()}
+    if args.only != "proxy":
+        scan_report = {**header, **scan.run(rounds=args.scan_rounds)}
+        _write(out, "scan", stamp, scan_report, scan.markdown(scan_report))
+    if args.only != "scan":
+        proxy_report = {**header, **_proxy(args, out)}
+        _write(out, "proxy", stamp, proxy_report, _markdown(proxy_report))
+    return 0
+
+
+def _write(out: Path, name: str, stamp: str, report: dict[str, Any], markdown: str) -> None:
+    for label in (f"{name}-{stamp}", f"{name}-latest"):
+        (out / f"{label}.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out / f"{label}.md").write_text(markdown)
+    print(markdown)
+    print(f"written to {out / (name + '-' + stamp + '.json')}")
+
+
+def _machine() -> dict[str, Any]:
+    return {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": _cpus()}
+
+
+def _proxy(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     log = out / "stack.log"
     log.write_text("")
     full = Stack(log_path=log).start()
@@ -117,20 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             bare.stop()
         full.stop()
 
-    report = {
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": _cpus()},
-        "prompt_bytes": len(PROMPT),
-        "paths": results,
-    }
-    markdown = _markdown(report)
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    for name in (stamp, "latest"):
-        (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
-        (out / f"{name}.md").write_text(markdown)
-    print(markdown)
-    print(f"written to {out / (stamp + '.json')}")
-    return 0
+    return {"prompt_bytes": len(PROMPT), "paths": results}
 
 
 def _cpus() -> int:

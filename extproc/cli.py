@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from extproc import __version__
 from extproc.errors import ConfigError
@@ -49,8 +50,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from extproc.devenv import REPO_ENVOY_CONFIG, Stack, Upstream
 
     stack = Stack(
@@ -115,7 +114,6 @@ def _address(value: str) -> tuple[str, int]:
 def cmd_envoy(args: argparse.Namespace) -> int:  # noqa: RET503 - ends in os.execv
     import os
     import tempfile
-    from pathlib import Path
 
     import yaml
 
@@ -141,6 +139,91 @@ def cmd_envoy(args: argparse.Namespace) -> int:  # noqa: RET503 - ends in os.exe
         out.write(text)
     argv = [envoy_binary(), "-c", rendered, *args.envoy_args]
     os.execv(argv[0], argv)  # noqa: S606 - Envoy replaces this process, as a container entry point expects
+
+
+def _rule_paths(args: argparse.Namespace, settings: Settings) -> list[str]:
+    return list(args.paths or args.rules or settings.detect.rules)
+
+
+def _edm_key(settings: Settings) -> bytes | None:
+    from extproc.runtime import read_key
+
+    return read_key(settings.detect.edm_key_file, "exact-match") if settings.detect.edm_key_file else None
+
+
+def cmd_rules_check(args: argparse.Namespace) -> int:
+    from extproc.detect.check import check_rules
+
+    settings = load_settings(args.config)
+    paths = _rule_paths(args, settings)
+    cache_dir = Path(settings.detect.cache_dir) if settings.detect.cache_dir else None
+    report = check_rules(
+        paths,
+        edm_key=_edm_key(settings),
+        max_match_chars=settings.detect.max_match_chars,
+        cache_dir=cache_dir,
+    )
+    for problem in report.problems:
+        print(problem, file=sys.stderr)
+    if not report.ok:
+        print(f"rules check: {len(report.problems)} problem(s)", file=sys.stderr)
+        return 1
+    note = f"; Hyperscan prefilter mode: {', '.join(report.prefiltered)}" if report.prefiltered else ""
+    print(f"rules check: {report.rules} rules, {report.samples} samples OK{note}")
+    return 0
+
+
+def cmd_rules_hash_list(args: argparse.Namespace) -> int:
+    from extproc.detect.engine import hash_value
+    from extproc.runtime import read_key
+
+    key = read_key(args.key_file, "exact-match")
+    source = sys.stdin if args.file in (None, "-") else open(args.file, encoding="utf-8")  # noqa: SIM115
+    with source:
+        for line in source:
+            value = line.strip()
+            if value and not value.startswith("#"):
+                print(hash_value(key, value if args.case_sensitive else value.lower()))
+    return 0
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    import json
+
+    from extproc import logs
+    from extproc.runtime import build_snapshot
+
+    overrides = {"detect": {"rules": list(args.rules)}} if args.rules else {}
+    settings = load_settings(args.config, **overrides)
+    logs.configure(LogSettings(level="warning", format="text"))
+    inspector = build_snapshot(settings).inspector
+    data = sys.stdin.buffer.read() if args.file in (None, "-") else Path(args.file).read_bytes()
+    text = data.decode("utf-8", "surrogateescape")
+    if args.mask:
+        masked, _ = inspector.mask_text(text)
+        sys.stdout.buffer.write(masked.encode("utf-8", "surrogateescape"))
+        return 0
+    rules = {r.id: r.rule for r in inspector.detector.rules}
+    findings = inspector.detector.scan(text)
+    for finding in findings:
+        rule = rules[finding.rule_id]
+        entry: dict[str, object] = {
+            "rule": finding.rule_id,
+            "entity": finding.entity,
+            "category": rule.category,
+            "severity": rule.severity,
+            "start": finding.start,
+            "end": finding.end,
+        }
+        if args.values:
+            entry["value"] = text[finding.start : finding.end]
+        if args.json:
+            print(json.dumps(entry, ensure_ascii=False))
+        else:
+            value = f"  {entry['value']!r}" if args.values else ""
+            where = f"{finding.start}-{finding.end}"
+            print(f"{where}  {finding.entity}  {finding.rule_id} ({rule.category}, {rule.severity}){value}")
+    return 1 if findings else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,6 +259,32 @@ def build_parser() -> argparse.ArgumentParser:
     envoy.add_argument("--print", action="store_true", help="print the rendered config instead of running")
     envoy.add_argument("envoy_args", nargs="*", help="extra Envoy arguments, after --")
     envoy.set_defaults(func=cmd_envoy)
+
+    rules = sub.add_parser("rules", help="check detection rules, hash exact-match lists")
+    rules_sub = rules.add_subparsers(dest="rules_command", required=True)
+    check = rules_sub.add_parser("check", help="validate, compile and run every rule's samples")
+    check.add_argument("paths", nargs="*", help="rule files or folders (default: detect.rules)")
+    check.add_argument("--config", help="settings YAML file (for detect.* settings)")
+    check.set_defaults(func=cmd_rules_check, rules=None)
+    hash_list = rules_sub.add_parser("hash-list", help="turn a list of values into a hashed exact-match list")
+    hash_list.add_argument("file", nargs="?", help="values, one per line (default: stdin)")
+    hash_list.add_argument("--key-file", required=True, help="the key named by detect.edm_key_file")
+    hash_list.add_argument(
+        "--case-sensitive", action="store_true", help="for rules with case_sensitive: true"
+    )
+    hash_list.set_defaults(func=cmd_rules_hash_list)
+
+    scan = sub.add_parser("scan", help="scan a file (or stdin) with the rules and print the findings")
+    scan.add_argument("file", nargs="?", help="file to scan (default: stdin)")
+    scan.add_argument(
+        "--rules", action="append", help="rule file or folder (repeatable; default: detect.rules)"
+    )
+    scan.add_argument("--config", help="settings YAML file")
+    output = scan.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="one JSON object per finding per line")
+    output.add_argument("--mask", action="store_true", help="print the text, masked")
+    scan.add_argument("--values", action="store_true", help="include the matched values in the output")
+    scan.set_defaults(func=cmd_scan)
 
     demo = sub.add_parser("demo", help="run the OpenAI-compatible demo model server")
     demo.add_argument("--host", default="127.0.0.1")

@@ -17,7 +17,14 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 from extproc.errors import ClientError, ExtProcError, ProtocolError, UpstreamError
-from extproc.mask.bodies import BodyProcessor, BufferedJson, BufferedText, Passthrough, SseEvents
+from extproc.mask.bodies import (
+    BodyProcessor,
+    BufferedJson,
+    BufferedText,
+    Passthrough,
+    SseEvents,
+    StreamingText,
+)
 from extproc.model import (
     Body,
     BodyMode,
@@ -69,7 +76,7 @@ class _Direction:
     mode: BodyMode
     processor: BodyProcessor = field(default_factory=Passthrough)
     had_content_length: bool = False
-    sse: bool = False
+    streaming: bool = False  # released as it is masked (event streams, plain text), not held whole
     ended: bool = False  # the last body byte has been answered
     discard: bool = False  # closed early with an in-band error: the rest of the upstream body is dropped
     deferred_headers: ContinueHeaders | None = None  # response headers held until the body is masked
@@ -175,10 +182,10 @@ class Exchange:
         if is_json(media):
             invalid = ClientError("request body is not valid JSON", code="invalid_json")
             state.processor = BufferedJson(
-                self._snapshot.scanner, limits.max_request_bytes, too_large, invalid
+                self._snapshot.inspector, limits.max_request_bytes, too_large, invalid
             )
         elif media == "" or media.startswith("text/"):
-            state.processor = BufferedText(self._snapshot.scanner, limits.max_request_bytes, too_large)
+            state.processor = BufferedText(self._snapshot.inspector, limits.max_request_bytes, too_large)
         else:
             return self._reject(
                 ClientError(
@@ -207,27 +214,30 @@ class Exchange:
         too_large = UpstreamError(
             f"response body exceeds {limits.max_response_bytes} bytes", code="upstream_too_large"
         )
+        inspector = self._snapshot.inspector
+        streamed = state.mode is BodyMode.FULL_DUPLEX_STREAMED
         if media == "text/event-stream":
-            state.sse = True
+            state.streaming = True
             event_too_large = UpstreamError(
                 f"a server-sent event exceeds {limits.max_event_bytes} bytes", code="upstream_too_large"
             )
-            state.processor = SseEvents(self._snapshot.scanner, limits.max_event_bytes, event_too_large)
+            state.processor = SseEvents(inspector, limits.max_event_bytes, event_too_large)
         elif is_json(media):
             invalid = UpstreamError("response body is not valid JSON")
-            state.processor = BufferedJson(
-                self._snapshot.scanner, limits.max_response_bytes, too_large, invalid
-            )
+            state.processor = BufferedJson(inspector, limits.max_response_bytes, too_large, invalid)
+        elif (media == "" or media.startswith("text/")) and streamed:
+            state.streaming = True
+            state.processor = StreamingText(inspector, limits.max_response_bytes, too_large)
         elif media == "" or media.startswith("text/"):
-            state.processor = BufferedText(self._snapshot.scanner, limits.max_response_bytes, too_large)
+            state.processor = BufferedText(inspector, limits.max_response_bytes, too_large)
         else:
             return self._reject(UpstreamError(f"response content-type {media!r} cannot be scanned"))
-        if state.mode is BodyMode.BUFFERED:
+        if not streamed:
             state.had_content_length = event.get("content-length") is not None
             return [reply]
-        # FULL_DUPLEX_STREAMED. Events are released as they complete. A buffered body is answered only once
-        # it is masked: holding the headers answer until then keeps a proper error status available.
-        if state.sse:
+        # FULL_DUPLEX_STREAMED. Streamed bodies are released as they are masked. A buffered body is
+        # answered only once it is masked: holding the headers answer back keeps an error status possible.
+        if state.streaming:
             return [reply]
         state.deferred_headers = reply
         return []
@@ -305,7 +315,10 @@ class Exchange:
         if not streaming_response:
             return self._reject(error)
         # Response headers are already on their way to the client: an error status is no longer possible.
-        # End the stream with an in-band error event; nothing more of the upstream body is released.
+        # An event stream ends with an in-band error event; any other body is cut by resetting the stream
+        # (the server aborts). Either way nothing more of the upstream body is released.
+        if not isinstance(state.processor, SseEvents):
+            raise error
         self._end(direction)
         state.discard = True
         payload = json.dumps(self.error_body(error), separators=(",", ":")).encode()

@@ -5,21 +5,60 @@ it started with."""
 
 from __future__ import annotations
 
+import logging
+import secrets
 from dataclasses import dataclass
+from pathlib import Path
 
-from extproc.detect import Scanner
-from extproc.detect.interim import InterimScanner
+from extproc.detect.engine import DetectorError
+from extproc.detect.rules import RuleError, load_rules
+from extproc.errors import ConfigError
+from extproc.mask import Inspector
 from extproc.settings import Settings
+
+log = logging.getLogger("extproc.runtime")
+MIN_KEY_BYTES = 16
 
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     settings: Settings
-    scanner: Scanner
+    inspector: Inspector
+
+
+def read_key(path: str, purpose: str) -> bytes:
+    try:
+        key = Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the {purpose} key: {exc.strerror}") from exc
+    if len(key) < MIN_KEY_BYTES:
+        raise ConfigError(f"{path}: the {purpose} key must be at least {MIN_KEY_BYTES} bytes")
+    return key
 
 
 def build_snapshot(settings: Settings) -> Snapshot:
-    return Snapshot(settings=settings, scanner=InterimScanner())
+    """Load and compile everything the settings name. Raises ConfigError with every problem found."""
+    detect = settings.detect
+    try:
+        ruleset = load_rules(detect.rules, detect.max_match_chars)
+    except RuleError as exc:
+        raise ConfigError("invalid rules:\n" + "\n".join(exc.problems)) from exc
+    edm_key = read_key(detect.edm_key_file, "exact-match") if detect.edm_key_file else None
+    if settings.mask.hash_key_file:
+        hash_key = read_key(settings.mask.hash_key_file, "hash")
+    else:
+        hash_key = secrets.token_bytes(32)
+        if any(r.rule.mask.strategy == "hash" for r in ruleset.rules):
+            log.warning(
+                "hash_key_missing",
+                extra={"detail": "mask.hash_key_file is not set: hash tokens change on every restart"},
+            )
+    try:
+        cache_dir = Path(detect.cache_dir) if detect.cache_dir else None
+        inspector = Inspector.build(ruleset, hash_key=hash_key, edm_key=edm_key, cache_dir=cache_dir)
+    except DetectorError as exc:
+        raise ConfigError("invalid rules:\n" + "\n".join(exc.problems)) from exc
+    return Snapshot(settings=settings, inspector=inspector)
 
 
 class Runtime:

@@ -18,6 +18,7 @@ from extproc.errors import ConfigError
 
 CONFIG_ENV = "EXTPROC_CONFIG"
 MiB = 1024 * 1024
+REPO_RULES = Path(__file__).resolve().parent.parent / "rules"
 
 
 class _Section(BaseModel):
@@ -58,12 +59,33 @@ class LimitSettings(_Section):
     )
 
 
+class DetectSettings(_Section):
+    rules: list[str] = Field(
+        default_factory=lambda: [str(REPO_RULES)], description="rule files, or folders of *.yaml rule files"
+    )
+    max_match_chars: int = Field(
+        1024, ge=16, le=65536, description="how far a pattern with no upper length is searched"
+    )
+    edm_key_file: str | None = Field(None, description="key for hashed exact-match lists (HMAC-SHA256)")
+    cache_dir: str | None = Field(
+        None, description="private folder for compiled Hyperscan databases (faster restarts); unset: none"
+    )
+
+
+class MaskSettings(_Section):
+    hash_key_file: str | None = Field(
+        None, description="key for the `hash` strategy; without one a random key is made at start-up"
+    )
+
+
 class Settings(_Section):
     """Every setting of the sidecar. See the README's configuration reference."""
 
     server: ServerSettings = ServerSettings()
     log: LogSettings = LogSettings()
     limits: LimitSettings = LimitSettings()
+    detect: DetectSettings = DetectSettings()
+    mask: MaskSettings = MaskSettings()
 
 
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,6 @@
 import json
+import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -8,6 +10,11 @@ import httpx
 import pytest
 
 from extproc.devenv import Stack
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # One Hyperscan compile of the default pack per test session, shared by every server the tests start.
+    os.environ.setdefault("EXTPROC_DETECT__CACHE_DIR", tempfile.mkdtemp(prefix="extproc-hs-cache-"))
 
 
 def start_stack(log_path: Path, **options: Any) -> Stack:

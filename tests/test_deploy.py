@@ -43,10 +43,12 @@ def test_the_image_copies_files_that_exist() -> None:
                 assert (ROOT / source).exists(), source
 
 
-def test_bench_runs_and_writes_its_report(tmp_path: Path) -> None:
-    assert bench_main(["--requests", "20", "--concurrency", "2", "--out", str(tmp_path)]) == 0
-    report = json.loads((tmp_path / "latest.json").read_text())
+def test_proxy_bench_runs_and_writes_its_report(tmp_path: Path) -> None:
+    assert (
+        bench_main(["--only", "proxy", "--requests", "20", "--concurrency", "2", "--out", str(tmp_path)]) == 0
+    )
+    report = json.loads((tmp_path / "proxy-latest.json").read_text())
     assert set(report["paths"]) == {"direct", "envoy", "extproc"}
     for result in report["paths"].values():
         assert result["sequential"]["errors"] == result["concurrent"]["errors"] == 0
-    assert "extproc adds" in (tmp_path / "latest.md").read_text()
+    assert "extproc adds" in (tmp_path / "proxy-latest.md").read_text()

@@ -22,9 +22,17 @@ from extproc.model import (
 from extproc.runtime import build_snapshot
 from extproc.settings import load_settings
 
+from .rules_fixture import EDM_KEY_FILE, RULES
+
 REQ, RESP = Direction.REQUEST, Direction.RESPONSE
 FDS, BUFFERED, NONE = BodyMode.FULL_DUPLEX_STREAMED, BodyMode.BUFFERED, BodyMode.NONE
-SNAPSHOT = build_snapshot(load_settings(None, limits={"max_response_bytes": 4096, "max_event_bytes": 1024}))
+SNAPSHOT = build_snapshot(
+    load_settings(
+        None,
+        limits={"max_response_bytes": 4096, "max_event_bytes": 1024},
+        detect={"rules": [str(RULES)], "edm_key_file": str(EDM_KEY_FILE)},
+    )
+)
 CHAT = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
 
 

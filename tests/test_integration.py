@@ -17,6 +17,7 @@ from extproc.devenv import Stack
 from .conftest import Demo, chat, start_stack
 
 CARD = "4111 1111 1111 1111"
+CARD_MASKED = "**** **** **** 1111"  # the default pack keeps a card's last four digits
 EMAIL = "jane.doe@example.com"
 
 
@@ -34,7 +35,7 @@ def test_the_prompt_is_masked_before_it_reaches_the_model(stack: Stack, demo: De
     assert answer.status_code == 200
     [seen] = demo.received(tag)
     content = json.loads(seen["body"])["messages"][0]["content"]
-    assert content == "card [REDACTED:CREDIT_CARD], mail [REDACTED:EMAIL_ADDRESS]"
+    assert content == f"card {CARD_MASKED}, mail [REDACTED:EMAIL_ADDRESS]"
     # The body changed length: Envoy needs the new content-length, or it fails the request.
     assert seen["headers"]["content-length"] == str(len(seen["body"].encode()))
     # A header set by extproc (raw_value) arrives with its value, and the client sees the same id.
@@ -49,7 +50,7 @@ def test_the_model_answer_is_masked_and_stays_valid_json(stack: Stack, demo: Dem
     assert answer.status_code == 200
     assert answer.headers["content-type"].startswith("application/json")
     message = answer.json()["choices"][0]["message"]["content"]
-    assert message == "Your card [REDACTED:CREDIT_CARD] is on file for [REDACTED:EMAIL_ADDRESS]."
+    assert message == f"Your card {CARD_MASKED} is on file for [REDACTED:EMAIL_ADDRESS]."
     assert CARD not in answer.text
     assert EMAIL not in answer.text
 
@@ -72,7 +73,7 @@ def test_the_openai_client_streams_masked_events(stack: Stack, demo: Demo) -> No
         extra_headers={"x-demo-reply": reply},
     )
     text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
-    assert text == "Sure: [REDACTED:CREDIT_CARD] and [REDACTED:EMAIL_ADDRESS]. Anything else?"
+    assert text == f"Sure: {CARD_MASKED} and [REDACTED:EMAIL_ADDRESS]. Anything else?"
 
 
 def test_token_events_arrive_while_the_model_is_still_generating(stack: Stack, demo: Demo) -> None:
@@ -175,7 +176,7 @@ def test_make_run_prints_a_working_curl_line_and_stops_on_ctrl_c() -> None:
         )
         assert answer.status_code == 200
         content = answer.json()["choices"][0]["message"]["content"]
-        assert "[REDACTED:CREDIT_CARD]" in content
+        assert CARD_MASKED in content
         assert "[REDACTED:EMAIL_ADDRESS]" in content
     finally:
         process.send_signal(signal.SIGINT)

@@ -1,6 +1,7 @@
 """The grpc.aio server for real: fail-closed aborts, health, graceful shutdown."""
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -125,7 +126,11 @@ def test_serve_stops_cleanly_on_sigterm() -> None:
         ],
         stderr=subprocess.PIPE,
         text=True,
-        env={"EXTPROC_SERVER__DRAIN_SECONDS": "0", "PATH": "/usr/bin:/bin"},
+        env={
+            "EXTPROC_SERVER__DRAIN_SECONDS": "0",
+            "EXTPROC_DETECT__CACHE_DIR": os.environ["EXTPROC_DETECT__CACHE_DIR"],
+            "PATH": "/usr/bin:/bin",
+        },
     )
     assert process.stderr is not None
     ready = process.stderr.readline()

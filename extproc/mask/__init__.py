@@ -1,37 +1,146 @@
-"""Masking: findings in, rewritten text out. Pure: no I/O, no protobuf."""
+"""Masking: findings in, rewritten text out. Pure: no I/O, no protobuf.
+
+Strategies (per rule, ``mask:`` in the rule file):
+
+- ``redact``: ``[REDACTED:ENTITY]``;
+- ``mask``: every letter and digit but the last ``keep`` becomes ``char``; separators stay
+  (``**** **** **** 1111``);
+- ``hash``: ``[ENTITY:<16 hex>]``, a keyed HMAC-SHA256 of the value: the same value always gives the
+  same token, so analytics still join, and nobody without the key can test a guess;
+- ``remove``: nothing.
+
+Replacements hold no quote, backslash or newline, so they are safe inside a JSON string and an SSE data
+line. Characters outside findings are never touched. Overlapping findings merge into one span, masked
+with the strategy of the first finding (earliest start, then longest).
+"""
 
 from __future__ import annotations
 
-from extproc.detect import Scanner
+import hashlib
+import hmac
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from extproc.detect.engine import Detector, StreamScanner
+from extproc.detect.rules import MaskSpec, RuleSet
 from extproc.model import Finding
+
+REDACT = MaskSpec()
 
 
 def redaction(entity: str) -> str:
-    """The replacement for one value. It holds no quote, backslash or newline, so it is safe inside a JSON
-    string and an SSE data line, and no detector matches it, so masking is idempotent."""
     return f"[REDACTED:{entity}]"
 
 
-def redact(text: str, findings: list[Finding]) -> str:
-    """Replace every finding's span; overlapping findings merge into one replacement (the first entity).
+class Masker:
+    def __init__(self, specs: Mapping[str, MaskSpec], hash_key: bytes) -> None:
+        self._specs = dict(specs)
+        self._key = hash_key
 
-    Characters outside the findings are left exactly as they were."""
-    if not findings:
-        return text
-    ordered = sorted(findings, key=lambda f: (f.start, -f.end))
-    parts: list[str] = []
-    cursor = 0
-    for finding in ordered:
-        if finding.end <= cursor:
-            continue
-        if finding.start >= cursor:
-            parts.append(text[cursor : finding.start])
-            parts.append(redaction(finding.entity))
-        cursor = finding.end
-    parts.append(text[cursor:])
-    return "".join(parts)
+    def replacement(self, finding: Finding, value: str) -> str:
+        spec = self._specs.get(finding.rule_id, REDACT)
+        if spec.strategy == "redact":
+            return redaction(finding.entity)
+        if spec.strategy == "remove":
+            return ""
+        if spec.strategy == "hash":
+            digest = hmac.new(self._key, value.encode("utf-8", "surrogateescape"), hashlib.sha256)
+            return f"[{finding.entity}:{digest.hexdigest()[:16]}]"
+        return _keep_last(value, spec.keep, spec.char)
+
+    def apply(self, text: str, findings: list[Finding]) -> str:
+        if not findings:
+            return text
+        ordered = sorted(findings, key=lambda f: (f.start, -f.end))
+        parts: list[str] = []
+        cursor = 0
+        index = 0
+        while index < len(ordered):
+            first = ordered[index]
+            start, end = max(first.start, cursor), first.end
+            index += 1
+            while index < len(ordered) and ordered[index].start < end:  # merge overlaps
+                end = max(end, ordered[index].end)
+                index += 1
+            if end <= cursor:
+                continue
+            parts.append(text[cursor:start])
+            parts.append(self.replacement(first, text[start:end]))
+            cursor = end
+        parts.append(text[cursor:])
+        return "".join(parts)
 
 
-def mask_text(text: str, scanner: Scanner) -> tuple[str, list[Finding]]:
-    findings = scanner.scan(text)
-    return redact(text, findings), findings
+def _keep_last(value: str, keep: int, char: str) -> str:
+    remaining = keep
+    out = []
+    for symbol in reversed(value):
+        if symbol.isalnum():
+            if remaining > 0:
+                remaining -= 1
+                out.append(symbol)
+            else:
+                out.append(char)
+        else:
+            out.append(symbol)
+    return "".join(reversed(out))
+
+
+@dataclass(frozen=True)
+class Inspector:
+    """The detector and the masker together: what the body processors use."""
+
+    detector: Detector
+    masker: Masker
+
+    @classmethod
+    def build(
+        cls,
+        ruleset: RuleSet,
+        *,
+        hash_key: bytes,
+        edm_key: bytes | None = None,
+        cache_dir: Path | None = None,
+    ) -> Inspector:
+        detector = Detector(ruleset, edm_key=edm_key, cache_dir=cache_dir)
+        masker = Masker({r.id: r.rule.mask for r in detector.rules}, hash_key)
+        return cls(detector, masker)
+
+    def mask_text(self, text: str) -> tuple[str, list[Finding]]:
+        findings = self.detector.scan(text)
+        return self.masker.apply(text, findings), findings
+
+    def stream(self) -> StreamMasker:
+        return StreamMasker(self.detector.stream(), self.masker)
+
+
+class StreamMasker:
+    """Masks text that arrives in pieces; returns what may be released, masked. ``findings`` have
+    offsets from the start of the stream."""
+
+    def __init__(self, scanner: StreamScanner, masker: Masker) -> None:
+        self._scanner = scanner
+        self._masker = masker
+        self._offset = 0
+        self.findings: list[Finding] = []
+
+    @property
+    def held(self) -> int:
+        return self._scanner.held
+
+    def feed(self, text: str) -> str:
+        return self._mask(*self._scanner.feed(text))
+
+    def finish(self) -> str:
+        return self._mask(*self._scanner.finish())
+
+    def close(self) -> None:
+        self._scanner.close()
+
+    def _mask(self, text: str, findings: list[Finding]) -> str:
+        offset = self._offset
+        self._offset += len(text)
+        self.findings.extend(findings)
+        local = [Finding(f.rule_id, f.entity, f.start - offset, f.end - offset) for f in findings]
+        return self._masker.apply(text, local)

@@ -7,14 +7,14 @@ nothing outside a finding is ever altered.
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 from abc import ABC, abstractmethod
 from typing import Any, Protocol
 
-from extproc.detect import Scanner
 from extproc.errors import ExtProcError
-from extproc.mask import mask_text
+from extproc.mask import Inspector
 from extproc.model import Finding
 
 ENCODING = "utf-8"
@@ -22,7 +22,8 @@ ERRORS = "surrogateescape"
 
 
 class BodyProcessor(Protocol):
-    findings: list[Finding]
+    @property
+    def findings(self) -> list[Finding]: ...
 
     def feed(self, data: bytes) -> bytes: ...
 
@@ -32,8 +33,8 @@ class BodyProcessor(Protocol):
 class _Buffered(ABC):
     """Holds the whole body up to ``limit`` bytes, then masks it at once."""
 
-    def __init__(self, scanner: Scanner, limit: int, too_large: ExtProcError) -> None:
-        self._scanner = scanner
+    def __init__(self, inspector: Inspector, limit: int, too_large: ExtProcError) -> None:
+        self._inspector = inspector
         self._limit = limit
         self._too_large = too_large
         self._parts: list[bytes] = []
@@ -59,15 +60,17 @@ class _Buffered(ABC):
 
 class BufferedText(_Buffered):
     def _mask(self, body: bytes) -> bytes:
-        masked, self.findings = mask_text(body.decode(ENCODING, ERRORS), self._scanner)
+        masked, self.findings = self._inspector.mask_text(body.decode(ENCODING, ERRORS))
         return masked.encode(ENCODING, ERRORS) if self.findings else body
 
 
 class BufferedJson(_Buffered):
     """Masks every string value of a JSON document; the document stays valid JSON."""
 
-    def __init__(self, scanner: Scanner, limit: int, too_large: ExtProcError, invalid: ExtProcError) -> None:
-        super().__init__(scanner, limit, too_large)
+    def __init__(
+        self, inspector: Inspector, limit: int, too_large: ExtProcError, invalid: ExtProcError
+    ) -> None:
+        super().__init__(inspector, limit, too_large)
         self._invalid = invalid
 
     def _mask(self, body: bytes) -> bytes:
@@ -84,7 +87,7 @@ class BufferedJson(_Buffered):
 
     def _walk(self, node: Any) -> Any:
         if isinstance(node, str):
-            masked, found = mask_text(node, self._scanner)
+            masked, found = self._inspector.mask_text(node)
             self.findings.extend(found)
             return masked
         if isinstance(node, list):
@@ -103,8 +106,8 @@ class SseEvents:
 
     Only the incomplete last event is held back. A value split across two events is not joined here."""
 
-    def __init__(self, scanner: Scanner, max_event_bytes: int, too_large: ExtProcError) -> None:
-        self._scanner = scanner
+    def __init__(self, inspector: Inspector, max_event_bytes: int, too_large: ExtProcError) -> None:
+        self._inspector = inspector
         self._max = max_event_bytes
         self._too_large = too_large
         self._pending = b""
@@ -135,11 +138,38 @@ class SseEvents:
     def _mask(self, data: bytes) -> bytes:
         if not data:
             return data
-        masked, found = mask_text(data.decode(ENCODING, ERRORS), self._scanner)
+        masked, found = self._inspector.mask_text(data.decode(ENCODING, ERRORS))
         if not found:
             return data
         self.findings.extend(found)
         return masked.encode(ENCODING, ERRORS)
+
+
+class StreamingText:
+    """Plain text released as it arrives, masked by the stream scanner: only the characters a match
+    still in progress could cover are held back, and a value cut across chunks is still found whole."""
+
+    def __init__(self, inspector: Inspector, limit: int, too_large: ExtProcError) -> None:
+        self._masker = inspector.stream()
+        self._decoder = codecs.getincrementaldecoder(ENCODING)(ERRORS)
+        self._limit = limit
+        self._too_large = too_large
+        self._size = 0
+
+    @property
+    def findings(self) -> list[Finding]:
+        return self._masker.findings
+
+    def feed(self, data: bytes) -> bytes:
+        self._size += len(data)
+        if self._size > self._limit:
+            self._masker.close()
+            raise self._too_large
+        return self._masker.feed(self._decoder.decode(data)).encode(ENCODING, ERRORS)
+
+    def finish(self) -> bytes:
+        text = self._decoder.decode(b"", final=True)
+        return (self._masker.feed(text) + self._masker.finish()).encode(ENCODING, ERRORS)
 
 
 class Passthrough:

@@ -1,0 +1,256 @@
+"""Detection quality of a rule pack on labelled corpora from Presidio, gitleaks and detect-secrets.
+
+    make eval                       # the default pack on ../shared/corpora
+    python -m bench.eval --corpora DIR --rules DIR
+
+Per entity: recall (labelled values found), false-positive rate (texts labelled clean in which the
+entity was reported) and, where values are labelled, the leak rate after masking (labelled values still
+present verbatim in the masked text). Results go to bench/results/eval.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from extproc.detect.rules import load_rules
+from extproc.mask import Inspector
+from extproc.model import Finding
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CORPORA = ROOT.parent / "shared" / "corpora"
+RESULTS = Path(__file__).resolve().parent / "results"
+PATTERN_ENTITIES = (
+    "CREDIT_CARD",
+    "EMAIL_ADDRESS",
+    "IBAN_CODE",
+    "IP_ADDRESS",
+    "US_SSN",
+    "PHONE_NUMBER",
+    "CRYPTO",
+)
+PRESIDIO_EXTRA = ("ABA_ROUTING_NUMBER", "US_BANK_NUMBER", "US_PASSPORT", "US_DRIVER_LICENSE")
+# gitleaks rule ids and detect-secrets plugin names mapped to the entity the default pack reports.
+GITLEAKS_FAMILIES = {
+    "aws-access-token": "AWS_ACCESS_KEY",
+    "github-": "GITHUB_TOKEN",
+    "gitlab-pat": "GITLAB_TOKEN",
+    "slack-": "SLACK_TOKEN",
+    "stripe-": "STRIPE_KEY",
+    "openai-api-key": "OPENAI_API_KEY",
+    "anthropic-": "ANTHROPIC_API_KEY",
+    "gcp-api-key": "GOOGLE_API_KEY",
+    "private-key": "PRIVATE_KEY",
+    "jwt": "JWT",
+    "npm-access-token": "NPM_TOKEN",
+    "pypi-upload-token": "PYPI_TOKEN",
+    "huggingface-access-token": "HUGGINGFACE_TOKEN",
+    "sendgrid-api-token": "SENDGRID_API_KEY",
+    "twilio-api-key": "TWILIO_API_KEY",
+    "generic-api-key": "GENERIC_SECRET",
+}
+DETECT_SECRETS_FAMILIES = {
+    "AWS Access Key": "AWS_ACCESS_KEY",
+    "GitHub Token": "GITHUB_TOKEN",
+    "GitLab Token": "GITLAB_TOKEN",
+    "Slack Token": "SLACK_TOKEN",
+    "Stripe Access Key": "STRIPE_KEY",
+    "OpenAI Token": "OPENAI_API_KEY",
+    "Private Key": "PRIVATE_KEY",
+    "JSON Web Token": "JWT",
+    "NPM tokens": "NPM_TOKEN",
+    "PyPI Token": "PYPI_TOKEN",
+    "SendGrid API Key": "SENDGRID_API_KEY",
+    "Twilio API Key": "TWILIO_API_KEY",
+    "Secret Keyword": "GENERIC_SECRET",
+    "Azure Storage Account access key": "AZURE_STORAGE_KEY",
+    "Public IP (ipv4)": "IP_ADDRESS",
+}
+
+
+@dataclass
+class Score:
+    positives: int = 0
+    found: int = 0
+    negatives: int = 0
+    false_alarms: int = 0
+    values: int = 0
+    leaked: int = 0
+    misses: list[str] = field(default_factory=list)
+
+    def row(self, name: str) -> dict[str, Any]:
+        return {
+            "entity": name,
+            "positives": self.positives,
+            "recall": self.found / self.positives if self.positives else None,
+            "negatives": self.negatives,
+            "fp_rate": self.false_alarms / self.negatives if self.negatives else None,
+            "leak_rate": self.leaked / self.values if self.values else None,
+        }
+
+
+def _read(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _overlaps(finding: Finding, start: int, end: int) -> bool:
+    return finding.start < end and start < finding.end
+
+
+def presidio_cases(inspector: Inspector, path: Path, scores: dict[str, Score]) -> None:
+    wanted = set(PATTERN_ENTITIES) | set(PRESIDIO_EXTRA)
+    for case in _read(path):
+        entity = case["label"]
+        fixtures = set(case["source"].get("fixtures", []))
+        if entity not in wanted or "spacy_nlp_engine" in fixtures:
+            continue  # cases that need an NLP model are out of scope for patterns
+        score = scores[entity]
+        text = case["text"]
+        found = [f for f in inspector.detector.scan(text) if f.entity == entity]
+        spans = case["expect"].get("spans") or []
+        if case["expect"].get("count", 0) > 0:
+            score.positives += 1
+            if any(_overlaps(f, s, e) for f in found for s, e in spans) or (found and not spans):
+                score.found += 1
+            else:
+                score.misses.append(text[:80])
+            masked, _ = inspector.mask_text(text)
+            for start, end in spans:
+                score.values += 1
+                score.leaked += text[start:end] in masked
+        else:
+            score.negatives += 1
+            score.false_alarms += bool(found)
+
+
+def presidio_synthetic(inspector: Inspector, path: Path, scores: dict[str, Score]) -> None:
+    for case in _read(path):
+        text = case["text"]
+        findings = inspector.detector.scan(text)
+        masked, _ = inspector.mask_text(text)
+        labelled = [s for s in case["expect"]["spans"] if s["type"] in PATTERN_ENTITIES]
+        for entity in PATTERN_ENTITIES:
+            score = scores[entity]
+            spans = [s for s in labelled if s["type"] == entity]
+            reported = [f for f in findings if f.entity == entity]
+            for span in spans:
+                score.positives += 1
+                score.values += 1
+                hit = any(_overlaps(f, span["start"], span["end"]) for f in reported)
+                score.found += hit
+                if not hit:
+                    score.misses.append(span["value"])
+                score.leaked += span["value"] in masked
+            if not spans:
+                score.negatives += 1
+                score.false_alarms += bool(reported)
+
+
+def secret_cases(
+    inspector: Inspector,
+    cases: list[tuple[str, str, bool]],
+    families: dict[str, str],
+    scores: dict[str, Score],
+) -> None:
+    """(label, text, must_report) cases; a case counts for the entity its family maps to, or for
+    'other credentials' when the default pack makes no claim about that family."""
+    categories = {r.id: r.rule.category for r in inspector.detector.rules}
+    for label, text, must in cases:
+        entity = next((e for prefix, e in families.items() if label.startswith(prefix)), None)
+        findings = inspector.detector.scan(text)
+        if entity is None:
+            reported = any(categories[f.rule_id] == "credential" for f in findings)
+            name = "(other credentials)"
+        else:
+            reported = any(f.entity == entity for f in findings)
+            name = entity
+        score = scores[name]
+        if must:
+            score.positives += 1
+            score.found += reported
+            if not reported:
+                score.misses.append(f"{label}: {text[:60]!r}")
+        else:
+            score.negatives += 1
+            score.false_alarms += reported
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.0%}" if value in (0, 1) else f"{value:.1%}"
+
+
+def _table(title: str, rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        f"### {title}",
+        "",
+        "| entity | positives | recall | negatives | FP rate | leak rate |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['entity']} | {row['positives']} | {_fmt(row['recall'])} | {row['negatives']} "
+            f"| {_fmt(row['fp_rate'])} | {_fmt(row['leak_rate'])} |"
+        )
+    return [*lines, ""]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.eval", description=__doc__.split("\n")[0])
+    parser.add_argument("--corpora", type=Path, default=DEFAULT_CORPORA)
+    parser.add_argument("--rules", type=Path, action="append")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--misses", action="store_true", help="list what was missed")
+    args = parser.parse_args(argv)
+    if not (args.corpora / "README.md").exists():
+        print(f"eval: no corpora at {args.corpora} (pass --corpora DIR)", file=sys.stderr)
+        return 2
+    inspector = Inspector.build(
+        load_rules(args.rules or [ROOT / "rules"]), hash_key=b"eval-hash-key-0123456789"
+    )
+    started = time.perf_counter()
+    sections: dict[str, dict[str, Score]] = {}
+    sections["Presidio recognizer tests (presidio-analyzer/tests)"] = scores = defaultdict(Score)
+    presidio_cases(inspector, args.corpora / "presidio_recognizer_cases.jsonl", scores)
+    sections["Presidio research synthetic sentences (1500)"] = scores = defaultdict(Score)
+    presidio_synthetic(inspector, args.corpora / "presidio_research_synth_v2.jsonl", scores)
+    sections["gitleaks rule samples"] = scores = defaultdict(Score)
+    gitleaks = [
+        (c["label"], c["text"], bool(c["expect"]["gitleaks_finding"]))
+        for c in _read(args.corpora / "gitleaks_rule_samples.jsonl")
+    ]
+    secret_cases(inspector, gitleaks, GITLEAKS_FAMILIES, scores)
+    sections["detect-secrets plugin tests"] = scores = defaultdict(Score)
+    detect_secrets = [
+        (c["label"], c["text"], bool(c["expect"]["flag"]))
+        for c in _read(args.corpora / "detect_secrets_plugin_cases.jsonl")
+    ]
+    secret_cases(inspector, detect_secrets, DETECT_SECRETS_FAMILIES, scores)
+    elapsed = time.perf_counter() - started
+
+    report = {
+        name: [score.row(entity) for entity, score in sorted(s.items())] for name, s in sections.items()
+    }
+    lines = [f"Detection quality of {len(inspector.detector.rules)} rules ({elapsed:.1f} s)", ""]
+    for name, rows in report.items():
+        lines += _table(name, rows)
+    markdown = "\n".join(lines)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "eval.md").write_text(markdown + "\n")
+    print(markdown)
+    if args.misses:
+        for name, scores in sections.items():
+            for entity, score in sorted(scores.items()):
+                for miss in score.misses:
+                    print(f"MISS {name[:20]} {entity}: {miss!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

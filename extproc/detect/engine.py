@@ -1,0 +1,558 @@
+"""The detection engine: Hyperscan finds candidates, Python ``re`` confirms them.
+
+Every enabled rule is compiled into one Hyperscan database per mode (block for whole bodies, stream for
+bodies that arrive in pieces), without start-of-match tracking: it costs throughput and database size
+and rejects many real-world patterns. Hyperscan reports where a candidate match ends; the rule's
+Python pattern then runs on a window around that end, bounded by the longest match the rule can
+produce, to get the exact span; validators, entropy, keywords and allow-lists decide the rest.
+
+Hyperscan scans ``text.encode("ascii", "replace")``: one byte per character, so its offsets are character
+offsets. Patterns read ``\\d \\w \\s \\b`` as ASCII in both engines, and every non-ASCII character is a
+``?`` to Hyperscan, which any pattern able to match that character also matches: Hyperscan's candidates
+are a superset of Python's matches. A pattern with a non-ASCII character runs on Python alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import importlib.metadata
+import json
+import logging
+import os
+import re
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import hyperscan
+
+from extproc.detect.rules import LoadedRule, RuleSet
+from extproc.detect.validators import VALIDATORS, shannon_entropy
+from extproc.model import Finding
+
+log = logging.getLogger("extproc.detect")
+HYPERSCAN_VERSION = importlib.metadata.version("hyperscan")
+
+CONTEXT = 32  # characters around a window, for \b, lookbehind and lookahead at its edges
+# A rule wider than this whose matches all start with a literal (a PEM block's "-----BEGIN") is held back
+# in streams only from where that literal (or its beginning, at the very end) appears.
+LONG_RULE = 512
+MIN_ANCHOR = 4
+MatchHandler = Callable[[int, int, int, int, object], bool | None]
+# The masker's own replacements ([REDACTED:ENTITY], [ENTITY:<16 hex>]) are not data: a finding inside one
+# is dropped, so masking twice changes nothing.
+MASK_TOKEN = re.compile(r"\[(?:REDACTED:[A-Z][A-Z0-9_]{0,63}|[A-Z][A-Z0-9_]{0,63}:[0-9a-f]{16})\]")
+
+
+class DetectorError(Exception):
+    """The rules cannot be compiled; ``problems`` name the file, the line and the rule."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True, slots=True)
+class _Literal:
+    rule: int
+    length: int
+
+
+def _ascii(text: str) -> bytes:
+    return text.encode("ascii", "replace")
+
+
+def hash_value(key: bytes, value: str) -> str:
+    """The keyed digest stored in hashed exact-match lists."""
+    return hmac.new(key, value.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def read_list(path: Path) -> list[tuple[int, str]]:
+    """Values of an exact-match list: one per line, blank lines and ``#`` comments skipped."""
+    values = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        value = line.strip()
+        if value and not value.startswith("#"):
+            values.append((number, value))
+    return values
+
+
+@dataclass
+class _Hits:
+    """Candidates from one Hyperscan pass: regex match ends per rule, literal matches as spans."""
+
+    ends: dict[int, list[int]] = field(default_factory=lambda: defaultdict(list))
+    literals: list[tuple[int, int, int]] = field(default_factory=list)
+
+    def shift(self, offset: int) -> _Hits:
+        shifted = _Hits()
+        for rule, ends in self.ends.items():
+            shifted.ends[rule] = [e - offset for e in ends if e - offset > 0]
+        shifted.literals = [(r, s - offset, e - offset) for r, s, e in self.literals if s - offset >= 0]
+        return shifted
+
+
+class Detector:
+    """Compiled rules. ``scan`` for whole texts; ``stream()`` for text that arrives in pieces."""
+
+    def __init__(
+        self, ruleset: RuleSet, *, edm_key: bytes | None = None, cache_dir: Path | None = None
+    ) -> None:
+        self.rules: tuple[LoadedRule, ...] = tuple(r for r in ruleset.rules if r.rule.enabled)
+        self._cache = _Cache(cache_dir) if cache_dir is not None else None
+        problems: list[str] = []
+        self._python_only: list[int] = []
+        self._hashed: dict[int, frozenset[str]] = {}
+        self._edm_key = edm_key
+        expressions: list[bytes] = []
+        ids: list[int] = []
+        flags: list[int] = []
+        literal_expressions: list[bytes] = []
+        literal_flags: list[int] = []
+        self._literals: list[_Literal] = []
+        widest = 0
+        for index, loaded in enumerate(self.rules):
+            rule = loaded.rule
+            if rule.pattern is not None:
+                widest = max(widest, loaded.width)
+                if not rule.pattern.isascii():
+                    self._python_only.append(index)
+                    continue
+                expressions.append(rule.pattern.encode("ascii"))
+                ids.append(index)
+                flags.append(hyperscan.HS_FLAG_CASELESS if rule.case_insensitive else 0)
+            elif rule.exact is not None:
+                widest = max(
+                    widest, self._load_exact(index, loaded, literal_expressions, literal_flags, problems)
+                )
+        self.width = widest
+        # Streams hold back `hold` characters for the ordinary rules; long anchored rules only from their
+        # anchor (see StreamScanner).
+        self.anchored: tuple[tuple[str, int, bool], ...] = tuple(
+            (r.anchor, r.width, r.rule.case_insensitive)
+            for r in self.rules
+            if r.width > LONG_RULE and len(r.anchor) >= MIN_ANCHOR
+        )
+        anchored_ids = {r.id for r in self.rules if r.width > LONG_RULE and len(r.anchor) >= MIN_ANCHOR}
+        self.hold = max((r.width for r in self.rules if r.id not in anchored_ids), default=0) + CONTEXT
+        # Context a rule may look at before a match: its keywords, plus the window around it.
+        self.lookbehind = max((r.rule.keyword_window for r in self.rules), default=0) + widest + CONTEXT
+        self._prefilter: set[int] = set()
+        block = None
+        if expressions:
+            block = self._compile_block(expressions, ids, flags, problems)
+        if problems:
+            raise DetectorError(problems)
+        self._block = block
+        self._stream_db = self._database(hyperscan.HS_MODE_STREAM, expressions, ids, flags)
+        literal_ids = list(range(len(literal_expressions)))
+        self._literal_block = self._database(
+            hyperscan.HS_MODE_BLOCK, literal_expressions, literal_ids, literal_flags, literal=True
+        )
+        self._literal_stream = self._database(
+            hyperscan.HS_MODE_STREAM, literal_expressions, literal_ids, literal_flags, literal=True
+        )
+
+    # -- compilation ----------------------------------------------------------------------------------
+
+    def _load_exact(
+        self,
+        index: int,
+        loaded: LoadedRule,
+        expressions: list[bytes],
+        flags: list[int],
+        problems: list[str],
+    ) -> int:
+        exact = loaded.rule.exact
+        assert exact is not None
+        path = (loaded.path.parent / exact.file).resolve()
+        try:
+            values = read_list(path)
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(f"{loaded.where}: exact.file {exact.file}: cannot read: {exc}")
+            return 0
+        if exact.hashed:
+            if self._edm_key is None:
+                problems.append(f"{loaded.where}: a hashed list needs a key: set detect.edm_key_file")
+                return 0
+            digests = set()
+            for number, value in values:
+                digest = value.lower()
+                if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                    problems.append(f"{path}:{number}: not an HMAC-SHA256 hex digest (rule {loaded.id!r})")
+                digests.add(digest)
+            self._hashed[index] = frozenset(digests)
+            return loaded.width
+        longest = 0
+        flag = 0 if exact.case_sensitive else hyperscan.HS_FLAG_CASELESS
+        for number, value in values:
+            if not value.isascii():
+                problems.append(
+                    f"{path}:{number}: literal lists take ASCII values; "
+                    f"use `hashed: true` (rule {loaded.id!r})"
+                )
+                continue
+            expressions.append(value.encode("ascii"))
+            flags.append(flag)
+            self._literals.append(_Literal(index, len(value)))
+            longest = max(longest, len(value))
+        return longest
+
+    def _compile_block(
+        self, expressions: list[bytes], ids: list[int], flags: list[int], problems: list[str]
+    ) -> hyperscan.Database | None:
+        """Compile all at once; when that fails, find the patterns Hyperscan cannot take as they are and
+        compile those in PREFILTER mode (a superset of their matches, confirmed by Python anyway)."""
+        decisions_key = _key("prefilter", expressions, flags)
+        known = self._cache.get_json(decisions_key) if self._cache is not None else None
+        if isinstance(known, list):  # which patterns need PREFILTER, as found by an earlier compile
+            for position in known:
+                flags[position] |= hyperscan.HS_FLAG_PREFILTER
+                self._prefilter.add(ids[position])
+            return self._database(hyperscan.HS_MODE_BLOCK, expressions, ids, flags)
+        try:
+            database = self._database(hyperscan.HS_MODE_BLOCK, expressions, ids, flags)
+        except hyperscan.error:
+            pass
+        else:
+            if self._cache is not None:
+                self._cache.put_json(decisions_key, [])
+            return database
+        prefiltered = self._prefilter
+        original = list(flags)
+        for position, (expression, rule_index) in enumerate(zip(expressions, ids, strict=True)):
+            try:
+                _compile(hyperscan.HS_MODE_BLOCK, [expression], [0], [flags[position]])
+                continue
+            except hyperscan.error:
+                pass
+            try:
+                with_prefilter = flags[position] | hyperscan.HS_FLAG_PREFILTER
+                _compile(hyperscan.HS_MODE_BLOCK, [expression], [0], [with_prefilter])
+            except hyperscan.error as exc:
+                problems.append(
+                    f"{self.rules[rule_index].where}: pattern: Hyperscan cannot compile it: {exc}"
+                )
+                continue
+            flags[position] = with_prefilter
+            prefiltered.add(rule_index)
+        if problems:
+            return None
+        if self._cache is not None:
+            self._cache.put_json(decisions_key, [i for i, f in enumerate(flags) if f != original[i]])
+        return self._database(hyperscan.HS_MODE_BLOCK, expressions, ids, flags)
+
+    def _database(
+        self, mode: int, expressions: list[bytes], ids: list[int], flags: list[int], literal: bool = False
+    ) -> hyperscan.Database | None:
+        if not expressions:
+            return None
+        key = _key(f"db-{mode}-{literal}", expressions, flags, ids)
+        if self._cache is not None:
+            cached = self._cache.get_database(key, mode)
+            if cached is not None:
+                return cached
+        database = _compile(mode, expressions, ids, flags, literal)
+        if self._cache is not None:
+            self._cache.put_database(key, database)
+        return database
+
+    @property
+    def prefiltered(self) -> frozenset[str]:
+        """Ids of the rules Hyperscan runs in PREFILTER mode."""
+        return frozenset(self.rules[i].id for i in self._prefilter)
+
+    # -- scanning -------------------------------------------------------------------------------------
+
+    def _handlers(self, hits: _Hits) -> tuple[MatchHandler, MatchHandler]:
+        ends = hits.ends
+        literals = self._literals
+        found = hits.literals
+
+        def on_regex(rule: int, _start: int, end: int, _flags: int, _context: object) -> bool:
+            ends[rule].append(end)
+            return False
+
+        def on_literal(literal: int, _start: int, end: int, _flags: int, _context: object) -> bool:
+            entry = literals[literal]
+            found.append((entry.rule, end - entry.length, end))
+            return False
+
+        return on_regex, on_literal
+
+    def scan(self, text: str) -> list[Finding]:
+        """Every finding in ``text``, sorted by position; offsets are character offsets."""
+        hits = _Hits()
+        on_regex, on_literal = self._handlers(hits)
+        data = _ascii(text)
+        if self._block is not None:
+            self._block.scan(data, match_event_handler=on_regex)
+        if self._literal_block is not None:
+            self._literal_block.scan(data, match_event_handler=on_literal)
+        return self.confirm(text, hits)
+
+    def confirm(self, text: str, hits: _Hits) -> list[Finding]:
+        """Turn candidates into findings with exact spans."""
+        found: set[Finding] = set()
+        size = len(text)
+        for index, ends in hits.ends.items():
+            loaded = self.rules[index]
+            for low, high in _windows(ends, loaded.width, size):
+                self._confirm_regex(loaded, text, low, high, found)
+        for index in self._python_only:
+            self._confirm_regex(self.rules[index], text, 0, size, found)
+        for index, start, end in hits.literals:
+            before = text[start - 1] if start > 0 else " "
+            after = text[end] if end < size else " "
+            if not (before.isalnum() or after.isalnum()):
+                self._accept(self.rules[index], text, start, end, start, found)
+        for index, digests in self._hashed.items():
+            self._confirm_hashed(index, digests, text, found)
+        if found and "[" in text:
+            tokens = [m.span() for m in MASK_TOKEN.finditer(text)]
+            found = {f for f in found if not any(s <= f.start and f.end <= e for s, e in tokens)}
+        return sorted(found, key=lambda f: (f.start, f.end, f.rule_id))
+
+    def _confirm_regex(self, loaded: LoadedRule, text: str, low: int, high: int, found: set[Finding]) -> None:
+        regex = loaded.regex
+        assert regex is not None
+        group = loaded.rule.group
+        position = low
+        while position < high:
+            match = regex.search(text, position, high)
+            if match is None:
+                return
+            start, end = match.span(group)
+            if start < end and self._accept(loaded, text, start, end, match.start(), found):
+                # Resume after the value, not the whole match: a boundary character the pattern consumed
+                # after one value may be the boundary before the next ("card1 card2").
+                position = max(end, match.start() + 1)
+            else:
+                # A rejected candidate must not swallow the text where a real value starts
+                # ("order 12345 4111 1111 1111 1111": the first candidate fails Luhn, the card follows).
+                position = match.start() + 1
+
+    def _confirm_hashed(self, index: int, digests: frozenset[str], text: str, found: set[Finding]) -> None:
+        loaded = self.rules[index]
+        assert loaded.token is not None
+        assert loaded.rule.exact is not None
+        assert self._edm_key is not None
+        case_sensitive = loaded.rule.exact.case_sensitive
+        for match in loaded.token.finditer(text):
+            value = match.group()
+            if hash_value(self._edm_key, value if case_sensitive else value.lower()) in digests:
+                self._accept(loaded, text, match.start(), match.end(), match.start(), found)
+
+    @staticmethod
+    def _accept(
+        loaded: LoadedRule, text: str, start: int, end: int, match_start: int, found: set[Finding]
+    ) -> bool:
+        rule = loaded.rule
+        value = text[start:end]
+        if rule.keywords:
+            around = text[max(0, match_start - rule.keyword_window) : end].lower()
+            if not any(keyword.lower() in around for keyword in rule.keywords):
+                return False
+        if rule.validator is not None and not VALIDATORS[rule.validator](value):
+            return False
+        if rule.min_entropy is not None and shannon_entropy(value) < rule.min_entropy:
+            return False
+        if any(allowed.search(value) for allowed in loaded.allow):
+            return False
+        found.add(Finding(rule.id, rule.entity, start, end))
+        return True
+
+    def stream(self) -> StreamScanner:
+        return StreamScanner(self)
+
+
+def _compile(
+    mode: int, expressions: list[bytes], ids: list[int], flags: list[int], literal: bool = False
+) -> hyperscan.Database:
+    database = hyperscan.Database(mode=mode)
+    database.compile(
+        expressions=expressions, ids=ids, elements=len(expressions), flags=flags, literal=literal
+    )
+    return database
+
+
+def _key(kind: str, expressions: list[bytes], flags: list[int], ids: list[int] | None = None) -> str:
+    digest = hashlib.sha256(f"{kind}|hyperscan {HYPERSCAN_VERSION}|".encode())
+    for expression in expressions:
+        digest.update(len(expression).to_bytes(4, "big") + expression)
+    digest.update(json.dumps([flags, ids]).encode())
+    return f"{kind}-{digest.hexdigest()}"
+
+
+class _Cache:
+    """Compiled databases on disk, keyed by everything that shaped them (Hyperscan's version, mode,
+    expressions, ids, flags). The folder must be private to the sidecar: whoever can write to it can
+    change what is detected. A cache that cannot be read or written is skipped with a warning."""
+
+    def __init__(self, folder: Path) -> None:
+        self._folder = folder
+
+    def _read(self, name: str) -> bytes | None:
+        try:
+            return (self._folder / name).read_bytes()
+        except OSError:
+            return None
+
+    def _write(self, name: str, data: bytes) -> None:
+        try:
+            self._folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            temporary = self._folder / f".{name}.{os.getpid()}"
+            temporary.write_bytes(data)
+            temporary.replace(self._folder / name)  # atomic: readers see a whole file or none
+        except OSError as exc:
+            log.warning("hyperscan_cache_unwritable", extra={"folder": str(self._folder), "reason": str(exc)})
+
+    def get_database(self, key: str, mode: int) -> hyperscan.Database | None:
+        data = self._read(key)
+        if data is None:
+            return None
+        try:
+            database = hyperscan.loadb(data, mode)
+            database.scratch = hyperscan.Scratch(database)  # a loaded database comes without one
+            return database
+        except Exception:  # any damage (the binding raises several unrelated types): compile afresh
+            log.warning("hyperscan_cache_unreadable", extra={"file": key})
+            return None
+
+    def put_database(self, key: str, database: hyperscan.Database) -> None:
+        self._write(key, hyperscan.dumpb(database))
+
+    def get_json(self, key: str) -> object:
+        data = self._read(key)
+        try:
+            return json.loads(data) if data is not None else None
+        except ValueError:
+            return None
+
+    def put_json(self, key: str, value: object) -> None:
+        self._write(key, json.dumps(value).encode())
+
+
+def _windows(ends: Iterable[int], width: int, size: int) -> list[tuple[int, int]]:
+    """Merged [low, high) windows that hold every match ending at one of ``ends``, with context."""
+    merged: list[tuple[int, int]] = []
+    for end in sorted(ends):
+        low, high = max(0, end - width - CONTEXT), min(size, end + CONTEXT)
+        if merged and low <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], high))
+        else:
+            merged.append((low, high))
+    return merged
+
+
+class StreamScanner:
+    """Scans text that arrives in pieces; reports the same findings as ``Detector.scan`` on the whole.
+
+    ``feed`` returns the text that can be released now and the findings inside it; it holds back only the
+    last ``width + CONTEXT`` characters (a match still in progress fits there), moved back to the start
+    of any finding that crosses that point. Offsets are from the start of the stream."""
+
+    def __init__(self, detector: Detector) -> None:
+        self._detector = detector
+        self._hold = detector.hold
+        self._keep = detector.lookbehind
+        self._buffer = ""
+        self._base = 0  # stream offset of _buffer[0]
+        self._released = 0
+        self._hits = _Hits()
+        # The binding does not keep the handlers alive: the scanner must, for as long as its streams live.
+        self._handlers = detector._handlers(self._hits)
+        self._streams = [
+            database.stream(match_event_handler=handler)
+            for database, handler in zip(
+                (detector._stream_db, detector._literal_stream), self._handlers, strict=True
+            )
+            if database is not None
+        ]
+        for stream in self._streams:
+            stream.__enter__()
+        self._open = True
+
+    @property
+    def held(self) -> int:
+        """Characters received but not yet released."""
+        return self._base + len(self._buffer) - self._released
+
+    def feed(self, text: str) -> tuple[str, list[Finding]]:
+        if not self._open:
+            raise RuntimeError("the stream is finished")
+        if text:
+            self._buffer += text
+            data = _ascii(text)
+            for stream in self._streams:
+                stream.scan(data)
+        return self._release(final=False)
+
+    def finish(self) -> tuple[str, list[Finding]]:
+        self.close()
+        return self._release(final=True)
+
+    def close(self) -> None:
+        """Free the Hyperscan streams (closing reports matches anchored at the end of the data)."""
+        if self._open:
+            self._open = False
+            for stream in self._streams:
+                stream.__exit__(None, None, None)
+
+    def __del__(self) -> None:
+        self.close()
+
+    def _release(self, final: bool) -> tuple[str, list[Finding]]:
+        end = self._base + len(self._buffer)
+        limit = end if final else min(end - self._hold, self._anchored_limit(end))
+        if limit <= self._released:
+            return "", []
+        findings = self._detector.confirm(self._buffer, self._hits.shift(self._base))
+        spans = [(f.start + self._base, f.end + self._base, f) for f in findings]
+        crossing = True
+        while crossing:  # a finding across the limit is held back whole
+            crossing = False
+            for start, stop, _ in spans:
+                if start < limit < stop:
+                    limit, crossing = start, True
+        if limit <= self._released:
+            return "", []
+        released = [
+            Finding(f.rule_id, f.entity, start, stop)
+            for start, stop, f in spans
+            if self._released <= start and stop <= limit
+        ]
+        out = self._buffer[self._released - self._base : limit - self._base]
+        self._released = limit
+        self._trim()
+        return out, released
+
+    def _anchored_limit(self, end: int) -> int:
+        """The first place a long anchored rule's match could still be in progress: its anchor within
+        the rule's reach from the end, or the anchor's beginning at the very end."""
+        limit = end
+        for anchor, width, caseless in self._detector.anchored:
+            start = max(self._released, end - width - CONTEXT) - self._base
+            tail = self._buffer[start:]
+            if caseless:
+                tail = tail.lower()
+            found = tail.find(anchor)
+            if found >= 0:
+                limit = min(limit, self._base + start + found)
+                continue
+            for size in range(min(len(anchor) - 1, len(tail)), 0, -1):
+                if tail.endswith(anchor[:size]):
+                    limit = min(limit, end - size)
+                    break
+        return limit
+
+    def _trim(self) -> None:
+        keep_from = max(self._base, self._released - self._keep)
+        if keep_from > self._base:
+            self._buffer = self._buffer[keep_from - self._base :]
+            self._base = keep_from
+            for rule in list(self._hits.ends):
+                self._hits.ends[rule] = [e for e in self._hits.ends[rule] if e > keep_from]
+            self._hits.literals = [h for h in self._hits.literals if h[1] >= keep_from]

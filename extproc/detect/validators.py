@@ -1,0 +1,448 @@
+"""Checksum and structure validators that confirm (or reject) a candidate a pattern matched.
+
+Every validator takes the matched text and answers ``True`` when it is plausibly the real thing.
+They are pure (no I/O) and total: malformed input of any kind yields ``False``, never an exception.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import ipaddress
+import json
+import math
+import re
+import string
+from collections import Counter
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Final
+
+Validator = Callable[[str], bool]
+
+_DIGITS: Final = frozenset(string.digits)
+_UPPER_ALNUM: Final = frozenset(string.ascii_uppercase + string.digits)
+
+
+def _ascii_digits(value: str) -> bool:
+    """True for a non-empty string of ASCII digits only (``str.isdigit`` also accepts e.g. '٣' and '²')."""
+    return bool(value) and all(char in _DIGITS for char in value)
+
+
+# --- payment cards -------------------------------------------------------------------------------------
+
+
+def luhn(value: str) -> bool:
+    """Payment card number: 12 to 19 digits (spaces and dashes ignored) passing the Luhn checksum."""
+    digits = value.replace(" ", "").replace("-", "")
+    if not 12 <= len(digits) <= 19 or not _ascii_digits(digits):
+        return False
+    total = 0
+    for position, char in enumerate(reversed(digits)):
+        digit = ord(char) - 48
+        if position % 2 == 1:
+            digit *= 2
+            if digit > 9:
+                digit -= 9
+        total += digit
+    return total % 10 == 0
+
+
+# --- IBAN ----------------------------------------------------------------------------------------------
+
+# IBAN length per country code, from the SWIFT IBAN Registry (ISO 13616), all 89 countries as of the
+# 2024 releases. Dependent territories (e.g. Aland, the French overseas departments, Jersey) issue IBANs
+# under their parent's code (FI, FR, GB, ...), so they need no entry of their own.
+IBAN_LENGTHS: Final[Mapping[str, int]] = MappingProxyType(
+    {
+        "AD": 24,  # Andorra
+        "AE": 23,  # United Arab Emirates
+        "AL": 28,  # Albania
+        "AT": 20,  # Austria
+        "AZ": 28,  # Azerbaijan
+        "BA": 20,  # Bosnia and Herzegovina
+        "BE": 16,  # Belgium
+        "BG": 22,  # Bulgaria
+        "BH": 22,  # Bahrain
+        "BI": 27,  # Burundi
+        "BR": 29,  # Brazil
+        "BY": 28,  # Belarus
+        "CH": 21,  # Switzerland
+        "CR": 22,  # Costa Rica
+        "CY": 28,  # Cyprus
+        "CZ": 24,  # Czechia
+        "DE": 22,  # Germany
+        "DJ": 27,  # Djibouti
+        "DK": 18,  # Denmark
+        "DO": 28,  # Dominican Republic
+        "EE": 20,  # Estonia
+        "EG": 29,  # Egypt
+        "ES": 24,  # Spain
+        "FI": 18,  # Finland (and Aland Islands)
+        "FK": 18,  # Falkland Islands
+        "FO": 18,  # Faroe Islands
+        "FR": 27,  # France (and overseas departments and territories)
+        "GB": 22,  # United Kingdom (and Guernsey, Isle of Man, Jersey)
+        "GE": 22,  # Georgia
+        "GI": 23,  # Gibraltar
+        "GL": 18,  # Greenland
+        "GR": 27,  # Greece
+        "GT": 28,  # Guatemala
+        "HN": 28,  # Honduras
+        "HR": 21,  # Croatia
+        "HU": 28,  # Hungary
+        "IE": 22,  # Ireland
+        "IL": 23,  # Israel
+        "IQ": 23,  # Iraq
+        "IS": 26,  # Iceland
+        "IT": 27,  # Italy
+        "JO": 30,  # Jordan
+        "KW": 30,  # Kuwait
+        "KZ": 20,  # Kazakhstan
+        "LB": 28,  # Lebanon
+        "LC": 32,  # Saint Lucia
+        "LI": 21,  # Liechtenstein
+        "LT": 20,  # Lithuania
+        "LU": 20,  # Luxembourg
+        "LV": 21,  # Latvia
+        "LY": 25,  # Libya
+        "MC": 27,  # Monaco
+        "MD": 24,  # Moldova
+        "ME": 22,  # Montenegro
+        "MK": 19,  # North Macedonia
+        "MN": 20,  # Mongolia
+        "MR": 27,  # Mauritania
+        "MT": 31,  # Malta
+        "MU": 30,  # Mauritius
+        "NI": 28,  # Nicaragua
+        "NL": 18,  # Netherlands
+        "NO": 15,  # Norway
+        "OM": 23,  # Oman
+        "PK": 24,  # Pakistan
+        "PL": 28,  # Poland
+        "PS": 29,  # Palestine
+        "PT": 25,  # Portugal
+        "QA": 29,  # Qatar
+        "RO": 24,  # Romania
+        "RS": 22,  # Serbia
+        "RU": 33,  # Russia
+        "SA": 24,  # Saudi Arabia
+        "SC": 31,  # Seychelles
+        "SD": 18,  # Sudan
+        "SE": 24,  # Sweden
+        "SI": 19,  # Slovenia
+        "SK": 24,  # Slovakia
+        "SM": 27,  # San Marino
+        "SO": 23,  # Somalia
+        "ST": 25,  # Sao Tome and Principe
+        "SV": 28,  # El Salvador
+        "TL": 23,  # Timor-Leste
+        "TN": 24,  # Tunisia
+        "TR": 26,  # Turkey
+        "UA": 29,  # Ukraine
+        "VA": 22,  # Vatican City
+        "VG": 24,  # British Virgin Islands
+        "XK": 20,  # Kosovo
+        "YE": 30,  # Yemen
+    }
+)
+
+
+def iban_mod97(value: str) -> bool:
+    """IBAN: known country, that country's length, two check digits, alphanumeric BBAN, ISO 7064 mod 97-10.
+
+    Spaces and dashes are ignored and case is folded. Check digits 00, 01 and 99 are rejected although
+    they can satisfy the remainder test: ISO 13616 only ever issues 02 to 98.
+    """
+    if not value.isascii():
+        return False  # upper() would turn some non-ASCII letters (dotless i) into ASCII
+    iban = value.replace(" ", "").replace("-", "").upper()
+    country, check, bban = iban[:2], iban[2:4], iban[4:]
+    if IBAN_LENGTHS.get(country) != len(iban):
+        return False
+    if not _ascii_digits(check) or not 2 <= int(check) <= 98:
+        return False
+    if not all(char in _UPPER_ALNUM for char in bban):
+        return False
+    # Move the first four characters to the end and read letters as 10..35.
+    numeric = "".join(str(int(char, 36)) for char in bban + country + check)
+    return int(numeric) % 97 == 1
+
+
+# --- US identifiers ------------------------------------------------------------------------------------
+
+# Area, group, serial; the separator (dash, space or none) must be the same in both places.
+_SSN: Final = re.compile(r"([0-9]{3})([-. ]?)([0-9]{2})\2([0-9]{4})")
+
+# Numbers the SSA voided after they appeared in advertising or were printed on sample cards.
+_SSN_INVALID: Final = frozenset({"078051120", "219099999", "123456789"} | {f"98765432{d}" for d in range(10)})
+
+
+def ssn_rules(value: str) -> bool:
+    """US SSN as ``AAA-GG-SSSS``, ``AAA GG SSSS``, ``AAA.GG.SSSS`` or ``AAAGGSSSS`` (one separator
+    throughout) that the SSA could have issued."""
+    match = _SSN.fullmatch(value)
+    if match is None:
+        return False
+    area, _, group, serial = match.groups()
+    digits = area + group + serial
+    if area in {"000", "666"} or area.startswith("9") or group == "00" or serial == "0000":
+        return False
+    return len(set(digits)) > 1 and digits not in _SSN_INVALID
+
+
+def _aba_prefix_valid(prefix: int) -> bool:
+    # 00-12 banks, 21-32 thrift institutions, 61-72 electronic transactions, 80 traveller's cheques.
+    return 0 <= prefix <= 12 or 21 <= prefix <= 32 or 61 <= prefix <= 72 or prefix == 80
+
+
+def aba_checksum(value: str) -> bool:
+    """US ABA routing transit number: 9 digits (dashes ignored), a Fed prefix and the 3-7-1 checksum."""
+    digits = value.replace("-", "")
+    if len(digits) != 9 or not _ascii_digits(digits) or digits == "000000000":
+        return False
+    if not _aba_prefix_valid(int(digits[:2])):
+        return False
+    total = sum(weight * (ord(char) - 48) for weight, char in zip((3, 7, 1) * 3, digits, strict=True))
+    return total % 10 == 0
+
+
+# --- cryptocurrency addresses --------------------------------------------------------------------------
+
+_BASE58_ALPHABET: Final = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+_BASE58_INDEX: Final[Mapping[str, int]] = MappingProxyType({c: i for i, c in enumerate(_BASE58_ALPHABET)})
+# Longer than any base58check object in use (extended keys are 111 characters); bounds the big-int work.
+_BASE58_MAX_CHARS: Final = 200
+
+
+def _base58_decode(text: str) -> bytes | None:
+    number = 0
+    for char in text:
+        digit = _BASE58_INDEX.get(char)
+        if digit is None:
+            return None
+        number = number * 58 + digit
+    leading_zeros = len(text) - len(text.lstrip("1"))
+    return b"\x00" * leading_zeros + number.to_bytes((number.bit_length() + 7) // 8, "big")
+
+
+def base58check(value: str) -> bool:
+    """Base58check (Bitcoin alphabet): the last 4 decoded bytes are the double-SHA-256 prefix of the rest."""
+    if not value or len(value) > _BASE58_MAX_CHARS:
+        return False
+    decoded = _base58_decode(value)
+    if decoded is None or len(decoded) < 5:
+        return False
+    body, checksum = decoded[:-4], decoded[-4:]
+    return hashlib.sha256(hashlib.sha256(body).digest()).digest()[:4] == checksum
+
+
+_BECH32_CHARSET: Final = "qpzry9x8gf2tvdw0s3jn54khce6mua7l"
+_BECH32_INDEX: Final[Mapping[str, int]] = MappingProxyType({c: i for i, c in enumerate(_BECH32_CHARSET)})
+_BECH32_GENERATOR: Final = (0x3B6A57B2, 0x26508E6D, 0x1EA119FA, 0x3D4233DD, 0x2A1462B3)
+_BECH32_CONST: Final = 1  # BIP-173
+_BECH32M_CONST: Final = 0x2BC830A3  # BIP-350
+_SEGWIT_HRPS: Final = frozenset({"bc", "tb"})
+
+
+def _bech32_polymod(values: list[int]) -> int:
+    checksum = 1
+    for value in values:
+        top = checksum >> 25
+        checksum = (checksum & 0x1FFFFFF) << 5 ^ value
+        for bit, generator in enumerate(_BECH32_GENERATOR):
+            if (top >> bit) & 1:
+                checksum ^= generator
+    return checksum
+
+
+def _hrp_expand(hrp: str) -> list[int]:
+    return [ord(char) >> 5 for char in hrp] + [0] + [ord(char) & 31 for char in hrp]
+
+
+def _regroup_5_to_8(data: list[int]) -> bytes | None:
+    """Witness program bytes from 5-bit groups; None if the padding is longer than 4 bits or not zero."""
+    accumulator = bits = 0
+    out = bytearray()
+    for value in data:
+        accumulator = ((accumulator << 5) | value) & 0xFFF
+        bits += 5
+        if bits >= 8:
+            bits -= 8
+            out.append((accumulator >> bits) & 0xFF)
+    if bits >= 5 or (accumulator << (8 - bits)) & 0xFF:
+        return None
+    return bytes(out)
+
+
+def bech32(value: str) -> bool:
+    """Segwit address (hrp ``bc`` or ``tb``): bech32 (BIP-173) for v0, bech32m (BIP-350) for v1 to v16."""
+    if len(value) > 90 or any(not 33 <= ord(char) <= 126 for char in value):
+        return False
+    if value.lower() != value and value.upper() != value:
+        return False  # mixed case
+    text = value.lower()
+    separator = text.rfind("1")
+    # At least one hrp character, and a 6-character checksum after the separator.
+    if separator < 1 or separator + 7 > len(text):
+        return False
+    hrp = text[:separator]
+    if hrp not in _SEGWIT_HRPS:
+        return False
+    data: list[int] = []
+    for char in text[separator + 1 :]:
+        digit = _BECH32_INDEX.get(char)
+        if digit is None:
+            return False
+        data.append(digit)
+    constant = _bech32_polymod(_hrp_expand(hrp) + data)
+    if constant not in (_BECH32_CONST, _BECH32M_CONST):
+        return False
+    payload = data[:-6]
+    if not payload:
+        return False
+    version = payload[0]
+    program = _regroup_5_to_8(payload[1:])
+    if version > 16 or program is None or not 2 <= len(program) <= 40:
+        return False
+    if version == 0:
+        return constant == _BECH32_CONST and len(program) in (20, 32)
+    return constant == _BECH32M_CONST
+
+
+def crypto_address(value: str) -> bool:
+    """A Bitcoin-style address: base58check (P2PKH, P2SH, ...) or a bech32/bech32m segwit address."""
+    return base58check(value) or bech32(value)
+
+
+# --- tokens --------------------------------------------------------------------------------------------
+
+_BASE64URL_SEGMENT: Final = re.compile(r"[A-Za-z0-9_-]*={0,2}")
+
+
+def _base64url_decode(segment: str) -> bytes | None:
+    if _BASE64URL_SEGMENT.fullmatch(segment) is None:
+        return None
+    unpadded = segment.rstrip("=")
+    try:
+        return base64.urlsafe_b64decode(unpadded + "=" * (-len(unpadded) % 4))
+    except ValueError:  # binascii.Error, e.g. a length one more than a multiple of 4
+        return None
+
+
+def _json_object(segment: str) -> dict[str, object] | None:
+    raw = _base64url_decode(segment)
+    if not raw:
+        return None
+    try:
+        decoded: object = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError):  # covers JSONDecodeError and UnicodeDecodeError
+        return None
+    return decoded if isinstance(decoded, dict) else None
+
+
+def jwt_structure(value: str) -> bool:
+    """JWS compact serialisation: base64url JSON header (with a string ``alg``), JSON payload, signature.
+
+    The signature may be empty only for ``alg: none`` (any case).
+    """
+    parts = value.split(".")
+    if len(parts) != 3:
+        return False
+    header_segment, payload_segment, signature_segment = parts
+    header = _json_object(header_segment)
+    if header is None or _json_object(payload_segment) is None:
+        return False
+    alg = header.get("alg")
+    if not isinstance(alg, str):
+        return False
+    signature = _base64url_decode(signature_segment)
+    if signature is None:
+        return False
+    return bool(signature) or alg.lower() == "none"
+
+
+# --- network -------------------------------------------------------------------------------------------
+
+
+def ip_address(value: str) -> bool:
+    """An IPv4 or IPv6 address as ``ipaddress.ip_address`` reads it (no prefix length, brackets or spaces).
+
+    IPv4 octets with leading zeros (``01.2.3.4``: octal to some parsers, decimal to others) are rejected,
+    including inside IPv6 (``::ffff:01.2.3.4``); ``ipaddress`` has refused them since Python 3.9.5.
+    """
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+# --- generic secrets -----------------------------------------------------------------------------------
+
+_PLACEHOLDER_MARKERS: Final = (
+    "example",
+    "xxxx",
+    "your_",
+    "your-",
+    "changeme",
+    "dummy",
+    "sample",
+    "<",
+    ">",
+    "${",
+    "{{",
+)
+
+
+def not_placeholder(value: str) -> bool:
+    """False for values that look like documentation placeholders rather than real secrets.
+
+    Placeholders contain a marker such as ``example``, ``xxxx``, ``your_``, ``changeme``, ``<...>``,
+    ``${...}`` or ``{{...}}`` (any case), or repeat one character (``aaaaaaaa``, ``********``). An empty
+    value is not a secret either.
+    """
+    if not value:
+        return False
+    folded = value.casefold()
+    if any(marker in folded for marker in _PLACEHOLDER_MARKERS):
+        return False
+    return len(set(folded)) > 1
+
+
+# --- entropy and the registry --------------------------------------------------------------------------
+
+
+def shannon_entropy(value: str) -> float:
+    """Shannon entropy of the character distribution, in bits per character (0.0 for the empty string)."""
+    if not value:
+        return 0.0
+    length = len(value)
+    entropy = -sum(count / length * math.log2(count / length) for count in Counter(value).values())
+    return entropy + 0.0  # turn -0.0 (one distinct character) into 0.0
+
+
+VALIDATORS: Final[Mapping[str, Validator]] = MappingProxyType(
+    {
+        "luhn": luhn,
+        "iban_mod97": iban_mod97,
+        "ssn_rules": ssn_rules,
+        "aba_checksum": aba_checksum,
+        "base58check": base58check,
+        "bech32": bech32,
+        "crypto_address": crypto_address,
+        "jwt_structure": jwt_structure,
+        "ip_address": ip_address,
+        "not_placeholder": not_placeholder,
+    }
+)
+
+
+def validate(name: str, value: str) -> bool:
+    """Run the validator registered as ``name`` on ``value``; ``KeyError`` names an unknown validator."""
+    try:
+        validator = VALIDATORS[name]
+    except KeyError:
+        known = ", ".join(sorted(VALIDATORS))
+        raise KeyError(f"unknown validator {name!r} (known validators: {known})") from None
+    return validator(value)

@@ -1,0 +1,23 @@
+"""The engine's own small rule pack (tests/data/rules) and its keys."""
+
+from functools import cache
+from pathlib import Path
+
+from extproc.detect.engine import Detector
+from extproc.detect.rules import load_rules
+from extproc.mask import Inspector
+
+DATA = Path(__file__).resolve().parent / "data"
+RULES = DATA / "rules"
+EDM_KEY_FILE = DATA / "edm.key"
+EDM_KEY = EDM_KEY_FILE.read_bytes()
+HASH_KEY = b"test-hash-key-0123456789"
+
+
+@cache
+def inspector() -> Inspector:
+    return Inspector.build(load_rules([RULES]), hash_key=HASH_KEY, edm_key=EDM_KEY)
+
+
+def detector() -> Detector:
+    return inspector().detector

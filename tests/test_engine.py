@@ -1,0 +1,272 @@
+"""The detection engine: Hyperscan candidates confirmed by Python, block and stream mode."""
+
+import textwrap
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from extproc.detect.check import check_rules
+from extproc.detect.engine import Detector, DetectorError
+from extproc.detect.rules import RuleError, load_rules
+
+from .rules_fixture import EDM_KEY, RULES, detector
+
+
+def spans(text: str) -> list[tuple[str, str]]:
+    return [(f.rule_id, text[f.start : f.end]) for f in detector().scan(text)]
+
+
+def test_the_test_pack_passes_its_own_samples() -> None:
+    report = check_rules([RULES], edm_key=EDM_KEY)
+    assert report.problems == []
+    assert report.samples == 30
+    # The lookarounds of zip-code are beyond Hyperscan: it runs as a prefilter, confirmed by Python.
+    assert report.prefiltered == ["zip-code"]
+
+
+def test_findings_carry_the_span_of_the_group() -> None:
+    text = 'config: password = "Xk9#pQ2!vL" and card 4111 1111 1111 1111.'
+    assert spans(text) == [("password-assignment", "Xk9#pQ2!vL"), ("credit-card", "4111 1111 1111 1111")]
+
+
+def test_validators_entropy_placeholders_and_allow_lists_reject() -> None:
+    for text in (
+        "card 4111 1111 1111 1112",
+        "password=changeme!!",
+        "password=aaaaaaaaaa",
+        "password: *********",
+    ):
+        assert spans(text) == [], text
+
+
+def test_keywords_must_be_near() -> None:
+    assert spans("employee E123456") == [("employee-id", "E123456")]
+    far = "employee" + " filler" * 10 + " E123456"
+    assert spans(far) == []
+
+
+def test_offsets_are_characters_in_non_ascii_text() -> None:
+    text = "Grüße an jane@example.com \u2013 Die Geheimsache 12-ä, Karte 4111111111111111 ☃"
+    found = detector().scan(text)
+    assert [(f.rule_id, text[f.start : f.end]) for f in found] == [
+        ("email-address", "jane@example.com"),
+        ("geheim", "Geheimsache 12-ä"),
+        ("credit-card", "4111111111111111"),
+    ]
+
+
+def test_exact_lists_match_whole_values_only() -> None:
+    assert spans("Night Owl and bluebird-7 ship") == [
+        ("project-names", "Night Owl"),
+        ("project-names", "bluebird-7"),
+    ]
+    assert spans("Bluebird-70 and xBluebird-7") == []
+    assert spans("customers CU000042, CU777777, CU000043") == [
+        ("customer-ids", "CU000042"),
+        ("customer-ids", "CU777777"),
+    ]
+
+
+def test_a_hashed_list_needs_its_key() -> None:
+    with pytest.raises(DetectorError, match="needs a key"):
+        Detector(load_rules([RULES]))
+
+
+def test_many_matches_in_one_text() -> None:
+    text = " ".join(f"user{i}@example.com" for i in range(500))
+    assert len(detector().scan(text)) == 500
+
+
+def stream_scan(text: str, cuts: list[int]) -> tuple[str, list[tuple[str, int, int]]]:
+    scanner = detector().stream()
+    released, found, position = "", [], 0
+    for size in cuts:
+        out, hits = scanner.feed(text[position : position + size])
+        released += out
+        found += hits
+        position += size
+    out, hits = scanner.feed(text[position:])
+    released += out
+    found += hits
+    out, hits = scanner.finish()
+    released += out
+    found += hits
+    return released, sorted((f.rule_id, f.start, f.end) for f in found)
+
+
+FRAGMENTS = [
+    "jane@example.com",
+    "4111 1111 1111 1111",
+    "password = Xk9#pQ2!vL",
+    "employee E123456",
+    "zip 94105",
+    "Bluebird-7",
+    "CU000042",
+    "Geheimsache 12-ä",
+    "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkq\n-----END PRIVATE KEY-----",
+    "-----BEGIN PRIVATE KEY-----",
+    "-----END PRIVATE KEY-----",
+    "MIIEvQIBADANBgkq",
+    "--",
+    " ",
+    ".",
+    "\n",
+    "x",
+    "é",
+    "12",
+    "@",
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.sampled_from(FRAGMENTS), max_size=40).map("".join),
+    st.lists(st.integers(min_value=1, max_value=25), max_size=60),
+)
+def test_stream_mode_finds_what_block_mode_finds_however_the_text_is_cut(text: str, cuts: list[int]) -> None:
+    released, found = stream_scan(text, cuts)
+    assert released == text
+    assert found == sorted((f.rule_id, f.start, f.end) for f in detector().scan(text))
+
+
+def test_stream_holds_back_only_what_a_match_could_still_cover() -> None:
+    scanner = detector().stream()
+    hold = detector().hold
+    assert hold < 700 < detector().width  # the 2000-character PEM rule is anchored on "-----BEGIN"
+    out, _ = scanner.feed("a" * 5000)
+    assert len(out) == 5000 - hold
+    assert scanner.held == hold
+    out, found = scanner.feed(" mail jane@exa")
+    assert "jane" not in out
+    out, found = scanner.feed("mple.com " + "b" * 5000)
+    assert [(f.start, f.end) for f in found] == [(5006, 5022)]
+
+
+def test_a_long_rule_holds_back_from_its_anchor_only() -> None:
+    scanner = detector().stream()
+    hold = detector().hold
+    out, _ = scanner.feed("x" * 1000 + " -----BEGIN PRIVATE KEY-----\n" + "A" * 1500)
+    assert out == "x" * 1000 + " "  # the block may still end within the rule's reach: held from its start
+    out, found = scanner.feed("\n-----END PRIVATE KEY-----" + "y" * 2000)
+    assert [f.rule_id for f in found] == ["pem-block"]
+    assert out.startswith("-----BEGIN")
+    assert scanner.held == hold
+
+
+def write(tmp_path: Path, body: str, name: str = "r.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(body), encoding="utf-8")
+    return path
+
+
+RULE = """\
+rules:
+- id: ok-rule
+  entity: THING
+  category: pii
+  severity: low
+  pattern: 'thing[0-9]{3}'
+  samples: {match: ['thing123'], no_match: ['thing12']}
+"""
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            ("pattern: 'thing[0-9]{3}'", "pattern: 'thing[0-9'"),
+            r"r\.yaml:2: rule 'ok-rule': pattern: invalid regular",
+        ),
+        (
+            ("severity: low", "severity: low\n  validator: nope"),
+            r"r\.yaml:2: rule 'ok-rule': .*validator 'nope' is unknown",
+        ),
+        (
+            ("severity: low", "severity: low\n  colour: red"),
+            r"r\.yaml:2: rule 'ok-rule': colour: Extra inputs",
+        ),
+        (("id: ok-rule", "id: Not_Kebab"), r"r\.yaml:2: rule 'Not_Kebab': id: String should match"),
+        (
+            ("samples: {match: ['thing123'], no_match: ['thing12']}", "samples: {match: ['thing123']}"),
+            r"samples\.no_match: Field required",
+        ),
+        (("severity: low", "severity: low\n  group: 2"), r"group 2 is not a group of the pattern"),
+        (("pattern: 'thing[0-9]{3}'", "pattern: '(?:thing)?'"), r"Hyperscan cannot compile it"),
+    ],
+)
+def test_rule_errors_name_file_line_and_rule(tmp_path: Path, change: tuple[str, str], message: str) -> None:
+    path = write(tmp_path, RULE.replace(*change))
+    report = check_rules([path])
+    assert report.problems, "expected a problem"
+    assert any(__import__("re").search(message, p) for p in report.problems), report.problems
+
+
+def test_samples_that_misbehave_are_reported(tmp_path: Path) -> None:
+    path = write(tmp_path, RULE.replace("no_match: ['thing12']", "no_match: ['a thing999 here']"))
+    report = check_rules([path])
+    assert report.problems == [
+        f"{path}:2: rule 'ok-rule': samples.no_match matched 'thing999' in 'a thing999 here'"
+    ]
+    path = write(tmp_path, RULE.replace("match: ['thing123']", "match: ['thing1']"))
+    assert "samples.match not matched: 'thing1'" in check_rules([path]).problems[0]
+
+
+def test_duplicate_ids_across_files_and_bad_yaml(tmp_path: Path) -> None:
+    write(tmp_path, RULE, "a.yaml")
+    write(tmp_path, RULE, "b.yaml")
+    with pytest.raises(
+        RuleError, match=r"b\.yaml:2: rule 'ok-rule': duplicate id, first defined at .*a\.yaml:2"
+    ):
+        load_rules([tmp_path])
+    broken = write(tmp_path, "rules: [\n", "c.yaml")
+    with pytest.raises(RuleError, match=r"c\.yaml:2: invalid YAML"):
+        load_rules([broken])
+
+
+def test_unbounded_patterns_get_the_cap(tmp_path: Path) -> None:
+    path = write(tmp_path, RULE.replace("thing[0-9]{3}", "thing[0-9]+"))
+    [rule] = load_rules([path], max_match_chars=100).rules
+    assert rule.width == 100
+
+
+def test_a_rejected_candidate_does_not_hide_the_value_after_it() -> None:
+    assert spans("order 12345 4111 1111 1111 1111") == [("credit-card", "4111 1111 1111 1111")]
+
+
+def test_adjacent_values_sharing_a_boundary_are_both_found() -> None:
+    assert spans("4111 1111 1111 1111 5500 0000 0000 0004") == [
+        ("credit-card", "4111 1111 1111 1111"),
+        ("credit-card", "5500 0000 0000 0004"),
+    ]
+
+
+def test_the_cap_applies_to_unbounded_patterns_only(tmp_path: Path) -> None:
+    path = write(tmp_path, RULE.replace("thing[0-9]{3}", "thing[0-9]{1,3000}"))
+    [rule] = load_rules([path], max_match_chars=100).rules
+    assert rule.width == 3005
+
+
+def test_compiled_databases_are_cached_and_reused(tmp_path: Path) -> None:
+    from extproc.mask import Inspector
+
+    from .rules_fixture import HASH_KEY
+
+    ruleset = load_rules([RULES])
+    first = Inspector.build(ruleset, hash_key=HASH_KEY, edm_key=EDM_KEY, cache_dir=tmp_path)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert any(name.startswith("prefilter-") for name in files)
+    assert sum(name.startswith("db-") for name in files) == 4  # block + stream, regex + literal
+    second = Inspector.build(ruleset, hash_key=HASH_KEY, edm_key=EDM_KEY, cache_dir=tmp_path)
+    assert second.detector.prefiltered == first.detector.prefiltered == {"zip-code"}
+    text = "zip 94105, jane@example.com, Bluebird-7"
+    assert second.detector.scan(text) == first.detector.scan(text)
+    stream = second.detector.stream()
+    found = stream.feed(text)[1] + stream.finish()[1]
+    assert found == first.detector.scan(text)
+    # A damaged cache file is recompiled, not trusted.
+    for path in tmp_path.iterdir():
+        path.write_bytes(b"garbage")
+    third = Inspector.build(ruleset, hash_key=HASH_KEY, edm_key=EDM_KEY, cache_dir=tmp_path)
+    assert third.detector.scan(text) == first.detector.scan(text)
