@@ -33,6 +33,9 @@ def test_the_settings_config_map_loads(tmp_path: Path) -> None:
     path.write_text(config_map["data"]["settings.yaml"])
     settings = load_settings(path)
     assert settings.server.admin_address == "0.0.0.0:9090"
+    # The image copies the repository's rules/ there (see the Dockerfile test below).
+    assert settings.detect.rules == ["/etc/extproc/rules"]
+    assert "COPY rules /etc/extproc/rules" in (ROOT / "deploy/Dockerfile").read_text()
 
 
 def test_the_image_copies_files_that_exist() -> None:

@@ -256,7 +256,9 @@ def _load_rule(
     token = None
     width = 0
     if rule.exact is not None and rule.exact.hashed:
-        token = _compile(rule.exact.token, rule, "exact.token", where, problems)
+        # A case-insensitive list finds its tokens case-insensitively too.
+        caseless = rule.model_copy(update={"case_insensitive": not rule.exact.case_sensitive})
+        token = _compile(rule.exact.token, caseless, "exact.token", where, problems)
         if token is not None:
             width = min(pattern_width(token), max_match_chars)
     if regex is not None:
