@@ -130,8 +130,13 @@ class Detector:
         self.width = widest
         # Streams hold back `hold` characters for the ordinary rules; long anchored rules only from their
         # anchor (see StreamScanner).
-        self.anchored: tuple[tuple[str, int, bool], ...] = tuple(
-            (r.anchor, r.width, r.rule.case_insensitive)
+        # Anchors are cut to CONTEXT characters: a partial anchor at the very end of a stream then always
+        # lies within the ordinary hold, so only whole anchors need looking for.
+        self.anchored: tuple[tuple[re.Pattern[str], int], ...] = tuple(
+            (
+                re.compile(re.escape(r.anchor[:CONTEXT]), re.IGNORECASE if r.rule.case_insensitive else 0),
+                r.width,
+            )
             for r in self.rules
             if r.width > LONG_RULE and len(r.anchor) >= MIN_ANCHOR
         )
@@ -293,14 +298,35 @@ class Detector:
             self._literal_block.scan(data, match_event_handler=on_literal)
         return self.confirm(text, hits)
 
-    def confirm(self, text: str, hits: _Hits) -> list[Finding]:
-        """Turn candidates into findings with exact spans."""
+    def confirm(
+        self,
+        text: str,
+        hits: _Hits,
+        memo: dict[tuple[int, int, int], set[Finding]] | None = None,
+        base: int = 0,
+    ) -> list[Finding]:
+        """Turn candidates into findings with exact spans.
+
+        ``memo`` (for streams, where ``text`` starts at stream offset ``base``) keeps the findings of each
+        complete window: the same window over the same text gives the same findings, so a held buffer is
+        not confirmed again and again as it grows."""
         found: set[Finding] = set()
         size = len(text)
         for index, ends in hits.ends.items():
             loaded = self.rules[index]
             for low, high in _windows(ends, loaded.width, size):
-                self._confirm_regex(loaded, text, low, high, found)
+                if memo is None or high >= size:  # a window cut by the end of the text may still change
+                    self._confirm_regex(loaded, text, low, high, found)
+                    continue
+                key = (index, low + base, high + base)
+                known = memo.get(key)
+                if known is None:
+                    known = set()
+                    self._confirm_regex(loaded, text, low, high, known)
+                    memo[key] = {Finding(f.rule_id, f.entity, f.start + base, f.end + base) for f in known}
+                    found |= known
+                else:
+                    found |= {Finding(f.rule_id, f.entity, f.start - base, f.end - base) for f in known}
         for index in self._python_only:
             self._confirm_regex(self.rules[index], text, 0, size, found)
         for index, start, end in hits.literals:
@@ -462,6 +488,7 @@ class StreamScanner:
         self._base = 0  # stream offset of _buffer[0]
         self._released = 0
         self._hits = _Hits()
+        self._memo: dict[tuple[int, int, int], set[Finding]] = {}
         # The binding does not keep the handlers alive: the scanner must, for as long as its streams live.
         self._handlers = detector._handlers(self._hits)
         self._streams = [
@@ -509,7 +536,7 @@ class StreamScanner:
         limit = end if final else min(end - self._hold, self._anchored_limit(end))
         if limit <= self._released:
             return "", []
-        findings = self._detector.confirm(self._buffer, self._hits.shift(self._base))
+        findings = self._detector.confirm(self._buffer, self._hits.shift(self._base), self._memo, self._base)
         spans = [(f.start + self._base, f.end + self._base, f) for f in findings]
         crossing = True
         while crossing:  # a finding across the limit is held back whole
@@ -530,22 +557,14 @@ class StreamScanner:
         return out, released
 
     def _anchored_limit(self, end: int) -> int:
-        """The first place a long anchored rule's match could still be in progress: its anchor within
-        the rule's reach from the end, or the anchor's beginning at the very end."""
+        """The first place a long anchored rule's match could still be in progress: where its anchor
+        appears within the rule's reach from the end."""
         limit = end
-        for anchor, width, caseless in self._detector.anchored:
+        for anchor, width in self._detector.anchored:
             start = max(self._released, end - width - CONTEXT) - self._base
-            tail = self._buffer[start:]
-            if caseless:
-                tail = tail.lower()
-            found = tail.find(anchor)
-            if found >= 0:
-                limit = min(limit, self._base + start + found)
-                continue
-            for size in range(min(len(anchor) - 1, len(tail)), 0, -1):
-                if tail.endswith(anchor[:size]):
-                    limit = min(limit, end - size)
-                    break
+            found = anchor.search(self._buffer, start)
+            if found is not None:
+                limit = min(limit, self._base + found.start())
         return limit
 
     def _trim(self) -> None:
@@ -556,3 +575,4 @@ class StreamScanner:
             for rule in list(self._hits.ends):
                 self._hits.ends[rule] = [e for e in self._hits.ends[rule] if e > keep_from]
             self._hits.literals = [h for h in self._hits.literals if h[1] >= keep_from]
+            self._memo = {k: v for k, v in self._memo.items() if k[1] >= keep_from}
