@@ -270,3 +270,14 @@ def test_compiled_databases_are_cached_and_reused(tmp_path: Path) -> None:
         path.write_bytes(b"garbage")
     third = Inspector.build(ruleset, hash_key=HASH_KEY, edm_key=EDM_KEY, cache_dir=tmp_path)
     assert third.detector.scan(text) == first.detector.scan(text)
+
+
+def test_a_candidate_that_loses_matches_is_reported(tmp_path: Path) -> None:
+    good = RULE.replace("  pattern: 'thing[0-9]{3}'", "  pattern: 'thing[0-9]{3}'\n  candidate: '[0-9]{3}'")
+    assert check_rules([write(tmp_path, good)]).problems == []
+    bad = RULE.replace("  pattern: 'thing[0-9]{3}'", "  pattern: 'thing[0-9]{3}'\n  candidate: 'thing1'")
+    sample = "thing123" + " " * 80 + "thing456"  # farther apart than one candidate's window reaches
+    path = write(tmp_path, bad.replace("match: ['thing123']", f"match: ['{sample}']"))
+    assert check_rules([path]).problems == [
+        f"{path}:2: rule 'ok-rule': candidate missed 'thing456' in {sample!r}"
+    ]

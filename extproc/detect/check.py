@@ -53,8 +53,15 @@ def _check_samples(ruleset: RuleSet, detector: Detector, report: CheckReport) ->
             continue
         for sample in loaded.rule.samples.match:
             report.samples += 1
-            if not any(f.rule_id == loaded.id for f in detector.scan(sample)):
+            found = [f for f in detector.scan(sample) if f.rule_id == loaded.id]
+            if not found:
                 report.problems.append(f"{loaded.where}: samples.match not matched: {sample!r}")
+            elif loaded.regex is not None:
+                lost = set(detector.reference(sample, loaded.id)) - set(found)
+                if lost:
+                    value = sample[min(f.start for f in lost) : max(f.end for f in lost)]
+                    what = "candidate" if loaded.rule.candidate else "Hyperscan"
+                    report.problems.append(f"{loaded.where}: {what} missed {value!r} in {sample!r}")
         for sample in loaded.rule.samples.no_match:
             report.samples += 1
             hits = [sample[f.start : f.end] for f in detector.scan(sample) if f.rule_id == loaded.id]

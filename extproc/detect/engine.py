@@ -117,10 +117,11 @@ class Detector:
             rule = loaded.rule
             if rule.pattern is not None:
                 widest = max(widest, loaded.width)
-                if not rule.pattern.isascii():
+                expression = rule.candidate or rule.pattern
+                if not expression.isascii():
                     self._python_only.append(index)
                     continue
-                expressions.append(rule.pattern.encode("ascii"))
+                expressions.append(expression.encode("ascii"))
                 ids.append(index)
                 flags.append(hyperscan.HS_FLAG_CASELESS if rule.case_insensitive else 0)
             elif rule.exact is not None:
@@ -340,6 +341,15 @@ class Detector:
             tokens = [m.span() for m in MASK_TOKEN.finditer(text)]
             found = {f for f in found if not any(s <= f.start and f.end <= e for s, e in tokens)}
         return sorted(found, key=lambda f: (f.start, f.end, f.rule_id))
+
+    def reference(self, text: str, rule_id: str) -> list[Finding]:
+        """What one regex rule finds in ``text`` by Python alone, over the whole text: the standard
+        Hyperscan's candidates (and a rule's ``candidate`` pattern) must not lose anything against."""
+        found: set[Finding] = set()
+        for loaded in self.rules:
+            if loaded.id == rule_id and loaded.regex is not None:
+                self._confirm_regex(loaded, text, 0, len(text), found)
+        return sorted(found, key=lambda f: (f.start, f.end))
 
     def _confirm_regex(self, loaded: LoadedRule, text: str, low: int, high: int, found: set[Finding]) -> None:
         regex = loaded.regex
