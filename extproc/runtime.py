@@ -1,7 +1,6 @@
 """The snapshot an exchange runs against: settings plus everything compiled from them.
 
-A snapshot is immutable; a reload builds a new one and swaps it in, and each exchange keeps the snapshot
-it started with."""
+A snapshot is immutable: each exchange keeps the snapshot it started with."""
 
 from __future__ import annotations
 
@@ -62,7 +61,7 @@ def build_snapshot(settings: Settings) -> Snapshot:
 
 
 class Runtime:
-    """Holds the current snapshot; ``swap`` replaces it atomically for new exchanges."""
+    """Holds the current snapshot; each exchange reads it once, when its stream opens."""
 
     def __init__(self, snapshot: Snapshot) -> None:
         self._snapshot = snapshot
@@ -70,6 +69,3 @@ class Runtime:
     @property
     def snapshot(self) -> Snapshot:
         return self._snapshot
-
-    def swap(self, snapshot: Snapshot) -> None:
-        self._snapshot = snapshot

@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionChunk
 
 from extproc.devenv import Stack
 
@@ -27,6 +28,17 @@ def post(stack: Stack, body: bytes, **headers: str) -> httpx.Response:
         content=body,
         headers={"content-type": "application/json", **headers},
         timeout=30,
+    )
+
+
+def openai_stream(stack: Stack, reply: str) -> openai.Stream[ChatCompletionChunk]:
+    """A streamed chat completion through Envoy with the official client; the demo answers ``reply``."""
+    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
+    return client.chat.completions.create(
+        model="demo-small",
+        messages=[{"role": "user", "content": "hi"}],
+        stream=True,
+        extra_headers={"x-demo-reply": reply},
     )
 
 
@@ -65,13 +77,7 @@ def test_a_large_prompt_is_scanned_within_the_message_timeout(stack: Stack, demo
 
 def test_the_openai_client_streams_masked_events(stack: Stack, demo: Demo) -> None:
     reply = demo.script(content=f"Sure: {CARD} and {EMAIL}. Anything else?", chunk_chars=64)
-    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
-    stream = client.chat.completions.create(
-        model="demo-small",
-        messages=[{"role": "user", "content": "hi"}],
-        stream=True,
-        extra_headers={"x-demo-reply": reply},
-    )
+    stream = openai_stream(stack, reply)
     text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
     assert text == f"Sure: {CARD_MASKED} and [REDACTED:EMAIL_ADDRESS]. Anything else?"
 
@@ -198,13 +204,7 @@ def test_a_stream_cut_short_ends_with_an_error_event_the_openai_client_raises(
     # One token event larger than limits.max_event_bytes (1 MiB): headers are gone, so the stream ends
     # with an in-band error event and nothing of the oversized event is released.
     reply = demo.script(content="A" * (1024 * 1024 + 10), chunk_chars=2 * 1024 * 1024)
-    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
-    stream = client.chat.completions.create(
-        model="demo-small",
-        messages=[{"role": "user", "content": "hi"}],
-        stream=True,
-        extra_headers={"x-demo-reply": reply},
-    )
+    stream = openai_stream(stack, reply)
     received: list[str] = []
 
     def read_all() -> None:

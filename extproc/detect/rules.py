@@ -122,9 +122,6 @@ class RuleSet:
     rules: tuple[LoadedRule, ...]
     sources: tuple[Path, ...]
 
-    def by_id(self) -> dict[str, LoadedRule]:
-        return {r.id: r for r in self.rules}
-
 
 class RuleError(Exception):
     """One or more rule files are invalid; ``problems`` are ``file:line: rule 'id': message`` lines."""
