@@ -25,6 +25,7 @@ from extproc.mask.bodies import (
     SseEvents,
     StreamingText,
 )
+from extproc.mask.sse import ChatEventStream
 from extproc.model import (
     Body,
     BodyMode,
@@ -221,7 +222,7 @@ class Exchange:
             event_too_large = UpstreamError(
                 f"a server-sent event exceeds {limits.max_event_bytes} bytes", code="upstream_too_large"
             )
-            state.processor = SseEvents(inspector, limits.max_event_bytes, event_too_large)
+            state.processor = ChatEventStream(inspector, limits.max_event_bytes, event_too_large)
         elif is_json(media):
             invalid = UpstreamError("response body is not valid JSON")
             state.processor = BufferedJson(inspector, limits.max_response_bytes, too_large, invalid)

@@ -111,7 +111,11 @@ class SseEvents:
         self._max = max_event_bytes
         self._too_large = too_large
         self._pending = b""
-        self.findings: list[Finding] = []
+        self._found: list[Finding] = []
+
+    @property
+    def findings(self) -> list[Finding]:
+        return self._found
 
     def feed(self, data: bytes) -> bytes:
         # Only the new bytes (and the three before them) can complete a separator.
@@ -141,7 +145,7 @@ class SseEvents:
         masked, found = self._inspector.mask_text(data.decode(ENCODING, ERRORS))
         if not found:
             return data
-        self.findings.extend(found)
+        self._found.extend(found)
         return masked.encode(ENCODING, ERRORS)
 
 
