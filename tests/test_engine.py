@@ -281,3 +281,10 @@ def test_a_candidate_that_loses_matches_is_reported(tmp_path: Path) -> None:
     assert check_rules([path]).problems == [
         f"{path}:2: rule 'ok-rule': candidate missed 'thing456' in {sample!r}"
     ]
+
+
+def test_keyword_rules_are_skipped_when_no_keyword_is_anywhere() -> None:
+    # The same candidate is confirmed or not depending only on its keyword being present.
+    assert spans("code E123456 shipped") == []
+    assert spans("code E123456 shipped to the employee") == []  # present, but not before the match
+    assert spans("the employee code E123456 shipped") == [("employee-id", "E123456")]

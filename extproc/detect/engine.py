@@ -102,6 +102,7 @@ class Detector:
     ) -> None:
         self.rules: tuple[LoadedRule, ...] = tuple(r for r in ruleset.rules if r.rule.enabled)
         self._cache = _Cache(cache_dir) if cache_dir is not None else None
+        self._keywords = [tuple(k.lower() for k in r.rule.keywords) for r in self.rules]
         problems: list[str] = []
         self._python_only: list[int] = []
         self._hashed: dict[int, frozenset[str]] = {}
@@ -313,8 +314,15 @@ class Detector:
         not confirmed again and again as it grows."""
         found: set[Finding] = set()
         size = len(text)
+        lowered: str | None = None
         for index, ends in hits.ends.items():
             loaded = self.rules[index]
+            if loaded.rule.keywords:
+                # A keyword must appear near a match, so none anywhere means no finding: skip the windows.
+                if lowered is None:
+                    lowered = text.lower()
+                if not any(keyword in lowered for keyword in self._keywords[index]):
+                    continue
             for low, high in _windows(ends, loaded.width, size):
                 if memo is None or high >= size:  # a window cut by the end of the text may still change
                     self._confirm_regex(loaded, text, low, high, found)
