@@ -65,13 +65,23 @@ class BufferedText(_Buffered):
 
 
 class BufferedJson(_Buffered):
-    """Masks every string value of a JSON document; the document stays valid JSON."""
+    """Masks every string value of a JSON document; the document stays valid JSON.
+
+    A body that is not JSON is refused with ``invalid``, unless ``as_text`` is set: then it is masked as
+    plain text (a deployment whose clients send JSON-ish bodies that do not always parse)."""
 
     def __init__(
-        self, inspector: Inspector, limit: int, too_large: ExtProcError, invalid: ExtProcError
+        self,
+        inspector: Inspector,
+        limit: int,
+        too_large: ExtProcError,
+        invalid: ExtProcError,
+        *,
+        as_text: bool = False,
     ) -> None:
         super().__init__(inspector, limit, too_large)
         self._invalid = invalid
+        self._as_text = as_text
 
     def _mask(self, body: bytes) -> bytes:
         if not body.strip():
@@ -79,22 +89,78 @@ class BufferedJson(_Buffered):
         try:
             document = json.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
-            raise self._invalid from exc
-        masked = self._walk(document)
+            if not self._as_text:
+                raise self._invalid from exc
+            masked_text, self.findings = self._inspector.mask_text(body.decode(ENCODING, ERRORS))
+            return masked_text.encode(ENCODING, ERRORS) if self.findings else body
+        masked = JsonMasker(self._inspector, self.findings).value(document)
         if not self.findings:
             return body
-        return json.dumps(masked, ensure_ascii=False, separators=(",", ":")).encode(ENCODING)
+        return dump_json(masked).encode(ENCODING)
 
-    def _walk(self, node: Any) -> Any:
+
+def dump_json(node: Any) -> str:
+    return json.dumps(node, ensure_ascii=False, separators=(",", ":"))
+
+
+class JsonMasker:
+    """Masks the string values of JSON documents (keys are kept) and collects the findings.
+
+    A string that is itself a JSON document (tool-call arguments, tool results) is scanned as text and,
+    when it holds escapes, also decoded and walked: ``"jane\\u0040example.com"`` inside arguments is an
+    e-mail address only once decoded. It is re-encoded only when that finds something more.
+
+    Short strings found clean are remembered: a token stream repeats its id, model and role in every
+    event, and scanning them once is enough."""
+
+    _CLEAN_MAX_CHARS = 256
+    _CLEAN_MAX_ENTRIES = 4096
+
+    def __init__(self, inspector: Inspector, findings: list[Finding] | None = None) -> None:
+        self._inspector = inspector
+        self.findings: list[Finding] = [] if findings is None else findings
+        self._clean: set[str] = set()
+
+    def value(self, node: Any) -> Any:
+        """``node`` with every string value masked."""
         if isinstance(node, str):
-            masked, found = self._inspector.mask_text(node)
-            self.findings.extend(found)
-            return masked
+            return self._string(node)
         if isinstance(node, list):
-            return [self._walk(item) for item in node]
+            return [self.value(item) for item in node]
         if isinstance(node, dict):
-            return {key: self._walk(value) for key, value in node.items()}
+            return {key: self.value(value) for key, value in node.items()}
         return node
+
+    def fields(self, node: dict[str, Any], skip: frozenset[str]) -> bool:
+        """Mask, in place, every string under ``node`` except the values of the keys in ``skip`` (fields
+        masked otherwise, or that are not text). Returns whether anything changed."""
+        before = len(self.findings)
+        for key, value in node.items():
+            if key not in skip and isinstance(value, str | list | dict):
+                node[key] = self.value(value)
+        return len(self.findings) > before
+
+    def _string(self, text: str) -> str:
+        if text in self._clean:
+            return text
+        masked, found = self._inspector.mask_text(text)
+        if not found and len(text) <= self._CLEAN_MAX_CHARS and len(self._clean) < self._CLEAN_MAX_ENTRIES:
+            self._clean.add(text)
+        self.findings.extend(found)
+        if "\\" in masked and masked.lstrip()[:1] in ("{", "["):
+            return self._nested(masked)
+        return masked
+
+    def _nested(self, text: str) -> str:
+        try:
+            inner = json.loads(text)
+        except ValueError:
+            return text
+        if not isinstance(inner, dict | list):
+            return text
+        before = len(self.findings)
+        masked = self.value(inner)
+        return dump_json(masked) if len(self.findings) > before else text
 
 
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
@@ -138,6 +204,11 @@ class SseEvents:
     def finish(self) -> bytes:
         rest, self._pending = self._pending, b""
         return self._mask(rest)
+
+    def cut(self) -> bytes:
+        """The stream ends here, early: the incomplete event is dropped. Returns what may still go out."""
+        self._pending = b""
+        return b""
 
     def _mask(self, data: bytes) -> bytes:
         if not data:
