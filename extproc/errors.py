@@ -11,8 +11,10 @@ HTTP_STATUS: Final[dict[str, int]] = {
     "body_too_large": 413,
     "unsupported_media_type": 415,
     "unsupported_content_encoding": 415,
+    "invalid_content_encoding": 400,
     "upstream_unscannable": 502,
     "upstream_too_large": 502,
+    "upstream_timeout": 504,
     "internal_error": 500,
 }
 

@@ -13,6 +13,7 @@ lets the part over its limit through unscanned, the third is not HTTP.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -25,7 +26,16 @@ from extproc.mask.bodies import (
     SseEvents,
     StreamingText,
 )
-from extproc.mask.sse import ChatEventStream
+from extproc.mask.encoding import (
+    DecodeError,
+    Decoder,
+    UnsupportedEncoding,
+    decoder_for,
+    parse_content_encoding,
+)
+from extproc.mask.ndjson import MEDIA_TYPES as NDJSON_MEDIA_TYPES
+from extproc.mask.ndjson import NdjsonStream
+from extproc.mask.sse import EventStream
 from extproc.model import (
     Body,
     BodyMode,
@@ -48,7 +58,6 @@ from extproc.runtime import Snapshot
 DECISION_HEADER = "x-dlp-decision-id"
 METADATA_NAMESPACE = "llm.extproc"
 SUPPORTED_BODY_MODES = frozenset({BodyMode.NONE, BodyMode.BUFFERED, BodyMode.FULL_DUPLEX_STREAMED})
-_IDENTITY_ENCODINGS = frozenset({"", "identity"})
 
 
 class Phase(IntEnum):
@@ -76,6 +85,7 @@ class _Direction:
 
     mode: BodyMode
     processor: BodyProcessor = field(default_factory=Passthrough)
+    decoder: Decoder | None = None  # undoes the content-encoding; also enforces the size limit
     had_content_length: bool = False
     streaming: bool = False  # released as it is masked (event streams, plain text), not held whole
     ended: bool = False  # the last body byte has been answered
@@ -105,6 +115,7 @@ class Exchange:
         self.request_id = ""
         self.passthrough = False
         self.finished = False
+        self.deadline: float | None = None  # time.monotonic() by which a streamed answer must end
         self._phase = Phase.START
         self._dirs = {
             Direction.REQUEST: _Direction(protocol.request_body_mode),
@@ -162,38 +173,55 @@ class Exchange:
         self.request_id = event.get("x-request-id") or ""
         state = self._dirs[Direction.REQUEST]
         state.had_content_length = event.get("content-length") is not None
-        changes = HeaderChanges(set=((DECISION_HEADER, self.decision_id),))
         metadata: dict[str, object] = {METADATA_NAMESPACE: {"decision_id": self.decision_id}}
         if event.end_of_stream or state.mode is BodyMode.NONE:
             state.ended = True
+            changes = HeaderChanges(set=((DECISION_HEADER, self.decision_id),))
             return [ContinueHeaders(Direction.REQUEST, changes, metadata)]
-        encoding = (event.get("content-encoding") or "").strip().lower()
-        if encoding not in _IDENTITY_ENCODINGS:
-            return self._reject(
-                ClientError(
-                    f"request content-encoding {encoding!r} cannot be scanned; send the body uncompressed",
-                    code="unsupported_content_encoding",
-                )
-            )
         limits = self._snapshot.settings.limits
         too_large = ClientError(
             f"request body exceeds {limits.max_request_bytes} bytes", code="body_too_large"
         )
         media = media_type(event)
+        inspector = self._snapshot.inspector
         if is_json(media):
             invalid = ClientError("request body is not valid JSON", code="invalid_json")
             state.processor = BufferedJson(
-                self._snapshot.inspector, limits.max_request_bytes, too_large, invalid
+                inspector, limits.max_request_bytes, too_large, invalid, as_text=self._json_as_text
             )
+        elif media in NDJSON_MEDIA_TYPES:
+            state.processor = NdjsonStream(inspector, limits.max_request_bytes, too_large)
         elif media == "" or media.startswith("text/"):
-            state.processor = BufferedText(self._snapshot.inspector, limits.max_request_bytes, too_large)
+            state.processor = BufferedText(inspector, limits.max_request_bytes, too_large)
         else:
             return self._reject(
                 ClientError(
                     f"request content-type {media!r} cannot be scanned", code="unsupported_media_type"
                 )
             )
-        return [ContinueHeaders(Direction.REQUEST, changes, metadata)]
+        try:
+            state.decoder = self._decoder(event, limits.max_request_bytes, too_large)
+        except UnsupportedEncoding as exc:
+            return self._reject(ClientError(str(exc), code="unsupported_content_encoding"))
+        return [ContinueHeaders(Direction.REQUEST, self._header_changes(state), metadata)]
+
+    @property
+    def _json_as_text(self) -> bool:
+        return self._snapshot.settings.detect.unparseable == "text"
+
+    @staticmethod
+    def _decoder(event: Headers, limit: int, too_large: ExtProcError) -> Decoder:
+        """Undoes the body's content-encoding (the identity for none) and stops it at ``limit`` decoded
+        bytes, however small it is on the wire. Raises UnsupportedEncoding."""
+        return decoder_for(parse_content_encoding(event.get("content-encoding")), limit, too_large)
+
+    def _header_changes(self, state: _Direction) -> HeaderChanges:
+        """The decision id, and for a body sent on decoded: no content-encoding (its length is set with the
+        body, or removed by Envoy in FULL_DUPLEX_STREAMED)."""
+        decision = ((DECISION_HEADER, self.decision_id),)
+        if state.decoder is None or not state.decoder.codings:
+            return HeaderChanges(set=decision)
+        return HeaderChanges(set=decision, remove=("content-encoding",))
 
     def _response_headers(self, event: Headers) -> list[Reply]:
         state = self._dirs[Direction.RESPONSE]
@@ -201,38 +229,47 @@ class Exchange:
             state.ended = event.end_of_stream or state.mode is BodyMode.NONE
             return [ContinueHeaders(Direction.RESPONSE)]
         self._close_request_body()
-        changes = HeaderChanges(set=((DECISION_HEADER, self.decision_id),))
-        reply = ContinueHeaders(Direction.RESPONSE, changes)
         if event.end_of_stream or state.mode is BodyMode.NONE:
             state.ended = True
             self.finished = True
-            return [reply]
-        encoding = (event.get("content-encoding") or "").strip().lower()
-        if encoding not in _IDENTITY_ENCODINGS:
-            return self._reject(UpstreamError(f"response content-encoding {encoding!r} cannot be scanned"))
+            return [
+                ContinueHeaders(Direction.RESPONSE, HeaderChanges(set=((DECISION_HEADER, self.decision_id),)))
+            ]
         limits = self._snapshot.settings.limits
         media = media_type(event)
-        too_large = UpstreamError(
-            f"response body exceeds {limits.max_response_bytes} bytes", code="upstream_too_large"
-        )
         inspector = self._snapshot.inspector
         streamed = state.mode is BodyMode.FULL_DUPLEX_STREAMED
-        if media == "text/event-stream":
-            state.streaming = True
+        limit = limits.max_response_bytes
+        if media == "text/event-stream" or media in NDJSON_MEDIA_TYPES:
+            state.streaming = streamed
+            limit = limits.max_stream_bytes
             event_too_large = UpstreamError(
-                f"a server-sent event exceeds {limits.max_event_bytes} bytes", code="upstream_too_large"
+                f"one event of the answer exceeds {limits.max_event_bytes} bytes", code="upstream_too_large"
             )
-            state.processor = ChatEventStream(inspector, limits.max_event_bytes, event_too_large)
+            kind = EventStream if media == "text/event-stream" else NdjsonStream
+            state.processor = kind(inspector, limits.max_event_bytes, event_too_large)
         elif is_json(media):
             invalid = UpstreamError("response body is not valid JSON")
-            state.processor = BufferedJson(inspector, limits.max_response_bytes, too_large, invalid)
+            too_large = UpstreamError(f"response body exceeds {limit} bytes", code="upstream_too_large")
+            state.processor = BufferedJson(inspector, limit, too_large, invalid, as_text=self._json_as_text)
         elif (media == "" or media.startswith("text/")) and streamed:
             state.streaming = True
-            state.processor = StreamingText(inspector, limits.max_response_bytes, too_large)
+            limit = limits.max_stream_bytes
+            too_large = UpstreamError(f"response body exceeds {limit} bytes", code="upstream_too_large")
+            state.processor = StreamingText(inspector, limit, too_large)
         elif media == "" or media.startswith("text/"):
-            state.processor = BufferedText(inspector, limits.max_response_bytes, too_large)
+            too_large = UpstreamError(f"response body exceeds {limit} bytes", code="upstream_too_large")
+            state.processor = BufferedText(inspector, limit, too_large)
         else:
             return self._reject(UpstreamError(f"response content-type {media!r} cannot be scanned"))
+        too_large = UpstreamError(f"response body exceeds {limit} bytes", code="upstream_too_large")
+        try:
+            state.decoder = self._decoder(event, limit, too_large)
+        except UnsupportedEncoding as exc:
+            return self._reject(UpstreamError(str(exc)))
+        if limits.max_stream_seconds and state.streaming:
+            self.deadline = time.monotonic() + limits.max_stream_seconds
+        reply = ContinueHeaders(Direction.RESPONSE, self._header_changes(state))
         if not streamed:
             state.had_content_length = event.get("content-length") is not None
             return [reply]
@@ -253,15 +290,13 @@ class Exchange:
         buffered = state.mode is BodyMode.BUFFERED
         last = event.end_of_stream or buffered
         try:
-            out = state.processor.feed(event.data)
-            if last:
-                out += state.processor.finish()
+            out = self._feed(event.direction, event.data, last)
         except ExtProcError as error:
             return self._body_failed(event.direction, error)
         if last:
             self._end(event.direction)
         if buffered:
-            if out == event.data:
+            if out == event.data and (state.decoder is None or not state.decoder.codings):
                 return [ReplaceBody(event.direction, None)]
             changes = HeaderChanges()
             if state.had_content_length:
@@ -274,13 +309,29 @@ class Exchange:
             replies.append(StreamChunk(event.direction, out, event.end_of_stream))
         return replies
 
+    def _feed(self, direction: Direction, data: bytes, last: bool) -> bytes:
+        """Decode and mask one body chunk; with ``last``, flush everything held."""
+        state = self._dirs[direction]
+        decoder = state.decoder
+        try:
+            out = state.processor.feed(data if decoder is None else decoder.feed(data))
+            if last and decoder is not None:
+                out += state.processor.feed(decoder.finish())
+        except DecodeError as exc:
+            if direction is Direction.REQUEST:
+                raise ClientError(str(exc), code="invalid_content_encoding") from exc
+            raise UpstreamError(str(exc)) from exc
+        if last:
+            out += state.processor.finish()
+        return out
+
     def _trailers(self, event: Trailers) -> list[Reply]:
         state = self._dirs[event.direction]
         replies: list[Reply] = []
         if not state.ended and state.mode is BodyMode.FULL_DUPLEX_STREAMED:
             # The body ended without end_of_stream because trailers follow: flush what is held first.
             try:
-                out = state.processor.finish()
+                out = self._feed(event.direction, b"", last=True)
             except ExtProcError as error:
                 return self._body_failed(event.direction, error)
             replies.extend(self._release_headers(state))
@@ -289,6 +340,16 @@ class Exchange:
         self._end(event.direction)
         replies.append(ContinueTrailers(event.direction))
         return replies
+
+    def expire(self) -> list[Reply]:
+        """The stream ran past ``limits.max_stream_seconds``: end the answer here."""
+        self.deadline = None
+        state = self._dirs[Direction.RESPONSE]
+        if state.ended or state.discard:
+            return []
+        seconds = self._snapshot.settings.limits.max_stream_seconds
+        error = UpstreamError(f"the answer ran longer than {seconds:g} s", code="upstream_timeout")
+        return self._body_failed(Direction.RESPONSE, error)
 
     # -- helpers --------------------------------------------------------------------------------------
 
@@ -316,14 +377,20 @@ class Exchange:
         if not streaming_response:
             return self._reject(error)
         # Response headers are already on their way to the client: an error status is no longer possible.
-        # An event stream ends with an in-band error event; any other body is cut by resetting the stream
-        # (the server aborts). Either way nothing more of the upstream body is released.
-        if not isinstance(state.processor, SseEvents):
+        # An event stream (SSE or NDJSON) releases what its finished texts still hold, masked, then ends
+        # with an in-band error event; a plain body is cut by resetting the stream (the server aborts).
+        # Either way nothing more of the upstream body is released.
+        processor = state.processor
+        if not isinstance(processor, SseEvents | NdjsonStream):
             raise error
         self._end(direction)
         state.discard = True
-        payload = json.dumps(self.error_body(error), separators=(",", ":")).encode()
-        return [StreamChunk(direction, b"event: error\ndata: " + payload + b"\n\n", True)]
+        payload = self.error_body(error)
+        if isinstance(processor, SseEvents):
+            terminal = b"event: error\ndata: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+        else:
+            terminal = json.dumps({**payload, "done": True}, separators=(",", ":")).encode() + b"\n"
+        return [StreamChunk(direction, processor.cut() + terminal, True)]
 
     def error_body(self, error: ExtProcError) -> dict[str, str]:
         return {"error": error.code, "message": error.message, "request_id": self.request_id}

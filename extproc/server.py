@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -38,8 +39,18 @@ class ExternalProcessor:
     ) -> AsyncIterator[Any]:
         snapshot = self._runtime.snapshot
         exchange: Exchange | None = None
+        messages = _Messages(request_iterator)
         try:
-            async for message in request_iterator:
+            while True:
+                deadline = exchange.deadline if exchange is not None else None
+                message = await messages.next(deadline)
+                if message is _EXPIRED:
+                    assert exchange is not None
+                    for reply in exchange.expire():
+                        yield envoy.encode(reply)
+                    continue
+                if message is _END:
+                    break
                 if exchange is None:
                     protocol = envoy.protocol_config(message) or ProtocolConfig()
                     exchange = Exchange(snapshot, protocol, uuid.uuid4().hex)
@@ -55,8 +66,45 @@ class ExternalProcessor:
         except Exception:
             log.exception("exchange_crashed", extra=_ids(exchange))
             await context.abort(grpc.StatusCode.INTERNAL, "internal_error")
+        finally:
+            messages.close()
         if exchange is not None:
             _log_exchange(exchange)
+
+
+_END = object()
+_EXPIRED = object()
+
+
+class _Messages:
+    """Envoy's messages, read with an optional deadline. A read that times out is not cancelled (that
+    would break the gRPC stream): it is kept and awaited again next time."""
+
+    def __init__(self, iterator: AsyncIterator[Any]) -> None:
+        self._iterator = aiter(iterator)
+        self._pending: asyncio.Task[object] | None = None
+
+    async def _read(self) -> object:
+        try:
+            return await anext(self._iterator)
+        except StopAsyncIteration:
+            return _END
+
+    async def next(self, deadline: float | None) -> object:
+        if self._pending is None:
+            if deadline is None:
+                return await self._read()
+            self._pending = asyncio.ensure_future(self._read())
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        done, _ = await asyncio.wait({self._pending}, timeout=timeout)
+        if not done:
+            return _EXPIRED
+        task, self._pending = self._pending, None
+        return task.result()
+
+    def close(self) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
 
 
 def _ids(exchange: Exchange | None) -> dict[str, str]:

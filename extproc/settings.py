@@ -54,8 +54,16 @@ class LogSettings(_Section):
 class LimitSettings(_Section):
     max_request_bytes: int = Field(16 * MiB, ge=1, description="largest request body scanned")
     max_response_bytes: int = Field(16 * MiB, ge=1, description="largest buffered response body scanned")
+    max_stream_bytes: int = Field(
+        256 * MiB, ge=1, description="largest streamed answer (SSE, NDJSON, text); it is cut there"
+    )
+    max_stream_seconds: float = Field(
+        600.0, ge=0, description="longest streamed answer, from its headers; it is cut there (0: no limit)"
+    )
     max_event_bytes: int = Field(
-        1 * MiB, ge=1024, description="largest single server-sent event; a longer one ends the stream"
+        1 * MiB,
+        ge=1024,
+        description="largest single server-sent event or NDJSON line; a longer one ends the stream",
     )
 
 
@@ -69,6 +77,9 @@ class DetectSettings(_Section):
     edm_key_file: str | None = Field(None, description="key for hashed exact-match lists (HMAC-SHA256)")
     cache_dir: str | None = Field(
         None, description="private folder for compiled Hyperscan databases (faster restarts); unset: none"
+    )
+    unparseable: Literal["refuse", "text"] = Field(
+        "refuse", description="a JSON body that does not parse: refuse it, or scan and mask it as plain text"
     )
 
 

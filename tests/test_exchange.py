@@ -1,10 +1,12 @@
 """The exchange as a pure state machine: plain events in, plain replies out."""
 
+import gzip
 import json
+import zlib
 
 import pytest
 
-from extproc.errors import ProtocolError
+from extproc.errors import ProtocolError, UpstreamError
 from extproc.exchange import DECISION_HEADER, Exchange
 from extproc.model import (
     Body,
@@ -99,7 +101,7 @@ def test_invalid_json_request_is_refused_with_a_stable_code() -> None:
 @pytest.mark.parametrize(
     ("header", "value", "code", "status"),
     [
-        ("content-encoding", "gzip", "unsupported_content_encoding", 415),
+        ("content-encoding", "compress", "unsupported_content_encoding", 415),
         ("content-type", "multipart/form-data; boundary=x", "unsupported_media_type", 415),
     ],
 )
@@ -180,7 +182,7 @@ def test_trailers_flush_what_is_held() -> None:
 
 
 def test_unscannable_response_type_or_encoding_is_refused() -> None:
-    for item in (("content-type", "image/png"), ("content-encoding", "br")):
+    for item in (("content-type", "image/png"), ("content-encoding", "compress")):
         ex = exchange()
         json_request(ex)
         [reply] = ex.handle(headers(RESP, item))
@@ -248,3 +250,143 @@ def test_body_in_mode_none_is_a_protocol_error() -> None:
 def test_unsafe_body_modes_are_refused_when_the_stream_opens(mode: BodyMode) -> None:
     with pytest.raises(ProtocolError, match="not supported"):
         Exchange(SNAPSHOT, ProtocolConfig(BUFFERED, mode), "d")
+
+
+def sse_headers(ex: Exchange, *extra: tuple[str, str]) -> ContinueHeaders:
+    json_request(ex)
+    [reply] = ex.handle(headers(RESP, ("content-type", "text/event-stream"), *extra))
+    assert isinstance(reply, ContinueHeaders)
+    return reply
+
+
+def test_a_gzip_request_is_decoded_masked_and_sent_on_uncompressed() -> None:
+    ex = exchange()
+    body = json.dumps({"messages": [{"role": "user", "content": "mail jane@example.com"}]}).encode()
+    packed = gzip.compress(body)
+    items = (("content-type", "application/json"), ("content-encoding", "gzip"))
+    [head] = ex.handle(headers(REQ, *items, ("content-length", str(len(packed)))))
+    assert isinstance(head, ContinueHeaders)
+    assert head.changes.remove == ("content-encoding",)
+    [reply] = ex.handle(Body(REQ, packed, True))
+    assert isinstance(reply, ReplaceBody)
+    assert reply.data is not None
+    assert json.loads(reply.data)["messages"][0]["content"] == "mail [REDACTED:EMAIL_ADDRESS]"
+    assert reply.changes.set == (("content-length", str(len(reply.data))),)
+
+
+def test_a_corrupt_compressed_request_is_refused() -> None:
+    ex = exchange()
+    ex.handle(headers(REQ, ("content-type", "application/json"), ("content-encoding", "gzip")))
+    [reply] = ex.handle(Body(REQ, b"\x1f\x8b\x08\x00garbage", True))
+    assert isinstance(reply, Reject)
+    assert (reply.status, json.loads(reply.body)["error"]) == (400, "invalid_content_encoding")
+
+
+def test_a_compressed_json_answer_is_masked_and_its_headers_lose_the_encoding() -> None:
+    ex = exchange()
+    json_request(ex)
+    assert (
+        ex.handle(headers(RESP, ("content-type", "application/json"), ("content-encoding", "deflate"))) == []
+    )
+    packed = zlib.compress(b'{"content":"card 4111111111111111"}')
+    head, chunk = ex.handle(Body(RESP, packed, True))
+    assert isinstance(head, ContinueHeaders)
+    assert head.changes.remove == ("content-encoding",)
+    assert isinstance(chunk, StreamChunk)
+    assert json.loads(chunk.data) == {"content": "card [REDACTED:CREDIT_CARD]"}
+
+
+def test_a_compressed_event_stream_is_decoded_as_it_arrives() -> None:
+    ex = exchange()
+    assert sse_headers(ex, ("content-encoding", "gzip")).changes.remove == ("content-encoding",)
+    packer = zlib.compressobj(wbits=31)
+    first = packer.compress(b"data: mail jane@example.com\n\n") + packer.flush(zlib.Z_SYNC_FLUSH)
+    assert ex.handle(Body(RESP, first, False)) == [
+        StreamChunk(RESP, b"data: mail [REDACTED:EMAIL_ADDRESS]\n\n", False)
+    ]
+    assert ex.handle(Body(RESP, packer.flush(), True)) == [StreamChunk(RESP, b"", True)]
+
+
+def test_a_compression_bomb_stops_at_the_response_limit() -> None:
+    ex = exchange()
+    json_request(ex)
+    ex.handle(headers(RESP, ("content-type", "application/json"), ("content-encoding", "gzip")))
+    bomb = gzip.compress(b"[" + b"0," * 5_000_000 + b"0]")  # 10 MB from about 10 KB; the limit is 4 KiB
+    assert len(bomb) < 20_000
+    [reply] = ex.handle(Body(RESP, bomb, True))
+    assert isinstance(reply, Reject)
+    assert json.loads(reply.body)["error"] == "upstream_too_large"
+
+
+def test_a_json_body_that_does_not_parse_is_masked_as_text_when_configured() -> None:
+    settings = load_settings(
+        None, detect={"rules": [str(RULES)], "edm_key_file": str(EDM_KEY_FILE), "unparseable": "text"}
+    )
+    ex = Exchange(build_snapshot(settings), ProtocolConfig(BUFFERED, FDS), "d-2")
+    ex.handle(headers(REQ, ("content-type", "application/json")))
+    [reply] = ex.handle(Body(REQ, b"{'mail': 'jane@example.com'", True))
+    assert isinstance(reply, ReplaceBody)
+    assert reply.data == b"{'mail': '[REDACTED:EMAIL_ADDRESS]'"
+
+
+def test_an_ndjson_answer_streams_masked_lines() -> None:
+    ex = exchange()
+    json_request(ex)
+    [reply] = ex.handle(headers(RESP, ("content-type", "application/x-ndjson")))
+    assert isinstance(reply, ContinueHeaders)
+    [chunk] = ex.handle(Body(RESP, b'{"note":"jane@example.com"}\n{"no', False))
+    assert chunk == StreamChunk(RESP, b'{"note":"[REDACTED:EMAIL_ADDRESS]"}\n', False)
+
+
+def token(text: str) -> bytes:
+    return b"data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": text}}]}).encode() + b"\n\n"
+
+
+def released_text(data: bytes) -> str:
+    text = ""
+    for block in data.decode().split("\n\n"):
+        if block.startswith("data: {"):
+            text += json.loads(block[6:])["choices"][0]["delta"].get("content") or ""
+    return text
+
+
+def test_a_stream_past_its_deadline_ends_with_the_held_text_and_an_error_event() -> None:
+    ex = exchange()
+    sse_headers(ex)
+    assert ex.deadline is not None
+    held = ex.handle(Body(RESP, token("mail jane@exam"), False))
+    [reply] = ex.expire()
+    assert isinstance(reply, StreamChunk)
+    assert reply.end_of_stream
+    events = reply.data.decode().split("\n\n")
+    assert events[-2].startswith("event: error\ndata: ")
+    assert json.loads(events[-2].split("data: ", 1)[1])["error"] == "upstream_timeout"
+    released = "".join(released_text(r.data) for r in held if isinstance(r, StreamChunk))
+    assert released + released_text(reply.data) == "mail jane@exam"  # the held text, masked on its own
+    assert ex.deadline is None
+    assert ex.handle(Body(RESP, token("ple.com"), False)) == []
+    assert ex.expire() == []
+
+
+def test_an_ndjson_stream_over_its_size_limit_ends_with_an_error_line() -> None:
+    settings = load_settings(
+        None,
+        limits={"max_stream_bytes": 64},
+        detect={"rules": [str(RULES)], "edm_key_file": str(EDM_KEY_FILE)},
+    )
+    ex = Exchange(build_snapshot(settings), ProtocolConfig(BUFFERED, FDS), "d-3")
+    json_request(ex)
+    ex.handle(headers(RESP, ("content-type", "application/x-ndjson")))
+    [reply] = ex.handle(Body(RESP, b'{"response":"' + b"x" * 80 + b'"}\n', False))
+    assert isinstance(reply, StreamChunk)
+    assert reply.end_of_stream
+    last = json.loads(reply.data.decode().splitlines()[-1])
+    assert (last["error"], last["done"]) == ("upstream_too_large", True)
+
+
+def test_a_plain_text_stream_past_its_deadline_is_reset() -> None:
+    ex = exchange()
+    json_request(ex)
+    ex.handle(headers(RESP, ("content-type", "text/plain")))
+    with pytest.raises(UpstreamError):
+        ex.expire()

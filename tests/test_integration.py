@@ -135,7 +135,8 @@ def test_an_answer_that_cannot_be_scanned_is_refused(stack: Stack, demo: Demo) -
     assert b"PNG" not in answer.content
 
 
-def test_a_compressed_answer_is_refused(stack: Stack, demo: Demo) -> None:
+def test_a_truncated_compressed_answer_is_refused(stack: Stack, demo: Demo) -> None:
+    # A gzip header and nothing more: the decoder finds the stream cut short.
     reply = demo.script(
         raw_b64=base64.b64encode(b"\x1f\x8b\x08\x00").decode(), headers={"content-encoding": "gzip"}
     )
