@@ -1,7 +1,13 @@
-"""An OpenAI-compatible demo model server (JSON and server-sent events).
+"""A demo model server speaking the APIs the sidecar understands, as JSON and as streams.
 
-Besides ``POST /v1/chat/completions`` and ``GET /v1/models`` it has a control surface for tests, reached
-directly rather than through Envoy:
+- ``POST /v1/chat/completions`` and ``POST /v1/completions`` (OpenAI; ``stream: true`` gives
+  server-sent token events),
+- ``POST /v1/responses`` (OpenAI Responses API, streamed as ``response.*`` events),
+- ``POST /v1/messages`` (Anthropic messages, streamed as ``content_block_delta`` events),
+- ``GET /v1/models``.
+
+The answer echoes the last user message, unless a script says otherwise. A control surface for tests is
+reached directly rather than through Envoy:
 
 - ``POST /_demo/replies`` stores a scripted reply under an id; a request carrying ``x-demo-reply: <id>``
   gets it. The reply text therefore never passes through the prompt, so response masking is tested on
@@ -20,6 +26,8 @@ import json
 import logging
 import time
 import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,7 +63,11 @@ def _script_from(payload: dict[str, Any]) -> Script:
 
 
 def _last_user_text(body: dict[str, Any]) -> str:
-    for message in reversed(body.get("messages") or []):
+    if isinstance(body.get("prompt"), str):
+        return str(body["prompt"])
+    if isinstance(body.get("input"), str):
+        return str(body["input"])
+    for message in reversed(body.get("messages") or body.get("input") or []):
         if isinstance(message, dict) and message.get("role") == "user":
             content = message.get("content")
             if isinstance(content, str):
@@ -65,7 +77,14 @@ def _last_user_text(body: dict[str, Any]) -> str:
     return ""
 
 
-async def chat_completions(request: web.Request) -> web.StreamResponse:
+def _handler(api: str) -> Any:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        return await _answer(request, api)
+
+    return handle
+
+
+async def _answer(request: web.Request, api: str) -> web.StreamResponse:
     raw_body = await request.read()
     request.app[_RECORDED].append(
         {
@@ -93,57 +112,157 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             body=script.raw, headers={"content-type": script.content_type, **dict(script.headers)}
         )
     model = str(body.get("model") or MODELS[0])
-    completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-    created = int(time.time())
-    if body.get("stream"):
-        return await _stream(request, script, completion_id, created, model)
-    return web.json_response(
-        {
-            "id": completion_id,
-            "object": "chat.completion",
-            "created": created,
-            "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": script.content},
-                    "finish_reason": "stop",
-                }
-            ],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-        },
-        headers=dict(script.headers),
-    )
-
-
-async def _stream(
-    request: web.Request, script: Script, completion_id: str, created: int, model: str
-) -> web.StreamResponse:
+    answer = _API[api](script.content, model, f"{api}-{uuid.uuid4().hex[:24]}", int(time.time()))
+    if not body.get("stream"):
+        return web.json_response(answer.whole(), headers=dict(script.headers))
     response = web.StreamResponse(
         headers={"content-type": "text/event-stream", "cache-control": "no-cache", **dict(script.headers)}
     )
     await response.prepare(request)
-
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
-        event = {
-            "id": completion_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-        }
-        return b"data: " + json.dumps(event).encode() + b"\n\n"
-
-    await response.write(chunk({"role": "assistant", "content": ""}))
     text = script.content
-    for start in range(0, len(text), script.chunk_chars):
-        if script.delay_ms:
+    pieces = [text[i : i + script.chunk_chars] for i in range(0, len(text), script.chunk_chars)]
+    for number, event in enumerate(answer.events(pieces)):
+        if script.delay_ms and number:
             await asyncio.sleep(script.delay_ms / 1000)
-        await response.write(chunk({"content": text[start : start + script.chunk_chars]}))
-    await response.write(chunk({}, "stop"))
-    await response.write(b"data: [DONE]\n\n")
+        await response.write(event)
     await response.write_eof()
     return response
+
+
+def _sse(data: Any, name: str | None = None) -> bytes:
+    head = f"event: {name}\n".encode() if name else b""
+    return head + b"data: " + (data if isinstance(data, bytes) else json.dumps(data).encode()) + b"\n\n"
+
+
+@dataclass(frozen=True)
+class _Answer(ABC):
+    """One answer of one API: whole (JSON) or as the stream of events carrying ``pieces`` of the text."""
+
+    text: str
+    model: str
+    id: str
+    created: int
+
+    @abstractmethod
+    def whole(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def events(self, pieces: list[str]) -> Iterator[bytes]: ...
+
+
+class _Chat(_Answer):
+    def whole(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": self.text}, "finish_reason": "stop"}
+            ],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        }
+
+    def events(self, pieces: list[str]) -> Iterator[bytes]:
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            head = {"id": self.id, "object": "chat.completion.chunk", "created": self.created}
+            return _sse({**head, "model": self.model, "choices": [choice]})
+
+        yield chunk({"role": "assistant", "content": ""})
+        for piece in pieces:
+            yield chunk({"content": piece})
+        yield chunk({}, "stop")
+        yield _sse(b"[DONE]")
+
+
+class _Completion(_Answer):
+    def _body(self, text: str, finish: str | None) -> dict[str, Any]:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        head = {"id": self.id, "object": "text_completion", "created": self.created}
+        return {**head, "model": self.model, "choices": [choice]}
+
+    def whole(self) -> dict[str, Any]:
+        return self._body(self.text, "stop")
+
+    def events(self, pieces: list[str]) -> Iterator[bytes]:
+        for piece in pieces:
+            yield _sse(self._body(piece, None))
+        yield _sse(self._body("", "stop"))
+        yield _sse(b"[DONE]")
+
+
+class _Responses(_Answer):
+    def whole(self, status: str = "completed") -> dict[str, Any]:
+        content = [{"type": "output_text", "text": self.text, "annotations": []}]
+        item = {"id": "msg_1", "type": "message", "role": "assistant", "status": status, "content": content}
+        return {
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created,
+            "model": self.model,
+            "status": status,
+            "output": [item],
+        }
+
+    def events(self, pieces: list[str]) -> Iterator[bytes]:
+        sequence = iter(range(1 << 30))
+
+        def event(kind: str, **fields: Any) -> bytes:
+            return _sse({"type": kind, "sequence_number": next(sequence), **fields}, kind)
+
+        started = {**self.whole("in_progress"), "output": []}
+        yield event("response.created", response=started)
+        item = {"id": "msg_1", "type": "message", "role": "assistant", "status": "in_progress", "content": []}
+        yield event("response.output_item.added", output_index=0, item=item)
+        position = {"item_id": "msg_1", "output_index": 0, "content_index": 0}
+        part = {"type": "output_text", "text": "", "annotations": []}
+        yield event("response.content_part.added", **position, part=part)
+        for piece in pieces:
+            yield event("response.output_text.delta", **position, delta=piece, logprobs=[])
+        yield event("response.output_text.done", **position, text=self.text, logprobs=[])
+        yield event("response.content_part.done", **position, part={**part, "text": self.text})
+        whole = self.whole()
+        yield event("response.output_item.done", output_index=0, item=whole["output"][0])
+        yield event("response.completed", response=whole)
+
+
+class _Messages(_Answer):
+    def whole(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "type": "message",
+            "role": "assistant",
+            "model": self.model,
+            "content": [{"type": "text", "text": self.text}],
+            "stop_reason": "end_turn",
+            "stop_sequence": None,
+            "usage": {"input_tokens": 1, "output_tokens": 1},
+        }
+
+    def events(self, pieces: list[str]) -> Iterator[bytes]:
+        def event(kind: str, **fields: Any) -> bytes:
+            return _sse({"type": kind, **fields}, kind)
+
+        yield event("message_start", message={**self.whole(), "content": [], "stop_reason": None})
+        yield event("content_block_start", index=0, content_block={"type": "text", "text": ""})
+        for piece in pieces:
+            yield event("content_block_delta", index=0, delta={"type": "text_delta", "text": piece})
+        yield event("content_block_stop", index=0)
+        yield event(
+            "message_delta",
+            delta={"stop_reason": "end_turn", "stop_sequence": None},
+            usage={"output_tokens": 1},
+        )
+        yield event("message_stop")
+
+
+_API: dict[str, type[_Answer]] = {
+    "chat": _Chat,
+    "completion": _Completion,
+    "responses": _Responses,
+    "messages": _Messages,
+}
 
 
 async def models(_request: web.Request) -> web.Response:
@@ -172,7 +291,10 @@ def make_app() -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[_RECORDED] = collections.deque(maxlen=2000)
     app[_REPLIES] = {}
-    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/chat/completions", _handler("chat"))
+    app.router.add_post("/v1/completions", _handler("completion"))
+    app.router.add_post("/v1/responses", _handler("responses"))
+    app.router.add_post("/v1/messages", _handler("messages"))
     app.router.add_get("/v1/models", models)
     app.router.add_post("/_demo/replies", put_reply)
     app.router.add_get("/_demo/requests", get_requests)
