@@ -18,7 +18,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def start_stack(log_path: Path, **options: Any) -> Stack:
-    return Stack(log_path=log_path, envoy_concurrency=1, **options).start()
+    # No drain period on stop: the tests that need one start their own server.
+    env = {"EXTPROC_SERVER__DRAIN_SECONDS": "0", **options.pop("extra_env", {})}
+    return Stack(log_path=log_path, envoy_concurrency=1, extra_env=env, **options).start()
 
 
 @pytest.fixture(scope="session")
