@@ -1,33 +1,41 @@
-"""Throughput and latency through Envoy alone and through Envoy + extproc, measured in the same run.
+"""Benchmarks against baselines measured in the same run: scan, proxy overhead, streamed answers.
 
-The paths compared, all in front of the same demo model server:
-  direct   client -> demo model
-  envoy    client -> Envoy (no ext_proc filter) -> demo model
-  extproc  client -> Envoy -> ext_proc (all phases, bodies scanned) -> demo model
+Parts (``--only`` picks one; all three run by default):
+  scan    the detection engine alone, against Python ``re`` and Presidio (see bench/scan.py)
+  proxy   throughput and latency of whole requests through three paths, all in front of the same demo
+          model server:
+            direct   client -> demo model
+            envoy    client -> Envoy (no ext_proc filter) -> demo model
+            extproc  client -> Envoy -> ext_proc (all phases, bodies scanned) -> demo model
+          Each path gets a warm-up, then a sequential pass (latency) and a concurrent pass (throughput).
+  stream  streamed (SSE) answers through envoy and extproc: time to first token, delay added per
+          event, characters held back, unpaced events/s (see bench/stream.py)
 
-Each path gets a warm-up, then a sequential pass (latency) and a concurrent pass (throughput). Machines
-here are shared and noisy: read the ratios between paths of one run, not absolute numbers across runs.
-Results go to bench/results/<timestamp>.json and .md (and latest.*).
+Machines here are shared and noisy: read the ratios between paths of one run, not absolute numbers
+across runs. Results go to bench/results/<part>-<timestamp>.json and .md (and <part>-latest.*).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import platform
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from bench import scan
+from bench import scan, stream
 from extproc.devenv import Stack, Upstream
 
 RESULTS = Path(__file__).resolve().parent / "results"
+PARTS = ("scan", "proxy", "stream")
 PROMPT = json.dumps(
     {
         "model": "demo-small",
@@ -101,19 +109,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--scan-rounds", type=int, default=3, help="passes over the scan messages (default 3)"
     )
-    parser.add_argument("--only", choices=("proxy", "scan"), help="run one of the two benchmarks")
+    parser.add_argument("--only", choices=PARTS, help="run one of the benchmarks")
+    streamed = parser.add_argument_group("stream", "the streamed-answer benchmark (--only stream)")
+    streamed.add_argument("--stream-runs", type=int, default=5, help="runs per answer and path (default 5)")
+    streamed.add_argument(
+        "--stream-chars", type=int, default=1500, help="length of the paced answers (default 1500)"
+    )
+    streamed.add_argument(
+        "--stream-chunk-chars", type=int, default=4, help="characters per token event (default 4)"
+    )
+    streamed.add_argument(
+        "--stream-delay-ms", type=int, default=20, help="pause between paced events (default 20)"
+    )
+    streamed.add_argument(
+        "--stream-throughput-chars",
+        type=int,
+        default=8192,
+        help="length of the unpaced answer (default 8192)",
+    )
     args = parser.parse_args(argv)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     header = {"when": stamp, "machine": _machine()}
-    if args.only != "proxy":
+    wanted = [part for part in PARTS if args.only in (None, part)]
+    status = 0
+    if "scan" in wanted:
         scan_report = {**header, **scan.run(rounds=args.scan_rounds)}
         _write(out, "scan", stamp, scan_report, scan.markdown(scan_report))
-    if args.only != "scan":
-        proxy_report = {**header, **_proxy(args, out)}
-        _write(out, "proxy", stamp, proxy_report, _markdown(proxy_report))
-    return 0
+    if "proxy" in wanted or "stream" in wanted:
+        with _stacks(out) as paths:
+            if "proxy" in wanted:
+                proxy_report = {**header, **_proxy(args, paths)}
+                _write(out, "proxy", stamp, proxy_report, _markdown(proxy_report))
+            if "stream" in wanted:
+                stream_report = {**header, **_stream(args, paths)}
+                _write(out, "stream", stamp, stream_report, stream.markdown(stream_report))
+                status = 1 if stream_report["errors"] else 0
+    return status
 
 
 def _write(out: Path, name: str, stamp: str, report: dict[str, Any], markdown: str) -> None:
@@ -128,7 +161,10 @@ def _machine() -> dict[str, Any]:
     return {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": _cpus()}
 
 
-def _proxy(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+@contextlib.contextmanager
+def _stacks(out: Path) -> Iterator[dict[str, str]]:
+    """Two stacks in front of one demo model: Envoy + extproc, and Envoy alone (no ext_proc filter).
+    Yields the URL of each path: direct (the demo model), envoy, extproc."""
     log = out / "stack.log"
     log.write_text("")
     full = Stack(log_path=log).start()
@@ -138,14 +174,29 @@ def _proxy(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         bare = Stack(
             log_path=log, upstream=Upstream("127.0.0.1", full.upstream.port), with_extproc=False
         ).start()
-        paths = {"direct": full.demo_url, "envoy": bare.url, "extproc": full.url}
-        results = {name: _measure(url, args.requests, args.concurrency) for name, url in paths.items()}
+        yield {"direct": full.demo_url, "envoy": bare.url, "extproc": full.url}
     finally:
         if bare is not None:
             bare.stop()
         full.stop()
 
+
+def _proxy(args: argparse.Namespace, paths: dict[str, str]) -> dict[str, Any]:
+    results = {name: _measure(url, args.requests, args.concurrency) for name, url in paths.items()}
     return {"prompt_bytes": len(PROMPT), "paths": results}
+
+
+def _stream(args: argparse.Namespace, paths: dict[str, str]) -> dict[str, Any]:
+    return stream.run(
+        paths["direct"],
+        paths["envoy"],
+        paths["extproc"],
+        runs=args.stream_runs,
+        chars=args.stream_chars,
+        chunk_chars=args.stream_chunk_chars,
+        delay_ms=args.stream_delay_ms,
+        throughput_chars=args.stream_throughput_chars,
+    )
 
 
 def _cpus() -> int:

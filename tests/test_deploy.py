@@ -55,3 +55,24 @@ def test_proxy_bench_runs_and_writes_its_report(tmp_path: Path) -> None:
     for result in report["paths"].values():
         assert result["sequential"]["errors"] == result["concurrent"]["errors"] == 0
     assert "extproc adds" in (tmp_path / "proxy-latest.md").read_text()
+
+
+def test_stream_bench_runs_and_writes_its_report(tmp_path: Path) -> None:
+    tiny = ["--stream-runs", "1", "--stream-chars", "120", "--stream-delay-ms", "2"]
+    tiny += ["--stream-throughput-chars", "512"]
+    assert bench_main(["--only", "stream", *tiny, "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "stream-latest.json").read_text())
+    assert report["errors"] == []
+    assert set(report["answers"]) == {"prose", "secrets", "throughput"}
+    for answer in report["answers"].values():
+        assert set(answer["paths"]) == {"envoy", "extproc"}
+        for path in answer["paths"].values():
+            assert path["runs_ok"] == 1
+            assert 0 < path["first_byte_ms"] <= path["first_token_ms"]
+            assert path["duration_ms"] > 0
+        envoy = answer["paths"]["envoy"]
+        assert envoy["events"] == answer["model_events"] + 2  # plus the role and finish events
+        assert envoy["lag_chars_max"] == 0  # Envoy alone holds nothing back
+        assert set(answer["added_per_event"]) == {"median_ms", "p95_ms"}
+        assert answer["ratios"]["first_token_ms"] is not None
+    assert "first token scanned/unscanned" in (tmp_path / "stream-latest.md").read_text()
