@@ -16,8 +16,10 @@ import json
 import time
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Any
 
 from extproc.errors import ClientError, ExtProcError, ProtocolError, UpstreamError
+from extproc.mask import Inspector
 from extproc.mask.bodies import (
     BodyProcessor,
     BufferedJson,
@@ -53,9 +55,11 @@ from extproc.model import (
     StreamChunk,
     Trailers,
 )
+from extproc.policy import Facts, FindingActions, LoadedPolicy, estimate_tokens, glob_match, prompt_texts
 from extproc.runtime import Snapshot
 
 DECISION_HEADER = "x-dlp-decision-id"
+UNMASKED_HEADER = "x-dlp-unmasked"
 METADATA_NAMESPACE = "llm.extproc"
 SUPPORTED_BODY_MODES = frozenset({BodyMode.NONE, BodyMode.BUFFERED, BodyMode.FULL_DUPLEX_STREAMED})
 
@@ -116,6 +120,13 @@ class Exchange:
         self.passthrough = False
         self.finished = False
         self.deadline: float | None = None  # time.monotonic() by which a streamed answer must end
+        self.route = ""
+        self.groups: frozenset[str] = frozenset()
+        self.unmasked_requested = False
+        self.policy: LoadedPolicy | None = None
+        self.shadowed: list[str] = []  # what a policy in shadow mode would have refused (error codes)
+        self._request_actions: FindingActions | None = None
+        self._response_actions: FindingActions | None = None
         self._phase = Phase.START
         self._dirs = {
             Direction.REQUEST: _Direction(protocol.request_body_mode),
@@ -171,39 +182,143 @@ class Exchange:
 
     def _request_headers(self, event: Headers) -> list[Reply]:
         self.request_id = event.get("x-request-id") or ""
+        self.route = (event.get(":path") or "").split("?", 1)[0]
+        self.unmasked_requested = (event.get(UNMASKED_HEADER) or "").strip().lower() in ("1", "true", "yes")
         state = self._dirs[Direction.REQUEST]
         state.had_content_length = event.get("content-length") is not None
         metadata: dict[str, object] = {METADATA_NAMESPACE: {"decision_id": self.decision_id}}
         if event.end_of_stream or state.mode is BodyMode.NONE:
             state.ended = True
-            changes = HeaderChanges(set=((DECISION_HEADER, self.decision_id),))
-            return [ContinueHeaders(Direction.REQUEST, changes, metadata)]
+            try:
+                self._admit(None, 0)
+            except ExtProcError as error:
+                return self._reject(error)
+            return [ContinueHeaders(Direction.REQUEST, self._header_changes(state), metadata)]
         limits = self._snapshot.settings.limits
         too_large = ClientError(
             f"request body exceeds {limits.max_request_bytes} bytes", code="body_too_large"
         )
         media = media_type(event)
-        inspector = self._snapshot.inspector
-        if is_json(media):
-            invalid = ClientError("request body is not valid JSON", code="invalid_json")
-            state.processor = BufferedJson(
-                inspector, limits.max_request_bytes, too_large, invalid, as_text=self._json_as_text
-            )
-        elif media in NDJSON_MEDIA_TYPES:
-            state.processor = NdjsonStream(inspector, limits.max_request_bytes, too_large)
-        elif media == "" or media.startswith("text/"):
-            state.processor = BufferedText(inspector, limits.max_request_bytes, too_large)
-        else:
-            return self._reject(
-                ClientError(
+        try:
+            if is_json(media):
+                invalid = ClientError("request body is not valid JSON", code="invalid_json")
+                state.processor = BufferedJson(
+                    self._snapshot.inspector,
+                    limits.max_request_bytes,
+                    too_large,
+                    invalid,
+                    as_text=self._json_as_text,
+                    admit=self._admit,
+                )
+            elif media in NDJSON_MEDIA_TYPES or media == "" or media.startswith("text/"):
+                inspector, _ = self._admit(None, 0)
+                kind = NdjsonStream if media in NDJSON_MEDIA_TYPES else BufferedText
+                state.processor = kind(inspector, self._request_limit(), too_large)
+            else:
+                raise ClientError(
                     f"request content-type {media!r} cannot be scanned", code="unsupported_media_type"
                 )
-            )
-        try:
             state.decoder = self._decoder(event, limits.max_request_bytes, too_large)
         except UnsupportedEncoding as exc:
             return self._reject(ClientError(str(exc), code="unsupported_content_encoding"))
+        except ExtProcError as error:
+            return self._reject(error)
         return [ContinueHeaders(Direction.REQUEST, self._header_changes(state), metadata)]
+
+    # -- policy ---------------------------------------------------------------------------------------
+
+    def _request_limit(self) -> int:
+        limit = self._snapshot.settings.limits.max_request_bytes
+        policy = self.policy.policy if self.policy is not None else None
+        if policy is not None and policy.enforce and policy.limits.max_request_bytes is not None:
+            limit = min(limit, policy.limits.max_request_bytes)
+        return limit
+
+    def _admit(self, document: Any, size: int) -> tuple[Inspector, bool]:
+        """Choose the request's policy and apply its request rules to ``document`` (the parsed JSON body,
+        or None): allowed models, unmasked answers, size, blocked prompts, prompt tokens, ``max_tokens``.
+        Raises the first violation, unless the policy is in shadow mode (then it is only recorded).
+        Returns the inspector that masks the request under that policy, and whether ``document`` was
+        rewritten."""
+        model = document.get("model") if isinstance(document, dict) else None
+        model = model if isinstance(model, str) else None
+        loaded = self._snapshot.policies.select(Facts(self.groups, self.route, model))
+        policy = loaded.policy
+        self.policy = loaded
+        violations: list[ClientError] = []
+        if model is not None and not glob_match(model, policy.models):
+            message = f"model {model!r} is not allowed for you (policy {loaded.id!r})"
+            violations.append(ClientError(message, code="model_not_allowed"))
+        unmasked = self.unmasked_requested and bool(self.groups & set(policy.unmasked.groups))
+        if self.unmasked_requested and not unmasked:
+            message = f"unmasked answers are not allowed for you (policy {loaded.id!r})"
+            violations.append(ClientError(message, code="unmasked_not_allowed"))
+        limits = policy.limits
+        if limits.max_request_bytes is not None and size > limits.max_request_bytes:
+            message = f"request body exceeds {limits.max_request_bytes} bytes (policy {loaded.id!r})"
+            violations.append(ClientError(message, code="body_too_large"))
+        texts = prompt_texts(document) if document is not None else []
+        for rule_id, pattern in loaded.blocked:
+            if any(pattern.search(text) for text in texts):
+                message = f"the prompt matches blocked pattern {rule_id!r} (policy {loaded.id!r})"
+                violations.append(ClientError(message, code="prompt_blocked"))
+                break
+        if limits.max_prompt_tokens is not None and texts:
+            estimated = estimate_tokens(texts)
+            if estimated > limits.max_prompt_tokens:
+                message = (
+                    f"the prompt is about {estimated} tokens; at most {limits.max_prompt_tokens} are allowed"
+                )
+                violations.append(ClientError(message, code="prompt_too_long"))
+        rewritten = False
+        if limits.max_tokens is not None and isinstance(document, dict):
+            field = "max_output_tokens" if self.route.endswith("/responses") else "max_tokens"
+            present = [
+                k for k in ("max_tokens", "max_completion_tokens", "max_output_tokens") if k in document
+            ]
+            asked = [document[k] for k in present if isinstance(document[k], int)]
+            if asked and max(asked) > limits.max_tokens and limits.max_tokens_over == "refuse":
+                message = f"max_tokens {max(asked)} is over the {limits.max_tokens} allowed"
+                violations.append(ClientError(message, code="max_tokens_too_large"))
+            elif policy.enforce and (not present or max(asked, default=0) > limits.max_tokens):
+                for key in present or [field]:
+                    if not isinstance(document.get(key), int) or document[key] > limits.max_tokens:
+                        document[key] = limits.max_tokens
+                        rewritten = True
+        if violations:
+            if policy.enforce:
+                raise violations[0]
+            self.shadowed.extend(v.code for v in violations)
+        info = self._snapshot.rule_info
+        self._request_actions = FindingActions(loaded, policy.request, info)
+        self._response_actions = FindingActions(loaded, policy.response, info, unmasked=unmasked)
+        return self._snapshot.inspector.scoped(self._request_actions), rewritten
+
+    def _response_inspector(self) -> Inspector:
+        if self._response_actions is None:  # no request body was admitted: decide on what is known
+            self._admit(None, 0)
+        assert self._response_actions is not None
+        return self._snapshot.inspector.scoped(self._response_actions)
+
+    @property
+    def decisions(self) -> dict[str, object]:
+        """What the policy decided in this exchange, for the log and the audit record."""
+        if self.policy is None:
+            return {}
+        made = {
+            direction: [f"{rule}:{action}" for rule, action in actions.decisions.made]
+            for direction, actions in (
+                ("request", self._request_actions),
+                ("response", self._response_actions),
+            )
+            if actions is not None and actions.decisions.made
+        }
+        return {
+            "policy": self.policy.id,
+            "enforce": self.policy.policy.enforce,
+            "findings": made,
+            "shadowed": list(self.shadowed),
+        }
 
     @property
     def _json_as_text(self) -> bool:
@@ -216,12 +331,13 @@ class Exchange:
         return decoder_for(parse_content_encoding(event.get("content-encoding")), limit, too_large)
 
     def _header_changes(self, state: _Direction) -> HeaderChanges:
-        """The decision id, and for a body sent on decoded: no content-encoding (its length is set with the
-        body, or removed by Envoy in FULL_DUPLEX_STREAMED)."""
+        """The decision id; for a body sent on decoded, no content-encoding (its length is set with the
+        body, or removed by Envoy in FULL_DUPLEX_STREAMED); upstream, no unmasking request."""
         decision = ((DECISION_HEADER, self.decision_id),)
-        if state.decoder is None or not state.decoder.codings:
-            return HeaderChanges(set=decision)
-        return HeaderChanges(set=decision, remove=("content-encoding",))
+        remove: tuple[str, ...] = (UNMASKED_HEADER,) if state is self._dirs[Direction.REQUEST] else ()
+        if state.decoder is not None and state.decoder.codings:
+            remove += ("content-encoding",)
+        return HeaderChanges(set=decision, remove=remove)
 
     def _response_headers(self, event: Headers) -> list[Reply]:
         state = self._dirs[Direction.RESPONSE]
@@ -237,7 +353,10 @@ class Exchange:
             ]
         limits = self._snapshot.settings.limits
         media = media_type(event)
-        inspector = self._snapshot.inspector
+        try:
+            inspector = self._response_inspector()
+        except ExtProcError as error:
+            return self._reject(error)
         streamed = state.mode is BodyMode.FULL_DUPLEX_STREAMED
         limit = limits.max_response_bytes
         if media == "text/event-stream" or media in NDJSON_MEDIA_TYPES:

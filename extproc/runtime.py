@@ -13,6 +13,7 @@ from extproc.detect.engine import DetectorError
 from extproc.detect.rules import RuleError, load_rules
 from extproc.errors import ConfigError
 from extproc.mask import Inspector
+from extproc.policy import PolicyError, PolicySet, load_policies
 from extproc.settings import Settings
 
 log = logging.getLogger("extproc.runtime")
@@ -23,6 +24,8 @@ MIN_KEY_BYTES = 16
 class Snapshot:
     settings: Settings
     inspector: Inspector
+    policies: PolicySet
+    rule_info: dict[str, tuple[str, str]]  # rule id -> (category, severity), for policy selectors
 
 
 def read_key(path: str, purpose: str) -> bytes:
@@ -57,7 +60,14 @@ def build_snapshot(settings: Settings) -> Snapshot:
         inspector = Inspector.build(ruleset, hash_key=hash_key, edm_key=edm_key, cache_dir=cache_dir)
     except DetectorError as exc:
         raise ConfigError("invalid rules:\n" + "\n".join(exc.problems)) from exc
-    return Snapshot(settings=settings, inspector=inspector)
+    try:
+        policies = load_policies(settings.policy.paths)
+    except PolicyError as exc:
+        raise ConfigError("invalid policies:\n" + "\n".join(exc.problems)) from exc
+    rule_info: dict[str, tuple[str, str]] = {
+        r.id: (r.rule.category, r.rule.severity) for r in inspector.detector.rules
+    }
+    return Snapshot(settings=settings, inspector=inspector, policies=policies, rule_info=rule_info)
 
 
 class Runtime:

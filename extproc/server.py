@@ -121,7 +121,15 @@ def _log_exchange(exchange: Exchange) -> None:
         for direction, findings in exchange.findings.items()
         if findings
     }
-    log.info("exchange", extra={**_ids(exchange), "findings": counts, "passthrough": exchange.passthrough})
+    log.info(
+        "exchange",
+        extra={
+            **_ids(exchange),
+            "findings": counts,
+            "passthrough": exchange.passthrough,
+            "decision": exchange.decisions,
+        },
+    )
 
 
 class Server:

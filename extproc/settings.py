@@ -19,6 +19,7 @@ from extproc.errors import ConfigError
 CONFIG_ENV = "EXTPROC_CONFIG"
 MiB = 1024 * 1024
 REPO_RULES = Path(__file__).resolve().parent.parent / "rules"
+REPO_POLICIES = REPO_RULES / "policies"
 
 
 class _Section(BaseModel):
@@ -89,6 +90,13 @@ class MaskSettings(_Section):
     )
 
 
+class PolicySettings(_Section):
+    paths: list[str] = Field(
+        default_factory=lambda: [str(REPO_POLICIES)],
+        description="policy files, or folders of *.yaml policy files (default: the repo's rules/policies/)",
+    )
+
+
 class Settings(_Section):
     """Every setting of the sidecar. See the README's configuration reference."""
 
@@ -97,6 +105,7 @@ class Settings(_Section):
     limits: LimitSettings = LimitSettings()
     detect: DetectSettings = DetectSettings()
     mask: MaskSettings = MaskSettings()
+    policy: PolicySettings = PolicySettings()
 
 
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

@@ -266,7 +266,7 @@ def test_a_gzip_request_is_decoded_masked_and_sent_on_uncompressed() -> None:
     items = (("content-type", "application/json"), ("content-encoding", "gzip"))
     [head] = ex.handle(headers(REQ, *items, ("content-length", str(len(packed)))))
     assert isinstance(head, ContinueHeaders)
-    assert head.changes.remove == ("content-encoding",)
+    assert "content-encoding" in head.changes.remove
     [reply] = ex.handle(Body(REQ, packed, True))
     assert isinstance(reply, ReplaceBody)
     assert reply.data is not None
@@ -291,7 +291,7 @@ def test_a_compressed_json_answer_is_masked_and_its_headers_lose_the_encoding() 
     packed = zlib.compress(b'{"content":"card 4111111111111111"}')
     head, chunk = ex.handle(Body(RESP, packed, True))
     assert isinstance(head, ContinueHeaders)
-    assert head.changes.remove == ("content-encoding",)
+    assert "content-encoding" in head.changes.remove
     assert isinstance(chunk, StreamChunk)
     assert json.loads(chunk.data) == {"content": "card [REDACTED:CREDIT_CARD]"}
 

@@ -131,7 +131,7 @@ class RuleError(Exception):
         self.problems = list(problems)
 
 
-class _LineLoader(yaml.SafeLoader):
+class LineLoader(yaml.SafeLoader):
     """Records the 1-based line of every mapping as ``__line__``."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
@@ -208,7 +208,7 @@ def _load_file(path: Path, max_match_chars: int, problems: list[str]) -> list[Lo
         problems.append(f"{path}: cannot read: {exc.strerror}")
         return []
     try:
-        document = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - a SafeLoader subclass
+        document = yaml.load(text, Loader=LineLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
@@ -225,17 +225,17 @@ def _load_file(path: Path, max_match_chars: int, problems: list[str]) -> list[Lo
         if not isinstance(entry, dict):
             problems.append(f"{path}: each entry under `rules:` is a mapping")
             continue
-        item = _load_rule(path, _strip_lines(entry), int(entry.get("__line__", 0)), max_match_chars, problems)
+        item = _load_rule(path, strip_lines(entry), int(entry.get("__line__", 0)), max_match_chars, problems)
         if item is not None:
             result.append(item)
     return result
 
 
-def _strip_lines(node: Any) -> Any:
+def strip_lines(node: Any) -> Any:
     if isinstance(node, dict):
-        return {k: _strip_lines(v) for k, v in node.items() if k != "__line__"}
+        return {k: strip_lines(v) for k, v in node.items() if k != "__line__"}
     if isinstance(node, list):
-        return [_strip_lines(v) for v in node]
+        return [strip_lines(v) for v in node]
     return node
 
 

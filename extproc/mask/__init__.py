@@ -21,6 +21,7 @@ import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from extproc.detect.engine import Detector, StreamScanner
 from extproc.detect.rules import MaskSpec, RuleSet
@@ -33,13 +34,34 @@ def redaction(entity: str) -> str:
     return f"[REDACTED:{entity}]"
 
 
+class Verdicts(Protocol):
+    """A policy's say on each finding (``extproc.policy.FindingActions``): mask it (with the rule's
+    strategy, or another), let it through, or refuse by raising."""
+
+    def verdict(self, finding: Finding) -> Verdict: ...
+
+
+class Verdict(Protocol):
+    @property
+    def action(self) -> str: ...
+
+    @property
+    def strategy(self) -> MaskSpec | None: ...
+
+
 class Masker:
-    def __init__(self, specs: Mapping[str, MaskSpec], hash_key: bytes) -> None:
+    def __init__(
+        self, specs: Mapping[str, MaskSpec], hash_key: bytes, verdicts: Verdicts | None = None
+    ) -> None:
         self._specs = dict(specs)
         self._key = hash_key
+        self._verdicts = verdicts
 
-    def replacement(self, finding: Finding, value: str) -> str:
-        spec = self._specs.get(finding.rule_id, REDACT)
+    def with_verdicts(self, verdicts: Verdicts) -> Masker:
+        return Masker(self._specs, self._key, verdicts)
+
+    def replacement(self, finding: Finding, value: str, spec: MaskSpec | None = None) -> str:
+        spec = spec or self._specs.get(finding.rule_id, REDACT)
         if spec.strategy == "redact":
             return redaction(finding.entity)
         if spec.strategy == "remove":
@@ -50,8 +72,22 @@ class Masker:
         return _keep_last(value, spec.keep, spec.char)
 
     def apply(self, text: str, findings: list[Finding]) -> str:
+        """``text`` with ``findings`` masked. With verdicts, only the findings the policy masks are, each
+        with the strategy it says; a verdict that refuses raises before anything is returned."""
         if not findings:
             return text
+        overrides: dict[Finding, MaskSpec] = {}
+        if self._verdicts is not None:
+            kept = []
+            for finding in findings:
+                verdict = self._verdicts.verdict(finding)
+                if verdict.action == "mask":
+                    kept.append(finding)
+                    if verdict.strategy is not None:
+                        overrides[finding] = verdict.strategy
+            findings = kept
+            if not findings:
+                return text
         ordered = sorted(findings, key=lambda f: (f.start, -f.end))
         parts: list[str] = []
         cursor = 0
@@ -66,7 +102,7 @@ class Masker:
             if end <= cursor:
                 continue
             parts.append(text[cursor:start])
-            parts.append(self.replacement(first, text[start:end]))
+            parts.append(self.replacement(first, text[start:end], overrides.get(first)))
             cursor = end
         parts.append(text[cursor:])
         return "".join(parts)
@@ -106,6 +142,10 @@ class Inspector:
         detector = Detector(ruleset, edm_key=edm_key, cache_dir=cache_dir)
         masker = Masker({r.id: r.rule.mask for r in detector.rules}, hash_key)
         return cls(detector, masker)
+
+    def scoped(self, verdicts: Verdicts) -> Inspector:
+        """The same detector, masking as ``verdicts`` (one exchange's policy, one direction) says."""
+        return Inspector(self.detector, self.masker.with_verdicts(verdicts))
 
     def mask_text(self, text: str) -> tuple[str, list[Finding]]:
         findings = self.detector.scan(text)

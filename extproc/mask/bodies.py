@@ -68,7 +68,11 @@ class BufferedJson(_Buffered):
     """Masks every string value of a JSON document; the document stays valid JSON.
 
     A body that is not JSON is refused with ``invalid``, unless ``as_text`` is set: then it is masked as
-    plain text (a deployment whose clients send JSON-ish bodies that do not always parse)."""
+    plain text (a deployment whose clients send JSON-ish bodies that do not always parse).
+
+    ``admit``, when given, sees the parsed document (``None`` for a body masked as text) and its size
+    before anything is masked: it may refuse it (raise), rewrite it in place (and say so), and it returns
+    the inspector to mask with (the policy this document falls under)."""
 
     def __init__(
         self,
@@ -78,25 +82,38 @@ class BufferedJson(_Buffered):
         invalid: ExtProcError,
         *,
         as_text: bool = False,
+        admit: Admit | None = None,
     ) -> None:
         super().__init__(inspector, limit, too_large)
         self._invalid = invalid
         self._as_text = as_text
+        self._admit = admit
 
     def _mask(self, body: bytes) -> bytes:
         if not body.strip():
+            if self._admit is not None:
+                self._admit(None, len(body))
             return body
         try:
             document = json.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
             if not self._as_text:
                 raise self._invalid from exc
-            masked_text, self.findings = self._inspector.mask_text(body.decode(ENCODING, ERRORS))
+            inspector = self._admit(None, len(body))[0] if self._admit is not None else self._inspector
+            masked_text, self.findings = inspector.mask_text(body.decode(ENCODING, ERRORS))
             return masked_text.encode(ENCODING, ERRORS) if self.findings else body
-        masked = JsonMasker(self._inspector, self.findings).value(document)
-        if not self.findings:
+        inspector, rewritten = self._inspector, False
+        if self._admit is not None:
+            inspector, rewritten = self._admit(document, len(body))
+        masker = JsonMasker(inspector, self.findings)
+        masked = masker.value(document)
+        if not masker.changed and not rewritten:
             return body
         return dump_json(masked).encode(ENCODING)
+
+
+class Admit(Protocol):
+    def __call__(self, document: Any, size: int) -> tuple[Inspector, bool]: ...
 
 
 def dump_json(node: Any) -> str:
@@ -119,6 +136,7 @@ class JsonMasker:
     def __init__(self, inspector: Inspector, findings: list[Finding] | None = None) -> None:
         self._inspector = inspector
         self.findings: list[Finding] = [] if findings is None else findings
+        self.changed = False  # some string was masked (a finding a policy allows changes nothing)
         self._clean: set[str] = set()
 
     def value(self, node: Any) -> Any:
@@ -147,6 +165,8 @@ class JsonMasker:
         if not found and len(text) <= self._CLEAN_MAX_CHARS and len(self._clean) < self._CLEAN_MAX_ENTRIES:
             self._clean.add(text)
         self.findings.extend(found)
+        if masked != text:
+            self.changed = True
         if "\\" in masked and masked.lstrip()[:1] in ("{", "["):
             return self._nested(masked)
         return masked
@@ -158,9 +178,11 @@ class JsonMasker:
             return text
         if not isinstance(inner, dict | list):
             return text
-        before = len(self.findings)
         masked = self.value(inner)
-        return dump_json(masked) if len(self.findings) > before else text
+        if masked == inner:
+            return text
+        self.changed = True
+        return dump_json(masked)
 
 
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
