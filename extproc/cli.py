@@ -45,7 +45,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     logs.configure(LogSettings(level="info", format="json"))
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run(args.host, args.port))
+        asyncio.run(run(args.host, args.port, Path(args.api_key_file) if args.api_key_file else None))
     return 0
 
 
@@ -289,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the OpenAI-compatible demo model server")
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=9000)
+    demo.add_argument("--api-key-file", help="require the key in this file on /v1/ (401 otherwise)")
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -202,6 +203,7 @@ class Stack:
     envoy_concurrency: int = 2
     log_path: Path | None = None  # component output goes here; the terminal when None
     extra_env: dict[str, str] = field(default_factory=dict)
+    demo_key: bool = True  # the demo model requires a key of its own, which extproc injects
     processes: dict[str, Process] = field(default_factory=dict)
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="extproc-dev-")))
 
@@ -226,7 +228,13 @@ class Stack:
 
     def _start(self, timeout: float) -> None:
         if self.upstream is None:
-            demo = self._python("demo", ["demo", "--host", "127.0.0.1", "--port", str(self.demo_port)])
+            argv = ["demo", "--host", "127.0.0.1", "--port", str(self.demo_port)]
+            if self.demo_key:
+                # The demo model wants its own key, like a hosted API; extproc sets it on every request.
+                self.upstream_key_file.write_text(secrets.token_urlsafe(24), encoding="utf-8")
+                self.extra_env.setdefault("EXTPROC_UPSTREAM__CREDENTIAL_FILE", str(self.upstream_key_file))
+                argv += ["--api-key-file", str(self.upstream_key_file)]
+            demo = self._python("demo", argv)
             self.demo_port = _port_of(demo.wait_ready(timeout)["http"])
             self.upstream = Upstream("127.0.0.1", self.demo_port)
         if self.with_extproc:
@@ -286,6 +294,10 @@ class Stack:
             if status["name"] == "llm_ingress":
                 return int(status["local_address"]["socket_address"]["port_value"])
         raise RuntimeError("envoy has no llm_ingress listener")
+
+    @property
+    def upstream_key_file(self) -> Path:
+        return self.workdir / "upstream.key"
 
     @property
     def envoy_admin_url(self) -> str:

@@ -22,6 +22,18 @@ HTTP_STATUS: Final[dict[str, int]] = {
     "upstream_unscannable": 502,
     "upstream_too_large": 502,
     "upstream_timeout": 504,
+    "upstream_credential_unavailable": 503,
+    # identity: the caller's bearer token (extproc/identity); every one is a 401
+    "jwt_missing": 401,
+    "jwt_malformed": 401,
+    "jwt_too_large": 401,
+    "jwt_alg_not_allowed": 401,
+    "jwt_key_unknown": 401,
+    "jwt_signature_invalid": 401,
+    "jwt_expired": 401,
+    "jwt_not_yet_valid": 401,
+    "jwt_issuer_unknown": 401,
+    "jwt_claim_invalid": 401,
     "internal_error": 500,
 }
 
@@ -63,6 +75,15 @@ class ProtocolError(ExtProcError):
     with ``failure_mode_allow: false``, fails the HTTP request."""
 
     code = "internal_error"
+
+
+class AuthError(ExtProcError):
+    """The caller's token is missing or does not verify: the client gets a 401 and the model sees nothing.
+
+    The message tells the caller what was wrong and never contains the token or any part of it (not even
+    its kid or issuer): messages reach clients and logs, and a token in a log is a credential in a log."""
+
+    code = "jwt_malformed"
 
 
 class ConfigError(Exception):

@@ -191,9 +191,10 @@ class Exchange:
             state.ended = True
             try:
                 self._admit(None, 0)
+                changes = self._header_changes(state)
             except ExtProcError as error:
                 return self._reject(error)
-            return [ContinueHeaders(Direction.REQUEST, self._header_changes(state), metadata)]
+            return [ContinueHeaders(Direction.REQUEST, changes, metadata)]
         limits = self._snapshot.settings.limits
         too_large = ClientError(
             f"request body exceeds {limits.max_request_bytes} bytes", code="body_too_large"
@@ -219,11 +220,12 @@ class Exchange:
                     f"request content-type {media!r} cannot be scanned", code="unsupported_media_type"
                 )
             state.decoder = self._decoder(event, limits.max_request_bytes, too_large)
+            changes = self._header_changes(state)
         except UnsupportedEncoding as exc:
             return self._reject(ClientError(str(exc), code="unsupported_content_encoding"))
         except ExtProcError as error:
             return self._reject(error)
-        return [ContinueHeaders(Direction.REQUEST, self._header_changes(state), metadata)]
+        return [ContinueHeaders(Direction.REQUEST, changes, metadata)]
 
     # -- policy ---------------------------------------------------------------------------------------
 
@@ -333,11 +335,17 @@ class Exchange:
     def _header_changes(self, state: _Direction) -> HeaderChanges:
         """The decision id; for a body sent on decoded, no content-encoding (its length is set with the
         body, or removed by Envoy in FULL_DUPLEX_STREAMED); upstream, no unmasking request."""
-        decision = ((DECISION_HEADER, self.decision_id),)
-        remove: tuple[str, ...] = (UNMASKED_HEADER,) if state is self._dirs[Direction.REQUEST] else ()
+        changes: tuple[tuple[str, str], ...] = ((DECISION_HEADER, self.decision_id),)
+        remove: tuple[str, ...] = ()
+        if state is self._dirs[Direction.REQUEST]:
+            remove += (UNMASKED_HEADER,)
+            credential = self._snapshot.credential
+            if credential.configured:
+                changes += (credential.header(),)
+                remove += credential.strip
         if state.decoder is not None and state.decoder.codings:
             remove += ("content-encoding",)
-        return HeaderChanges(set=decision, remove=remove)
+        return HeaderChanges(set=changes, remove=remove)
 
     def _response_headers(self, event: Headers) -> list[Reply]:
         state = self._dirs[Direction.RESPONSE]

@@ -9,6 +9,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from extproc.credential import Credential
 from extproc.detect.engine import DetectorError
 from extproc.detect.rules import RuleError, load_rules
 from extproc.errors import ConfigError
@@ -26,6 +27,7 @@ class Snapshot:
     inspector: Inspector
     policies: PolicySet
     rule_info: dict[str, tuple[str, str]]  # rule id -> (category, severity), for policy selectors
+    credential: Credential  # the model server's own; set upstream when configured
 
 
 def read_key(path: str, purpose: str) -> bytes:
@@ -67,7 +69,10 @@ def build_snapshot(settings: Settings) -> Snapshot:
     rule_info: dict[str, tuple[str, str]] = {
         r.id: (r.rule.category, r.rule.severity) for r in inspector.detector.rules
     }
-    return Snapshot(settings=settings, inspector=inspector, policies=policies, rule_info=rule_info)
+    credential = Credential(settings.upstream)
+    return Snapshot(
+        settings=settings, inspector=inspector, policies=policies, rule_info=rule_info, credential=credential
+    )
 
 
 class Runtime:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from extproc.errors import ConfigError
 
@@ -90,11 +90,151 @@ class MaskSettings(_Section):
     )
 
 
+class UpstreamSettings(_Section):
+    credential_file: str | None = Field(
+        None,
+        description="file holding the model server's credential (a mounted Secret); re-read when it changes",
+    )
+    credential_env: str | None = Field(None, description="or: the environment variable holding it")
+    header: str = Field("authorization", description="the header the credential goes in (e.g. x-api-key)")
+    scheme: str = Field("Bearer", description="prefix before the credential; empty for none")
+    strip_headers: list[str] = Field(
+        default_factory=lambda: ["authorization", "x-api-key", "api-key"],
+        description="callers' credential headers, never sent upstream when a credential is set",
+    )
+
+    @field_validator("header", "strip_headers")
+    @classmethod
+    def _lower(cls, value: str | list[str]) -> str | list[str]:
+        return value.lower() if isinstance(value, str) else [v.lower() for v in value]
+
+    @model_validator(mode="after")
+    def _one_source(self) -> UpstreamSettings:
+        if self.credential_file and self.credential_env:
+            raise ValueError("set credential_file or credential_env, not both")
+        return self
+
+
 class PolicySettings(_Section):
     paths: list[str] = Field(
         default_factory=lambda: [str(REPO_POLICIES)],
         description="policy files, or folders of *.yaml policy files (default: the repo's rules/policies/)",
     )
+
+
+JWT_ALGORITHMS: frozenset[str] = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+"""Signature algorithms an issuer may allow: public-key ones only, so a JWKS of public keys can check them."""
+
+
+class IssuerSettings(_Section):
+    """One trusted token issuer (an OIDC provider): its keys, its audiences and how to read its claims."""
+
+    issuer: str = Field(min_length=1, description="exact `iss` value of this issuer's tokens")
+    audiences: list[str] = Field(
+        min_length=1,
+        description="the token's `aud` must contain one of these (never empty: any aud is unsafe)",
+    )
+    jwks_file: str | None = Field(None, description="JWKS file (re-read when it changes); or jwks_url")
+    jwks_url: str | None = Field(
+        None, description="JWKS URL, fetched in the background; https, or http to a loopback address only"
+    )
+    algorithms: list[str] = Field(
+        default_factory=lambda: ["RS256"],
+        description="signature algorithms accepted from this issuer; the token's `alg` never widens this",
+    )
+    groups_claim: str = Field(
+        "groups", min_length=1, description="dotted path of the groups claim, e.g. realm_access.roles"
+    )
+    claims: list[str] = Field(
+        default_factory=list, description="other claims (dotted paths) copied into the principal, e.g. email"
+    )
+
+    @field_validator("algorithms")
+    @classmethod
+    def _public_key_algorithms(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("list at least one algorithm")
+        for name in value:
+            if name.lower() == "none":
+                raise ValueError("'none' is not an algorithm: it would accept unsigned tokens")
+            if name.upper().startswith("HS"):
+                raise ValueError(
+                    f"{name} is a shared-secret algorithm: a JWKS holds public keys, and a public key used "
+                    "as an HMAC secret lets anyone sign tokens"
+                )
+            if name not in JWT_ALGORITHMS:
+                raise ValueError(f"unknown algorithm {name!r}; expected some of {sorted(JWT_ALGORITHMS)}")
+        return value
+
+    @field_validator("jwks_url")
+    @classmethod
+    def _safe_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value)
+        loopback = parts.hostname in {"localhost", "127.0.0.1", "::1"}
+        if parts.scheme != "https" and not (parts.scheme == "http" and loopback):
+            raise ValueError(
+                "expected an https:// URL (http:// only to localhost): keys fetched in clear can be forged"
+            )
+        if not parts.hostname:
+            raise ValueError("the URL has no host")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> IssuerSettings:
+        if self.jwks_file is not None and self.jwks_url is not None:
+            raise ValueError("set jwks_file or jwks_url, not both")
+        return self
+
+
+class IdentitySettings(_Section):
+    """Who the caller is: verify its bearer JWT here (jwt), trust Envoy's jwt_authn (envoy), or neither."""
+
+    mode: Literal["none", "jwt", "envoy"] = Field(
+        "none",
+        description="none: no identity; jwt: verify the bearer token here; "
+        "envoy: read the payload Envoy's jwt_authn verified from dynamic metadata",
+    )
+    issuers: list[IssuerSettings] = Field(
+        default_factory=list, description="trusted issuers; a token is checked only with the keys of its own"
+    )
+    leeway_seconds: float = Field(30.0, ge=0, le=600, description="clock skew allowed on exp, nbf and iat")
+    max_token_bytes: int = Field(
+        8192, ge=256, le=1024 * 1024, description="longer tokens are refused before anything is parsed"
+    )
+    jwks_refresh_seconds: float = Field(300.0, gt=0, description="every JWKS is refreshed this often")
+    jwks_min_refresh_seconds: float = Field(
+        30.0, ge=0, description="an unknown kid refreshes its issuer's JWKS at most once per this period"
+    )
+    jwks_timeout_seconds: float = Field(5.0, gt=0, le=120, description="time limit of one JWKS URL fetch")
+    cache_entries: int = Field(
+        10000, ge=0, description="verified tokens remembered (by SHA-256) until they expire; 0: no cache"
+    )
+    envoy_metadata_namespace: str = Field(
+        "envoy.filters.http.jwt_authn", min_length=1, description="mode envoy: jwt_authn's metadata namespace"
+    )
+    envoy_payload_key: str = Field(
+        "jwt_payload", min_length=1, description="mode envoy: jwt_authn's payload_in_metadata name"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> IdentitySettings:
+        names = [issuer.issuer for issuer in self.issuers]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"issuers listed twice: {duplicates}")
+        if self.mode == "jwt":
+            if not self.issuers:
+                raise ValueError("mode jwt needs at least one entry in issuers")
+            for index, issuer in enumerate(self.issuers):
+                if issuer.jwks_file is None and issuer.jwks_url is None:
+                    raise ValueError(f"issuers.{index} ({issuer.issuer}): set jwks_file or jwks_url")
+        return self
 
 
 class Settings(_Section):
@@ -106,6 +246,8 @@ class Settings(_Section):
     detect: DetectSettings = DetectSettings()
     mask: MaskSettings = MaskSettings()
     policy: PolicySettings = PolicySettings()
+    upstream: UpstreamSettings = UpstreamSettings()
+    identity: IdentitySettings = IdentitySettings()
 
 
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

@@ -35,6 +35,8 @@ def test_the_settings_config_map_loads(tmp_path: Path) -> None:
     assert settings.server.admin_address == "0.0.0.0:9090"
     # The image copies the repository's rules/ there (see the Dockerfile test below).
     assert settings.detect.rules == ["/etc/extproc/rules"]
+    assert settings.policy.paths == ["/etc/extproc/rules/policies"]
+    assert settings.upstream.credential_file == "/etc/extproc/upstream/api-key"
     assert "COPY rules /etc/extproc/rules" in (ROOT / "deploy/Dockerfile").read_text()
 
 

@@ -220,3 +220,17 @@ def test_a_stream_cut_short_ends_with_an_error_event_the_openai_client_raises(
         read_all()
     assert raised.value.body == "upstream_too_large"
     assert "AAAA" not in "".join(received)
+
+
+def test_the_model_sees_its_own_credential_and_never_the_callers(stack: Stack, demo: Demo, tag: str) -> None:
+    answer = post(
+        stack, chat("hi"), **{"x-test-tag": tag, "authorization": "Bearer caller-token", "x-api-key": "k"}
+    )
+    assert answer.status_code == 200
+    [seen] = demo.received(tag)
+    key = stack.upstream_key_file.read_text(encoding="utf-8").strip()
+    assert seen["headers"]["authorization"] == f"Bearer {key}"
+    assert "x-api-key" not in seen["headers"]
+    # Without extproc in front, the model refuses the caller.
+    direct = httpx.post(f"{stack.demo_url}/v1/chat/completions", content=chat("hi"), timeout=10)
+    assert direct.status_code == 401

@@ -13,6 +13,8 @@ reached directly rather than through Envoy:
   gets it. The reply text therefore never passes through the prompt, so response masking is tested on
   its own. A script may set ``chunk_chars`` (characters per token event), ``delay_ms`` (pause between
   events), or replace the whole answer with ``raw`` bytes and a ``content_type``.
+- With ``--api-key-file``, ``/v1/`` answers 401 unless the request carries that key, as a hosted model
+  API would: ``extproc dev`` makes one and gives it to extproc as the upstream credential.
 - ``GET /_demo/requests?tag=<x-test-tag>`` returns the requests received (headers and body), so a test
   can prove what reached the model.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import hmac
 import json
 import logging
 import time
@@ -29,6 +32,7 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -287,8 +291,27 @@ async def get_requests(request: web.Request) -> web.Response:
     return web.json_response(found)
 
 
-def make_app() -> web.Application:
-    app = web.Application(client_max_size=64 * 1024 * 1024)
+def _require_key(key_file: Path) -> Any:
+    """Like a hosted model API: /v1/ needs the server's own key (``authorization: Bearer`` or
+    ``x-api-key``). The file is read on each request, so a rotated key takes effect at once."""
+
+    @web.middleware
+    async def check(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path.startswith("/v1/"):
+            key = (await asyncio.to_thread(key_file.read_text, encoding="utf-8")).strip()
+            offered = str(request.headers.get("x-api-key") or request.headers.get("authorization") or "")
+            if not hmac.compare_digest(offered.removeprefix("Bearer ").encode(), key.encode()):
+                error = {"message": "invalid API key", "type": "authentication_error"}
+                return web.json_response({"error": error}, status=401)
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    return check
+
+
+def make_app(key_file: Path | None = None) -> web.Application:
+    middlewares = [_require_key(key_file)] if key_file is not None else []
+    app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=middlewares)
     app[_RECORDED] = collections.deque(maxlen=2000)
     app[_REPLIES] = {}
     app.router.add_post("/v1/chat/completions", _handler("chat"))
@@ -301,8 +324,8 @@ def make_app() -> web.Application:
     return app
 
 
-async def run(host: str, port: int) -> None:
-    runner = web.AppRunner(make_app(), access_log=None)
+async def run(host: str, port: int, key_file: Path | None = None) -> None:
+    runner = web.AppRunner(make_app(key_file), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
