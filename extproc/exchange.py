@@ -125,6 +125,7 @@ class Exchange:
         self.unmasked_requested = False
         self.policy: LoadedPolicy | None = None
         self.shadowed: list[str] = []  # what a policy in shadow mode would have refused (error codes)
+        self.refused: str | None = None  # the error code the exchange was refused with
         self._request_actions: FindingActions | None = None
         self._response_actions: FindingActions | None = None
         self._phase = Phase.START
@@ -306,7 +307,7 @@ class Exchange:
     def decisions(self) -> dict[str, object]:
         """What the policy decided in this exchange, for the log and the audit record."""
         if self.policy is None:
-            return {}
+            return {"refused": self.refused} if self.refused else {}
         made = {
             direction: [f"{rule}:{action}" for rule, action in actions.decisions.made]
             for direction, actions in (
@@ -320,6 +321,7 @@ class Exchange:
             "enforce": self.policy.policy.enforce,
             "findings": made,
             "shadowed": list(self.shadowed),
+            "refused": self.refused,
         }
 
     @property
@@ -524,6 +526,7 @@ class Exchange:
 
     def _reject(self, error: ExtProcError) -> list[Reply]:
         self.finished = True
+        self.refused = error.code
         body = json.dumps(self.error_body(error), separators=(",", ":")).encode()
         return [
             Reject(

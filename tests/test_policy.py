@@ -160,8 +160,9 @@ def test_an_allowed_group_may_ask_for_an_unmasked_answer_and_others_are_refused(
     assert [r for r in replies if isinstance(r, Reject)] == []
     assert answer(ex, f"card {CARD}") == f"card {CARD}".encode()
     assert ex.decisions["findings"] == {"response": ["credit-card:allow"]}
-    _, replies = run_request(chat("hi"), "strict", unmasked=True)
+    ex, replies = run_request(chat("hi"), "strict", unmasked=True)
     assert refused(replies) == (403, "unmasked_not_allowed")
+    assert ex.decisions["refused"] == "unmasked_not_allowed"  # on the exchange log line
     _, replies = run_request(chat("hi"), unmasked=True)
     assert refused(replies) == (403, "unmasked_not_allowed")
     ex, _ = run_request(chat("hi"), "investigators")  # not asked: masked as usual
@@ -186,4 +187,5 @@ def test_shadow_mode_decides_and_records_but_acts_on_nothing() -> None:
         "enforce": False,
         "findings": {"request": ["credit-card:block"], "response": ["credit-card:block"]},
         "shadowed": ["model_not_allowed"],
+        "refused": None,
     }
