@@ -49,9 +49,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_token(args: argparse.Namespace) -> int:
+    from extproc.identity.dev import DEV_ISSUER, default_dir, mint_dev_token
+
+    if not 0 < args.ttl <= 86400:
+        print("extproc token: --ttl must be between 1 and 86400 seconds", file=sys.stderr)
+        return 2
+    settings = load_settings(args.config)
+    foreign = sorted(i.issuer for i in settings.identity.issuers if i.issuer != DEV_ISSUER)
+    if foreign:
+        print(
+            f"extproc token: refused: these settings trust {', '.join(foreign)}. extproc token mints "
+            f"development tokens of {DEV_ISSUER} only; get tokens for a real issuer from that issuer.",
+            file=sys.stderr,
+        )
+        return 2
+    groups = [g.strip() for g in args.groups.split(",") if g.strip()]
+    folder = Path(args.dev_dir) if args.dev_dir else default_dir()
+    print(mint_dev_token(folder, args.subject, groups, args.ttl))
+    return 0
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     from extproc.devenv import REPO_ENVOY_CONFIG, Stack, Upstream
+    from extproc.identity.dev import default_dir, mint_dev_token
 
+    dev_dir = Path(args.dev_dir) if args.dev_dir else default_dir()
     stack = Stack(
         envoy_port=args.port,
         envoy_admin_port=args.envoy_admin_port,
@@ -61,6 +84,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
         upstream=Upstream.parse(args.upstream) if args.upstream else None,
         settings_file=args.config,
         envoy_config=Path(args.envoy_config) if args.envoy_config else REPO_ENVOY_CONFIG,
+        dev_identity=None if args.no_auth or args.config else dev_dir,
     )
 
     def interrupt(_signum: int, _frame: object) -> None:
@@ -77,6 +101,14 @@ def cmd_dev(args: argparse.Namespace) -> int:
         print(f"extproc dev: {exc}", file=sys.stderr)
         return 1
     model = "demo-small" if args.upstream is None else "<your model>"
+    auth = tokens = ""
+    if stack.dev_identity is not None:
+        token = mint_dev_token(stack.dev_identity, "dev-user", [], 12 * 3600)
+        auth = f" -H 'authorization: Bearer {token}'"
+        tokens = f"""
+Callers need a token of the dev issuer; mint one per group to try the policies:
+  .venv/bin/extproc token --dev-dir {stack.dev_identity} --groups fraud-investigators
+"""
     print(
         f"""
 extproc dev is up:
@@ -85,10 +117,10 @@ extproc dev is up:
   model        {stack.upstream.host if stack.upstream else ""}:{stack.upstream.port if stack.upstream else ""}
 
 Try it (the card number and the address come back masked):
-  curl -s {stack.url}/v1/chat/completions -H 'content-type: application/json' \\
+  curl -s {stack.url}/v1/chat/completions -H 'content-type: application/json'{auth} \\
     -d '{{"model": "{model}", "messages": [{{"role": "user", "content": \
 "my card is 4111 1111 1111 1111, mail me at jane@example.com"}}]}}'
-
+{tokens}
 Ctrl-C stops all three.
 """,
         file=sys.stderr,
@@ -248,7 +280,21 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--demo-port", type=int, default=9000, help="demo model port (default 9000)")
     dev.add_argument("--upstream", help="front this model server (http://HOST:PORT) instead of the demo")
     dev.add_argument("--envoy-config", help="Envoy config to run (default: envoy/envoy.yaml)")
+    dev.add_argument("--dev-dir", help="folder of the dev signing key (default ~/.cache/extproc)")
+    dev.add_argument(
+        "--no-auth", action="store_true", help="no caller tokens (identity mode none, the default policy)"
+    )
     dev.set_defaults(func=cmd_dev)
+
+    token = sub.add_parser("token", help="mint a development token for `extproc dev` (dev key only)")
+    token.add_argument("--subject", default="dev-user", help="the token's sub (default dev-user)")
+    token.add_argument("--groups", default="", help="comma-separated groups, e.g. engineering,pilot")
+    token.add_argument(
+        "--ttl", type=int, default=3600, help="seconds it is valid (default 3600, at most 86400)"
+    )
+    token.add_argument("--dev-dir", help="folder of the dev signing key (default ~/.cache/extproc)")
+    token.add_argument("--config", help="settings YAML file: refused unless it trusts the dev issuer only")
+    token.set_defaults(func=cmd_token)
 
     envoy = sub.add_parser("envoy", help="run Envoy with the repo's config for the given addresses")
     envoy.add_argument("--listen", type=_address, default=("0.0.0.0", 8080), help="HOST:PORT (0.0.0.0:8080)")

@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from extproc.errors import ConfigError
+from extproc.identity.dev import dev_identity
 
 REPO_ENVOY_CONFIG = Path(__file__).resolve().parent.parent / "envoy" / "envoy.yaml"
 
@@ -204,6 +205,7 @@ class Stack:
     log_path: Path | None = None  # component output goes here; the terminal when None
     extra_env: dict[str, str] = field(default_factory=dict)
     demo_key: bool = True  # the demo model requires a key of its own, which extproc injects
+    dev_identity: Path | None = None  # verify callers' tokens against the dev key in this folder
     processes: dict[str, Process] = field(default_factory=dict)
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="extproc-dev-")))
 
@@ -240,8 +242,14 @@ class Stack:
         if self.with_extproc:
             args = ["serve", "--grpc-address", f"127.0.0.1:{self.extproc_port}"]
             args += ["--admin-address", f"127.0.0.1:{self.admin_port}"]
-            if self.settings_file:
-                args += ["--config", self.settings_file]
+            settings_file = self.settings_file
+            if settings_file is None and self.dev_identity is not None:
+                # Callers must bring a token of the dev issuer (`extproc token`).
+                settings_file = str(self.workdir / "dev-settings.yaml")
+                identity = {"identity": dev_identity(self.dev_identity)}
+                Path(settings_file).write_text(yaml.safe_dump(identity), encoding="utf-8")
+            if settings_file:
+                args += ["--config", settings_file]
             ready = self._python("extproc", args).wait_ready(timeout)
             self.extproc_port = _port_of(ready["grpc"])
             self.admin_port = _port_of(ready["admin"])

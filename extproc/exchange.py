@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
-from extproc.errors import ClientError, ExtProcError, ProtocolError, UpstreamError
+from extproc.errors import AuthError, ClientError, ExtProcError, ProtocolError, UpstreamError
+from extproc.identity import Principal, bearer_token, principal_from_metadata
 from extproc.mask import Inspector
 from extproc.mask.bodies import (
     BodyProcessor,
@@ -124,8 +125,10 @@ class Exchange:
         self.groups: frozenset[str] = frozenset()
         self.unmasked_requested = False
         self.policy: LoadedPolicy | None = None
-        self.shadowed: list[str] = []  # what a policy in shadow mode would have refused (error codes)
+        self.shadowed: dict[str, list[str]] = {}  # shadow policy id -> what it would have refused
+        self.would_refuse: list[str] = []  # what the acting policy, itself in shadow mode, would refuse
         self.refused: str | None = None  # the error code the exchange was refused with
+        self.principal: Principal | None = None
         self._request_actions: FindingActions | None = None
         self._response_actions: FindingActions | None = None
         self._phase = Phase.START
@@ -184,6 +187,15 @@ class Exchange:
     def _request_headers(self, event: Headers) -> list[Reply]:
         self.request_id = event.get("x-request-id") or ""
         self.route = (event.get(":path") or "").split("?", 1)[0]
+        try:
+            self.principal = self._authenticate(event)
+        except AuthError as error:
+            return self._reject(
+                error,
+                (("www-authenticate", f'Bearer error="invalid_token", error_description="{error.code}"'),),
+            )
+        if self.principal is not None:
+            self.groups = self.principal.groups
         self.unmasked_requested = (event.get(UNMASKED_HEADER) or "").strip().lower() in ("1", "true", "yes")
         state = self._dirs[Direction.REQUEST]
         state.had_content_length = event.get("content-length") is not None
@@ -228,6 +240,17 @@ class Exchange:
             return self._reject(error)
         return [ContinueHeaders(Direction.REQUEST, changes, metadata)]
 
+    def _authenticate(self, event: Headers) -> Principal | None:
+        """The caller, per ``identity.mode``: none (no identity, the default policy), jwt (the bearer
+        token verified here) or envoy (the payload Envoy's jwt_authn verified). Raises AuthError."""
+        identity = self._snapshot.settings.identity
+        if identity.mode == "jwt":
+            assert self._snapshot.verifier is not None
+            return self._snapshot.verifier.verify(bearer_token(event.get("authorization")))
+        if identity.mode == "envoy":
+            return principal_from_metadata(event.metadata, identity)
+        return None
+
     # -- policy ---------------------------------------------------------------------------------------
 
     def _request_limit(self) -> int:
@@ -240,27 +263,58 @@ class Exchange:
     def _admit(self, document: Any, size: int) -> tuple[Inspector, bool]:
         """Choose the request's policy and apply its request rules to ``document`` (the parsed JSON body,
         or None): allowed models, unmasked answers, size, blocked prompts, prompt tokens, ``max_tokens``.
-        Raises the first violation, unless the policy is in shadow mode (then it is only recorded).
-        Returns the inspector that masks the request under that policy, and whether ``document`` was
-        rewritten."""
+        Raises the first violation. Policies in shadow mode that match are checked too; what they would
+        have refused is only recorded. Returns the inspector that masks the request under the policy,
+        and whether ``document`` was rewritten."""
         model = document.get("model") if isinstance(document, dict) else None
-        model = model if isinstance(model, str) else None
-        loaded = self._snapshot.policies.select(Facts(self.groups, self.route, model))
-        policy = loaded.policy
+        facts = Facts(self.groups, self.route, model if isinstance(model, str) else None)
+        loaded = self._snapshot.policies.select(facts)
+        shadows = self._snapshot.policies.shadows(facts)
         self.policy = loaded
+        texts = prompt_texts(document) if document is not None else []
+        for shadow in shadows:
+            refused = [v.code for v in self._check(shadow, document, size, texts, rewrite=False)[0]]
+            self.shadowed[shadow.id] = refused
+        violations, rewritten = self._check(loaded, document, size, texts, rewrite=loaded.policy.enforce)
+        if violations:
+            if loaded.policy.enforce:
+                raise violations[0]
+            self.would_refuse = [v.code for v in violations]
+        info = self._snapshot.rule_info
+        unmasked = self.unmasked_requested and bool(self.groups & set(loaded.policy.unmasked.groups))
+        self._request_actions = FindingActions(
+            loaded,
+            loaded.policy.request,
+            info,
+            shadows=[FindingActions(s, s.policy.request, info) for s in shadows],
+        )
+        self._response_actions = FindingActions(
+            loaded,
+            loaded.policy.response,
+            info,
+            unmasked=unmasked,
+            shadows=[FindingActions(s, s.policy.response, info) for s in shadows],
+        )
+        return self._snapshot.inspector.scoped(self._request_actions), rewritten
+
+    def _check(
+        self, loaded: LoadedPolicy, document: Any, size: int, texts: list[str], *, rewrite: bool
+    ) -> tuple[list[ClientError], bool]:
+        """What ``loaded`` refuses in the request, in order; with ``rewrite``, ``max_tokens`` is capped
+        in ``document``, and whether that happened is returned too."""
+        policy = loaded.policy
         violations: list[ClientError] = []
-        if model is not None and not glob_match(model, policy.models):
+        model = document.get("model") if isinstance(document, dict) else None
+        if isinstance(model, str) and not glob_match(model, policy.models):
             message = f"model {model!r} is not allowed for you (policy {loaded.id!r})"
             violations.append(ClientError(message, code="model_not_allowed"))
-        unmasked = self.unmasked_requested and bool(self.groups & set(policy.unmasked.groups))
-        if self.unmasked_requested and not unmasked:
+        if self.unmasked_requested and not self.groups & set(policy.unmasked.groups):
             message = f"unmasked answers are not allowed for you (policy {loaded.id!r})"
             violations.append(ClientError(message, code="unmasked_not_allowed"))
         limits = policy.limits
         if limits.max_request_bytes is not None and size > limits.max_request_bytes:
             message = f"request body exceeds {limits.max_request_bytes} bytes (policy {loaded.id!r})"
             violations.append(ClientError(message, code="body_too_large"))
-        texts = prompt_texts(document) if document is not None else []
         for rule_id, pattern in loaded.blocked:
             if any(pattern.search(text) for text in texts):
                 message = f"the prompt matches blocked pattern {rule_id!r} (policy {loaded.id!r})"
@@ -283,19 +337,12 @@ class Exchange:
             if asked and max(asked) > limits.max_tokens and limits.max_tokens_over == "refuse":
                 message = f"max_tokens {max(asked)} is over the {limits.max_tokens} allowed"
                 violations.append(ClientError(message, code="max_tokens_too_large"))
-            elif policy.enforce and (not present or max(asked, default=0) > limits.max_tokens):
+            elif rewrite and (not present or max(asked, default=0) > limits.max_tokens):
                 for key in present or [field]:
                     if not isinstance(document.get(key), int) or document[key] > limits.max_tokens:
                         document[key] = limits.max_tokens
                         rewritten = True
-        if violations:
-            if policy.enforce:
-                raise violations[0]
-            self.shadowed.extend(v.code for v in violations)
-        info = self._snapshot.rule_info
-        self._request_actions = FindingActions(loaded, policy.request, info)
-        self._response_actions = FindingActions(loaded, policy.response, info, unmasked=unmasked)
-        return self._snapshot.inspector.scoped(self._request_actions), rewritten
+        return violations, rewritten
 
     def _response_inspector(self) -> Inspector:
         if self._response_actions is None:  # no request body was admitted: decide on what is known
@@ -308,20 +355,19 @@ class Exchange:
         """What the policy decided in this exchange, for the log and the audit record."""
         if self.policy is None:
             return {"refused": self.refused} if self.refused else {}
-        made = {
-            direction: [f"{rule}:{action}" for rule, action in actions.decisions.made]
-            for direction, actions in (
-                ("request", self._request_actions),
-                ("response", self._response_actions),
-            )
-            if actions is not None and actions.decisions.made
-        }
+        made = _made(self._request_actions, self._response_actions)
+        shadows: dict[str, object] = {}
+        for index, shadow_id in enumerate(self.shadowed):
+            request = self._request_actions.shadows[index] if self._request_actions else None
+            response = self._response_actions.shadows[index] if self._response_actions else None
+            shadows[shadow_id] = {"findings": _made(request, response), "refused": self.shadowed[shadow_id]}
         return {
             "policy": self.policy.id,
             "enforce": self.policy.policy.enforce,
             "findings": made,
-            "shadowed": list(self.shadowed),
             "refused": self.refused,
+            "would_refuse": list(self.would_refuse),
+            "shadow": shadows,
         }
 
     @property
@@ -524,15 +570,18 @@ class Exchange:
     def error_body(self, error: ExtProcError) -> dict[str, str]:
         return {"error": error.code, "message": error.message, "request_id": self.request_id}
 
-    def _reject(self, error: ExtProcError) -> list[Reply]:
+    def _reject(self, error: ExtProcError, extra: tuple[tuple[str, str], ...] = ()) -> list[Reply]:
         self.finished = True
         self.refused = error.code
         body = json.dumps(self.error_body(error), separators=(",", ":")).encode()
-        return [
-            Reject(
-                status=error.http_status,
-                body=body,
-                headers=(("content-type", "application/json"), (DECISION_HEADER, self.decision_id)),
-                details=f"extproc_{error.code}",
-            )
-        ]
+        headers = (("content-type", "application/json"), (DECISION_HEADER, self.decision_id), *extra)
+        return [Reject(status=error.http_status, body=body, headers=headers, details=f"extproc_{error.code}")]
+
+
+def _made(request: FindingActions | None, response: FindingActions | None) -> dict[str, list[str]]:
+    """``rule:action`` per finding and direction, as a policy decided them."""
+    return {
+        direction: [f"{rule}:{action}" for rule, action in actions.decisions.made]
+        for direction, actions in (("request", request), ("response", response))
+        if actions is not None and actions.decisions.made
+    }

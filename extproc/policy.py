@@ -16,8 +16,11 @@ selects a finding (by rule id, entity, category or minimum severity) decides its
 - ``approve``: the request needs a human approval; until the approval service decides it, it is
   refused like ``block`` with the code ``approval_required``.
 
-With ``enforce: false`` (shadow mode) a policy decides and records everything and acts on nothing:
-no masking, no blocking, no limit. Everything here is pure: a decision is a function of the principal,
+With ``enforce: false`` (shadow mode) a policy decides and records everything and acts on nothing: it is
+asked beside the policy that acts (the first enforced one that matches, or the default), whose
+protection stays in place, so a stricter policy can be rolled out by watching what it would do.
+
+Everything here is pure: a decision is a function of the principal,
 the request facts and the findings, and carries the policy id and the ids of the rules behind it.
 """
 
@@ -25,7 +28,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -175,6 +178,14 @@ class PolicySet:
     ordered: tuple[LoadedPolicy, ...]  # the policies with a match, in the order they are tried
 
     def select(self, facts: Facts) -> LoadedPolicy:
+        """The policy that acts: the first enforced one that matches, or the default."""
+        return next((p for p in self._matching(facts) if p.policy.enforce), self.default)
+
+    def shadows(self, facts: Facts) -> list[LoadedPolicy]:
+        """The policies in shadow mode that match: they decide and record beside the one that acts."""
+        return [p for p in self._matching(facts) if not p.policy.enforce]
+
+    def _matching(self, facts: Facts) -> Iterator[LoadedPolicy]:
         for loaded in self.ordered:
             match = loaded.policy.match
             assert match is not None
@@ -184,8 +195,7 @@ class PolicySet:
                 continue
             if match.models and not glob_match(facts.model, match.models):
                 continue
-            return loaded
-        return self.default
+            yield loaded
 
     def get(self, policy_id: str) -> LoadedPolicy | None:
         return next((p for p in (self.default, *self.ordered) if p.id == policy_id), None)
@@ -295,13 +305,30 @@ class FindingActions:
         rule_info: dict[str, tuple[str, str]],
         *,
         unmasked: bool = False,
+        shadows: Sequence[FindingActions] = (),
     ) -> None:
         self._direction = direction
         self._info = rule_info  # rule id -> (category, severity)
         self._unmasked = unmasked
+        self.shadows = tuple(shadows)  # policies in shadow mode: asked too, only recorded
         self.decisions = Decisions(policy.id, policy.policy.enforce)
 
     def verdict(self, finding: Finding) -> Verdict:
+        for shadow in self.shadows:
+            shadow.decide(finding)
+        verdict = self.decide(finding)
+        if not self.decisions.enforce:
+            return Verdict("allow")
+        if verdict.action in ("block", "approve"):
+            code = "policy_blocked" if verdict.action == "block" else "approval_required"
+            raise PolicyDenied(
+                f"policy {self.decisions.policy_id!r} refuses {finding.entity} (rule {finding.rule_id})",
+                code=code,
+            )
+        return verdict
+
+    def decide(self, finding: Finding) -> Verdict:
+        """The policy's verdict on ``finding``, recorded; nothing is enforced here."""
         category, severity = self._info.get(finding.rule_id, ("pii", "medium"))
         verdict = Verdict(self._direction.default)
         for entry in self._direction.actions:
@@ -311,14 +338,6 @@ class FindingActions:
         if verdict.action == "mask" and self._unmasked:
             verdict = Verdict("allow")
         self.decisions.made.append((finding.rule_id, verdict.action))
-        if not self.decisions.enforce:
-            return Verdict("allow")
-        if verdict.action in ("block", "approve"):
-            code = "policy_blocked" if verdict.action == "block" else "approval_required"
-            raise PolicyDenied(
-                f"policy {self.decisions.policy_id!r} refuses {finding.entity} (rule {finding.rule_id})",
-                code=code,
-            )
         return verdict
 
 

@@ -13,6 +13,7 @@ from extproc.credential import Credential
 from extproc.detect.engine import DetectorError
 from extproc.detect.rules import RuleError, load_rules
 from extproc.errors import ConfigError
+from extproc.identity import Verifier
 from extproc.mask import Inspector
 from extproc.policy import PolicyError, PolicySet, load_policies
 from extproc.settings import Settings
@@ -28,6 +29,7 @@ class Snapshot:
     policies: PolicySet
     rule_info: dict[str, tuple[str, str]]  # rule id -> (category, severity), for policy selectors
     credential: Credential  # the model server's own; set upstream when configured
+    verifier: Verifier | None = None  # identity mode jwt: started and closed by the server
 
 
 def read_key(path: str, purpose: str) -> bytes:
@@ -70,8 +72,14 @@ def build_snapshot(settings: Settings) -> Snapshot:
         r.id: (r.rule.category, r.rule.severity) for r in inspector.detector.rules
     }
     credential = Credential(settings.upstream)
+    verifier = Verifier(settings.identity) if settings.identity.mode == "jwt" else None
     return Snapshot(
-        settings=settings, inspector=inspector, policies=policies, rule_info=rule_info, credential=credential
+        settings=settings,
+        inspector=inspector,
+        policies=policies,
+        rule_info=rule_info,
+        credential=credential,
+        verifier=verifier,
     )
 
 

@@ -146,6 +146,9 @@ class Server:
         self.admin_port = 0
 
     async def start(self) -> None:
+        verifier = self._runtime.snapshot.verifier
+        if verifier is not None:
+            await verifier.start()  # every JWKS loaded before the first stream; refreshed from now on
         # grpc.aio binds its server to the running event loop: create it here, not in __init__.
         limit = self._settings.server.max_message_bytes
         self._grpc = grpc.aio.server(
@@ -189,6 +192,9 @@ class Server:
         return web.json_response({"status": "alive"})
 
     async def _readyz(self, _request: web.Request) -> web.Response:
+        verifier = self._runtime.snapshot.verifier
+        if verifier is not None and not verifier.keys_loaded:
+            return web.json_response({"status": "no_keys"}, status=503)
         if self._serving:
             return web.json_response({"status": "serving"})
         return web.json_response({"status": "not_serving"}, status=503)
@@ -205,6 +211,9 @@ class Server:
             await self._grpc.stop(server.grace_seconds)
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
+        verifier = self._runtime.snapshot.verifier
+        if verifier is not None:
+            await verifier.close()
         log.info("stopped")
 
     async def run_until_signal(self) -> None:

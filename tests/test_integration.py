@@ -164,10 +164,10 @@ def test_a_dead_extproc_server_fails_closed(tmp_path: Path) -> None:
         stack.stop()
 
 
-def test_make_run_prints_a_working_curl_line_and_stops_on_ctrl_c() -> None:
+def test_make_run_prints_a_working_curl_line_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     ports = ["--port", "0", "--envoy-admin-port", "0", "--extproc-port", "0", "--admin-port", "0"]
     process = subprocess.Popen(
-        [sys.executable, "-m", "extproc", "dev", *ports, "--demo-port", "0"],
+        [sys.executable, "-m", "extproc", "dev", *ports, "--demo-port", "0", "--dev-dir", str(tmp_path)],
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,
@@ -182,8 +182,11 @@ def test_make_run_prints_a_working_curl_line_and_stops_on_ctrl_c() -> None:
         curl = "".join(lines[-1:]) + process.stderr.readline()
         url = curl.split()[2]
         data = curl.split("-d '", 1)[1].rsplit("'", 1)[0]
+        authorization = curl.split("-H 'authorization: ", 1)[1].split("'", 1)[0]
+        headers = {"content-type": "application/json"}
+        assert httpx.post(url, content=data.encode(), headers=headers, timeout=30).status_code == 401
         answer = httpx.post(
-            url, content=data.encode(), headers={"content-type": "application/json"}, timeout=30
+            url, content=data.encode(), headers={**headers, "authorization": authorization}, timeout=30
         )
         assert answer.status_code == 200
         content = answer.json()["choices"][0]["message"]["content"]

@@ -177,15 +177,41 @@ def test_a_response_finding_that_needs_approval_is_refused_until_approvals_exist
     assert (reply.status, json.loads(reply.body)["error"]) == (403, "approval_required")
 
 
-def test_shadow_mode_decides_and_records_but_acts_on_nothing() -> None:
+def test_a_shadow_policy_decides_and_records_beside_the_policy_that_acts() -> None:
     ex, replies = run_request(chat(f"card {CARD}", model="large-1"), "pilot")
-    assert [r for r in replies if isinstance(r, Reject)] == []
-    assert [r for r in replies if isinstance(r, ReplaceBody)] == [ReplaceBody(REQ, None)]  # sent as is
-    assert answer(ex, f"card {CARD}") == f"card {CARD}".encode()
+    assert [r for r in replies if isinstance(r, Reject)] == []  # the shadow policy's refusal is not acted on
+    assert content_of(sent(replies)) == "card [REDACTED:CREDIT_CARD]"  # the default policy still masks
+    assert answer(ex, f"card {CARD}") == b"card [REDACTED:CREDIT_CARD]"
     assert ex.decisions == {
-        "policy": "shadow",
-        "enforce": False,
-        "findings": {"request": ["credit-card:block"], "response": ["credit-card:block"]},
-        "shadowed": ["model_not_allowed"],
+        "policy": "base",
+        "enforce": True,
+        "findings": {"request": ["credit-card:mask"], "response": ["credit-card:mask"]},
         "refused": None,
+        "would_refuse": [],
+        "shadow": {
+            "shadow": {
+                "findings": {"request": ["credit-card:block"], "response": ["credit-card:block"]},
+                "refused": ["model_not_allowed"],
+            }
+        },
     }
+
+
+def test_a_default_policy_in_shadow_mode_acts_on_nothing(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text(
+        "policies:\n  - id: watch\n    default: true\n    enforce: false\n    models: [none]\n",
+        encoding="utf-8",
+    )
+    settings = load_settings(
+        None,
+        detect={"rules": [str(RULES)], "edm_key_file": str(EDM_KEY_FILE)},
+        policy={"paths": [str(tmp_path)]},
+    )
+    ex = Exchange(
+        build_snapshot(settings), ProtocolConfig(BodyMode.BUFFERED, BodyMode.FULL_DUPLEX_STREAMED), "d"
+    )
+    ex.handle(Headers(REQ, ((":path", "/v1/chat/completions"), ("content-type", "application/json")), False))
+    [reply] = ex.handle(Body(REQ, json.dumps(chat(f"card {CARD}")).encode(), True))
+    assert reply == ReplaceBody(REQ, None)  # sent as it came
+    assert ex.decisions["would_refuse"] == ["model_not_allowed"]
+    assert ex.decisions["findings"] == {"request": ["credit-card:mask"]}
