@@ -88,3 +88,43 @@ def test_hash_list_feeds_a_hashed_rule(tmp_path: Path) -> None:
         "scan", "--rules", str(tmp_path / "r.yaml"), "--mask", stdin="qq654321 ZZ123456", env=env
     )
     assert masked.stdout == "[REDACTED:CUSTOMER_ID] [REDACTED:CUSTOMER_ID]"
+
+
+def test_token_mints_a_dev_token_the_dev_identity_accepts(tmp_path: Path) -> None:
+    import asyncio
+
+    from extproc.identity import Verifier
+    from extproc.identity.dev import DEV_ISSUER, dev_identity
+    from extproc.settings import IdentitySettings
+
+    done = extproc("token", "--dev-dir", str(tmp_path), "--groups", "engineering, pilot", "--subject", "bob")
+    assert done.returncode == 0, done.stderr
+    verifier = Verifier(IdentitySettings.model_validate(dev_identity(tmp_path)))
+
+    async def verify() -> None:
+        await verifier.start()
+        try:
+            principal = verifier.verify(done.stdout.strip())
+        finally:
+            await verifier.close()
+        assert (principal.subject, principal.issuer) == ("bob", DEV_ISSUER)
+        assert principal.groups == {"engineering", "pilot"}
+
+    asyncio.run(verify())
+    assert (tmp_path / "dev-key.pem").stat().st_mode & 0o077 == 0  # the private key is the owner's only
+
+
+def test_token_refuses_settings_that_trust_a_real_issuer(tmp_path: Path) -> None:
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text('{"keys": []}', encoding="utf-8")
+    settings = tmp_path / "settings.yaml"
+    settings.write_text(
+        "identity:\n  mode: jwt\n  issuers:\n    - issuer: https://login.example.com\n"
+        f"      audiences: [llm]\n      jwks_file: {jwks}\n      algorithms: [RS256]\n",
+        encoding="utf-8",
+    )
+    done = extproc("token", "--dev-dir", str(tmp_path), "--config", str(settings))
+    assert done.returncode == 2
+    assert "refused" in done.stderr
+    assert "https://login.example.com" in done.stderr
+    assert done.stdout == ""
