@@ -136,8 +136,10 @@ def test_stream_holds_back_only_what_a_match_could_still_cover() -> None:
     hold = detector().hold
     assert hold < 700 < detector().width  # the 2000-character PEM rule is anchored on "-----BEGIN"
     out, _ = scanner.feed("a" * 5000)
-    assert len(out) == 5000 - hold
-    assert scanner.held == hold
+    # Only what a match in progress could cover: the letters may be the local part of an e-mail address
+    # (at most 64 characters), not the fixed hold of the widest rule.
+    assert len(out) == 5000 - 64
+    assert scanner.held == 64 < hold
     out, found = scanner.feed(" mail jane@exa")
     assert "jane" not in out
     out, found = scanner.feed("mple.com " + "b" * 5000)
@@ -152,7 +154,7 @@ def test_a_long_rule_holds_back_from_its_anchor_only() -> None:
     out, found = scanner.feed("\n-----END PRIVATE KEY-----" + "y" * 2000)
     assert [f.rule_id for f in found] == ["pem-block"]
     assert out.startswith("-----BEGIN")
-    assert scanner.held == hold
+    assert scanner.held == 64 < hold  # the trailing letters may still be an e-mail address's local part
 
 
 def write(tmp_path: Path, body: str, name: str = "r.yaml") -> Path:

@@ -14,6 +14,7 @@ are a superset of Python's matches. A pattern with a non-ASCII character runs on
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import hmac
 import importlib.metadata
@@ -28,7 +29,8 @@ from pathlib import Path
 
 import hyperscan
 
-from extproc.detect.rules import LoadedRule, RuleSet
+from extproc.detect.rules import LoadedRule, RuleSet, pattern_width
+from extproc.detect.tail import TailBuilder, TailModel
 from extproc.detect.validators import VALIDATORS, shannon_entropy
 from extproc.model import Finding
 
@@ -106,6 +108,7 @@ class Detector:
         problems: list[str] = []
         self._python_only: list[int] = []
         self._hashed: dict[int, frozenset[str]] = {}
+        self._listed: dict[int, list[str]] = {}  # the values of literal exact-match lists, per rule
         self._edm_key = edm_key
         expressions: list[bytes] = []
         ids: list[int] = []
@@ -130,10 +133,12 @@ class Detector:
                     widest, self._load_exact(index, loaded, literal_expressions, literal_flags, problems)
                 )
         self.width = widest
-        # Streams hold back `hold` characters for the ordinary rules; long anchored rules only from their
-        # anchor (see StreamScanner).
-        # Anchors are cut to CONTEXT characters: a partial anchor at the very end of a stream then always
-        # lies within the ordinary hold, so only whole anchors need looking for.
+        # What a stream holds back: only what a match still in progress could cover (see tail.py).
+        self.tail = self._tail_model()
+        # The fixed hold streams used before the tail model, kept for comparisons (StreamScanner's
+        # `_fixed_hold`): `hold` characters for the ordinary rules, long anchored rules only from their
+        # anchor. Anchors are cut to CONTEXT characters: a partial anchor at the very end of a stream then
+        # always lies within the ordinary hold, so only whole anchors need looking for.
         self.anchored: tuple[tuple[re.Pattern[str], int], ...] = tuple(
             (
                 re.compile(re.escape(r.anchor[:CONTEXT]), re.IGNORECASE if r.rule.case_insensitive else 0),
@@ -194,6 +199,7 @@ class Detector:
             return loaded.width
         longest = 0
         flag = 0 if exact.case_sensitive else hyperscan.HS_FLAG_CASELESS
+        listed = self._listed.setdefault(index, [])
         for number, value in values:
             if not value.isascii():
                 problems.append(
@@ -201,11 +207,44 @@ class Detector:
                     f"use `hashed: true` (rule {loaded.id!r})"
                 )
                 continue
+            listed.append(value)
             expressions.append(value.encode("ascii"))
             flags.append(flag)
             self._literals.append(_Literal(index, len(value)))
             longest = max(longest, len(value))
         return longest
+
+    def _tail_model(self) -> TailModel:
+        """Model, for every rule, the text a match still in progress could cover. A rule the analysis cannot
+        model, or one Python alone runs, keeps the fixed hold: its width and the context (from its anchor, for
+        a long rule starting with a literal)."""
+        builder = TailBuilder(CONTEXT)
+        self._tail_groups: list[int | None] = [None] * len(self.rules)  # per rule, its prefix group
+        self._reach = [r.width + CONTEXT for r in self.rules]  # how far back a match may still change
+        # A finding inside one of the masker's own replacements is dropped: one being written out may
+        # still swallow a finding before the end.
+        if builder.add_pattern("mask-token", MASK_TOKEN) is None:
+            builder.add_fixed("mask-token", pattern_width(MASK_TOKEN) + CONTEXT)
+        python_only = set(self._python_only)
+        for index, loaded in enumerate(self.rules):
+            exact = loaded.rule.exact
+            if exact is not None and not exact.hashed:
+                builder.add_list(loaded.id, self._listed.get(index, []), exact.case_sensitive)
+                continue
+            regex = loaded.regex if loaded.regex is not None else loaded.token
+            if regex is None:
+                continue
+            group = builder.add_pattern(loaded.id, regex) if index not in python_only else None
+            if group is not None:
+                if loaded.rule.exact is None:
+                    self._tail_groups[index] = group
+                continue
+            if loaded.width > LONG_RULE and len(loaded.anchor) >= MIN_ANCHOR:
+                caseless = bool(regex.flags & re.IGNORECASE)
+                builder.add_anchor(loaded.id, loaded.anchor[:CONTEXT], loaded.width, caseless)
+            else:
+                builder.add_fixed(loaded.id, loaded.width + CONTEXT)
+        return builder.build()
 
     def _compile_block(
         self, expressions: list[bytes], ids: list[int], flags: list[int], problems: list[str]
@@ -306,12 +345,18 @@ class Detector:
         hits: _Hits,
         memo: dict[tuple[int, int, int], set[Finding]] | None = None,
         base: int = 0,
+        since: int = 0,
+        settled: Callable[[int], int] | None = None,
     ) -> list[Finding]:
         """Turn candidates into findings with exact spans.
 
-        ``memo`` (for streams, where ``text`` starts at stream offset ``base``) keeps the findings of each
-        complete window: the same window over the same text gives the same findings, so a held buffer is
-        not confirmed again and again as it grows."""
+        For streams, where ``text`` starts at stream offset ``base``: ``memo`` keeps the findings of each
+        settled window, one no match of which can still change (it starts before ``settled(rule)``, the
+        earliest place a match of the rule may still be in progress; without it, before the rule's width and
+        the context from the end). The same window over the same text gives the same findings, so a held
+        buffer is not confirmed again and again as it grows. ``since`` is where the text not released yet
+        starts: a window whose matches all end before it only holds findings already released, and is
+        skipped (windows are confirmed whole or not at all, never cut)."""
         found: set[Finding] = set()
         size = len(text)
         lowered: str | None = None
@@ -323,8 +368,13 @@ class Detector:
                     lowered = text.lower()
                 if not any(keyword in lowered for keyword in self._keywords[index]):
                     continue
-            for low, high in _windows(ends, loaded.width, size):
-                if memo is None or high >= size:  # a window cut by the end of the text may still change
+            final = 0
+            if memo is not None:
+                final = settled(index) if settled is not None else size - loaded.width - CONTEXT
+            for low, high in _windows(ends, loaded.width, size, since):
+                if high + loaded.width <= since:  # every match starts before `high`: all already released
+                    continue
+                if memo is None or high > final:
                     self._confirm_regex(loaded, text, low, high, found)
                     continue
                 key = (index, low + base, high + base)
@@ -363,9 +413,20 @@ class Detector:
         regex = loaded.regex
         assert regex is not None
         group = loaded.rule.group
+        # What a start gives must not depend on where its window happens to end: a stream's last windows may
+        # still merge with windows that are not there yet, and in a window cut at `high` a match can end there
+        # on `$` or `\b` that the whole text does not have. A match that reads near `high` is looked for again
+        # with the text as far as one starting before `high` could read (its width and the context). Earlier
+        # starts cannot gain a match that way: it would be a match of the whole text, whose end Hyperscan
+        # reports, and its window would have widened this one.
+        stop = min(len(text), high + loaded.width + CONTEXT)
         position = low
         while position < high:
             match = regex.search(text, position, high)
+            if match is not None and match.end() + CONTEXT > high and high < stop:
+                match = regex.search(text, position, stop)
+                if match is not None and match.start() >= high:
+                    return
             if match is None:
                 return
             start, end = match.span(group)
@@ -479,10 +540,16 @@ class _Cache:
         self._write(key, json.dumps(value).encode())
 
 
-def _windows(ends: Iterable[int], width: int, size: int) -> list[tuple[int, int]]:
-    """Merged [low, high) windows that hold every match ending at one of ``ends``, with context."""
+def _windows(ends: Iterable[int], width: int, size: int, since: int = 0) -> list[tuple[int, int]]:
+    """Merged [low, high) windows that hold every match ending at one of ``ends``, with context; from
+    ``since`` on: only the windows some match of which may end after it (each one whole)."""
+    ordered = sorted(ends)
+    first = bisect.bisect_right(ordered, since - width - CONTEXT)
+    # Back to the first end of the window the first of those belongs to.
+    while 0 < first < len(ordered) and ordered[first] - width - CONTEXT <= ordered[first - 1] + CONTEXT:
+        first -= 1
     merged: list[tuple[int, int]] = []
-    for end in sorted(ends):
+    for end in ordered[first:]:
         low, high = max(0, end - width - CONTEXT), min(size, end + CONTEXT)
         if merged and low <= merged[-1][1]:
             merged[-1] = (merged[-1][0], max(merged[-1][1], high))
@@ -494,13 +561,20 @@ def _windows(ends: Iterable[int], width: int, size: int) -> list[tuple[int, int]
 class StreamScanner:
     """Scans text that arrives in pieces; reports the same findings as ``Detector.scan`` on the whole.
 
-    ``feed`` returns the text that can be released now and the findings inside it; it holds back only the
-    last ``width + CONTEXT`` characters (a match still in progress fits there), moved back to the start
-    of any finding that crosses that point. Offsets are from the start of the stream."""
+    ``feed`` returns the text that can be released now and the findings inside it. It holds back from the
+    earliest place where a match of some rule may still be in progress: where the text up to the end is
+    a prefix of what the rule's pattern can consume (``Detector.tail``, see tail.py), so ordinary prose goes
+    out within a word and a card number being typed is held from its first digit. That place moves back to
+    the start of any finding that crosses it. Offsets are from the start of the stream.
 
-    def __init__(self, detector: Detector) -> None:
+    ``_fixed_hold`` (for comparisons only) holds back the last ``Detector.hold`` characters instead, as
+    streams did before the tail model."""
+
+    def __init__(self, detector: Detector, *, _fixed_hold: bool = False) -> None:
         self._detector = detector
         self._hold = detector.hold
+        self._fixed_hold = _fixed_hold
+        self._tail = detector.tail.state()
         self._keep = detector.lookbehind
         self._buffer = ""
         self._base = 0  # stream offset of _buffer[0]
@@ -551,10 +625,26 @@ class StreamScanner:
 
     def _release(self, final: bool) -> tuple[str, list[Finding]]:
         end = self._base + len(self._buffer)
-        limit = end if final else min(end - self._hold, self._anchored_limit(end))
+        if final:
+            limit = end
+        elif self._fixed_hold:
+            limit = min(end - self._hold, self._anchored_limit(end))
+        else:
+            limit = self._detector.tail.limit(self._buffer, self._base, self._tail)
         if limit <= self._released:
             return "", []
-        findings = self._detector.confirm(self._buffer, self._hits.shift(self._base), self._memo, self._base)
+        detector, base = self._detector, self._base
+        settled = None
+        if not self._fixed_hold:
+            groups, tail, state, reach = detector._tail_groups, detector.tail, self._tail, detector._reach
+
+            def settled(index: int) -> int:
+                group = groups[index]
+                return (end - reach[index] if group is None else tail.settled(state, group)) - base
+
+        findings = detector.confirm(
+            self._buffer, self._hits.shift(base), self._memo, base, self._released - base, settled
+        )
         spans = [(f.start + self._base, f.end + self._base, f) for f in findings]
         crossing = True
         while crossing:  # a finding across the limit is held back whole

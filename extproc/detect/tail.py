@@ -1,0 +1,779 @@
+"""What a stream must hold back: the text a match still in progress could cover.
+
+A stream scanner may release text only where no match of any rule can still change with what comes next.
+A match that changes must start at a position ``p`` from which the regular expression can consume all the
+text up to the end of what has arrived: ``text[p:]`` is a *prefix* of something the pattern can consume.
+So for every rule this module derives, once, a regular expression for the non-empty prefixes of the
+rule's pattern (``P+``), and a stream holds back from the earliest position where ``P+`` matches up to
+the end of the text. Ordinary prose is then held for a word or so; a card number, a key or a PEM block
+being typed out is held from its first character.
+
+The prefix expression is built from the pattern's own parse tree (``re._parser``), so it reads
+characters exactly as the rule does (same flags, same classes, same case folding):
+
+- a character or class: itself; a sequence ``e1 e2 ...``: ``P+(e1) | e1 P+(e2 ...)``; an alternation:
+  the alternation of the prefixes; ``e{m,n}``: ``e{0,n-1} P+(e)``; groups and flags are kept.
+- zero-width assertions stay in the full form of a consumed element (``\\b`` between two characters that
+  have both arrived is decided), and an assertion that reads ``r`` characters ahead (``$`` reads 2,
+  ``(?!\\.\\d)`` reads 2) adds, as its own prefix, "up to ``r - 1`` characters of anything": a match whose
+  lookahead runs past the end of the text is still undecided.
+- lazy, possessive and atomic constructs are read as plain greedy ones: that only admits more prefixes.
+
+Prefixes are closed under shortening, so a position that is not a match in progress at one length of
+the stream never becomes one later: each stream keeps, per expression, the earliest position still in
+progress and searches only from there. That keeps the work per token event proportional to what is held,
+not to the stream. Most expressions need no search at all: a position automaton read off the same parse
+tree gives, per character, which expressions a match can start with it, have it second, or go on with it,
+and one walk back over what arrived keeps only the expressions a match in progress is possible for. The
+search itself first checks the first characters against plain classes, which Python tests in one step.
+Case-insensitive ASCII letters are written out as ``[aA]`` for the same reason (checked against ``re``).
+
+A pattern the analysis cannot read (back references, conditionals, an unbounded length, a lookahead
+reading further than the engine's context) keeps the fixed hold it had before: its width plus the
+context, or, for a long rule starting with a literal, its width from where that literal appears.
+Exact-match lists are held from a word start whose text so far is a prefix of a listed value.
+"""
+
+from __future__ import annotations
+
+import bisect
+import importlib
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+_parser = importlib.import_module("re._parser")  # the parser `re` itself uses
+_c = importlib.import_module("re._constants")
+_code = importlib.import_module("re._compiler")._code  # a parsed pattern's program, as `re` compiles it
+
+MAXREPEAT = int(_c.MAXREPEAT)
+# The flags a parsed pattern can carry that change how the prefix expression must be compiled.
+_COMPILE_FLAGS = re.IGNORECASE | re.MULTILINE | re.DOTALL | re.ASCII | re.UNICODE
+_SCOPED_ADD = (
+    (re.IGNORECASE, "i"),
+    (re.MULTILINE, "m"),
+    (re.DOTALL, "s"),
+    (re.ASCII, "a"),
+    (re.UNICODE, "u"),
+)
+_SCOPED_DEL = ((re.IGNORECASE, "i"), (re.MULTILINE, "m"), (re.DOTALL, "s"))
+_IGNORED_FLAGS = re.VERBOSE  # only changes how the pattern is read, and the parse tree is already read
+_CATEGORIES = {
+    _c.CATEGORY_DIGIT: r"\d",
+    _c.CATEGORY_NOT_DIGIT: r"\D",
+    _c.CATEGORY_SPACE: r"\s",
+    _c.CATEGORY_NOT_SPACE: r"\S",
+    _c.CATEGORY_WORD: r"\w",
+    _c.CATEGORY_NOT_WORD: r"\W",
+}
+# Zero-width assertions: how they are written, and how many characters from their position they read
+# (``\b`` reads the character at its position, ``$`` that character and whether another follows).
+_ASSERTIONS = {
+    _c.AT_BEGINNING: ("^", 0),
+    _c.AT_BEGINNING_STRING: (r"\A", 0),
+    _c.AT_BOUNDARY: (r"\b", 1),
+    _c.AT_NON_BOUNDARY: (r"\B", 1),
+    _c.AT_END: ("$", 2),
+    _c.AT_END_STRING: (r"\Z", 1),
+}
+ANYTHING = r"[\s\S]"
+GUARD_PLACES = 4  # characters a prefix expression checks, one class each, before trying its alternatives
+
+
+class Unsupported(ValueError):
+    """The analysis cannot model a pattern; its rule keeps the fixed hold."""
+
+
+def _char(code: int) -> str:
+    char = chr(code)
+    if char.isascii() and char.isalnum():
+        return char
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Style:
+    """How parsed elements are written back. ``faithful`` keeps capturing groups, laziness and
+    possessiveness (to check the writing against the original); otherwise they are dropped, which keeps
+    every text an element can consume. ``fold`` (None: write case-insensitivity as flags) writes it out
+    instead, ``[aA]`` for ``a``: ASCII case folding only changes ASCII letters, and a class Python can
+    test in one step lets an alternation skip the branches that cannot start at a position."""
+
+    faithful: bool = False
+    fold: bool | None = None
+
+    def scoped(self, add: int, remove: int) -> _Style:
+        if self.fold is None:
+            return self
+        return _Style(self.faithful, (self.fold or bool(add & re.IGNORECASE)) and not remove & re.IGNORECASE)
+
+
+FAITHFUL = _Style(faithful=True)
+LOOSE = _Style()
+_checked: dict[tuple[str, str], bool] = {}
+_SAMPLES = [chr(code) for code in range(128)] + [
+    "\x80",
+    "\xe9",
+    "\u0130",
+    "\u0131",
+    "\u017f",
+    "\u212a",
+    "\uffff",
+]
+
+
+def _folded(original: str, folded: str) -> str:
+    """``folded``, after checking it matches what ``original`` matches case-insensitively (ASCII rules)."""
+    known = _checked.get((original, folded))
+    if known is None:
+        caseless = re.compile(original, re.IGNORECASE | re.ASCII)
+        written = re.compile(folded, re.ASCII)
+        known = _checked[(original, folded)] = all(
+            bool(caseless.fullmatch(c)) == bool(written.fullmatch(c)) for c in _SAMPLES
+        )
+    if not known:
+        raise Unsupported(f"case folding of {original}")
+    return folded
+
+
+def _swapped(low: int, high: int) -> str:
+    """The other case of the ASCII letters between ``low`` and ``high``, as class items."""
+    out = []
+    for first, last, shift in ((ord("a"), ord("z"), -32), (ord("A"), ord("Z"), 32)):
+        a, b = max(low, first), min(high, last)
+        if a <= b:
+            out.append(f"{_char(a + shift)}-{_char(b + shift)}" if a < b else _char(a + shift))
+    return "".join(out)
+
+
+def _class(items: Sequence[tuple[Any, Any]], fold: bool) -> str:
+    out = ["["]
+    for op, av in items:
+        if op is _c.NEGATE:
+            out.append("^")
+        elif op is _c.LITERAL:
+            out.append(_char(av) + (_swapped(av, av) if fold else ""))
+        elif op is _c.RANGE:
+            out.append(f"{_char(av[0])}-{_char(av[1])}" + (_swapped(av[0], av[1]) if fold else ""))
+        elif op is _c.CATEGORY and av in _CATEGORIES:
+            out.append(_CATEGORIES[av])
+        else:
+            raise Unsupported(f"character class item {op} {av}")
+    out.append("]")
+    written = "".join(out)
+    return _folded(_class(items, fold=False), written) if fold else written
+
+
+def _scoped(add: int, remove: int, style: _Style = LOOSE) -> str:
+    """The opening of a non-capturing group carrying inline flags, as the parser recorded them (without
+    case-insensitivity when the style writes it out)."""
+    add &= ~_IGNORED_FLAGS
+    remove &= ~_IGNORED_FLAGS
+    if (add | remove) & ~(re.IGNORECASE | re.MULTILINE | re.DOTALL | re.ASCII) and style.fold is not None:
+        raise Unsupported("a scoped change to how characters are read")
+    if style.fold is not None:
+        add &= ~re.IGNORECASE
+        remove &= ~re.IGNORECASE
+    letters = "".join(letter for flag, letter in _SCOPED_ADD if add & flag)
+    removed = "".join(letter for flag, letter in _SCOPED_DEL if remove & flag)
+    known = sum(flag for flag, _ in _SCOPED_ADD if add & flag) == add
+    if not known or sum(flag for flag, _ in _SCOPED_DEL if remove & flag) != remove:
+        raise Unsupported(f"inline flags {add} -{remove}")
+    if not letters and not removed:
+        return "(?:"
+    return f"(?{letters}{'-' + removed if removed else ''}:"
+
+
+def _bounds(low: int, high: int) -> str:
+    return f"{{{low},}}" if high >= MAXREPEAT else f"{{{low},{high}}}"
+
+
+def _full(items: Iterable[tuple[Any, Any]], style: _Style) -> str:
+    return "".join(_node(op, av, style) for op, av in items)
+
+
+def _node(op: Any, av: Any, style: _Style) -> str:
+    """One element written back as a pattern."""
+    fold = bool(style.fold)
+    if op is _c.LITERAL:
+        return _class([(op, av)], fold) if fold and chr(av).isascii() and chr(av).isalpha() else _char(av)
+    if op is _c.NOT_LITERAL:
+        return _class([(_c.NEGATE, None), (_c.LITERAL, av)], fold)
+    if op is _c.ANY:
+        return "."
+    if op is _c.IN:
+        return _class(av, fold)
+    if op is _c.BRANCH:
+        return "(?:" + "|".join(_full(branch, style) for branch in av[1]) + ")"
+    if op is _c.SUBPATTERN:
+        group, add, remove, body = av
+        inner = _scoped(add, remove, style) + _full(body, style.scoped(add, remove)) + ")"
+        return f"({inner})" if style.faithful and group is not None else inner
+    if op in (_c.MAX_REPEAT, _c.MIN_REPEAT, _c.POSSESSIVE_REPEAT):
+        low, high, body = av
+        mode = ""
+        if style.faithful:
+            mode = "?" if op is _c.MIN_REPEAT else "+" if op is _c.POSSESSIVE_REPEAT else ""
+        return f"(?:{_full(body, style)}){_bounds(low, high)}{mode}"
+    if op is _c.ATOMIC_GROUP:
+        return ("(?>" if style.faithful else "(?:") + _full(av, style) + ")"
+    if op is _c.AT and av in _ASSERTIONS:
+        return _ASSERTIONS[av][0]
+    if op in (_c.ASSERT, _c.ASSERT_NOT):
+        direction, body = av
+        kind = ("<" if direction < 0 else "") + ("=" if op is _c.ASSERT else "!")
+        return f"(?{kind}{_full(body, style)})"
+    raise Unsupported(f"pattern element {op}")
+
+
+def _reach(items: Iterable[tuple[Any, Any]]) -> int:
+    """How many characters past its own position any assertion in ``items`` may read."""
+    reach = 0
+    for op, av in items:
+        if op is _c.AT:
+            if av not in _ASSERTIONS:
+                raise Unsupported(f"assertion {av}")
+            reach = max(reach, _ASSERTIONS[av][1])
+        elif op in (_c.ASSERT, _c.ASSERT_NOT):
+            reach = max(reach, _assertion_reach(op, av))
+        elif op is _c.BRANCH:
+            reach = max([reach, *(_reach(branch) for branch in av[1])])
+        elif op is _c.SUBPATTERN:
+            reach = max(reach, _reach(av[3]))
+        elif op in (_c.MAX_REPEAT, _c.MIN_REPEAT, _c.POSSESSIVE_REPEAT):
+            reach = max(reach, _reach(av[2]))
+        elif op is _c.ATOMIC_GROUP:
+            reach = max(reach, _reach(av))
+    return reach
+
+
+def _assertion_reach(op: Any, av: Any) -> int:
+    direction, body = av
+    if direction < 0:  # a lookbehind reads backwards; only assertions inside it may read past its position
+        return _reach(body)
+    high = int(body.getwidth()[1])
+    if high >= MAXREPEAT:
+        raise Unsupported("a lookahead of unbounded length")
+    return high + _reach(body)
+
+
+def _anything(reach: int) -> str | None:
+    """The prefix of an assertion that reads ``reach`` characters: up to ``reach - 1`` characters of
+    anything (with none, the text before the assertion is already a prefix of its own)."""
+    return f"{ANYTHING}{{1,{reach - 1}}}" if reach >= 2 else None
+
+
+def _prefixes(items: Sequence[tuple[Any, Any]], style: _Style) -> str | None:
+    """A pattern for the non-empty prefixes of what ``items`` can consume; None when there are none."""
+    result: str | None = None
+    for op, av in reversed(items):
+        alternatives = []
+        own = _node_prefixes(op, av, style)
+        if own is not None:
+            alternatives.append(own)
+        if result is not None:
+            alternatives.append(_node(op, av, style) + result)
+        result = "(?:" + "|".join(alternatives) + ")" if alternatives else None
+    return result
+
+
+def _node_prefixes(op: Any, av: Any, style: _Style) -> str | None:
+    if op in (_c.LITERAL, _c.NOT_LITERAL, _c.ANY, _c.IN):
+        return _node(op, av, style)
+    if op is _c.BRANCH:
+        branches = [p for p in (_prefixes(branch, style) for branch in av[1]) if p is not None]
+        return "(?:" + "|".join(branches) + ")" if branches else None
+    if op is _c.SUBPATTERN:
+        _group, add, remove, body = av
+        inner = _prefixes(body, style.scoped(add, remove))
+        return None if inner is None else _scoped(add, remove, style) + inner + ")"
+    if op in (_c.MAX_REPEAT, _c.MIN_REPEAT, _c.POSSESSIVE_REPEAT):
+        _low, high, body = av
+        inner = _prefixes(body, style)
+        if inner is None or high == 0:
+            return None
+        if high == 1:
+            return inner
+        return f"(?:(?:{_full(body, style)}){_bounds(0, high - 1)}{inner})"
+    if op is _c.ATOMIC_GROUP:
+        return _prefixes(av, style)
+    if op is _c.AT:
+        if av not in _ASSERTIONS:
+            raise Unsupported(f"assertion {av}")
+        return _anything(_ASSERTIONS[av][1])
+    if op in (_c.ASSERT, _c.ASSERT_NOT):
+        return _anything(_assertion_reach(op, av))
+    raise Unsupported(f"pattern element {op}")
+
+
+class _Positions:
+    """The position automaton (Glushkov's) of a pattern, read loosely: every character-consuming element is
+    a position; a repeat of two or more loops (its counts forgotten); an assertion reading ahead is an
+    optional run of any characters (its prefixes end in such a run); ``^`` and ``\\A`` end a path (they
+    hold only at the start of the text). Its language holds every prefix the prefix expression admits
+    anywhere but at the start, so the character sets read off it are safe to filter with: ``places``, the
+    characters a prefix can have at each of its first places (``first``, ``second``); ``alphabet``, all
+    the characters it can consume."""
+
+    def __init__(self, items: Iterable[tuple[Any, Any]]) -> None:
+        self.chars: list[str] = []  # per position, a pattern for its character (flags applied)
+        self.follow: list[set[int]] = []
+        self._consuming: set[int] = set()
+        self.begins = False
+        _nullable, first, _last = self._sequence(items, "", "")
+        # The characters at each of the first places of a prefix, place by place.
+        self.places: list[list[str]] = []
+        reached = first
+        for _ in range(GUARD_PLACES):
+            self.places.append([self.chars[i] for i in sorted(reached)])
+            reached = set().union(*(self.follow[i] for i in reached))
+        self.first, self.second = self.places[0], self.places[1]
+        self.alphabet = [self.chars[i] for i in sorted(self._consuming)]
+
+    def _add(self, char: str, consuming: bool) -> int:
+        self.chars.append(char)
+        self.follow.append(set())
+        if consuming:
+            self._consuming.add(len(self.chars) - 1)
+        return len(self.chars) - 1
+
+    def _sequence(
+        self, items: Iterable[tuple[Any, Any]], before: str, after: str
+    ) -> tuple[bool, set[int], set[int]]:
+        nullable, first, last = True, set[int](), set[int]()
+        for op, av in items:
+            item_nullable, item_first, item_last = self._element(op, av, before, after)
+            for position in last:
+                self.follow[position] |= item_first
+            if nullable:
+                first |= item_first
+            last = item_last | last if item_nullable else item_last
+            nullable = nullable and item_nullable
+        return nullable, first, last
+
+    def _element(self, op: Any, av: Any, before: str, after: str) -> tuple[bool, set[int], set[int]]:
+        if op in (_c.LITERAL, _c.NOT_LITERAL, _c.ANY, _c.IN):
+            position = self._add(before + _node(op, av, LOOSE) + after, consuming=True)
+            return False, {position}, {position}
+        if op is _c.BRANCH:
+            nullable, first, last = False, set[int](), set[int]()
+            for branch in av[1]:
+                branch_nullable, branch_first, branch_last = self._sequence(branch, before, after)
+                nullable = nullable or branch_nullable
+                first |= branch_first
+                last |= branch_last
+            return nullable, first, last
+        if op is _c.SUBPATTERN:
+            return self._sequence(av[3], before + _scoped(av[1], av[2]), ")" + after)
+        if op in (_c.MAX_REPEAT, _c.MIN_REPEAT, _c.POSSESSIVE_REPEAT):
+            low, high, body = av
+            if high == 0:
+                return True, set(), set()
+            nullable, first, last = self._sequence(body, before, after)
+            if high >= 2:
+                for position in last:
+                    self.follow[position] |= first
+            return nullable or low == 0, first, last
+        if op is _c.ATOMIC_GROUP:
+            return self._sequence(av, before, after)
+        if op is _c.AT and av in (_c.AT_BEGINNING, _c.AT_BEGINNING_STRING):
+            # Only at the start of the text: no match starts after it anywhere else (``begins`` tells the
+            # stream to look at its first characters whatever they are).
+            self.begins = True
+            return False, set(), set()
+        if op is _c.AT or op in (_c.ASSERT, _c.ASSERT_NOT):
+            reach = _assertion_reach(op, av) if op is not _c.AT else _ASSERTIONS[av][1]
+            if reach < 2:
+                return True, set(), set()
+            position = self._add(ANYTHING, consuming=False)
+            if reach > 2:
+                self.follow[position].add(position)
+            return True, {position}, {position}
+        raise Unsupported(f"pattern element {op}")
+
+
+@dataclass(frozen=True, slots=True)
+class Prefixes:
+    """``pattern``, ``(?:P+)\\Z``, matches at ``p`` when a match starting at ``p`` could still be in
+    progress at the end of the text. Cheap necessary conditions, to skip the search: such a match starts
+    with a character of ``first``, then (if there is one) one of ``second``, and goes on with characters
+    of ``alphabet``, except for the last ``wildcard`` characters, which an assertion reading ahead may
+    cover (None: any character)."""
+
+    pattern: re.Pattern[str]
+    first: re.Pattern[str] | None
+    second: re.Pattern[str] | None
+    alphabet: re.Pattern[str] | None
+    wildcard: int
+    begins: bool = False  # a match can start with ``^`` or ``\\A``: the conditions do not hold at offset 0
+
+
+def prefix_pattern(regex: re.Pattern[str], max_reach: int) -> Prefixes:
+    """The prefixes of ``regex``. Raises Unsupported when the pattern cannot be modelled: its length is
+    unbounded, an assertion reads more than ``max_reach`` characters ahead, or it uses something this
+    module does not write back exactly (checked by compiling the written-back pattern to the same program
+    as the original)."""
+    parsed = _parser.parse(regex.pattern, regex.flags)
+    flags = int(parsed.state.flags)
+    if flags & ~(_COMPILE_FLAGS | _IGNORED_FLAGS):
+        raise Unsupported(f"flags {flags}")
+    if parsed.state.lookbehindgroups is not None or any(
+        op in (_c.GROUPREF, _c.GROUPREF_EXISTS) for op, _ in _walk(parsed)
+    ):
+        raise Unsupported("back references")
+    if int(parsed.getwidth()[1]) >= MAXREPEAT:
+        raise Unsupported("unbounded length")
+    if _reach(parsed) > max_reach:
+        raise Unsupported(f"an assertion reads more than {max_reach} characters ahead")
+    compile_flags = flags & _COMPILE_FLAGS
+    written = _full(parsed, FAITHFUL)
+    if _code(_parser.parse(written, compile_flags), compile_flags) != _code(parsed, flags):
+        raise Unsupported("the pattern does not survive being written back")
+    positions = _Positions(parsed)
+    prefixes = None
+    prefix_flags = compile_flags
+    if compile_flags & re.ASCII:
+        try:
+            prefixes = _prefixes(parsed, _Style(fold=bool(flags & re.IGNORECASE)))
+            prefix_flags &= ~re.IGNORECASE
+        except Unsupported:
+            prefixes = None
+    if prefixes is None:
+        prefixes = _prefixes(parsed, LOOSE)
+        prefix_flags = compile_flags
+    if prefixes is None or not positions.first or not positions.alphabet:
+        raise Unsupported("the pattern consumes nothing")
+
+    def chars(patterns: list[str]) -> re.Pattern[str] | None:
+        return None if ANYTHING in patterns else re.compile("(?:" + "|".join(patterns) + ")", compile_flags)
+
+    first, second = chars(positions.first), chars(positions.second)
+    # The first characters' conditions in front of the expression, as plain classes Python tests in one
+    # step: a start that fails them costs a few steps, not a walk through every alternative.
+    guard = ""
+    for place in reversed(positions.places):
+        if ANYTHING in place:
+            guard = ""
+        elif not place:
+            guard = "(?!)"  # no prefix is this long: the text must end before
+        else:
+            chars_at = re.compile("(?:" + "|".join(place) + ")", compile_flags)
+            guard = _class_of(chars_at, place) + (f"(?:{guard}|\\Z)" if guard else "")
+    if guard:
+        guard = f"(?:\\A|(?={guard}))" if positions.begins else f"(?={guard})"
+    return Prefixes(
+        re.compile(guard + prefixes + r"\Z", prefix_flags),
+        first,
+        second,
+        chars(positions.alphabet),
+        max(0, _reach(parsed) - 1),
+        positions.begins,
+    )
+
+
+def _class_of(chars: re.Pattern[str], patterns: list[str]) -> str:
+    """One character class holding at least what ``chars`` (the alternation of ``patterns``) matches: its
+    ASCII characters one by one, and every non-ASCII character when it may match one: a negated class,
+    ``\\W``, ``.``, an escape, or (unless characters are read as ASCII) a class, a category or case
+    folding, all of which reach beyond ASCII in Unicode."""
+    members = [code for code in range(128) if chars.fullmatch(chr(code))]
+    written = "".join(patterns)
+    marks = ["[^", "\\W", "\\D", "\\S", ".", "\\x8", "\\x9", "\\xa", "\\xb", "\\xc", "\\xd", "\\xe", "\\xf"]
+    marks += ["\\u", "\\U"]
+    if not chars.flags & re.ASCII:
+        marks += ["\\w", "\\d", "\\s", "(?i"]
+    wide = any(mark in written for mark in marks) or bool(
+        chars.flags & re.IGNORECASE and not chars.flags & re.ASCII
+    )
+    return "[" + "".join(_char(code) for code in members) + ("\\x80-\\U0010ffff" if wide else "") + "]"
+
+
+def _walk(items: Iterable[tuple[Any, Any]]) -> Iterable[tuple[Any, Any]]:
+    for op, av in items:
+        yield op, av
+        if op is _c.BRANCH:
+            for branch in av[1]:
+                yield from _walk(branch)
+        elif op is _c.SUBPATTERN:
+            yield from _walk(av[3])
+        elif op in (_c.MAX_REPEAT, _c.MIN_REPEAT, _c.POSSESSIVE_REPEAT):
+            yield from _walk(av[2])
+        elif op in (_c.ASSERT, _c.ASSERT_NOT):
+            yield from _walk(av[1])
+        elif op is _c.ATOMIC_GROUP:
+            yield from _walk(av)
+        elif op is _c.GROUPREF_EXISTS:
+            for branch in av[1:]:
+                if branch is not None:
+                    yield from _walk(branch)
+
+
+def longest(regex: re.Pattern[str]) -> int:
+    """The longest text ``regex`` can match."""
+    return int(_parser.parse(regex.pattern, regex.flags).getwidth()[1])
+
+
+@dataclass(frozen=True, slots=True)
+class _Group:
+    """One prefix expression, shared by the rules whose patterns give the same one."""
+
+    prefixes: Prefixes
+    reach: int  # the longest text it matches: no match in progress starts further back
+    rules: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _List:
+    """A literal exact-match list. A listed value is reported only where it does not continue a word,
+    and Hyperscan matches it on the text with every non-ASCII character read as ``?`` (and ASCII case
+    folded, unless the list is case-sensitive): a value in progress starts at a word start, and the text
+    from there, read the same way, is a prefix of a listed value (sorted, so one bisection tells)."""
+
+    values: tuple[bytes, ...]
+    caseless: bool
+    starts: re.Pattern[str]
+    reach: int
+    rule: str
+
+    @classmethod
+    def build(cls, rule: str, values: Iterable[str], caseless: bool) -> _List:
+        folded = sorted({_fold(value, caseless) for value in values if value})
+        firsts = {value[:1] for value in folded}
+        chars = "".join(_char(first[0]) for first in sorted(firsts))
+        if b"?" in firsts:  # Hyperscan reads every non-ASCII character as "?"
+            chars += "\\x80-\\U0010ffff"
+        # (?<![^\W_]): not after a letter or digit as str.isalnum() sees them, which is what the engine
+        # checks before accepting a listed value. Case folding here is Unicode's: a superset of ASCII's.
+        starts = re.compile(rf"(?<![^\W_])(?=[{chars}])", re.IGNORECASE if caseless else 0)
+        return cls(tuple(folded), caseless, starts, max((len(v) for v in folded), default=0), rule)
+
+    def earliest(self, text: str, low: int) -> int | None:
+        """The first position from ``low`` where a listed value may be in progress at the end of ``text``."""
+        values = self.values
+        for found in self.starts.finditer(text, low):
+            start = found.start()
+            piece = _fold(text[start:], self.caseless)
+            index = bisect.bisect_left(values, piece)
+            if index < len(values) and values[index].startswith(piece):
+                return start
+        return None
+
+
+def _fold(text: str, caseless: bool) -> bytes:
+    data = text.encode("ascii", "replace")
+    return data.lower() if caseless else data
+
+
+class _Masks(dict[str, tuple[int, int, int]]):
+    """Per character, three bit sets of groups: those whose matches can start with it, those whose
+    matches can have it second, and those whose matches can go on with it. Filled as characters are seen
+    (the ASCII ones up front); past ``LIMIT`` distinct characters the table starts over (only a cache)."""
+
+    LIMIT = 8192
+
+    def __init__(self, groups: Sequence[_Group]) -> None:
+        super().__init__()
+        self._groups = groups
+        self._ascii()
+
+    def _ascii(self) -> None:
+        for code in range(128):
+            self[chr(code)] = self._compute(chr(code))
+
+    def _compute(self, char: str) -> tuple[int, int, int]:
+        first = second = alphabet = 0
+        for index, group in enumerate(self._groups):
+            bit = 1 << index
+            prefixes = group.prefixes
+            if prefixes.first is None or prefixes.first.fullmatch(char):
+                first |= bit
+            if prefixes.second is None or prefixes.second.fullmatch(char):
+                second |= bit
+            if prefixes.alphabet is None or prefixes.alphabet.fullmatch(char):
+                alphabet |= bit
+        return first, second, alphabet
+
+    def __missing__(self, char: str) -> tuple[int, int, int]:
+        if len(self) >= self.LIMIT:
+            self.clear()
+            self._ascii()
+        masks = self[char] = self._compute(char)
+        return masks
+
+
+class TailState:
+    """One stream's view of the tail: what it had at the last call and where matches were in progress."""
+
+    __slots__ = ("end", "lists", "pending", "starts")
+
+    def __init__(self, groups: int, lists: int) -> None:
+        self.end = 0  # stream offset of the end of the text at the last call
+        self.pending = 0  # bit set of the groups with a match in progress at that end
+        self.starts = [0] * groups  # for those, the earliest offset where one may start
+        self.lists = [0] * lists
+
+
+class TailBuilder:
+    """Collects what each rule contributes to the hold; ``build()`` makes the shared TailModel."""
+
+    def __init__(self, context: int) -> None:
+        self._context = context
+        self._groups: dict[tuple[str, int], tuple[Prefixes, list[str]]] = {}
+        self._lists: list[_List] = []
+        self._fixed = 0
+        self._fixed_rules: dict[str, int] = {}
+
+    def add_pattern(self, rule: str, regex: re.Pattern[str]) -> int | None:
+        """Model ``regex``: the index of its group, or None (and nothing added) when it cannot be modelled."""
+        try:
+            prefixes = prefix_pattern(regex, self._context)
+        except (Unsupported, re.error, RecursionError):
+            return None
+        return self._add(rule, prefixes)
+
+    def add_anchor(self, rule: str, anchor: str, width: int, caseless: bool) -> None:
+        """A long rule not modelled whose matches start with ``anchor``: held from the anchor (or its
+        beginning, at the very end) while a match from there could still be within reach."""
+        chars = [_char(ord(c)) for c in anchor]
+        after = f"{ANYTHING}{{0,{max(0, width + self._context - len(anchor))}}}"
+        alternatives = ["".join(chars) + after] + ["".join(chars[:i]) for i in range(1, len(chars))]
+        flags = re.IGNORECASE if caseless else 0
+        pattern = re.compile("(?:" + "|".join(alternatives) + r")\Z", flags)
+        first = re.compile(chars[0], flags) if chars else None
+        second = re.compile(chars[1], flags) if len(chars) > 1 else None
+        self._add(rule, Prefixes(pattern, first, second, None, 0))
+        self._fixed_rules[rule] = width + self._context
+
+    def add_fixed(self, rule: str, hold: int) -> None:
+        """A rule not modelled: the last ``hold`` characters are always held for it."""
+        self._fixed_rules[rule] = hold
+        self._fixed = max(self._fixed, hold)
+
+    def add_list(self, rule: str, values: Iterable[str], case_sensitive: bool) -> None:
+        self._lists.append(_List.build(rule, values, not case_sensitive))
+
+    def _add(self, rule: str, prefixes: Prefixes) -> int:
+        key = (prefixes.pattern.pattern, prefixes.pattern.flags)
+        if key not in self._groups:
+            self._groups[key] = (prefixes, [])
+        self._groups[key][1].append(rule)
+        return list(self._groups).index(key)
+
+    def build(self) -> TailModel:
+        groups = tuple(
+            _Group(prefixes, longest(prefixes.pattern), tuple(rules))
+            for prefixes, rules in self._groups.values()
+        )
+        return TailModel(groups, tuple(self._lists), self._fixed, dict(self._fixed_rules))
+
+
+class TailModel:
+    """The hold of a whole rule set, shared by every stream of a detector; each stream keeps a
+    ``TailState`` of its own (``state()``)."""
+
+    def __init__(
+        self, groups: tuple[_Group, ...], lists: tuple[_List, ...], fixed: int, fixed_rules: dict[str, int]
+    ) -> None:
+        self.groups = groups
+        self.lists = lists
+        self.fixed = fixed  # characters always held for the rules the analysis could not model
+        self.fixed_rules = fixed_rules  # those rules, with the hold each keeps (anchored: from the anchor)
+        self._masks = _Masks(groups)
+        self._all = (1 << len(groups)) - 1
+        self._begins = sum(1 << i for i, g in enumerate(groups) if g.prefixes.begins)
+        # _wild[d]: the groups for which the character ``d`` places from the end may be one an assertion
+        # reads ahead (any character), not one the match consumes.
+        longest_wildcard = max((g.prefixes.wildcard for g in groups), default=0)
+        self._wild = [
+            sum(1 << i for i, g in enumerate(groups) if g.prefixes.wildcard > d)
+            for d in range(longest_wildcard)
+        ]
+
+    def state(self) -> TailState:
+        """A new stream's state."""
+        return TailState(len(self.groups), len(self.lists))
+
+    def limit(self, text: str, base: int, state: TailState) -> int:
+        """The earliest stream offset where a match may still be in progress at the end of ``text`` (which
+        starts at stream offset ``base``; everything before ``state.end`` was seen by the last call); the
+        end of the text when there is none.
+
+        Prefixes cut short are still prefixes, so a start ruled out once stays ruled out: a group with
+        nothing in progress at the last call can only have a match in progress now from a character that
+        arrived since. Before any search, one walk back from the end over what arrived (and the characters
+        an assertion reading ahead left undecided last time) keeps the groups that can: a match in
+        progress starts with one of the group's first characters and goes on with characters of its
+        alphabet. Only those groups are searched, each from where its earliest match may start."""
+        end = base + len(text)
+        last = state.end
+        masks = self._masks
+        wild = self._wild
+        alive = self._all
+        started = 0
+        follows = alive  # the groups the character after the current one can be second for
+        for distance, char in enumerate(reversed(text[max(last - len(wild) - base, 0) :])):
+            first, second, alphabet = masks[char]
+            started |= alive & first & follows
+            follows = second
+            if distance < len(wild):
+                alphabet |= wild[distance]
+            alive &= alphabet
+            if not alive:
+                break
+        before = state.pending
+        candidates = started | (before & alive)
+        if not last:  # the start of the stream: matches anchored there pass no filter
+            candidates |= self._begins
+        starts = state.starts
+        groups = self.groups
+        limit = end - self.fixed
+        pending = 0
+        while candidates:
+            bit = candidates & -candidates
+            candidates ^= bit
+            index = bit.bit_length() - 1
+            group = groups[index]
+            low = max(starts[index] if before & bit else last, end - group.reach, base)
+            found = group.prefixes.pattern.search(text, low - base)
+            if found is not None:
+                start = base + found.start()
+                starts[index] = start
+                pending |= bit
+                limit = min(limit, start)
+        for index, values in enumerate(self.lists):
+            low = max(state.lists[index], end - values.reach, base)
+            position = values.earliest(text, low - base)
+            start = end if position is None else base + position
+            state.lists[index] = start
+            limit = min(limit, start)
+        state.end = end
+        state.pending = pending
+        return limit
+
+    @staticmethod
+    def settled(state: TailState, group: int) -> int:
+        """The stream offset before which no match of ``group``'s rules was in progress at the last call."""
+        return state.starts[group] if state.pending >> group & 1 else state.end
+
+    def holding(self, text: str) -> dict[str, int]:
+        """For reports: per rule, how many characters at the end of ``text`` it alone would hold."""
+        held: dict[str, int] = {}
+        for group in self.groups:
+            found = group.prefixes.pattern.search(text, max(0, len(text) - group.reach))
+            if found is not None:
+                for rule in group.rules:
+                    held[rule] = len(text) - found.start()
+        for values in self.lists:
+            position = values.earliest(text, max(0, len(text) - values.reach))
+            if position is not None:
+                held[values.rule] = len(text) - position
+        grouped = {rule for group in self.groups for rule in group.rules}
+        for rule, hold in self.fixed_rules.items():
+            if rule not in grouped:  # an anchored one holds only from its anchor, found above
+                held[rule] = min(hold, len(text))
+        return held
