@@ -215,3 +215,30 @@ def test_a_default_policy_in_shadow_mode_acts_on_nothing(tmp_path: Path) -> None
     assert reply == ReplaceBody(REQ, None)  # sent as it came
     assert ex.decisions["would_refuse"] == ["model_not_allowed"]
     assert ex.decisions["findings"] == {"request": ["credit-card:mask"]}
+
+
+def test_identity_from_envoys_jwt_authn_chooses_the_policy() -> None:
+    settings = load_settings(
+        None,
+        detect={"rules": [str(RULES)], "edm_key_file": str(EDM_KEY_FILE)},
+        policy={"paths": [str(POLICIES)]},
+        identity={"mode": "envoy"},
+    )
+    snapshot = build_snapshot(settings)
+    protocol = ProtocolConfig(BodyMode.BUFFERED, BodyMode.FULL_DUPLEX_STREAMED)
+    items = ((":path", "/v1/chat/completions"), ("content-type", "application/json"))
+    payload = {"iss": "https://idp.example.com", "sub": "carol", "groups": ["strict"]}
+    ex = Exchange(snapshot, protocol, "d")
+    ex.handle(Headers(REQ, items, False, metadata={"envoy.filters.http.jwt_authn": {"jwt_payload": payload}}))
+    [reply] = ex.handle(Body(REQ, json.dumps(chat("hi", model="large-1")).encode(), True))
+    assert isinstance(reply, Reject)
+    assert json.loads(reply.body)["error"] == "model_not_allowed"  # the strict policy, chosen by group
+    assert ex.principal is not None
+    assert ex.principal.subject == "carol"
+    [missing] = Exchange(snapshot, protocol, "d").handle(Headers(REQ, items, False))
+    assert isinstance(missing, Reject)
+    assert (missing.status, json.loads(missing.body)["error"]) == (401, "jwt_missing")
+    assert (
+        "www-authenticate",
+        'Bearer error="invalid_token", error_description="jwt_missing"',
+    ) in missing.headers
