@@ -58,6 +58,7 @@ from extproc.model import (
 )
 from extproc.policy import Facts, FindingActions, LoadedPolicy, estimate_tokens, glob_match, prompt_texts
 from extproc.runtime import Snapshot
+from extproc.settings import LimitSettings
 
 DECISION_HEADER = "x-dlp-decision-id"
 UNMASKED_HEADER = "x-dlp-unmasked"
@@ -344,6 +345,21 @@ class Exchange:
                         rewritten = True
         return violations, rewritten
 
+    @property
+    def limits(self) -> LimitSettings:
+        """The answer's limits: the settings', lowered by the policy's own where it sets them."""
+        limits = self._snapshot.settings.limits
+        if self.policy is None or not self.policy.policy.enforce:
+            return limits
+        own = self.policy.policy.limits
+        lowered: dict[str, float] = {}
+        for name in ("max_response_bytes", "max_stream_bytes", "max_stream_seconds"):
+            value = getattr(own, name)
+            current = getattr(limits, name)
+            if value is not None and (not current or value < current):
+                lowered[name] = value
+        return limits.model_copy(update=lowered) if lowered else limits
+
     def _response_inspector(self) -> Inspector:
         if self._response_actions is None:  # no request body was admitted: decide on what is known
             self._admit(None, 0)
@@ -407,12 +423,12 @@ class Exchange:
             return [
                 ContinueHeaders(Direction.RESPONSE, HeaderChanges(set=((DECISION_HEADER, self.decision_id),)))
             ]
-        limits = self._snapshot.settings.limits
         media = media_type(event)
         try:
             inspector = self._response_inspector()
         except ExtProcError as error:
             return self._reject(error)
+        limits = self.limits
         streamed = state.mode is BodyMode.FULL_DUPLEX_STREAMED
         limit = limits.max_response_bytes
         if media == "text/event-stream" or media in NDJSON_MEDIA_TYPES:
@@ -522,7 +538,7 @@ class Exchange:
         state = self._dirs[Direction.RESPONSE]
         if state.ended or state.discard:
             return []
-        seconds = self._snapshot.settings.limits.max_stream_seconds
+        seconds = self.limits.max_stream_seconds
         error = UpstreamError(f"the answer ran longer than {seconds:g} s", code="upstream_timeout")
         return self._body_failed(Direction.RESPONSE, error)
 

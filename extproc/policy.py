@@ -102,6 +102,10 @@ class PolicyLimits(_Model):
     max_prompt_tokens: int | None = Field(None, ge=1)
     max_tokens: int | None = Field(None, ge=1)
     max_tokens_over: Literal["cap", "refuse"] = "cap"
+    # The answer: each lowers the setting of the same name (limits.*) for this policy's callers.
+    max_response_bytes: int | None = Field(None, ge=1)
+    max_stream_bytes: int | None = Field(None, ge=1)
+    max_stream_seconds: float | None = Field(None, gt=0)
 
 
 class Match(_Model):

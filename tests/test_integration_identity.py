@@ -168,6 +168,10 @@ def test_prompt_and_max_tokens_limits(secured: Stack, dev_dir: Path, tag: str) -
     long_prompt = {"model": "demo-small", "messages": [{"role": "user", "content": "word " * 8000}]}
     answer = call(secured, fraud, long_prompt)
     assert (answer.status_code, answer.json()["error"]) == (400, "prompt_too_long")
+    large = {"model": "demo-small", "messages": [{"role": "user", "content": "x" * 70_000}]}
+    answer = call(secured, fraud, large)
+    assert (answer.status_code, answer.json()["error"]) == (413, "body_too_large")
+    assert call(secured, token_for(dev_dir), large).status_code == 200  # the default policy has no such limit
     greedy = {"model": "demo-small", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5000}
     answer = call(secured, fraud, greedy)
     assert (answer.status_code, answer.json()["error"]) == (400, "max_tokens_too_large")

@@ -242,3 +242,16 @@ def test_identity_from_envoys_jwt_authn_chooses_the_policy() -> None:
         "www-authenticate",
         'Bearer error="invalid_token", error_description="jwt_missing"',
     ) in missing.headers
+
+
+def test_a_policy_lowers_the_answer_limits_for_its_callers() -> None:
+    ex, _ = run_request(chat("hi", max_tokens=50), "capped")
+    assert (ex.limits.max_stream_seconds, ex.limits.max_stream_bytes) == (2, 64)
+    ex.handle(Headers(RESP, ((":status", "200"), ("content-type", "text/event-stream")), False))
+    assert ex.deadline is not None
+    [cut] = ex.handle(Body(RESP, b"data: " + b"x" * 100 + b"\n\n", False))
+    assert isinstance(cut, StreamChunk)
+    assert b"upstream_too_large" in cut.data
+    assert cut.end_of_stream
+    ex, _ = run_request(chat("hi"))
+    assert ex.limits == SNAPSHOT.settings.limits  # the base policy sets none
