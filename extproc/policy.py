@@ -33,10 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from extproc.detect.rules import LineLoader, MaskSpec, rule_files, strip_lines
+from extproc.detect.rules import MaskSpec, read_yaml, rule_files, strip_lines
 from extproc.errors import ExtProcError
 from extproc.model import Finding
 
@@ -233,15 +232,8 @@ def load_policies(paths: Iterable[str | Path]) -> PolicySet:
 
 
 def _load_file(path: Path, problems: list[str]) -> list[LoadedPolicy]:
-    try:
-        document = yaml.load(path.read_text(encoding="utf-8"), Loader=LineLoader)  # noqa: S506 - SafeLoader
-    except OSError as exc:
-        problems.append(f"{path}: cannot read policy file: {exc.strerror}")
-        return []
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        problems.append(f"{path}{line}: invalid YAML: {getattr(exc, 'problem', exc)}")
+    document = read_yaml(path, problems)
+    if document is None:
         return []
     if not isinstance(document, dict) or not isinstance(document.get("policies"), list):
         problems.append(f"{path}: a policy file is a mapping with a `policies` list")

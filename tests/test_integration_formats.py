@@ -247,40 +247,33 @@ def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     running.stop()
 
 
+def cut_short(stack: Stack, **script: object) -> openai.APIError:
+    """The error the openai client raises reading the scripted answer through ``stack``."""
+    reply = Demo(stack.demo_url).script(**script)
+    with openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0) as client:
+        stream = client.chat.completions.create(
+            model="demo-small",
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            extra_headers={"x-demo-reply": reply},
+        )
+        with pytest.raises(openai.APIError) as raised:
+            drain(stream)
+    return raised.value
+
+
 def test_a_quiet_stream_past_its_duration_ends_with_an_error_event_the_client_raises(
     limited: Stack,
 ) -> None:
     # The first token comes at once, the next after 3 s: the cut at 1.5 s can only come from the
     # server's own timer, not from a message of Envoy's.
-    demo = Demo(limited.demo_url)
-    reply = demo.script(content="tick tock", chunk_chars=5, delay_ms=3000)
     started = time.monotonic()
-    with openai.OpenAI(base_url=f"{limited.url}/v1", api_key="unused", max_retries=0) as client:
-        stream = client.chat.completions.create(
-            model="demo-small",
-            messages=[{"role": "user", "content": "hi"}],
-            stream=True,
-            extra_headers={"x-demo-reply": reply},
-        )
-        with pytest.raises(openai.APIError) as raised:
-            drain(stream)
-    assert raised.value.body == "upstream_timeout"
+    assert cut_short(limited, content="tick tock", chunk_chars=5, delay_ms=3000).body == "upstream_timeout"
     assert time.monotonic() - started < 2.9
 
 
 def test_a_stream_over_its_size_limit_ends_with_an_error_event(limited: Stack) -> None:
-    demo = Demo(limited.demo_url)
-    reply = demo.script(content="word " * 40_000, chunk_chars=50)
-    with openai.OpenAI(base_url=f"{limited.url}/v1", api_key="unused", max_retries=0) as client:
-        stream = client.chat.completions.create(
-            model="demo-small",
-            messages=[{"role": "user", "content": "hi"}],
-            stream=True,
-            extra_headers={"x-demo-reply": reply},
-        )
-        with pytest.raises(openai.APIError) as raised:
-            drain(stream)
-    assert raised.value.body == "upstream_too_large"
+    assert cut_short(limited, content="word " * 40_000, chunk_chars=50).body == "upstream_too_large"
 
 
 def test_the_limited_stack_still_serves_short_answers(limited: Stack) -> None:

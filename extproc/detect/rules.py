@@ -202,17 +202,8 @@ def load_rules(paths: Iterable[str | Path], max_match_chars: int = DEFAULT_MAX_M
 
 
 def _load_file(path: Path, max_match_chars: int, problems: list[str]) -> list[LoadedRule]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        problems.append(f"{path}: cannot read: {exc.strerror}")
-        return []
-    try:
-        document = yaml.load(text, Loader=LineLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        problems.append(f"{path}{line}: invalid YAML: {getattr(exc, 'problem', exc)}")
+    document = read_yaml(path, problems)
+    if document is None:
         return []
     if not isinstance(document, dict) or not isinstance(document.get("rules"), list):
         problems.append(f"{path}:1: a rule file is a mapping with a `rules:` list")
@@ -229,6 +220,23 @@ def _load_file(path: Path, max_match_chars: int, problems: list[str]) -> list[Lo
         if item is not None:
             result.append(item)
     return result
+
+
+def read_yaml(path: Path, problems: list[str]) -> Any:
+    """The YAML document in ``path``, every mapping marked with its ``__line__``; None, with the problem
+    (file and line) appended to ``problems``, when it cannot be read or parsed."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        problems.append(f"{path}: cannot read: {exc.strerror}")
+        return None
+    try:
+        return yaml.load(text, Loader=LineLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problems.append(f"{path}{line}: invalid YAML: {getattr(exc, 'problem', exc)}")
+        return None
 
 
 def strip_lines(node: Any) -> Any:
