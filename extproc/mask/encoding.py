@@ -290,6 +290,12 @@ class Decoder:
 
     def feed(self, data: bytes) -> bytes:
         self._check_usable()
+        if not self._stages:  # the identity: count, never copy (every uncompressed body passes here)
+            self.decoded += len(data)
+            if self.decoded > self._limit:
+                self._error = self._too_large
+                raise self._too_large
+            return data
         parts: list[bytes] = []
         try:
             for start in range(0, len(data), _CHUNK):
