@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from extproc.detect.tail import Unsupported, prefix_pattern
 
 from .rules_fixture import DATA, EDM_KEY
 from .rules_fixture import detector as pack_detector
+from .test_engine import write
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PACK = load_rules([ROOT / "rules"])
@@ -258,12 +258,6 @@ def test_hashed_list_tokens_are_held_while_they_may_grow(tmp_path: Path) -> None
 
 
 # -- rules the analysis cannot model keep the fixed hold -------------------------------------------------
-
-
-def write(tmp_path: Path, body: str) -> Path:
-    path = tmp_path / "r.yaml"
-    path.write_text(textwrap.dedent(body), encoding="utf-8")
-    return path
 
 
 RULE = """\
