@@ -33,6 +33,7 @@ from extproc.errors import ConfigError
 from extproc.identity.dev import dev_identity
 
 REPO_ENVOY_CONFIG = Path(__file__).resolve().parent.parent / "envoy" / "envoy.yaml"
+OTLP_CLUSTER = "otel_collector"
 
 
 def envoy_binary() -> str:
@@ -53,10 +54,10 @@ class Upstream:
     port: int
 
     @classmethod
-    def parse(cls, url: str) -> Upstream:
+    def parse(cls, url: str, what: str = "--upstream") -> Upstream:
         parts = urlsplit(url)
         if parts.scheme != "http" or not parts.hostname:
-            raise ConfigError(f"--upstream must be an http://HOST:PORT URL, got {url!r}")
+            raise ConfigError(f"{what} must be an http://HOST:PORT URL, got {url!r}")
         return cls(parts.hostname, parts.port or 80)
 
 
@@ -95,9 +96,11 @@ def render_envoy_config(
     upstream: Upstream,
     extproc_host: str = "127.0.0.1",
     with_extproc: bool = True,
+    otlp: Upstream | None = None,
 ) -> dict[str, Any]:
     """The repo's Envoy config with ports and the upstream replaced (and, for the baseline benchmark,
-    without the ext_proc filter)."""
+    without the ext_proc filter). Traces go to the OTLP/gRPC collector ``otlp``; without one, tracing
+    is turned off."""
     config: dict[str, Any] = json.loads(json.dumps(base))
     config["admin"]["address"]["socket_address"]["port_value"] = admin_port
     listener = config["static_resources"]["listeners"][0]
@@ -111,9 +114,16 @@ def render_envoy_config(
         elif cluster["name"] == "model":
             cluster = dict(cluster)
             _point(cluster, upstream.host, upstream.port)
+        elif cluster["name"] == OTLP_CLUSTER and otlp is not None:
+            cluster = dict(cluster)
+            _point(cluster, otlp.host, otlp.port)
         clusters[index] = cluster
     _cluster(config, "extproc")
     _cluster(config, "model")
+    if otlp is None:
+        config["static_resources"]["clusters"] = [c for c in clusters if c["name"] != OTLP_CLUSTER]
+        for hcm_filter in listener["filter_chains"][0]["filters"]:
+            hcm_filter["typed_config"].pop("tracing", None)
     if not with_extproc:
         hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
         hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.ext_proc"]
@@ -206,6 +216,7 @@ class Stack:
     extra_env: dict[str, str] = field(default_factory=dict)
     demo_key: bool = True  # the demo model requires a key of its own, which extproc injects
     dev_identity: Path | None = None  # verify callers' tokens against the dev key in this folder
+    otlp_endpoint: str | None = None  # Envoy's and extproc's spans go to this OTLP/gRPC collector
     processes: dict[str, Process] = field(default_factory=dict)
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="extproc-dev-")))
 
@@ -239,6 +250,8 @@ class Stack:
             demo = self._python("demo", argv)
             self.demo_port = _port_of(demo.wait_ready(timeout)["http"])
             self.upstream = Upstream("127.0.0.1", self.demo_port)
+        if self.otlp_endpoint:
+            self.extra_env.setdefault("EXTPROC_TELEMETRY__OTLP_ENDPOINT", self.otlp_endpoint)
         if self.with_extproc:
             args = ["serve", "--grpc-address", f"127.0.0.1:{self.extproc_port}"]
             args += ["--admin-address", f"127.0.0.1:{self.admin_port}"]
@@ -261,6 +274,7 @@ class Stack:
             extproc_port=self.extproc_port or 1,
             upstream=self.upstream,
             with_extproc=self.with_extproc,
+            otlp=Upstream.parse(self.otlp_endpoint, "the OTLP endpoint") if self.otlp_endpoint else None,
         )
         config_path = self.workdir / "envoy.yaml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")

@@ -108,3 +108,63 @@ def test_rendering_replaces_ports_and_can_drop_the_filter() -> None:
         with_extproc=False,
     )
     assert all(f["name"] != "envoy.filters.http.ext_proc" for f in _filters(bare))
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """A YAML loader that refuses a key given twice in one mapping (PyYAML keeps the last silently,
+    and so may Envoy: a second `metadata_options` once erased the first)."""
+
+
+def _no_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    keys = [loader.construct_object(key, deep=deep) for key, _ in node.value]
+    repeated = {k for k in keys if keys.count(k) > 1}
+    if repeated:
+        raise yaml.constructor.ConstructorError(None, None, f"repeated keys {repeated}", node.start_mark)
+    return loader.construct_mapping(node, deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_key_is_given_twice(path: Path) -> None:
+    yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
+
+
+def test_the_trace_reaches_extproc_and_the_collector() -> None:
+    config = yaml.safe_load((ROOT / "envoy" / "envoy.yaml").read_text(encoding="utf-8"))
+    [hcm] = _hcms(config)
+    provider = hcm["tracing"]["provider"]
+    assert provider["name"] == "envoy.tracers.opentelemetry"
+    cluster_name = provider["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"]
+    [cluster] = [c for c in config["static_resources"]["clusters"] if c["name"] == cluster_name]
+    protocol = cluster["typed_extension_protocol_options"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    ]
+    assert "http2_protocol_options" in protocol["explicit_http_config"]  # OTLP/gRPC
+    [ext_proc] = [f["typed_config"] for f in _filters(config) if f["name"] == "envoy.filters.http.ext_proc"]
+    # Without Envoy's client span the propagated context is unsampled and extproc's spans are dropped.
+    assert ext_proc.get("emit_client_span", True) is not False
+    # Identity mode envoy needs jwt_authn's payload forwarded, and the decision id comes back.
+    options = ext_proc["metadata_options"]
+    assert "envoy.filters.http.jwt_authn" in options["forwarding_namespaces"]["untyped"]
+    assert "llm.extproc" in options["receiving_namespaces"]["untyped"]
+
+
+def test_rendering_points_the_collector_or_turns_tracing_off() -> None:
+    base = yaml.safe_load((ROOT / "envoy" / "envoy.yaml").read_text(encoding="utf-8"))
+    common: dict[str, Any] = {
+        "listen_port": 1,
+        "admin_port": 2,
+        "extproc_port": 3,
+        "upstream": Upstream("127.0.0.1", 4),
+    }
+    traced = render_envoy_config(base, **common, otlp=Upstream.parse("http://jaeger:4317"))
+    [collector] = [c for c in traced["static_resources"]["clusters"] if c["name"] == "otel_collector"]
+    endpoint = collector["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert endpoint["address"]["socket_address"] == {"address": "jaeger", "port_value": 4317}
+    assert collector["type"] == "STRICT_DNS"
+    assert "tracing" in _hcms(traced)[0]
+    quiet = render_envoy_config(base, **common)
+    assert "tracing" not in _hcms(quiet)[0]
+    assert all(c["name"] != "otel_collector" for c in quiet["static_resources"]["clusters"])
