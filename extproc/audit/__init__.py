@@ -1,0 +1,1 @@
+"""The tamper-evident session record: sealed originals, a hash chain and signed checkpoints."""
