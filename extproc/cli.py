@@ -1,15 +1,18 @@
-"""Command line: ``extproc serve | dev | demo``."""
+"""Command line: ``extproc serve | dev | envoy | demo | token | rules | scan | audit``."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from extproc import __version__
 from extproc.errors import ConfigError
@@ -85,6 +88,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
         settings_file=args.config,
         envoy_config=Path(args.envoy_config) if args.envoy_config else REPO_ENVOY_CONFIG,
         dev_identity=None if args.no_auth or args.config else dev_dir,
+        otlp_endpoint=args.otlp,
     )
 
     def interrupt(_signum: int, _frame: object) -> None:
@@ -136,6 +140,103 @@ Ctrl-C stops all three.
         stack.stop()
 
 
+def cmd_audit_keygen(args: argparse.Namespace) -> int:
+    from extproc.audit.keys import generate_keys
+
+    written = generate_keys(Path(args.directory))
+    print(
+        f"""wrote {", ".join(str(p) for p in written.values())}
+
+For the sidecar (settings `audit:`):
+  sealing_key_file: {written["auditor_pub"]}   # the auditor's public key: originals are sealed to it
+  signing_key_file: {written["signing_key"]}   # signs checkpoints
+Keep away from the sidecar:
+  {written["auditor_key"]}   opens sealed originals: `extproc audit replay --key`
+  {written["signing_pub"]}   checks checkpoints: `extproc audit verify --public-key`""",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from extproc.audit.keys import load_verify_key
+    from extproc.audit.record import verify
+
+    keys = [load_verify_key(Path(p)) for p in args.public_key or ()]
+    report = verify(Path(args.file), keys, strict=args.strict)
+    for warning in report.warnings:
+        print(f"{args.file}: warning: {warning}", file=sys.stderr)
+    if report.first_break is not None:
+        broken = report.first_break
+        where = f"line {broken.line}"
+        if broken.seq is not None:
+            where += f" (seq {broken.seq}"
+            where += f", id {broken.record_id})" if broken.record_id else ")"
+        print(f"{args.file}: {where}: {broken.reason}", file=sys.stderr)
+        return 1
+    signed = "" if report.unsigned_tail == 0 else f"; {report.unsigned_tail} after the last checkpoint"
+    print(f"{args.file}: {report.records} records, {report.checkpoints} checkpoints, chain intact{signed}")
+    return 0
+
+
+def _record_path(args: argparse.Namespace) -> Path:
+    if args.file:
+        return Path(args.file)
+    path = load_settings(args.config).audit.record_path
+    if not path:
+        raise ConfigError("no session record: give --file, or set audit.record_path")
+    return Path(path)
+
+
+def cmd_audit_show(args: argparse.Namespace) -> int:
+    from extproc.audit.record import find
+
+    path = _record_path(args)
+    record = find(path, args.id)
+    if record is None:
+        print(f"extproc audit show: no record {args.id!r} in {path}", file=sys.stderr)
+        return 1
+    sealed = record.pop("sealed", None)
+    if sealed is not None:  # the ciphertext means nothing to a reader: say what it is instead
+        record["sealed"] = f"original bodies, sealed to auditor key {sealed.get('kid')}"
+    print(json.dumps(record, indent=2, ensure_ascii=False))
+    return 0
+
+
+def cmd_audit_replay(args: argparse.Namespace) -> int:
+    from extproc.audit.keys import load_opening_key
+    from extproc.replay import replay
+    from extproc.runtime import build_snapshot
+
+    key = load_opening_key(Path(args.key))
+    overrides: dict[str, Any] = {"detect": {"rules": list(args.rules)}, "audit": {"record_path": None}}
+    if args.policies:
+        overrides["policy"] = {"paths": list(args.policies)}
+    # The callers were verified when the exchanges happened: their recorded identity is used as is.
+    overrides["identity"] = {"mode": "none"}
+    settings = load_settings(args.config, **overrides)
+    snapshot = build_snapshot(settings)
+    total = changed = skipped = 0
+    for result in replay(Path(args.file), key, snapshot):
+        total += 1
+        if result.after is None:
+            skipped += 1
+        elif result.changed:
+            changed += 1
+        if args.json:
+            print(json.dumps({**asdict(result), "changed": result.changed}, ensure_ascii=False))
+        elif result.changed or result.after is None:
+            print(f"line {result.line}  {result.record_id}  {result.summary}")
+            for line in result.changes + [f"note: {n}" for n in result.notes]:
+                print(f"  {line}")
+    print(
+        f"{args.file}: {total} exchanges replayed with {', '.join(args.rules)}: "
+        f"{changed} decided differently, {skipped} not replayable",
+        file=sys.stderr,
+    )
+    return 1 if changed and args.fail_on_change else 0
+
+
 def _address(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit():
@@ -161,6 +262,7 @@ def cmd_envoy(args: argparse.Namespace) -> int:  # noqa: RET503 - ends in os.exe
         extproc_host=extproc_host,
         extproc_port=extproc_port,
         upstream=Upstream.parse(args.upstream),
+        otlp=Upstream.parse(args.otlp, "--otlp") if args.otlp else None,
     )
     text = yaml.safe_dump(config, sort_keys=False)
     if args.print:
@@ -220,8 +322,6 @@ def cmd_rules_hash_list(args: argparse.Namespace) -> int:
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
-    import json
-
     from extproc import logs
     from extproc.runtime import build_snapshot
 
@@ -284,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument(
         "--no-auth", action="store_true", help="no caller tokens (identity mode none, the default policy)"
     )
+    dev.add_argument(
+        "--otlp", help="send Envoy's and extproc's spans to this OTLP/gRPC collector (http://HOST:4317)"
+    )
     dev.set_defaults(func=cmd_dev)
 
     token = sub.add_parser("token", help="mint a development token for `extproc dev` (dev key only)")
@@ -302,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     envoy.add_argument("--extproc", type=_address, default=("127.0.0.1", 50051), help="extproc HOST:PORT")
     envoy.add_argument("--upstream", default="http://127.0.0.1:8000", help="model server URL")
     envoy.add_argument("--envoy-config", help="Envoy config to render (default: envoy/envoy.yaml)")
+    envoy.add_argument(
+        "--otlp", help="OTLP/gRPC collector for Envoy's spans (http://HOST:4317); without it, no tracing"
+    )
     envoy.add_argument("--print", action="store_true", help="print the rendered config instead of running")
     envoy.add_argument("envoy_args", nargs="*", help="extra Envoy arguments, after --")
     envoy.set_defaults(func=cmd_envoy)
@@ -331,6 +437,39 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--mask", action="store_true", help="print the text, masked")
     scan.add_argument("--values", action="store_true", help="include the matched values in the output")
     scan.set_defaults(func=cmd_scan)
+
+    audit = sub.add_parser("audit", help="keys, verification, views and replay of the session record")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    keygen = audit_sub.add_parser("keygen", help="make the auditor's and the checkpoint signing key pairs")
+    keygen.add_argument("directory", help="folder for auditor.key/.pub and signing.key/.pub")
+    keygen.set_defaults(func=cmd_audit_keygen)
+    verify = audit_sub.add_parser("verify", help="check the hash chain and the signed checkpoints")
+    verify.add_argument("file", help="the session record (JSON Lines)")
+    verify.add_argument(
+        "--public-key", action="append", help="signing.pub that checkpoints must verify with (repeatable)"
+    )
+    verify.add_argument(
+        "--strict", action="store_true", help="records after the last checkpoint are an error"
+    )
+    verify.set_defaults(func=cmd_audit_verify)
+    show = audit_sub.add_parser("show", help="print one exchange's record (masked bodies only)")
+    show.add_argument("id", help="the decision id (x-dlp-decision-id)")
+    show.add_argument("--file", help="the session record (default: audit.record_path)")
+    show.add_argument("--config", help="settings YAML file")
+    show.set_defaults(func=cmd_audit_show)
+    replay = audit_sub.add_parser(
+        "replay", help="decide recorded exchanges again with other rules; print what changes"
+    )
+    replay.add_argument("file", help="the session record (JSON Lines)")
+    replay.add_argument("--key", required=True, help="the auditor's private key (auditor.key)")
+    replay.add_argument(
+        "--rules", action="append", required=True, help="rule file or folder to decide with (repeatable)"
+    )
+    replay.add_argument("--policies", action="append", help="policy file or folder (default: policy.paths)")
+    replay.add_argument("--config", help="settings YAML file for everything else")
+    replay.add_argument("--json", action="store_true", help="one JSON object per exchange")
+    replay.add_argument("--fail-on-change", action="store_true", help="exit 1 when any decision differs")
+    replay.set_defaults(func=cmd_audit_replay)
 
     demo = sub.add_parser("demo", help="run the OpenAI-compatible demo model server")
     demo.add_argument("--host", default="127.0.0.1")

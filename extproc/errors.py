@@ -23,6 +23,7 @@ HTTP_STATUS: Final[dict[str, int]] = {
     "upstream_too_large": 502,
     "upstream_timeout": 504,
     "upstream_credential_unavailable": 503,
+    "audit_unavailable": 503,  # the session record cannot be written and audit.on_error is fail_closed
     # identity: the caller's bearer token (extproc/identity); every one is a 401
     "jwt_missing": 401,
     "jwt_malformed": 401,

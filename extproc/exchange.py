@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
+from extproc.audit.spans import ExchangeTrace, Instruments
 from extproc.errors import AuthError, ClientError, ExtProcError, ProtocolError, UpstreamError
 from extproc.identity import Principal, bearer_token, principal_from_metadata
 from extproc.mask import Inspector
@@ -49,7 +50,10 @@ from extproc.model import (
     Finding,
     HeaderChanges,
     Headers,
+    Outcome,
     ProtocolConfig,
+    Recorded,
+    RecordedBody,
     Reject,
     ReplaceBody,
     Reply,
@@ -64,6 +68,7 @@ DECISION_HEADER = "x-dlp-decision-id"
 UNMASKED_HEADER = "x-dlp-unmasked"
 METADATA_NAMESPACE = "llm.extproc"
 SUPPORTED_BODY_MODES = frozenset({BodyMode.NONE, BodyMode.BUFFERED, BodyMode.FULL_DUPLEX_STREAMED})
+_UNTRACED = Instruments()
 
 
 class Phase(IntEnum):
@@ -97,6 +102,14 @@ class _Direction:
     ended: bool = False  # the last body byte has been answered
     discard: bool = False  # closed early with an in-band error: the rest of the upstream body is dropped
     deferred_headers: ContinueHeaders | None = None  # response headers held until the body is masked
+    media: str = ""
+    status: str = ""  # the response's :status
+    # For the session record, when one is kept: the decoded body as it came, and as it was sent on, each
+    # up to the record's cap (None: not kept).
+    original: bytearray | None = None
+    masked: bytearray | None = None
+    original_size: int = 0
+    masked_size: int = 0
 
 
 def media_type(headers: Headers) -> str:
@@ -109,7 +122,18 @@ def is_json(media: str) -> bool:
 
 
 class Exchange:
-    def __init__(self, snapshot: Snapshot, protocol: ProtocolConfig, decision_id: str) -> None:
+    def __init__(
+        self,
+        snapshot: Snapshot,
+        protocol: ProtocolConfig,
+        decision_id: str,
+        trace: ExchangeTrace | None = None,
+        unavailable: ExtProcError | None = None,
+        caller: Principal | None = None,
+    ) -> None:
+        """``unavailable``: the sidecar cannot serve now (its session record cannot be written); requests
+        are answered with this error once their caller is known. ``caller``: a caller verified before
+        (an exchange replayed from the session record); no token is then looked for."""
         for direction, mode in (
             (Direction.REQUEST, protocol.request_body_mode),
             (Direction.RESPONSE, protocol.response_body_mode),
@@ -117,8 +141,16 @@ class Exchange:
             if mode not in SUPPORTED_BODY_MODES:
                 raise ProtocolError(f"{direction.value} body mode {mode.value} is not supported")
         self._snapshot = snapshot
+        self._unavailable = unavailable
+        self._caller = caller
+        self._started = time.time()
+        self._clock = time.monotonic()
+        self.trace = trace if trace is not None else _UNTRACED.begin({})
         self.decision_id = decision_id
         self.request_id = ""
+        self.method = ""
+        self.model: str | None = None
+        self.cut: str | None = None  # the error code a streamed answer was cut with
         self.passthrough = False
         self.finished = False
         self.deadline: float | None = None  # time.monotonic() by which a streamed answer must end
@@ -137,6 +169,10 @@ class Exchange:
             Direction.REQUEST: _Direction(protocol.request_body_mode),
             Direction.RESPONSE: _Direction(protocol.response_body_mode),
         }
+        self._record_cap = snapshot.settings.audit.max_body_bytes
+        if snapshot.settings.audit.record_path:
+            for state in self._dirs.values():
+                state.original, state.masked = bytearray(), bytearray()
 
     @property
     def findings(self) -> dict[Direction, list[Finding]]:
@@ -188,6 +224,7 @@ class Exchange:
     def _request_headers(self, event: Headers) -> list[Reply]:
         self.request_id = event.get("x-request-id") or ""
         self.route = (event.get(":path") or "").split("?", 1)[0]
+        self.method = event.get(":method") or ""
         try:
             self.principal = self._authenticate(event)
         except AuthError as error:
@@ -197,6 +234,8 @@ class Exchange:
             )
         if self.principal is not None:
             self.groups = self.principal.groups
+        if self._unavailable is not None:
+            return self._reject(self._unavailable)
         self.unmasked_requested = (event.get(UNMASKED_HEADER) or "").strip().lower() in ("1", "true", "yes")
         state = self._dirs[Direction.REQUEST]
         state.had_content_length = event.get("content-length") is not None
@@ -213,7 +252,7 @@ class Exchange:
         too_large = ClientError(
             f"request body exceeds {limits.max_request_bytes} bytes", code="body_too_large"
         )
-        media = media_type(event)
+        media = state.media = media_type(event)
         try:
             if is_json(media):
                 invalid = ClientError("request body is not valid JSON", code="invalid_json")
@@ -244,10 +283,13 @@ class Exchange:
     def _authenticate(self, event: Headers) -> Principal | None:
         """The caller, per ``identity.mode``: none (no identity, the default policy), jwt (the bearer
         token verified here) or envoy (the payload Envoy's jwt_authn verified). Raises AuthError."""
+        if self._caller is not None:
+            return self._caller
         identity = self._snapshot.settings.identity
         if identity.mode == "jwt":
             assert self._snapshot.verifier is not None
-            return self._snapshot.verifier.verify(bearer_token(event.get("authorization")))
+            with self.trace.verifying():
+                return self._snapshot.verifier.verify(bearer_token(event.get("authorization")))
         if identity.mode == "envoy":
             return principal_from_metadata(event.metadata, identity)
         return None
@@ -268,7 +310,8 @@ class Exchange:
         have refused is only recorded. Returns the inspector that masks the request under the policy,
         and whether ``document`` was rewritten."""
         model = document.get("model") if isinstance(document, dict) else None
-        facts = Facts(self.groups, self.route, model if isinstance(model, str) else None)
+        self.model = model if isinstance(model, str) else None
+        facts = Facts(self.groups, self.route, self.model)
         loaded = self._snapshot.policies.select(facts)
         shadows = self._snapshot.policies.shadows(facts)
         self.policy = loaded
@@ -386,6 +429,81 @@ class Exchange:
             "shadow": shadows,
         }
 
+    def outcome(self, error_code: str | None = None) -> Outcome:
+        """What the exchange came to. ``error_code``: the stream was aborted with it."""
+        findings = {d.value: tuple(found) for d, found in self.findings.items() if found}
+        entity_of = {f.rule_id: f.entity for found in findings.values() for f in found}
+        actions: dict[str, tuple[tuple[str, str, str], ...]] = {}
+        for name, made in (("request", self._request_actions), ("response", self._response_actions)):
+            if made is not None and made.decisions.made:
+                actions[name] = tuple(
+                    (rule, entity_of.get(rule, ""), action) for rule, action in made.decisions.made
+                )
+        entities: dict[str, int] = {}
+        for found in findings.values():
+            for finding in found:
+                entities[finding.entity] = entities.get(finding.entity, 0) + 1
+        enforce = self.policy.policy.enforce if self.policy is not None else True
+        if error_code is not None:
+            decision = "error"
+        elif self.passthrough:
+            decision = "passthrough"
+        elif self.refused is not None:
+            decision = "refused"
+        elif self.cut is not None:
+            decision = "cut"
+        elif enforce and any(action == "mask" for made in actions.values() for _, _, action in made):
+            decision = "masked"
+        else:
+            decision = "allowed"
+        principal = self.principal
+        return Outcome(
+            decision_id=self.decision_id,
+            decision=decision,
+            request_id=self.request_id,
+            error_code=error_code or self.refused or self.cut,
+            policy=self.policy.id if self.policy is not None else None,
+            enforce=enforce,
+            actions=actions,
+            findings=findings,
+            entities=entities,
+            rules=tuple(dict.fromkeys(f.rule_id for found in findings.values() for f in found)),
+            would_refuse=tuple(self.would_refuse),
+            shadow={policy: tuple(codes) for policy, codes in self.shadowed.items()},
+            subject=principal.subject if principal is not None else None,
+            subject_hash=(
+                self._snapshot.subject_hash(principal.issuer, principal.subject) if principal else None
+            ),
+            issuer=principal.issuer if principal is not None else None,
+            groups=tuple(sorted(self.groups)),
+            unmasked=bool(self._response_actions is not None and self._response_actions.unmasked),
+            route=self.route,
+            method=self.method,
+            model=self.model,
+        )
+
+    def recorded(self) -> Recorded:
+        """The bodies kept for the session record (none unless one is kept)."""
+        bodies: dict[Direction, RecordedBody | None] = {}
+        for direction, state in self._dirs.items():
+            if state.original is None or state.masked is None or not (state.media or state.status):
+                bodies[direction] = None
+                continue
+            bodies[direction] = RecordedBody(
+                content_type=state.media,
+                original=bytes(state.original),
+                original_bytes=state.original_size,
+                masked=bytes(state.masked),
+                masked_bytes=state.masked_size,
+                status=state.status,
+            )
+        return Recorded(
+            started=self._started,
+            duration=time.monotonic() - self._clock,
+            request=bodies[Direction.REQUEST],
+            response=bodies[Direction.RESPONSE],
+        )
+
     @property
     def _json_as_text(self) -> bool:
         return self._snapshot.settings.detect.unparseable == "text"
@@ -423,7 +541,8 @@ class Exchange:
             return [
                 ContinueHeaders(Direction.RESPONSE, HeaderChanges(set=((DECISION_HEADER, self.decision_id),)))
             ]
-        media = media_type(event)
+        media = state.media = media_type(event)
+        state.status = event.get(":status") or ""
         try:
             inspector = self._response_inspector()
         except ExtProcError as error:
@@ -504,17 +623,41 @@ class Exchange:
         """Decode and mask one body chunk; with ``last``, flush everything held."""
         state = self._dirs[direction]
         decoder = state.decoder
-        try:
-            out = state.processor.feed(data if decoder is None else decoder.feed(data))
-            if last and decoder is not None:
-                out += state.processor.feed(decoder.finish())
-        except DecodeError as exc:
-            if direction is Direction.REQUEST:
-                raise ClientError(str(exc), code="invalid_content_encoding") from exc
-            raise UpstreamError(str(exc)) from exc
+        processor = state.processor
+        with self.trace.scanning(direction, len(data)):
+            try:
+                plain = data if decoder is None else decoder.feed(data)
+                self._keep(state, plain, original=True)
+                out = processor.feed(plain)
+                if last and decoder is not None:
+                    rest = decoder.finish()
+                    self._keep(state, rest, original=True)
+                    out += processor.feed(rest)
+            except DecodeError as exc:
+                if direction is Direction.REQUEST:
+                    raise ClientError(str(exc), code="invalid_content_encoding") from exc
+                raise UpstreamError(str(exc)) from exc
+            if last:
+                out += processor.finish()
+        self._keep(state, out, original=False)
         if last:
-            out += state.processor.finish()
+            self.trace.scanned(direction)
+        elif state.streaming:
+            self.trace.held(direction, processor.held)
         return out
+
+    def _keep(self, state: _Direction, data: bytes, *, original: bool) -> None:
+        """Keeps ``data`` for the session record, up to its cap; counts it all."""
+        kept = state.original if original else state.masked
+        if kept is None or not data:
+            return
+        if original:
+            state.original_size += len(data)
+        else:
+            state.masked_size += len(data)
+        room = self._record_cap - len(kept)
+        if room > 0:
+            kept += data[:room]
 
     def _trailers(self, event: Trailers) -> list[Reply]:
         state = self._dirs[event.direction]
@@ -566,6 +709,7 @@ class Exchange:
             and state.deferred_headers is None
         )
         if not streaming_response:
+            self.trace.scanned(direction, error.code)
             return self._reject(error)
         # Response headers are already on their way to the client: an error status is no longer possible.
         # An event stream (SSE or NDJSON) releases what its finished texts still hold, masked, then ends
@@ -576,12 +720,16 @@ class Exchange:
             raise error
         self._end(direction)
         state.discard = True
+        self.cut = error.code
+        self.trace.scanned(direction, error.code)
         payload = self.error_body(error)
         if isinstance(processor, SseEvents):
             terminal = b"event: error\ndata: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
         else:
             terminal = json.dumps({**payload, "done": True}, separators=(",", ":")).encode() + b"\n"
-        return [StreamChunk(direction, processor.cut() + terminal, True)]
+        out = processor.cut() + terminal
+        self._keep(state, out, original=False)
+        return [StreamChunk(direction, out, True)]
 
     def error_body(self, error: ExtProcError) -> dict[str, str]:
         return {"error": error.code, "message": error.message, "request_id": self.request_id}

@@ -123,3 +123,54 @@ class Reject:
 
 
 Reply = ContinueHeaders | ReplaceBody | StreamChunk | ContinueTrailers | Reject
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one exchange came to: the decision span's attributes, the metrics' labels and the session
+    record's decision. Ids, codes, rule ids, entities and offsets only; never a matched value."""
+
+    decision_id: str
+    decision: str  # allowed | masked | refused | cut | passthrough | error
+    request_id: str = ""
+    error_code: str | None = None
+    policy: str | None = None
+    enforce: bool = True
+    # per direction ("request", "response"): (rule id, entity, action) for each decision the policy made
+    actions: dict[str, tuple[tuple[str, str, str], ...]] = field(default_factory=dict)
+    findings: dict[str, tuple[Finding, ...]] = field(default_factory=dict)
+    entities: dict[str, int] = field(default_factory=dict)  # entity -> findings, both directions
+    rules: tuple[str, ...] = ()  # rule ids that found something, in order
+    would_refuse: tuple[str, ...] = ()
+    shadow: dict[str, tuple[str, ...]] = field(default_factory=dict)  # shadow policy -> codes it refuses
+    subject: str | None = None
+    subject_hash: str | None = None
+    issuer: str | None = None
+    groups: tuple[str, ...] = ()
+    unmasked: bool = False
+    route: str = ""
+    method: str = ""
+    model: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedBody:
+    """One direction's body for the session record: decoded, as it came and as it was sent on, each up
+    to the record's cap (the sizes count everything)."""
+
+    content_type: str
+    original: bytes
+    original_bytes: int
+    masked: bytes
+    masked_bytes: int
+    status: str = ""  # the response's :status
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """What the session record keeps of one exchange besides its Outcome."""
+
+    started: float  # wall-clock seconds
+    duration: float  # seconds
+    request: RecordedBody | None
+    response: RecordedBody | None

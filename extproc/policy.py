@@ -305,7 +305,7 @@ class FindingActions:
     ) -> None:
         self._direction = direction
         self._info = rule_info  # rule id -> (category, severity)
-        self._unmasked = unmasked
+        self.unmasked = unmasked
         self.shadows = tuple(shadows)  # policies in shadow mode: asked too, only recorded
         self.decisions = Decisions(policy.id, policy.policy.enforce)
 
@@ -331,7 +331,7 @@ class FindingActions:
             if entry.when.selects(finding, category, severity):
                 verdict = Verdict(entry.do, entry.strategy)
                 break
-        if verdict.action == "mask" and self._unmasked:
+        if verdict.action == "mask" and self.unmasked:
             verdict = Verdict("allow")
         self.decisions.made.append((finding.rule_id, verdict.action))
         return verdict

@@ -4,6 +4,8 @@ A snapshot is immutable: each exchange keeps the snapshot it started with."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import secrets
 from dataclasses import dataclass
@@ -30,6 +32,13 @@ class Snapshot:
     rule_info: dict[str, tuple[str, str]]  # rule id -> (category, severity), for policy selectors
     credential: Credential  # the model server's own; set upstream when configured
     verifier: Verifier | None = None  # identity mode jwt: started and closed by the server
+    subject_key: bytes = b""  # keys the subject hash on spans (derived from the hash key)
+
+    def subject_hash(self, issuer: str, subject: str) -> str:
+        """A short keyed hash of a caller: the same caller gives the same value while the key stays,
+        and the value does not reveal who it is."""
+        message = issuer.encode() + b"\0" + subject.encode()
+        return hmac.new(self.subject_key, message, hashlib.sha256).hexdigest()[:16]
 
 
 def read_key(path: str, purpose: str) -> bytes:
@@ -78,6 +87,7 @@ def build_snapshot(settings: Settings) -> Snapshot:
         inspector=inspector,
         policies=policies,
         rule_info=rule_info,
+        subject_key=hmac.new(hash_key, b"extproc subject hash", hashlib.sha256).digest(),
         credential=credential,
         verifier=verifier,
     )

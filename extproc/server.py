@@ -17,11 +17,14 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc import envoy
+from extproc.audit.session import SessionRecorder
+from extproc.audit.spans import ExchangeTrace, Instruments
 from extproc.errors import ExtProcError
 from extproc.exchange import Exchange
-from extproc.model import ProtocolConfig
+from extproc.model import Outcome, ProtocolConfig
 from extproc.runtime import Runtime
 from extproc.settings import Settings
+from extproc.telemetry import Telemetry
 
 log = logging.getLogger("extproc.server")
 
@@ -31,8 +34,12 @@ SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
 class ExternalProcessor:
     """Moves messages between Envoy and one Exchange per stream; never decides anything itself."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(
+        self, runtime: Runtime, instruments: Instruments, recorder: SessionRecorder | None = None
+    ) -> None:
         self._runtime = runtime
+        self._instruments = instruments
+        self._recorder = recorder
 
     async def Process(
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
@@ -40,6 +47,9 @@ class ExternalProcessor:
         snapshot = self._runtime.snapshot
         exchange: Exchange | None = None
         messages = _Messages(request_iterator)
+        # Envoy's ext_proc client span is the parent: its traceparent is in the stream's metadata.
+        trace = self._instruments.begin(_metadata(context))
+        failure: str | None = None
         try:
             while True:
                 deadline = exchange.deadline if exchange is not None else None
@@ -53,23 +63,50 @@ class ExternalProcessor:
                     break
                 if exchange is None:
                     protocol = envoy.protocol_config(message) or ProtocolConfig()
-                    exchange = Exchange(snapshot, protocol, uuid.uuid4().hex)
+                    exchange = Exchange(
+                        snapshot, protocol, uuid.uuid4().hex, trace, unavailable=self._unavailable()
+                    )
                 for reply in exchange.handle(envoy.decode(message)):
                     yield envoy.encode(reply)
         except ExtProcError as error:
             # Never end the stream cleanly here: a clean close makes Envoy forward the request unprocessed.
+            failure = error.code
             log.error(
                 "exchange_failed",
                 extra={"code": error.code, "reason": error.message, **_ids(exchange)},
             )
             await context.abort(grpc.StatusCode.INTERNAL, f"{error.code}: {error.message}")
         except Exception:
+            failure = "internal_error"
             log.exception("exchange_crashed", extra=_ids(exchange))
             await context.abort(grpc.StatusCode.INTERNAL, "internal_error")
         finally:
+            # Also when the stream is cancelled: the exchange's span and record are never lost.
             messages.close()
-        if exchange is not None:
-            _log_exchange(exchange)
+            self._finish(exchange, trace, failure)
+
+    def _unavailable(self) -> ExtProcError | None:
+        if self._recorder is not None and not self._recorder.serving:
+            return ExtProcError("the session record cannot be written", code="audit_unavailable")
+        return None
+
+    def _finish(self, exchange: Exchange | None, trace: ExchangeTrace, failure: str | None) -> None:
+        if exchange is None:
+            if failure is not None:  # the stream failed before an exchange could begin
+                trace.finish(Outcome(decision_id="", decision="error", error_code=failure))
+            else:
+                trace.finish(Outcome(decision_id="", decision="passthrough"))
+            return
+        outcome = exchange.outcome(failure)
+        trace.finish(outcome)
+        _log_exchange(exchange, outcome)
+        if self._recorder is not None:
+            self._recorder.record(exchange.recorded(), outcome, trace.trace_id)
+
+
+def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    metadata = context.invocation_metadata() or ()
+    return {key: value for key, value in metadata if isinstance(value, str)}
 
 
 _END = object()
@@ -113,7 +150,7 @@ def _ids(exchange: Exchange | None) -> dict[str, str]:
     return {"decision_id": exchange.decision_id, "request_id": exchange.request_id}
 
 
-def _log_exchange(exchange: Exchange) -> None:
+def _log_exchange(exchange: Exchange, outcome: Outcome) -> None:
     if not log.isEnabledFor(logging.INFO):
         return
     counts = {
@@ -125,6 +162,7 @@ def _log_exchange(exchange: Exchange) -> None:
         "exchange",
         extra={
             **_ids(exchange),
+            "outcome": outcome.decision,
             "findings": counts,
             "passthrough": exchange.passthrough,
             "decision": exchange.decisions,
@@ -135,9 +173,17 @@ def _log_exchange(exchange: Exchange) -> None:
 class Server:
     """The ext_proc gRPC server plus the admin HTTP endpoints, with a graceful stop."""
 
-    def __init__(self, settings: Settings, runtime: Runtime) -> None:
+    def __init__(self, settings: Settings, runtime: Runtime, instruments: Instruments | None = None) -> None:
+        """``instruments``: given by tests that read spans in memory; otherwise built from the telemetry
+        settings (no-op ones when no OTLP endpoint is set)."""
         self._settings = settings
         self._runtime = runtime
+        self._telemetry: Telemetry | None = None
+        if instruments is None:
+            self._telemetry = Telemetry(settings.telemetry)
+            instruments = self._telemetry.instruments
+        self._instruments = instruments
+        self.recorder: SessionRecorder | None = None
         self._health = health.aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None
         self._serving = False
@@ -149,6 +195,9 @@ class Server:
         verifier = self._runtime.snapshot.verifier
         if verifier is not None:
             await verifier.start()  # every JWKS loaded before the first stream; refreshed from now on
+        if self._settings.audit.record_path:
+            self.recorder = SessionRecorder(self._settings.audit, self._instruments)
+            await asyncio.to_thread(self.recorder.start)
         # grpc.aio binds its server to the running event loop: create it here, not in __init__.
         limit = self._settings.server.max_message_bytes
         self._grpc = grpc.aio.server(
@@ -158,7 +207,7 @@ class Server:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        envoy.add_servicer(ExternalProcessor(self._runtime), self._grpc)
+        envoy.add_servicer(ExternalProcessor(self._runtime, self._instruments, self.recorder), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         host, _, port = self._settings.server.grpc_address.rpartition(":")
         self.grpc_port = self._grpc.add_insecure_port(f"{host}:{port}")
@@ -195,6 +244,8 @@ class Server:
         verifier = self._runtime.snapshot.verifier
         if verifier is not None and not verifier.keys_loaded:
             return web.json_response({"status": "no_keys"}, status=503)
+        if self.recorder is not None and not self.recorder.serving:
+            return web.json_response({"status": "audit_unavailable"}, status=503)
         if self._serving:
             return web.json_response({"status": "serving"})
         return web.json_response({"status": "not_serving"}, status=503)
@@ -214,6 +265,11 @@ class Server:
         verifier = self._runtime.snapshot.verifier
         if verifier is not None:
             await verifier.close()
+        # Every exchange has finished: its record and its spans go out before the process ends.
+        if self.recorder is not None:
+            await asyncio.to_thread(self.recorder.close)
+        if self._telemetry is not None:
+            await asyncio.to_thread(self._telemetry.shutdown)
         log.info("stopped")
 
     async def run_until_signal(self) -> None:

@@ -237,6 +237,61 @@ class IdentitySettings(_Section):
         return self
 
 
+class TelemetrySettings(_Section):
+    otlp_endpoint: str | None = Field(
+        None,
+        description="OTLP/gRPC collector (Jaeger accepts OTLP): http://HOST:4317 for plaintext, "
+        "https://HOST:4317 for TLS; unset: no spans or metrics are exported, at no cost per request",
+    )
+    service_name: str = Field("extproc", min_length=1, description="the service name spans carry")
+    sample_ratio: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="share of exchanges traced when Envoy sends no trace context; with one, Envoy decides",
+    )
+    metrics: bool = Field(
+        True, description="export metrics too (Jaeger takes traces only: false when it is the endpoint)"
+    )
+    metrics_interval_seconds: float = Field(30.0, gt=0, description="how often metrics are exported")
+    export_delay_seconds: float = Field(
+        2.0, gt=0, description="longest a finished span waits to be exported with others"
+    )
+    export_timeout_seconds: float = Field(10.0, gt=0, description="one export's time limit")
+
+
+class AuditSettings(_Section):
+    record_path: str | None = Field(
+        None, description="the session record: one JSON line per exchange, hash-chained; unset: none"
+    )
+    sealing_key_file: str | None = Field(
+        None,
+        description="the auditor's X25519 public key (`extproc audit keygen`); original bodies are sealed "
+        "to it, which the sidecar cannot open. Unset: originals are not recorded",
+    )
+    signing_key_file: str | None = Field(
+        None, description="Ed25519 private key that signs checkpoints; unset: the chain has no checkpoints"
+    )
+    max_body_bytes: int = Field(
+        1 * MiB, ge=0, description="each recorded body (masked, and original before sealing) is cut here"
+    )
+    checkpoint_every: int = Field(100, ge=1, description="a signed checkpoint after this many records")
+    checkpoint_seconds: float = Field(60.0, gt=0, description="or after this long, whichever comes first")
+    fsync: bool = Field(True, description="flush every batch of records to the disk before the next")
+    queue_size: int = Field(10000, ge=1, description="records waiting to be written; beyond it they are lost")
+    on_error: Literal["fail_closed", "continue"] = Field(
+        "fail_closed",
+        description="when the record cannot be written: refuse new requests (503 audit_unavailable) until "
+        "it can, or keep serving and mark the record incomplete with a gap entry",
+    )
+
+    @model_validator(mode="after")
+    def _keys_need_a_record(self) -> AuditSettings:
+        if self.record_path is None and (self.sealing_key_file or self.signing_key_file):
+            raise ValueError("sealing_key_file and signing_key_file need record_path")
+        return self
+
+
 class Settings(_Section):
     """Every setting of the sidecar. See the README's configuration reference."""
 
@@ -248,6 +303,8 @@ class Settings(_Section):
     policy: PolicySettings = PolicySettings()
     upstream: UpstreamSettings = UpstreamSettings()
     identity: IdentitySettings = IdentitySettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
+    audit: AuditSettings = AuditSettings()
 
 
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

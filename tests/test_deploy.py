@@ -78,3 +78,41 @@ def test_stream_bench_runs_and_writes_its_report(tmp_path: Path) -> None:
         assert set(answer["added_per_event"]) == {"median_ms", "p95_ms"}
         assert answer["ratios"]["first_token_ms"] is not None
     assert "first token scanned/unscanned" in (tmp_path / "stream-latest.md").read_text()
+
+
+def test_the_settings_config_map_wires_telemetry_and_the_session_record(tmp_path: Path) -> None:
+    config_map = yaml.safe_load((ROOT / "deploy/kubernetes/extproc-settings.yaml").read_text())
+    path = tmp_path / "settings.yaml"
+    path.write_text(config_map["data"]["settings.yaml"])
+    settings = load_settings(path)
+    [extproc] = [c for c in _containers() if c["name"] == "extproc"]
+    mounts = [m["mountPath"] for m in extproc["volumeMounts"]]  # type: ignore[attr-defined]
+    audit = settings.audit
+    for file in (audit.record_path, audit.sealing_key_file, audit.signing_key_file):
+        assert file is not None
+        assert any(file.startswith(mount + "/") for mount in mounts), file
+    # Envoy and extproc export to the same collector: one trace from ingress to the decision.
+    [envoy] = [c for c in _containers() if c["name"] == "envoy"]
+    assert f"--otlp={settings.telemetry.otlp_endpoint}" in envoy["args"]  # type: ignore[operator]
+
+
+COMPOSE = yaml.safe_load((ROOT / "deploy/compose.yaml").read_text())
+
+
+@pytest.mark.parametrize("service", ["model", "extproc", "envoy"])
+def test_compose_commands_are_real_extproc_commands(service: str) -> None:
+    command = [str(a) for a in COMPOSE["services"][service]["command"]]
+    assert build_parser().parse_args(command).command in {"serve", "envoy", "demo"}
+
+
+def test_compose_environment_names_real_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    environment = COMPOSE["services"]["extproc"]["environment"]
+    for name, value in environment.items():
+        monkeypatch.setenv(name, str(value))
+    settings = load_settings(None)
+    assert settings.telemetry.otlp_endpoint == "http://jaeger:4317"
+    assert settings.audit.record_path == "/var/lib/extproc/session.jsonl"
+    envoy = build_parser().parse_args([str(a) for a in COMPOSE["services"]["envoy"]["command"]])
+    assert envoy.otlp == settings.telemetry.otlp_endpoint
+    # The image makes the record's folder, owned by the user the sidecar runs as.
+    assert "/var/lib/extproc" in (ROOT / "deploy/Dockerfile").read_text()

@@ -1,12 +1,15 @@
 """The grpc.aio server for real: fail-closed aborts, health, graceful shutdown."""
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
+import aiohttp
 import grpc
 import pytest
 from envoy.config.core.v3 import base_pb2
@@ -14,6 +17,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from extproc.audit.record import iter_records, verify
 from extproc.runtime import Runtime, build_snapshot
 from extproc.server import SERVICE_NAME, Server
 from extproc.settings import load_settings
@@ -139,3 +143,80 @@ def test_serve_stops_cleanly_on_sigterm() -> None:
     _, rest = process.communicate(timeout=20)
     assert process.returncode == 0
     assert '"event": "stopped"' in rest
+
+
+async def _audited_server(record_path: str, on_error: str) -> Server:
+    settings = load_settings(
+        None,
+        server={"grpc_address": "127.0.0.1:0", "admin_address": "127.0.0.1:0", "drain_seconds": 0},
+        audit={"record_path": record_path, "on_error": on_error},
+    )
+    srv = Server(settings, Runtime(build_snapshot(settings)))
+    await srv.start()
+    return srv
+
+
+async def _first_answer(port: int) -> pb.ProcessingResponse:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = pb_grpc.ExternalProcessorStub(channel).Process()
+        await call.write(request_headers(("content-type", "text/plain")))
+        answer: pb.ProcessingResponse = await call.read()
+        await call.done_writing()
+        return answer
+
+
+async def _readyz(port: int) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/readyz") as answer:
+        return answer.status, (await answer.json())["status"]
+
+
+async def test_a_session_record_that_cannot_be_written_refuses_requests_when_fail_closed() -> None:
+    # /dev/full fails every write with ENOSPC: a full disk, for real.
+    srv = await _audited_server("/dev/full", "fail_closed")
+    try:
+        answer = await _first_answer(srv.grpc_port)
+        assert answer.HasField("immediate_response")
+        assert answer.immediate_response.status.code == 503
+        assert json.loads(answer.immediate_response.body)["error"] == "audit_unavailable"
+        assert await _readyz(srv.admin_port) == (503, "audit_unavailable")
+    finally:
+        await srv.stop()
+
+
+async def test_a_session_record_that_cannot_be_written_is_marked_lost_when_set_to_continue() -> None:
+    srv = await _audited_server("/dev/full", "continue")
+    try:
+        answer = await _first_answer(srv.grpc_port)
+        assert answer.HasField("request_headers")  # served: the record is incomplete, and says so
+        assert await _readyz(srv.admin_port) == (200, "serving")
+        assert srv.recorder is not None
+        assert not srv.recorder.writer.healthy
+    finally:
+        await srv.stop()
+    assert srv.recorder.writer.lost >= 1
+
+
+async def test_each_exchange_is_recorded_when_its_stream_ends(tmp_path: Path) -> None:
+    path = tmp_path / "session.jsonl"
+    srv = await _audited_server(str(path), "fail_closed")
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.grpc_port}") as channel:
+            call = pb_grpc.ExternalProcessorStub(channel).Process()
+            await call.write(request_headers(("content-type", "text/plain"), (":path", "/v1/x")))
+            await call.read()
+            await call.write(
+                pb.ProcessingRequest(request_body=pb.HttpBody(body=b"to a@b.io", end_of_stream=True))
+            )
+            await call.read()
+            await call.done_writing()
+            assert await call.read() is grpc.aio.EOF
+    finally:
+        await srv.stop()
+    [record] = [r for _, r in iter_records(path) if r["type"] == "exchange"]
+    assert record["route"] == "/v1/x"
+    assert record["request"]["masked"] == "to [REDACTED:EMAIL_ADDRESS]"
+    assert record["findings"] == {
+        "request": [{"rule": "email-address", "entity": "EMAIL_ADDRESS", "start": 3, "end": 9}]
+    }
+    assert "sealed" not in record  # no auditor key configured: originals are not kept at all
+    assert verify(path).first_break is None

@@ -25,6 +25,11 @@ class BodyProcessor(Protocol):
     @property
     def findings(self) -> list[Finding]: ...
 
+    @property
+    def held(self) -> int:
+        """Characters a streamed body holds back right now (0 for bodies masked whole)."""
+        ...
+
     def feed(self, data: bytes) -> bytes: ...
 
     def finish(self) -> bytes: ...
@@ -40,6 +45,7 @@ class _Buffered(ABC):
         self._parts: list[bytes] = []
         self._size = 0
         self.findings: list[Finding] = []
+        self.held = 0
 
     def feed(self, data: bytes) -> bytes:
         self._size += len(data)
@@ -205,6 +211,10 @@ class SseEvents:
     def findings(self) -> list[Finding]:
         return self._found
 
+    @property
+    def held(self) -> int:
+        return 0  # events go out whole; the token streams of EventStream hold characters
+
     def feed(self, data: bytes) -> bytes:
         # Only the new bytes (and the three before them) can complete a separator.
         search_from = max(0, len(self._pending) - 3)
@@ -257,6 +267,10 @@ class StreamingText:
     def findings(self) -> list[Finding]:
         return self._masker.findings
 
+    @property
+    def held(self) -> int:
+        return self._masker.held
+
     def feed(self, data: bytes) -> bytes:
         self._size += len(data)
         if self._size > self._limit:
@@ -274,6 +288,7 @@ class Passthrough:
 
     def __init__(self) -> None:
         self.findings: list[Finding] = []
+        self.held = 0
 
     def feed(self, data: bytes) -> bytes:
         return data

@@ -43,6 +43,10 @@ class NdjsonStream:
     def findings(self) -> list[Finding]:
         return self._found + self._texts.findings
 
+    @property
+    def held(self) -> int:
+        return self._texts.held
+
     def feed(self, data: bytes) -> bytes:
         search_from = len(self._pending)
         self._pending += data

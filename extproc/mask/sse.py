@@ -80,6 +80,10 @@ class TokenStreams:
     def findings(self) -> list[Finding]:
         return self._closed + [f for s in self._open.values() for f in s.findings]
 
+    @property
+    def held(self) -> int:
+        return sum(stream.held for stream in self._open.values())
+
     def feed(self, key: StreamKey, text: str) -> str:
         stream = self._open.get(key)
         if stream is None:
@@ -113,6 +117,10 @@ class EventStream(SseEvents):
     @property
     def findings(self) -> list[Finding]:
         return self._found + self._texts.findings
+
+    @property
+    def held(self) -> int:
+        return self._texts.held
 
     def finish(self) -> bytes:
         out = super().finish()

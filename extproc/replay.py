@@ -1,0 +1,157 @@
+"""Replay of the session record: past exchanges decided again under other rules and policies.
+
+Each ``exchange`` record's sealed originals are opened with the auditor's private key and run through a
+real Exchange built from the new settings, with the recorded caller, route, method and content types.
+What the new rules decide is compared with what was recorded: the decision, its error code, and the
+actions per finding. That is how a team tries a new rule pack on real past traffic before rolling it out.
+
+Not reproduced: time (an answer cut at ``max_stream_seconds`` is replayed whole) and bodies beyond the
+record's cap (a truncated original is replayed as recorded, and said so).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from extproc.audit.record import SealError, iter_records, open_sealed
+from extproc.audit.session import RECORD_TYPE, open_originals
+from extproc.errors import ExtProcError
+from extproc.exchange import UNMASKED_HEADER, Exchange
+from extproc.identity import Principal
+from extproc.model import Body, BodyMode, Direction, Headers, Outcome, ProtocolConfig
+from extproc.runtime import Snapshot
+
+_BUFFERED = ProtocolConfig(BodyMode.BUFFERED, BodyMode.BUFFERED)
+
+
+@dataclass(frozen=True)
+class Replayed:
+    """One recorded exchange decided again."""
+
+    line: int
+    record_id: str
+    summary: str  # method, route, policy
+    before: dict[str, Any]  # decision, error_code, actions as recorded
+    after: dict[str, Any] | None  # the same, decided again; None when it could not be replayed
+    changes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.changes)
+
+
+def _actions(actions: Any) -> dict[str, Counter[str]]:
+    """``rule:action`` counts per direction, from a record's or an Outcome's actions."""
+    return {
+        direction: Counter(f"{entry[0]}:{entry[2]}" for entry in made) for direction, made in actions.items()
+    }
+
+
+def _verdict(decision: str, error_code: str | None, actions: dict[str, Counter[str]]) -> dict[str, Any]:
+    return {
+        "decision": decision,
+        "error_code": error_code,
+        "actions": {d: sorted(c.elements()) for d, c in actions.items() if c},
+    }
+
+
+def _compare(before: dict[str, Any], after: dict[str, Any], *, timed: bool = False) -> list[str]:
+    """What differs; ``timed``: the recorded decision was a cut in time, which replay cannot repeat."""
+    changes = []
+    decided = (before["decision"], before["error_code"]) != (after["decision"], after["error_code"])
+    if decided and not timed:
+        was = before["decision"] + (f" ({before['error_code']})" if before["error_code"] else "")
+        now = after["decision"] + (f" ({after['error_code']})" if after["error_code"] else "")
+        changes.append(f"decision: {was} -> {now}")
+    for direction in ("request", "response"):
+        old = Counter(before["actions"].get(direction, []))
+        new = Counter(after["actions"].get(direction, []))
+        added = sorted((new - old).elements())
+        removed = sorted((old - new).elements())
+        if added or removed:
+            parts = [f"+{a}" for a in added] + [f"-{r}" for r in removed]
+            changes.append(f"{direction}: " + " ".join(parts))
+    return changes
+
+
+def _principal(record: dict[str, Any]) -> Principal | None:
+    entry = record.get("principal")
+    if not entry:
+        return None
+    return Principal(
+        subject=str(entry["subject"]),
+        issuer=str(entry.get("issuer") or ""),
+        groups=frozenset(entry.get("groups") or ()),
+        claims={},
+        expires_at=None,
+    )
+
+
+def decide_again(snapshot: Snapshot, record: dict[str, Any], bodies: dict[str, bytes | None]) -> Outcome:
+    """``record``'s exchange run through a fresh Exchange of ``snapshot`` with its original bodies."""
+    exchange = Exchange(snapshot, _BUFFERED, str(record["id"]), caller=_principal(record))
+    request, response = record.get("request"), record.get("response")
+    items: list[tuple[str, str]] = [(":method", record.get("method") or "POST"), (":path", record["route"])]
+    if request is not None:
+        items.append(("content-type", request["content_type"]))
+    if record.get("unmasked"):
+        items.append((UNMASKED_HEADER, "true"))
+    request_body = bodies.get("request")
+    try:
+        exchange.handle(Headers(Direction.REQUEST, tuple(items), end_of_stream=request_body is None))
+        if request_body is not None and not exchange.finished:
+            exchange.handle(Body(Direction.REQUEST, request_body, True))
+        response_body = bodies.get("response")
+        if not exchange.finished and response is not None:
+            answer = (
+                (":status", response.get("status") or "200"),
+                ("content-type", response["content_type"]),
+            )
+            exchange.handle(Headers(Direction.RESPONSE, answer, end_of_stream=response_body is None))
+            if response_body is not None and not exchange.finished:
+                exchange.handle(Body(Direction.RESPONSE, response_body, True))
+    except ExtProcError as error:
+        return exchange.outcome(error.code)
+    return exchange.outcome()
+
+
+def replay(path: Path, key: X25519PrivateKey, snapshot: Snapshot) -> Iterator[Replayed]:
+    """Every exchange record of ``path``, decided again under ``snapshot``."""
+    for line, record in iter_records(path):
+        if record.get("type") != RECORD_TYPE:
+            continue
+        record_id = str(record.get("id"))
+        summary = f"{record.get('method', '')} {record.get('route', '')} policy {record.get('policy')}"
+        recorded_actions = _actions(record.get("actions") or {})
+        before = _verdict(str(record.get("decision")), record.get("error_code"), recorded_actions)
+        sealed = record.get("sealed")
+        if sealed is None:
+            yield Replayed(
+                line, record_id, summary, before, None, notes=["no sealed originals: not replayed"]
+            )
+            continue
+        try:
+            bodies = open_originals(record, open_sealed(sealed, key, record_id))
+        except SealError as exc:
+            yield Replayed(line, record_id, summary, before, None, notes=[f"cannot open: {exc}"])
+            continue
+        notes = []
+        for direction in ("request", "response"):
+            entry = record.get(direction)
+            if entry is not None and entry.get("bytes", 0) > len(bodies.get(direction) or b""):
+                notes.append(f"the {direction} was recorded in part: replayed on what was recorded")
+        timed = record.get("decision") == "cut" and record.get("error_code") == "upstream_timeout"
+        if timed:
+            notes.append(
+                "the answer was cut at its time limit: replayed whole, decisions compared per finding"
+            )
+        outcome = decide_again(snapshot, record, bodies)
+        after = _verdict(outcome.decision, outcome.error_code, _actions(outcome.actions))
+        yield Replayed(line, record_id, summary, before, after, _compare(before, after, timed=timed), notes)
