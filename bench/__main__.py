@@ -2,11 +2,13 @@
 
 Parts (``--only`` picks one; all three run by default):
   scan    the detection engine alone, against Python ``re`` and Presidio (see bench/scan.py)
-  proxy   throughput and latency of whole requests through three paths, all in front of the same demo
+  proxy   throughput and latency of whole requests through four paths, all in front of the same demo
           model server:
             direct   client -> demo model
             envoy    client -> Envoy (no ext_proc filter) -> demo model
             extproc  client -> Envoy -> ext_proc (all phases, bodies scanned) -> demo model
+            audited  extproc, plus the session record (originals sealed, checkpoints signed, fsync per
+                     batch) and spans and metrics exported to a local OTLP receiver, as is Envoy's trace
           Each path gets a warm-up, then a sequential pass (latency) and a concurrent pass (throughput).
   stream  streamed (SSE) answers through envoy and extproc: time to first token, delay added per
           event, characters held back, unpaced events/s (see bench/stream.py)
@@ -21,20 +23,23 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import platform
 import statistics
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import aiohttp
 
 from bench import scan, stream
-from extproc.devenv import Stack, Upstream
+from extproc.audit.keys import generate_keys
+from extproc.devenv import Process, Stack, Upstream
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
 PARTS = ("scan", "proxy", "stream")
 PROMPT = json.dumps(
     {
@@ -138,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         scan_report = {**header, **scan.run(rounds=args.scan_rounds)}
         _write(out, "scan", stamp, scan_report, scan.markdown(scan_report))
     if "proxy" in wanted or "stream" in wanted:
-        with _stacks(out) as paths:
+        with _stacks(out, audited="proxy" in wanted) as paths:
             if "proxy" in wanted:
                 proxy_report = {**header, **_proxy(args, paths)}
                 _write(out, "proxy", stamp, proxy_report, _markdown(proxy_report))
@@ -162,29 +167,60 @@ def _machine() -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _stacks(out: Path) -> Iterator[dict[str, str]]:
-    """Two stacks in front of one demo model: Envoy + extproc, and Envoy alone (no ext_proc filter).
-    Yields the URL of each path: direct (the demo model), envoy, extproc."""
+def _stacks(out: Path, audited: bool = False) -> Iterator[dict[str, str]]:
+    """Stacks in front of one demo model: Envoy + extproc, Envoy alone (no ext_proc filter) and, when
+    ``audited``, Envoy + extproc with the session record and telemetry on. Yields the URL of each path:
+    direct (the demo model), envoy, extproc, audited; and the record's path as ``record``."""
     log = out / "stack.log"
     log.write_text("")
     # No upstream key: the paths without extproc could not pass the demo's check otherwise.
     full = Stack(log_path=log, demo_key=False).start()
     bare: Stack | None = None
+    recorded: Stack | None = None
+    receiver: Process | None = None
+    sink: IO[str] | None = None
     try:
         assert full.upstream is not None
-        bare = Stack(
-            log_path=log, upstream=Upstream("127.0.0.1", full.upstream.port), with_extproc=False
-        ).start()
-        yield {"direct": full.demo_url, "envoy": bare.url, "extproc": full.url}
+        upstream = Upstream("127.0.0.1", full.upstream.port)
+        bare = Stack(log_path=log, upstream=upstream, with_extproc=False).start()
+        paths = {"direct": full.demo_url, "envoy": bare.url, "extproc": full.url}
+        if audited:
+            # A real OTLP receiver, in a process of its own so that it does not share the load
+            # generator's interpreter.
+            sink = log.open("a", encoding="utf-8")
+            env = {**os.environ, "PYTHONPATH": str(ROOT)}
+            receiver = Process("otlp", [sys.executable, "-m", "tests.otlp"], sink, env)
+            otlp = "http://" + receiver.wait_ready(60)["grpc"]
+            keys = generate_keys(bare.workdir / "audit-keys")
+            record = bare.workdir / "session.jsonl"
+            env = {
+                "EXTPROC_AUDIT__RECORD_PATH": str(record),
+                "EXTPROC_AUDIT__SEALING_KEY_FILE": str(keys["auditor_pub"]),
+                "EXTPROC_AUDIT__SIGNING_KEY_FILE": str(keys["signing_key"]),
+            }
+            recorded = Stack(log_path=log, upstream=upstream, otlp_endpoint=otlp, extra_env=env).start()
+            paths.update(audited=recorded.url, record=str(record))
+        yield paths
     finally:
-        if bare is not None:
-            bare.stop()
-        full.stop()
+        for stack in (recorded, bare, full):
+            if stack is not None:
+                stack.stop()
+        if receiver is not None:
+            receiver.stop()
+        if sink is not None:
+            sink.close()
 
 
 def _proxy(args: argparse.Namespace, paths: dict[str, str]) -> dict[str, Any]:
-    results = {name: _measure(url, args.requests, args.concurrency) for name, url in paths.items()}
-    return {"prompt_bytes": len(PROMPT), "paths": results}
+    urls = {name: url for name, url in paths.items() if name != "record"}
+    results = {name: _measure(url, args.requests, args.concurrency) for name, url in urls.items()}
+    report: dict[str, Any] = {"prompt_bytes": len(PROMPT), "paths": results}
+    record = Path(paths["record"])
+    with record.open("rb") as lines:
+        exchanges = sum(1 for line in lines if b'"type":"exchange"' in line)
+    if exchanges:
+        report["record_bytes_per_exchange"] = round(record.stat().st_size / exchanges)
+    return report
 
 
 def _stream(args: argparse.Namespace, paths: dict[str, str]) -> dict[str, Any]:
@@ -201,8 +237,6 @@ def _stream(args: argparse.Namespace, paths: dict[str, str]) -> dict[str, Any]:
 
 
 def _cpus() -> int:
-    import os
-
     return len(os.sched_getaffinity(0))
 
 
@@ -231,8 +265,17 @@ def _markdown(report: dict[str, Any]) -> str:
         "",
         f"extproc adds {extproc_seq['p50_ms'] - envoy_seq['p50_ms']:.2f} ms at p50 over Envoy alone "
         f"({extproc_seq['p50_ms'] / envoy_seq['p50_ms']:.2f}x), sequential.",
-        "",
     ]
+    if "audited" in paths:
+        audited_seq, audited_con = paths["audited"]["sequential"], paths["audited"]["concurrent"]
+        extproc_con = paths["extproc"]["concurrent"]
+        lines.append(
+            f"The session record and telemetry add {audited_seq['p50_ms'] - extproc_seq['p50_ms']:.2f} ms "
+            f"at p50 over extproc ({audited_seq['p50_ms'] / extproc_seq['p50_ms']:.2f}x), sequential; "
+            f"throughput at c={c} is {audited_con['rps'] / extproc_con['rps']:.2f}x extproc's. "
+            f"One exchange record: {report.get('record_bytes_per_exchange', 0):,} bytes."
+        )
+    lines.append("")
     return "\n".join(lines)
 
 

@@ -139,3 +139,23 @@ class Receiver:
                     names = sorted({(s.service, s.name) for s in self.spans})
                     raise AssertionError(f"not received within {timeout:.0f}s; spans so far: {names}")
                 self._lock.wait(remaining)
+
+
+def main() -> None:
+    """Run a receiver on its own (the audited benchmark path exports to it, away from the load
+    generator's process): prints a ready line with its address, counts what it receives, stops on
+    SIGTERM."""
+    import json
+    import signal
+
+    receiver = Receiver().start()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    print(json.dumps({"event": "ready", "grpc": f"127.0.0.1:{receiver.port}"}), flush=True)
+    stop.wait()
+    receiver.stop()
+    print(json.dumps({"event": "stopped", "spans": len(receiver.spans), "metrics": len(receiver.metrics)}))
+
+
+if __name__ == "__main__":
+    main()
