@@ -163,7 +163,15 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     from extproc.audit.record import verify
 
     keys = [load_verify_key(Path(p)) for p in args.public_key or ()]
-    report = verify(Path(args.file), keys, strict=args.strict)
+    anchors: dict[int, str] = {}
+    for anchor in args.anchor or ():
+        seq, _, digest = anchor.partition(":")
+        if not seq.isdigit() or len(digest) != 64:
+            raise ConfigError(
+                f"--anchor {anchor!r}: expected SEQ:HASH (an audit_checkpoint log line's values)"
+            )
+        anchors[int(seq)] = digest.lower()
+    report = verify(Path(args.file), keys, strict=args.strict, anchors=anchors)
     for warning in report.warnings:
         print(f"{args.file}: warning: {warning}", file=sys.stderr)
     if report.first_break is not None:
@@ -174,8 +182,16 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
             where += f", id {broken.record_id})" if broken.record_id else ")"
         print(f"{args.file}: {where}: {broken.reason}", file=sys.stderr)
         return 1
-    signed = "" if report.unsigned_tail == 0 else f"; {report.unsigned_tail} after the last checkpoint"
-    print(f"{args.file}: {report.records} records, {report.checkpoints} checkpoints, chain intact{signed}")
+    summary = f"{args.file}: {report.records} records, {report.checkpoints} checkpoints, hash chain intact"
+    if not keys:
+        summary += "; signatures NOT checked (give --public-key): nothing is authenticated"
+    else:
+        summary += f"; signed through seq {report.signed_through}"
+        if report.unsigned_tail:
+            summary += f", {report.unsigned_tail} records after it protected by the chain only"
+    if report.anchors_checked:
+        summary += f"; {report.anchors_checked} anchors match"
+    print(summary)
     return 0
 
 
@@ -451,6 +467,12 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument(
         "--strict", action="store_true", help="records after the last checkpoint are an error"
     )
+    verify.add_argument(
+        "--anchor",
+        action="append",
+        help="SEQ:HASH of a checkpoint seen in the sidecar's logs (audit_checkpoint): the file must still "
+        "hold it, which shows truncation and rewriting (repeatable)",
+    )
     verify.set_defaults(func=cmd_audit_verify)
     show = audit_sub.add_parser("show", help="print one exchange's record (masked bodies only)")
     show.add_argument("id", help="the decision id (x-dlp-decision-id)")
@@ -480,10 +502,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from extproc.audit.record import RecordError
+
     args = build_parser().parse_args(argv)
     try:
         result: int = args.func(args)
     except ConfigError as exc:
+        print(f"extproc: {exc}", file=sys.stderr)
+        return 2
+    except (RecordError, OSError) as exc:  # a session record or a file the command was given
         print(f"extproc: {exc}", file=sys.stderr)
         return 2
     return result

@@ -170,9 +170,12 @@ class Exchange:
             Direction.RESPONSE: _Direction(protocol.response_body_mode),
         }
         self._record_cap = snapshot.settings.audit.max_body_bytes
-        if snapshot.settings.audit.record_path:
+        audit = snapshot.settings.audit
+        if audit.record_path:
             for state in self._dirs.values():
-                state.original, state.masked = bytearray(), bytearray()
+                state.masked = bytearray()
+                if audit.sealing_key_file:  # originals are kept only to be sealed
+                    state.original = bytearray()
 
     @property
     def findings(self) -> dict[Direction, list[Finding]]:
@@ -429,6 +432,17 @@ class Exchange:
             "shadow": shadows,
         }
 
+    def _let_through(self, direction: Direction) -> bool:
+        """Whether a finding went out unmasked in ``direction``."""
+        actions = self._request_actions if direction is Direction.REQUEST else self._response_actions
+        if actions is None or not actions.decisions.made:
+            return False
+        return not actions.decisions.enforce or any(a != "mask" for _, a in actions.decisions.made)
+
+    def _clean(self, text: str) -> str:
+        """A client-chosen string (model, path, request id) as it may be shown: masked."""
+        return self._snapshot.inspector.mask_text(text)[0] if text else text
+
     def outcome(self, error_code: str | None = None) -> Outcome:
         """What the exchange came to. ``error_code``: the stream was aborted with it."""
         findings = {d.value: tuple(found) for d, found in self.findings.items() if found}
@@ -452,6 +466,8 @@ class Exchange:
             decision = "refused"
         elif self.cut is not None:
             decision = "cut"
+        elif not self.finished:
+            decision = "incomplete"  # the stream ended before the answer did (client gone, Envoy reset)
         elif enforce and any(action == "mask" for made in actions.values() for _, _, action in made):
             decision = "masked"
         else:
@@ -460,7 +476,7 @@ class Exchange:
         return Outcome(
             decision_id=self.decision_id,
             decision=decision,
-            request_id=self.request_id,
+            request_id=self._clean(self.request_id),
             error_code=error_code or self.refused or self.cut,
             policy=self.policy.id if self.policy is not None else None,
             enforce=enforce,
@@ -477,23 +493,26 @@ class Exchange:
             issuer=principal.issuer if principal is not None else None,
             groups=tuple(sorted(self.groups)),
             unmasked=bool(self._response_actions is not None and self._response_actions.unmasked),
-            route=self.route,
-            method=self.method,
-            model=self.model,
+            unmasked_requested=self.unmasked_requested,
+            route=self._clean(self.route),
+            method=self._clean(self.method),
+            model=self._clean(self.model) if self.model is not None else None,
         )
 
     def recorded(self) -> Recorded:
         """The bodies kept for the session record (none unless one is kept)."""
         bodies: dict[Direction, RecordedBody | None] = {}
         for direction, state in self._dirs.items():
-            if state.original is None or state.masked is None or not (state.media or state.status):
+            if state.masked is None or not (state.media or state.status):
                 bodies[direction] = None
                 continue
             bodies[direction] = RecordedBody(
                 content_type=state.media,
-                original=bytes(state.original),
+                original=None if state.original is None else bytes(state.original),
                 original_bytes=state.original_size,
-                masked=bytes(state.masked),
+                # A body the policy let a finding through in (allow, unmasked answers, shadow mode) holds
+                # that value in clear: the record keeps it only sealed, with the originals.
+                masked=None if self._let_through(direction) else bytes(state.masked),
                 masked_bytes=state.masked_size,
                 status=state.status,
             )
@@ -648,13 +667,13 @@ class Exchange:
 
     def _keep(self, state: _Direction, data: bytes, *, original: bool) -> None:
         """Keeps ``data`` for the session record, up to its cap; counts it all."""
-        kept = state.original if original else state.masked
-        if kept is None or not data:
-            return
         if original:
             state.original_size += len(data)
         else:
             state.masked_size += len(data)
+        kept = state.original if original else state.masked
+        if kept is None or not data:
+            return
         room = self._record_cap - len(kept)
         if room > 0:
             kept += data[:room]

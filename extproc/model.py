@@ -131,7 +131,7 @@ class Outcome:
     record's decision. Ids, codes, rule ids, entities and offsets only; never a matched value."""
 
     decision_id: str
-    decision: str  # allowed | masked | refused | cut | passthrough | error
+    decision: str  # allowed | masked | refused | cut | passthrough | incomplete | error
     request_id: str = ""
     error_code: str | None = None
     policy: str | None = None
@@ -147,7 +147,8 @@ class Outcome:
     subject_hash: str | None = None
     issuer: str | None = None
     groups: tuple[str, ...] = ()
-    unmasked: bool = False
+    unmasked: bool = False  # unmasked answers were asked for and allowed
+    unmasked_requested: bool = False
     route: str = ""
     method: str = ""
     model: str | None = None
@@ -159,9 +160,9 @@ class RecordedBody:
     to the record's cap (the sizes count everything)."""
 
     content_type: str
-    original: bytes
+    original: bytes | None  # None: not kept (no auditor key to seal it to)
     original_bytes: int
-    masked: bytes
+    masked: bytes | None  # None: withheld, because a value went out unmasked (it is in the sealed original)
     masked_bytes: int
     status: str = ""  # the response's :status
 

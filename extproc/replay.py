@@ -5,8 +5,10 @@ real Exchange built from the new settings, with the recorded caller, route, meth
 What the new rules decide is compared with what was recorded: the decision, its error code, and the
 actions per finding. That is how a team tries a new rule pack on real past traffic before rolling it out.
 
-Not reproduced: time (an answer cut at ``max_stream_seconds`` is replayed whole) and bodies beyond the
-record's cap (a truncated original is replayed as recorded, and said so).
+Not reproduced: time (an answer cut at ``max_stream_seconds`` is replayed whole), bodies beyond the
+record's cap (a truncated original is replayed as recorded, and said so), and streaming: bodies are
+replayed whole, so an answer cut mid-stream (``cut``) and the same answer refused whole (``refused``)
+with the same code count as the same decision.
 """
 
 from __future__ import annotations
@@ -62,11 +64,17 @@ def _verdict(decision: str, error_code: str | None, actions: dict[str, Counter[s
     }
 
 
+def _same_decision(before: dict[str, Any], after: dict[str, Any]) -> bool:
+    if before["error_code"] != after["error_code"]:
+        return False
+    ended = {before["decision"], after["decision"]}
+    return len(ended) == 1 or ended == {"cut", "refused"}
+
+
 def _compare(before: dict[str, Any], after: dict[str, Any], *, timed: bool = False) -> list[str]:
     """What differs; ``timed``: the recorded decision was a cut in time, which replay cannot repeat."""
     changes = []
-    decided = (before["decision"], before["error_code"]) != (after["decision"], after["error_code"])
-    if decided and not timed:
+    if not _same_decision(before, after) and not timed:
         was = before["decision"] + (f" ({before['error_code']})" if before["error_code"] else "")
         now = after["decision"] + (f" ({after['error_code']})" if after["error_code"] else "")
         changes.append(f"decision: {was} -> {now}")
@@ -98,10 +106,11 @@ def decide_again(snapshot: Snapshot, record: dict[str, Any], bodies: dict[str, b
     """``record``'s exchange run through a fresh Exchange of ``snapshot`` with its original bodies."""
     exchange = Exchange(snapshot, _BUFFERED, str(record["id"]), caller=_principal(record))
     request, response = record.get("request"), record.get("response")
-    items: list[tuple[str, str]] = [(":method", record.get("method") or "POST"), (":path", record["route"])]
+    route = str(record.get("route") or "/")
+    items: list[tuple[str, str]] = [(":method", str(record.get("method") or "POST")), (":path", route)]
     if request is not None:
-        items.append(("content-type", request["content_type"]))
-    if record.get("unmasked"):
+        items.append(("content-type", str(request.get("content_type") or "")))
+    if record.get("unmasked_requested") or record.get("unmasked"):
         items.append((UNMASKED_HEADER, "true"))
     request_body = bodies.get("request")
     try:
@@ -110,10 +119,8 @@ def decide_again(snapshot: Snapshot, record: dict[str, Any], bodies: dict[str, b
             exchange.handle(Body(Direction.REQUEST, request_body, True))
         response_body = bodies.get("response")
         if not exchange.finished and response is not None:
-            answer = (
-                (":status", response.get("status") or "200"),
-                ("content-type", response["content_type"]),
-            )
+            media = str(response.get("content_type") or "")
+            answer = ((":status", str(response.get("status") or "200")), ("content-type", media))
             exchange.handle(Headers(Direction.RESPONSE, answer, end_of_stream=response_body is None))
             if response_body is not None and not exchange.finished:
                 exchange.handle(Body(Direction.RESPONSE, response_body, True))
@@ -123,35 +130,40 @@ def decide_again(snapshot: Snapshot, record: dict[str, Any], bodies: dict[str, b
 
 
 def replay(path: Path, key: X25519PrivateKey, snapshot: Snapshot) -> Iterator[Replayed]:
-    """Every exchange record of ``path``, decided again under ``snapshot``."""
-    for line, record in iter_records(path):
+    """Every exchange record of ``path``, decided again under ``snapshot``. A record that cannot be
+    replayed (no sealed originals, another auditor key, a damaged record) is reported, never fatal;
+    lines that are not records (torn by a crash) are skipped: ``audit verify`` judges those."""
+    for line, record in iter_records(path, skip_invalid=True):
         if record.get("type") != RECORD_TYPE:
             continue
-        record_id = str(record.get("id"))
-        summary = f"{record.get('method', '')} {record.get('route', '')} policy {record.get('policy')}"
-        recorded_actions = _actions(record.get("actions") or {})
-        before = _verdict(str(record.get("decision")), record.get("error_code"), recorded_actions)
-        sealed = record.get("sealed")
-        if sealed is None:
-            yield Replayed(
-                line, record_id, summary, before, None, notes=["no sealed originals: not replayed"]
-            )
-            continue
         try:
-            bodies = open_originals(record, open_sealed(sealed, key, record_id))
-        except SealError as exc:
-            yield Replayed(line, record_id, summary, before, None, notes=[f"cannot open: {exc}"])
-            continue
-        notes = []
-        for direction in ("request", "response"):
-            entry = record.get(direction)
-            if entry is not None and entry.get("bytes", 0) > len(bodies.get(direction) or b""):
-                notes.append(f"the {direction} was recorded in part: replayed on what was recorded")
-        timed = record.get("decision") == "cut" and record.get("error_code") == "upstream_timeout"
-        if timed:
-            notes.append(
-                "the answer was cut at its time limit: replayed whole, decisions compared per finding"
-            )
-        outcome = decide_again(snapshot, record, bodies)
-        after = _verdict(outcome.decision, outcome.error_code, _actions(outcome.actions))
-        yield Replayed(line, record_id, summary, before, after, _compare(before, after, timed=timed), notes)
+            yield _replay_one(line, record, key, snapshot)
+        except Exception as exc:  # a damaged record: say which, and go on
+            summary = f"{record.get('method', '')} {record.get('route', '')}"
+            notes = [f"not replayable: {type(exc).__name__}: {exc}"]
+            yield Replayed(line, str(record.get("id")), summary, {}, None, notes=notes)
+
+
+def _replay_one(line: int, record: dict[str, Any], key: X25519PrivateKey, snapshot: Snapshot) -> Replayed:
+    record_id = str(record.get("id"))
+    summary = f"{record.get('method', '')} {record.get('route', '')} policy {record.get('policy')}"
+    recorded_actions = _actions(record.get("actions") or {})
+    before = _verdict(str(record.get("decision")), record.get("error_code"), recorded_actions)
+    sealed = record.get("sealed")
+    if sealed is None:
+        return Replayed(line, record_id, summary, before, None, notes=["no sealed originals: not replayed"])
+    try:
+        bodies = open_originals(open_sealed(sealed, key, record_id))
+    except (SealError, ValueError) as exc:
+        return Replayed(line, record_id, summary, before, None, notes=[f"cannot open: {exc}"])
+    notes = []
+    for direction in ("request", "response"):
+        entry = record.get(direction)
+        if isinstance(entry, dict) and entry.get("bytes", 0) > len(bodies.get(direction) or b""):
+            notes.append(f"the {direction} was recorded in part: replayed on what was recorded")
+    timed = record.get("decision") == "cut" and record.get("error_code") == "upstream_timeout"
+    if timed:
+        notes.append("the answer was cut at its time limit: replayed whole, decisions compared per finding")
+    outcome = decide_again(snapshot, record, bodies)
+    after = _verdict(outcome.decision, outcome.error_code, _actions(outcome.actions))
+    return Replayed(line, record_id, summary, before, after, _compare(before, after, timed=timed), notes)

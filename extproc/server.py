@@ -48,7 +48,8 @@ class ExternalProcessor:
         exchange: Exchange | None = None
         messages = _Messages(request_iterator)
         # Envoy's ext_proc client span is the parent: its traceparent is in the stream's metadata.
-        trace = self._instruments.begin(_metadata(context))
+        metadata = _metadata(context)
+        trace = self._instruments.begin(metadata)
         failure: str | None = None
         try:
             while True:
@@ -83,25 +84,58 @@ class ExternalProcessor:
         finally:
             # Also when the stream is cancelled: the exchange's span and record are never lost.
             messages.close()
-            self._finish(exchange, trace, failure)
+            self._finish(exchange, trace, failure, metadata)
 
     def _unavailable(self) -> ExtProcError | None:
         if self._recorder is not None and not self._recorder.serving:
             return ExtProcError("the session record cannot be written", code="audit_unavailable")
         return None
 
-    def _finish(self, exchange: Exchange | None, trace: ExchangeTrace, failure: str | None) -> None:
-        if exchange is None:
-            if failure is not None:  # the stream failed before an exchange could begin
-                trace.finish(Outcome(decision_id="", decision="error", error_code=failure))
-            else:
-                trace.finish(Outcome(decision_id="", decision="passthrough"))
+    def _finish(
+        self,
+        exchange: Exchange | None,
+        trace: ExchangeTrace,
+        failure: str | None,
+        metadata: dict[str, str],
+    ) -> None:
+        """The exchange's span, log line and record. Runs in the stream's ``finally``: it must not raise,
+        and a record that cannot be made is counted as lost (the file gets a gap naming it)."""
+        try:
+            if exchange is None:  # the stream ended, or failed, before an exchange could begin
+                decision = "passthrough" if failure is None else "error"
+                trace.finish(Outcome(decision_id="", decision=decision, error_code=failure))
+                return
+            outcome = exchange.outcome(failure)
+        except Exception:
+            log.exception("exchange_outcome_failed", extra=_ids(exchange))
+            if exchange is not None and self._recorder is not None:
+                self._recorder.lost(exchange.decision_id, "the exchange's outcome could not be computed")
             return
-        outcome = exchange.outcome(failure)
-        trace.finish(outcome)
-        _log_exchange(exchange, outcome)
+        try:
+            trace.finish(outcome)
+            _log_exchange(exchange, outcome)
+        except Exception:
+            log.exception("exchange_trace_failed", extra=_ids(exchange))
         if self._recorder is not None:
-            self._recorder.record(exchange.recorded(), outcome, trace.trace_id)
+            try:
+                trace_id = trace.trace_id or _traceparent_trace_id(metadata)
+                self._recorder.record(exchange.recorded(), outcome, trace_id)
+            except Exception:
+                log.exception("exchange_record_failed", extra=_ids(exchange))
+                self._recorder.lost(exchange.decision_id, "the exchange's record could not be queued")
+
+
+def _traceparent_trace_id(metadata: dict[str, str]) -> str | None:
+    """The trace id of Envoy's trace when extproc itself does not trace (no exporter): the session record
+    still names the trace that Envoy's spans and access log carry."""
+    parts = metadata.get("traceparent", "").split("-")
+    if len(parts) == 4 and len(parts[1]) == 32 and parts[1] != "0" * 32:
+        try:
+            int(parts[1], 16)
+        except ValueError:
+            return None
+        return parts[1].lower()
+    return None
 
 
 def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:

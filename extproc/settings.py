@@ -273,12 +273,17 @@ class AuditSettings(_Section):
         None, description="Ed25519 private key that signs checkpoints; unset: the chain has no checkpoints"
     )
     max_body_bytes: int = Field(
-        1 * MiB, ge=0, description="each recorded body (masked, and original before sealing) is cut here"
+        256 * 1024, ge=0, description="each recorded body (masked, and original before sealing) is cut here"
     )
     checkpoint_every: int = Field(100, ge=1, description="a signed checkpoint after this many records")
     checkpoint_seconds: float = Field(60.0, gt=0, description="or after this long, whichever comes first")
     fsync: bool = Field(True, description="flush every batch of records to the disk before the next")
     queue_size: int = Field(10000, ge=1, description="records waiting to be written; beyond it they are lost")
+    max_queue_bytes: int = Field(
+        64 * MiB,
+        ge=MiB,
+        description="body bytes of the records waiting to be written; beyond it they are lost",
+    )
     on_error: Literal["fail_closed", "continue"] = Field(
         "fail_closed",
         description="when the record cannot be written: refuse new requests (503 audit_unavailable) until "

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Any
@@ -238,9 +239,26 @@ def test_open_rejects_an_unknown_algorithm_and_bad_base64() -> None:
 
 
 def test_canonical_form() -> None:
-    assert canonical({"b": 1, "a": ["é", None]}) == '{"a":["é",null],"b":1}'.encode()
+    assert canonical({"b": 1, "a": ["é", None]}) == b'{"a":["\\u00e9",null],"b":1}'
     with pytest.raises(ValueError, match="JSON compliant"):
         canonical({"x": float("nan")})
+
+
+def test_canonical_form_takes_a_lone_surrogate(tmp_path: Path) -> None:
+    # A header decoded with surrogateescape: not encodable as UTF-8, but it must not cost the record.
+    assert canonical({"h": "r\udcff"}) == b'{"h":"r\\udcff"}'
+    chain = Chain()
+    records = [
+        chain.link({"type": "start", "time": TIME, "pid": 1}),
+        chain.link({**exchange(1), "headers": {"x-name": "r\udcff", "x-other": "é\ud800"}}),
+    ]
+    path = write(tmp_path / "r.jsonl", records)
+    assert path.read_bytes().isascii()
+    report = verify(path)
+    assert report.ok, report.first_break
+    found = find(path, "r1")
+    assert found is not None
+    assert found["headers"] == {"x-name": "r\udcff", "x-other": "é\ud800"}
 
 
 def test_link_adds_seq_prev_and_hash() -> None:
@@ -294,12 +312,92 @@ def test_verify_passes_an_intact_file(tmp_path: Path) -> None:
     assert (report.last_seq, report.last_hash) == (records[-1]["seq"], records[-1]["hash"])
 
 
-def test_verify_an_empty_file(tmp_path: Path) -> None:
+def test_an_empty_file_does_not_verify(tmp_path: Path) -> None:
     path = tmp_path / "r.jsonl"
     path.write_bytes(b"")
-    report = verify(path, [VERIFY], strict=True)
-    assert report.ok
-    assert report.records == 0
+    report = verify(path)
+    assert not report.ok
+    assert report.first_break is not None
+    assert (report.first_break.line, report.first_break.seq) == (1, None)
+    assert report.first_break.reason.startswith("the record is empty")
+    assert (report.records, report.last_seq) == (0, None)
+
+
+def test_a_file_that_does_not_begin_with_a_start_record_does_not_verify(tmp_path: Path) -> None:
+    chain = Chain()
+    records = [chain.link(exchange(0)), chain.checkpoint(SIGNING, TIME)]
+    report = verify(write(tmp_path / "r.jsonl", records), [VERIFY])
+    assert report.first_break is not None
+    assert (report.first_break.line, report.first_break.seq, report.first_break.record_id) == (1, 0, "r0")
+    assert report.first_break.reason.startswith("the first record is not a start record")
+
+
+def test_a_missing_file_a_directory_or_a_device_is_a_record_error(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.jsonl"
+    with pytest.raises(
+        RecordError, match=rf"^{re.escape(str(missing))}: cannot read the record: No such file"
+    ):
+        verify(missing)
+    with pytest.raises(
+        RecordError, match=rf"^{re.escape(str(tmp_path))}: cannot read the record: Is a directory"
+    ):
+        verify(tmp_path)
+    with pytest.raises(RecordError, match=r"^/dev/zero: not a regular file"):
+        verify(Path("/dev/zero"))
+
+
+HOSTILE = {
+    "nan": (b'{"hash":"00","prev":"00","seq":SEQ,"type":"exchange","v":NaN}', "NaN or an infinite number"),
+    "huge-float": (b'{"hash":"00","prev":"00","seq":SEQ,"type":"exchange","v":1e999}', "NaN or an infinite"),
+    "nested-infinity": (b'{"hash":"00","seq":SEQ,"type":"x","v":[{"w":-Infinity}]}', "NaN or an infinite"),
+    "lone-surrogate": (b'{"hash":"00","prev":"00","seq":SEQ,"type":"\\ud800"}', "hash does not match"),
+    "array": (b"[1,2]", "is not a JSON object"),
+    "string": (b'"start"', "is not a JSON object"),
+    "hash-not-a-string": (b'{"hash":5,"prev":"00","seq":SEQ,"type":"exchange"}', "is not a record"),
+    "seq-a-float": (b'{"hash":"00","prev":"00","seq":1.0,"type":"exchange"}', "is not a record"),
+    "deep": (b'{"hash":"00","seq":SEQ,"v":' + b"[" * 100_000 + b"]" * 100_000 + b"}", "is not JSON"),
+    "huge-int": (b'{"hash":"00","seq":' + b"9" * 5000 + b"}", "is not JSON"),
+    "not-utf8": (b'{"hash":"\xff\xfe","seq":SEQ}', "is not JSON"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+@pytest.mark.parametrize("last", [True, False], ids=["last-line", "mid-file"])
+def test_a_hostile_line_is_a_break_not_an_exception(tmp_path: Path, name: str, last: bool) -> None:
+    records = build(2, checkpoint_every=2)
+    line, reason = HOSTILE[name]
+    line = line.replace(b"SEQ", str(len(records)).encode())
+    path = write(tmp_path / "r.jsonl", records)
+    with path.open("ab") as file:
+        file.write(line + b"\n")
+        if not last:
+            file.write(canonical(Chain(len(records) + 1, "0" * 64).link(exchange(9))) + b"\n")
+    report = verify(path, [VERIFY])
+    assert not report.ok
+    assert report.first_break is not None
+    assert report.first_break.line == len(records) + 1
+    assert reason in report.first_break.reason
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (lambda c: c.update(note="anything"), "'note'"),
+        (lambda c: c.update(signed={**c["signed"], "by": "someone"}), "'signed.by'"),
+    ],
+    ids=["top", "signed"],
+)
+def test_a_checkpoint_with_an_unsigned_extra_field_is_a_break(
+    tmp_path: Path, change: Any, field: str
+) -> None:
+    records = build(3, checkpoint_every=3)
+    assert records[-1]["type"] == "checkpoint"
+    change(records[-1])
+    records = rechain(records)
+    report = verify(write(tmp_path / "r.jsonl", records), [VERIFY])
+    assert report.first_break is not None
+    assert report.first_break.line == len(records)
+    assert report.first_break.reason.startswith(f"unexpected field {field} in a checkpoint")
 
 
 def test_an_edited_field_is_found(tmp_path: Path) -> None:
@@ -457,12 +555,87 @@ def test_a_truncation_leaves_an_unsigned_tail(tmp_path: Path) -> None:
     assert "not covered by a verified checkpoint" in strict.first_break.reason
 
 
-def test_a_truncation_back_to_a_checkpoint_is_not_visible_in_the_file(tmp_path: Path) -> None:
+def test_a_truncation_back_to_a_checkpoint_is_caught_only_by_an_anchor(tmp_path: Path) -> None:
     records = build(8, checkpoint_every=3)
     first_checkpoint = next(n for n, r in enumerate(records, 1) if r["type"] == "checkpoint")
-    report = verify(write(tmp_path / "r.jsonl", records[:first_checkpoint]), [VERIFY], strict=True)
-    assert report.ok
+    logged = {r["seq"]: r["hash"] for r in records if r["type"] == "checkpoint"}
+    path = write(tmp_path / "r.jsonl", records[:first_checkpoint])
+    report = verify(path, [VERIFY], strict=True)
+    assert report.ok  # the file alone cannot show it
     assert report.last_hash == records[first_checkpoint - 1]["hash"]
+    anchored = verify(path, [VERIFY], anchors=logged)
+    assert not anchored.ok
+    assert anchored.first_break is not None
+    end = records[first_checkpoint - 1]["seq"]
+    second = sorted(logged)[1]
+    assert anchored.first_break.reason == (f"anchor seq {second}: the file ends at seq {end} (truncated?)")
+    assert anchored.first_break.line == first_checkpoint + 1
+    assert anchored.anchors_checked == 1
+
+
+def test_a_tail_rewritten_after_the_last_checkpoint_is_caught_by_an_anchor(tmp_path: Path) -> None:
+    records = build(6, checkpoint_every=3)
+    anchor = records[-1]
+    assert anchor["type"] == "checkpoint"
+    # Without the signing key: drop the last checkpoint, edit an unsigned record, rechain, pad to length.
+    forged = records[:-1]
+    forged[line_of(forged, "r4") - 1]["findings"] = {}
+    forged = rechain([*forged, exchange(99)])
+    path = write(tmp_path / "r.jsonl", forged)
+    assert verify(path, [VERIFY]).ok
+    report = verify(path, [VERIFY], anchors={anchor["seq"]: anchor["hash"]})
+    assert report.first_break is not None
+    assert report.first_break.line == len(forged)
+    assert (report.first_break.seq, report.first_break.record_id) == (anchor["seq"], "r99")
+    assert report.first_break.reason == f"anchor seq {anchor['seq']}: hash differs (rewritten?)"
+    assert report.anchors_checked == 0
+
+
+def test_anchors_that_match_are_counted(tmp_path: Path) -> None:
+    records = build(8, checkpoint_every=3)
+    anchors = {r["seq"]: r["hash"] for r in records if r["type"] in ("start", "checkpoint")}
+    report = verify(write(tmp_path / "r.jsonl", records), [VERIFY], strict=True, anchors=anchors)
+    assert report.ok, report.first_break
+    assert report.anchors_checked == len(anchors) == 4
+    with pytest.raises(ValueError, match="anchor"):
+        verify(tmp_path / "r.jsonl", anchors={-1: records[0]["hash"]})
+
+
+def test_signed_through_names_the_last_verified_checkpoint(tmp_path: Path) -> None:
+    records = build(8, checkpoint_every=3)
+    checkpoints = [r["seq"] for r in records if r["type"] == "checkpoint"]
+    path = write(tmp_path / "r.jsonl", records)
+    assert verify(path, [VERIFY]).signed_through == checkpoints[-1]
+    assert verify(path).signed_through is None
+    cut = write(tmp_path / "cut.jsonl", records[: checkpoints[1] + 3])
+    report = verify(cut, [VERIFY])
+    assert (report.signed_through, report.unsigned_tail) == (checkpoints[1], 2)
+
+
+def test_with_a_key_given_a_file_without_any_checkpoint_is_a_break(tmp_path: Path) -> None:
+    records = build(3)
+    path = write(tmp_path / "r.jsonl", records)
+    report = verify(path, [VERIFY])
+    assert report.first_break is not None
+    assert (report.first_break.line, report.first_break.record_id) == (2, "r0")
+    assert report.first_break.reason.startswith(
+        "no checkpoint is signed by the given key(s): nothing in the file is authenticated"
+    )
+    assert "younger" in report.first_break.reason
+    assert report.signed_through is None
+    assert verify(path).ok  # without a key nothing is claimed; warnings say so
+
+
+def test_with_a_key_given_a_file_of_start_and_gap_records_only_verifies(tmp_path: Path) -> None:
+    chain = Chain()
+    records = [
+        chain.link({"type": "start", "time": TIME, "pid": 1}),
+        chain.link({"type": "gap", "time": TIME, "lost": 0, "first_lost_id": None, "reason": "x"}),
+        chain.link({"type": "start", "time": TIME, "pid": 2}),
+    ]
+    report = verify(write(tmp_path / "r.jsonl", records), [VERIFY])
+    assert report.ok, report.first_break
+    assert (report.signed_through, report.unsigned_tail) == (None, 3)
 
 
 def test_without_keys_signatures_are_unchecked(tmp_path: Path) -> None:

@@ -453,3 +453,156 @@ def test_an_fsync_error_loses_nothing_but_is_marked(
     assert gap["lost"] == 0
     assert gap["reason"].startswith("fsync failed: [Errno 5]")
     assert verify(path, [VERIFY], strict=True).ok
+
+
+# -- what a record may hold, and losses the caller knows of ---------------------------------------------
+
+
+def test_a_header_with_a_lone_surrogate_is_written(tmp_path: Path, make: Callable[..., RecordWriter]) -> None:
+    path = tmp_path / "record.jsonl"
+    writer = make(path)
+    assert writer.submit(exchange(1, headers={"x-name": "r\udcff"}))
+    writer.close()
+    assert (writer.written, writer.lost) == (1, 0)
+    found = find(path, "r1")
+    assert found is not None
+    assert found["headers"] == {"x-name": "r\udcff"}
+    assert path.read_bytes().isascii()
+    assert verify(path, [VERIFY], strict=True).ok
+
+
+class Builder:
+    """A record builder that carries the id of the record it builds."""
+
+    def __init__(self, record_id: str, *, fails: bool = False) -> None:
+        self.record_id = record_id
+        self.fails = fails
+
+    def __call__(self) -> dict[str, Any]:
+        if self.fails:
+            raise RuntimeError("cannot build")
+        return exchange(int(self.record_id[1:]))
+
+
+def test_a_lost_builder_is_named_by_its_record_id(tmp_path: Path, writers: list[RecordWriter]) -> None:
+    path = tmp_path / "record.jsonl"
+    writer = RecordWriter(path=path, signing_key=SIGNING, queue_size=2)
+    writers.append(writer)
+    assert writer.submit(Builder("r0"))
+    assert writer.submit(Builder("r1", fails=True))
+    assert not writer.submit(Builder("r2"))  # not started: the queue is full
+    assert (writer.lost, writer.first_lost_id) == (1, "r2")
+    writer.start()
+    writer.close()
+    gaps = [(g["lost"], g["first_lost_id"], g["reason"]) for g in records(path) if g["type"] == "gap"]
+    assert gaps == [(1, "r2", "queue full"), (1, "r1", "record not writable")]
+    assert verify(path, [VERIFY], strict=True).ok
+
+
+def test_a_builder_id_that_is_not_a_string_is_not_used(
+    tmp_path: Path, make: Callable[..., RecordWriter]
+) -> None:
+    path = tmp_path / "record.jsonl"
+    writer = make(path)
+    builder = Builder("r1", fails=True)
+    builder.record_id = 7  # type: ignore[assignment]
+    writer.submit(builder)
+    writer.close()
+    gap = next(r for r in records(path) if r["type"] == "gap")
+    assert (gap["lost"], gap["first_lost_id"]) == (1, None)
+
+
+def test_mark_lost_counts_a_record_and_writes_a_gap_naming_it(
+    tmp_path: Path, make: Callable[..., RecordWriter]
+) -> None:
+    path = tmp_path / "record.jsonl"
+    writer = make(path)
+    writer.submit(exchange(0))
+    assert writer.flush()
+    writer.mark_lost("r1", "record not built")
+    writer.mark_lost(None, "record not built")
+    assert (writer.lost, writer.first_lost_id) == (2, "r1")
+    assert writer.flush()
+    writer.submit(exchange(2))
+    writer.close()
+    written = records(path)
+    assert [r["type"] for r in written] == ["start", "exchange", "gap", "exchange", "checkpoint"]
+    assert (written[2]["lost"], written[2]["first_lost_id"], written[2]["reason"]) == (
+        2,
+        "r1",
+        "record not built",
+    )
+    assert writer.written == 2
+    assert verify(path, [VERIFY], strict=True).ok
+
+
+def test_mark_lost_does_not_wait_for_a_write_in_progress(
+    tmp_path: Path, make: Callable[..., RecordWriter]
+) -> None:
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_write(fd: int, data: bytes) -> int:
+        if b'"r0"' in data:
+            entered.set()
+            release.wait(30)
+        return os.write(fd, data)
+
+    path = tmp_path / "record.jsonl"
+    writer = make(path, write=slow_write)
+    writer.submit(exchange(0))
+    assert entered.wait(10)
+    marker = threading.Thread(target=writer.mark_lost, args=("r1", "record not built"))
+    marker.start()
+    marker.join(10)
+    held = marker.is_alive()
+    release.set()
+    assert not held
+    assert writer.lost == 1
+    writer.close()
+    gap = next(r for r in records(path) if r["type"] == "gap")
+    assert gap["first_lost_id"] == "r1"
+
+
+# -- resuming a file ----------------------------------------------------------------------------------
+
+
+def test_a_resumed_file_names_its_last_record_in_the_start_record_and_the_log(
+    tmp_path: Path, make: Callable[..., RecordWriter], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="extproc.audit")
+    path = tmp_path / "record.jsonl"
+    first = make(path)
+    first.submit(exchange(1))
+    first.close()
+    assert not [r for r in caplog.records if r.getMessage() == "audit_resumed"]
+    last = records(path)[-1]
+    second = make(path)
+    second.close()
+    written = records(path)
+    assert "resumed" not in written[0]
+    start = written[len(written) - 2]
+    assert start["type"] == "start"
+    assert start["resumed"] == {"seq": last["seq"], "hash": last["hash"]}
+    logged = [r for r in caplog.records if r.getMessage() == "audit_resumed"]
+    assert [(r.__dict__["path"], r.__dict__["seq"], r.__dict__["hash"]) for r in logged] == [
+        (str(path), last["seq"], last["hash"])
+    ]
+    report = verify(path, [VERIFY], strict=True, anchors={last["seq"]: last["hash"]})
+    assert report.ok, report.first_break
+    assert report.anchors_checked == 1
+
+
+def test_a_resumed_start_after_a_torn_write_names_the_last_whole_record(
+    tmp_path: Path, make: Callable[..., RecordWriter]
+) -> None:
+    path = tmp_path / "record.jsonl"
+    first = make(path)
+    first.submit(exchange(1))
+    first.close()
+    last = records(path)[-1]
+    crash_mid_write(path)
+    make(path).close()
+    start = next(r for r in records(path) if r["type"] == "start" and r["seq"] > 0)
+    assert start["resumed"] == {"seq": last["seq"], "hash": last["hash"]}
+    assert "torn" in start
+    assert verify(path, [VERIFY], strict=True).ok

@@ -128,3 +128,69 @@ def test_token_refuses_settings_that_trust_a_real_issuer(tmp_path: Path) -> None
     assert "refused" in done.stderr
     assert "https://login.example.com" in done.stderr
     assert done.stdout == ""
+
+
+def _a_record(tmp_path: Path, keys: dict[str, Path]) -> Path:
+    from extproc.audit.keys import load_signing_key
+    from extproc.audit.writer import RecordWriter
+
+    path = tmp_path / "session.jsonl"
+    writer = RecordWriter(path=path, signing_key=load_signing_key(keys["signing_key"]), checkpoint_every=2)
+    writer.start()
+    for n in range(5):
+        writer.submit({"type": "exchange", "id": f"d-{n}", "decision": "masked"})
+        writer.flush()  # one batch per record: a checkpoint after every second one
+    writer.close()
+    return path
+
+
+def test_audit_keygen_verify_and_show(tmp_path: Path) -> None:
+    made = extproc("audit", "keygen", str(tmp_path / "keys"))
+    assert made.returncode == 0, made.stderr
+    assert "sealing_key_file" in made.stderr
+    keys = {name: tmp_path / "keys" / name.replace("_", ".") for name in ("signing_key", "signing_pub")}
+    path = _a_record(tmp_path, keys)
+    signed = extproc("audit", "verify", str(path), "--public-key", str(keys["signing_pub"]))
+    assert signed.returncode == 0, signed.stderr
+    assert "hash chain intact; signed through seq" in signed.stdout
+    unsigned = extproc("audit", "verify", str(path))
+    assert unsigned.returncode == 0
+    assert "signatures NOT checked" in unsigned.stdout
+    shown = extproc("audit", "show", "d-3", "--file", str(path))
+    assert json.loads(shown.stdout)["id"] == "d-3"
+    assert extproc("audit", "show", "d-99", "--file", str(path)).returncode == 1
+
+
+def test_audit_verify_anchors_catch_a_truncation(tmp_path: Path) -> None:
+    extproc("audit", "keygen", str(tmp_path / "keys"))
+    keys = {name: tmp_path / "keys" / name.replace("_", ".") for name in ("signing_key", "signing_pub")}
+    path = _a_record(tmp_path, keys)
+    lines = path.read_text().splitlines()
+    last = json.loads(lines[-1])  # the final checkpoint, logged as audit_checkpoint when it was written
+    anchor = f"{last['seq']}:{last['hash']}"
+    checkpoints = [n for n, line in enumerate(lines) if json.loads(line)["type"] == "checkpoint"]
+    assert len(checkpoints) >= 2
+    path.write_text("\n".join(lines[: checkpoints[-2] + 1]) + "\n")  # cut back to an earlier checkpoint
+    plain = extproc("audit", "verify", str(path), "--public-key", str(keys["signing_pub"]))
+    assert plain.returncode == 0  # the file alone cannot show it
+    anchored = extproc(
+        "audit", "verify", str(path), "--public-key", str(keys["signing_pub"]), "--anchor", anchor
+    )
+    assert anchored.returncode == 1
+    assert "truncated" in anchored.stderr
+
+
+def test_audit_commands_give_clear_errors(tmp_path: Path) -> None:
+    missing = extproc("audit", "verify", str(tmp_path / "nope.jsonl"))
+    assert missing.returncode == 2
+    assert "nope.jsonl" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    bad_anchor = extproc("audit", "verify", str(tmp_path), "--anchor", "x")
+    assert bad_anchor.returncode == 2
+    assert "SEQ:HASH" in bad_anchor.stderr
+    wrong_key = tmp_path / "not-a-key.pem"
+    wrong_key.write_text("hello")
+    replay = extproc("audit", "replay", str(tmp_path / "nope.jsonl"), "--key", str(wrong_key), "--rules", "x")
+    assert replay.returncode == 2
+    assert "not-a-key.pem" in replay.stderr
+    assert "Traceback" not in replay.stderr

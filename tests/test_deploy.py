@@ -119,3 +119,17 @@ def test_compose_environment_names_real_settings(monkeypatch: pytest.MonkeyPatch
     assert envoy.otlp == settings.telemetry.otlp_endpoint
     # The image makes the record's folder, owned by the user the sidecar runs as.
     assert "/var/lib/extproc" in (ROOT / "deploy/Dockerfile").read_text()
+
+
+def test_the_sidecar_user_can_read_its_mounted_secrets() -> None:
+    [deployment] = [d for d in MANIFESTS if d["kind"] == "Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    user = pod["securityContext"]["runAsUser"]
+    assert user != 0
+    # Secret files belong to root and to the pod's fsGroup: the sidecar reads them through the group bits.
+    assert pod["securityContext"]["fsGroup"] == user
+    for volume in pod["volumes"]:
+        if "secret" in volume:
+            mode = volume["secret"]["defaultMode"]
+            assert mode & 0o040, volume["name"]  # group-readable
+            assert not mode & 0o007, volume["name"]  # and nothing for others

@@ -390,3 +390,16 @@ def test_a_plain_text_stream_past_its_deadline_is_reset() -> None:
     ex.handle(headers(RESP, ("content-type", "text/plain")))
     with pytest.raises(UpstreamError):
         ex.expire()
+
+
+def test_a_lone_surrogate_escape_in_a_json_prompt_is_masked_around_and_kept_escaped() -> None:
+    # "\ud800" is valid JSON but cannot be UTF-8: the body goes on with the escape, and the card is masked.
+    ex = exchange()
+    ex.handle(headers(REQ, ("content-type", "application/json")))
+    body = b'{"model":"m","messages":[{"role":"user","content":"a\\ud800b 4111 1111 1111 1111"}]}'
+    [reply] = ex.handle(Body(REQ, body, True))
+    assert isinstance(reply, ReplaceBody)
+    assert reply.data is not None
+    assert b"\\ud800" in reply.data
+    assert b"4111 1111 1111 1111" not in reply.data
+    assert json.loads(reply.data)["messages"][0]["content"].startswith("a\ud800b")

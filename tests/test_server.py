@@ -18,6 +18,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc.audit.record import iter_records, verify
+from extproc.exchange import Exchange
+from extproc.model import Outcome
 from extproc.runtime import Runtime, build_snapshot
 from extproc.server import SERVICE_NAME, Server
 from extproc.settings import load_settings
@@ -220,3 +222,34 @@ async def test_each_exchange_is_recorded_when_its_stream_ends(tmp_path: Path) ->
     }
     assert "sealed" not in record  # no auditor key configured: originals are not kept at all
     assert verify(path).first_break is None
+
+
+async def test_an_exchange_whose_record_cannot_be_made_leaves_a_gap_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(self: Exchange, error_code: str | None = None) -> Outcome:
+        raise RuntimeError("a bug")
+
+    path = tmp_path / "session.jsonl"
+    srv = await _audited_server(str(path), "fail_closed")
+    monkeypatch.setattr(Exchange, "outcome", broken)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.grpc_port}") as channel:
+            call = pb_grpc.ExternalProcessorStub(channel).Process()
+            await call.write(request_headers(("content-type", "text/plain")))
+            first = await call.read()
+            decision_id = dict(
+                (h.header.key, h.header.raw_value.decode())
+                for h in first.request_headers.response.header_mutation.set_headers
+            )["x-dlp-decision-id"]
+            await call.write(pb.ProcessingRequest(request_body=pb.HttpBody(body=b"hi", end_of_stream=True)))
+            await call.read()
+            await call.done_writing()
+            assert await call.read() is grpc.aio.EOF  # the stream itself ends as usual
+        assert srv.recorder is not None
+        assert not srv.recorder.serving  # fail_closed: a lost record stops requests for a while
+    finally:
+        await srv.stop()
+    [gap] = [r for _, r in iter_records(path) if r["type"] == "gap"]
+    assert gap["first_lost_id"] == decision_id
+    assert gap["lost"] == 1

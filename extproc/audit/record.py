@@ -6,9 +6,13 @@ without ``hash``), so an edited, deleted, inserted or moved record breaks the ch
 signs its own ``seq`` and ``prev``: since ``prev`` commits everything before it, one signature covers the
 whole file up to the checkpoint, and rewriting the chain after an edit needs the signing key.
 
-What the chain alone cannot show is a file cut back to a checkpoint; the writer logs every checkpoint's
-hash so that an anchor outside the file exists, and ``verify`` reports the records after the last valid
-checkpoint as its ``unsigned_tail``.
+What the chain alone cannot show is a file cut back to a checkpoint, or records after the last checkpoint
+rewritten with the chain recomputed. The writer logs every checkpoint's ``seq`` and ``hash`` (and, when it
+continues a file, the last record it found): ``verify`` checks such pairs as ``anchors``, and reports the
+records after the last valid checkpoint as its ``unsigned_tail``.
+
+Canonical JSON escapes everything outside ASCII, so any Python string, even one holding a lone surrogate
+from a header decoded with ``surrogateescape``, has a byte form: no record is lost to its encoding.
 
 This module does no threading; only ``read_tail``, ``verify``, ``iter_records`` and ``find`` read files.
 """
@@ -43,6 +47,11 @@ ACK_TYPES: Final = frozenset({"start", "gap"})
 """Record types that may acknowledge a torn write (their ``torn`` field names it)."""
 
 _CHAIN_FIELDS: Final = frozenset({"seq", "prev", "hash"})
+_CHECKPOINT_FIELDS: Final = frozenset({"type", "time", "kid", "signed", "signature"}) | _CHAIN_FIELDS
+_SIGNED_FIELDS: Final = frozenset({"seq", "prev"})
+_UNAUTHENTICATING: Final = frozenset({"start", "gap"})
+"""Record types a writer writes on its own (at start, after a loss): a file of only these claims nothing,
+so it needs no checkpoint."""
 _TAIL_BLOCK: Final = 64 * 1024
 _COUNT_BLOCK: Final = 1024 * 1024
 
@@ -52,16 +61,18 @@ class SealError(Exception):
 
 
 class RecordError(ValueError):
-    """A record file holds a line that is not a JSON object."""
+    """A record file cannot be read, or holds a line that is not a JSON object."""
 
 
 def canonical(obj: object) -> bytes:
     """The one byte form of a JSON value that hashes and signatures are computed over.
 
-    NaN and infinities are refused: they are not JSON, and other verifiers could not parse them."""
-    return json.dumps(
-        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode()
+    ASCII only (``\\uXXXX`` escapes): every str encodes, lone surrogates included, and the bytes do not
+    depend on an encoder's choice of UTF-8 form. NaN and infinities are refused: they are not JSON, and
+    other verifiers could not parse them."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode(
+        "ascii"
+    )
 
 
 def record_hash(record: Mapping[str, Any]) -> str:
@@ -310,10 +321,14 @@ class Break:
 class Report:
     """The outcome of ``verify``.
 
-    ``unsigned_tail``: records after the last checkpoint whose signature verified; only the chain
-    protects them, and a file cut back to that checkpoint looks intact. ``unchecked``: checkpoints whose
-    signature was not checked because no verify key was given. ``last_seq``/``last_hash`` describe the
-    last good record, to compare with the ``audit_checkpoint`` anchors in the logs."""
+    What is authenticated, and what only chained, is spelled out so that no reader mistakes an intact
+    chain for a signed one. ``signed_through``: the ``seq`` of the last checkpoint whose signature
+    verified with a given key (None: none did, or no key was given); everything up to it is signed.
+    ``unsigned_tail``: records after that checkpoint (all of them when there is none); only the chain
+    protects them, and without an anchor a file cut back to a checkpoint looks intact. ``unchecked``:
+    checkpoints whose signature was not checked because no verify key was given. ``anchors_checked``:
+    anchors found in the file with their hash. ``last_seq``/``last_hash`` describe the last good record, to
+    compare with the ``audit_checkpoint`` anchors in the logs."""
 
     ok: bool
     records: int
@@ -324,6 +339,8 @@ class Report:
     unchecked: int
     last_seq: int | None
     last_hash: str
+    signed_through: int | None
+    anchors_checked: int
 
 
 class _Run:
@@ -368,9 +385,15 @@ def _is_int(value: object) -> bool:
 
 
 class _Verifier:
-    def __init__(self, keys: Mapping[str, ed25519.Ed25519PublicKey], strict: bool) -> None:
+    def __init__(
+        self, keys: Mapping[str, ed25519.Ed25519PublicKey], strict: bool, anchors: Mapping[int, str]
+    ) -> None:
         self.keys = keys
         self.strict = strict
+        self.anchors = anchors
+        self.anchors_checked = 0
+        self.signed_through: int | None = None
+        self.first_claim: tuple[int, int, str | None] | None = None
         self.lines = 0
         self.checkpoints = 0
         self.unchecked = 0
@@ -420,9 +443,17 @@ class _Verifier:
             self.failure = Break(number, seq, record_id, reason)
             return False
 
-        if record_hash(record) != record["hash"]:
+        try:
+            digest = record_hash(record)
+            form = canonical(record)
+        except (ValueError, TypeError, RecursionError):
+            return fail(
+                "the record holds NaN or an infinite number, or nests too deep: it has no canonical form "
+                "and cannot be hashed (not written by the writer)"
+            )
+        if digest != record["hash"]:
             return fail("hash does not match the record's content (edited?)")
-        if canonical(record) != line:
+        if form != line:
             return fail("the line is not in canonical JSON form (edited by hand?)")
         if seq != self.seq:
             if self.last_line is None:
@@ -441,6 +472,16 @@ class _Verifier:
         kind = record.get("type")
         if not isinstance(kind, str):
             return fail("the record has no type")
+        if self.last_line is None and kind != "start":
+            return fail(
+                f"the first record is not a start record but {kind!r} (a writer begins every file with one: "
+                "the beginning of the file is missing, or it was not written by the sidecar?)"
+            )
+        anchor = self.anchors.get(seq)
+        if anchor is not None:
+            if anchor != record["hash"]:
+                return fail(f"anchor seq {seq}: hash differs (rewritten?)")
+            self.anchors_checked += 1
         signed = False
         if kind == "checkpoint":
             self.checkpoints += 1
@@ -454,7 +495,10 @@ class _Verifier:
         self.seq = seq + 1
         self.last_hash = record["hash"]
         self.last_line = number
+        if self.first_claim is None and kind not in _UNAUTHENTICATING:
+            self.first_claim = (number, seq, record_id)
         if signed:
+            self.signed_through = seq
             self.unsigned = 0
             self.first_unsigned = None
         else:
@@ -464,7 +508,10 @@ class _Verifier:
         return True
 
     def _checkpoint(self, record: Mapping[str, Any]) -> tuple[str | None, bool]:
-        """(a break reason or None, whether the signature verified)."""
+        """(a break reason or None, whether the signature verified).
+
+        A checkpoint holds exactly what the writer writes: its signature covers only ``seq``, ``prev``,
+        ``kid`` and ``time``, so any other field could be changed and the chain recomputed unnoticed."""
         kid, time, signed, signature = (record.get(k) for k in ("kid", "time", "signed", "signature"))
         if not (
             isinstance(kid, str)
@@ -473,6 +520,11 @@ class _Verifier:
             and isinstance(signature, str)
         ):
             return "checkpoint is malformed (kid, time, signed or signature missing)", False
+        extra = sorted(record.keys() - _CHECKPOINT_FIELDS) or [
+            f"signed.{name}" for name in sorted(signed.keys() - _SIGNED_FIELDS)
+        ]
+        if extra:
+            return f"unexpected field {extra[0]!r} in a checkpoint (its signature does not cover it)", False
         if not (
             _is_int(signed.get("seq"))
             and signed["seq"] == record["seq"]
@@ -499,6 +551,10 @@ class _Verifier:
         return None, True
 
     def finish(self) -> Report:
+        if self.failure is None and self.lines == 0:
+            self.failure = Break(
+                1, None, None, "the record is empty (a writer's first line is its start record)"
+            )
         if self.failure is None and self.run is not None:
             run = self.run
             self.failure = Break(
@@ -507,6 +563,26 @@ class _Verifier:
                 None,
                 f"line {run.line} {run.problem} and ends the file unacknowledged "
                 "(a torn write: the writer crashed, or is still writing?)",
+            )
+        if self.failure is None:
+            beyond = sorted(seq for seq in self.anchors if seq >= self.seq)
+            if beyond:
+                self.failure = Break(
+                    self.lines + 1,
+                    None,
+                    None,
+                    f"anchor seq {beyond[0]}: the file ends at seq {self.seq - 1} (truncated?)",
+                )
+        if self.failure is None and self.keys and self.signed_through is None and self.first_claim:
+            line, seq, record_id = self.first_claim
+            self.failure = Break(
+                line,
+                seq,
+                record_id,
+                "no checkpoint is signed by the given key(s): nothing in the file is authenticated "
+                "(a writer with a signing key writes a checkpoint every checkpoint_every records or "
+                "checkpoint_seconds, and when it closes: the file was written without a signing key, its "
+                "checkpoints were removed, or it is younger than that)",
             )
         if self.failure is None and not self.final_newline:
             self.warnings.append(
@@ -521,7 +597,8 @@ class _Verifier:
             what = (
                 f"{self.unsigned} record(s) from line {line} on are not covered by a verified checkpoint"
                 + ("" if self.keys else " (no verify key was given)")
-                + ": only the chain protects them, and a file cut back to a checkpoint looks intact"
+                + ": only the chain protects them, and without an anchor from the logs a file cut back to "
+                "a checkpoint looks intact"
             )
             if self.strict:
                 self.failure = Break(line, seq, record_id, what)
@@ -537,21 +614,42 @@ class _Verifier:
             unchecked=self.unchecked,
             last_seq=self.seq - 1 if self.last_line is not None else None,
             last_hash=self.last_hash,
+            signed_through=self.signed_through,
+            anchors_checked=self.anchors_checked,
         )
 
 
 def verify(
-    path: Path, verify_keys: Sequence[ed25519.Ed25519PublicKey] = (), *, strict: bool = False
+    path: Path,
+    verify_keys: Sequence[ed25519.Ed25519PublicKey] = (),
+    *,
+    strict: bool = False,
+    anchors: Mapping[int, str] = {},
 ) -> Report:
     """Check a record file line by line: JSON, hashes, the chain, ``seq``, checkpoint signatures.
 
-    With no ``verify_keys`` the chain is checked but no signature is (a warning says so). ``strict``
-    also fails a file whose last records are not covered by a valid checkpoint."""
-    verifier = _Verifier({key_id(key): key for key in verify_keys}, strict)
-    with path.open("rb") as file:
-        for number, raw in enumerate(file, 1):
-            if not verifier.feed(number, raw):
-                break
+    A file that is altered or hostile is a ``Break`` in the report, never an exception; RecordError only
+    when the file cannot be read at all (missing, a directory, a device). With no ``verify_keys`` the
+    chain is checked but no signature is (a warning says so); with keys, a file with records but no
+    checkpoint signed by one of them is a break. ``anchors`` maps a ``seq`` to the hash its record must
+    have (from the writer's ``audit_checkpoint`` and ``audit_resumed`` logs): they make a truncation or a
+    rewrite after the last checkpoint visible. ``strict`` also fails a file whose last records are not
+    covered by a valid checkpoint."""
+    for seq, digest in anchors.items():
+        if not (_is_int(seq) and seq >= 0 and isinstance(digest, str)):
+            raise ValueError(f"an anchor is a seq (an int, at least 0) and a hash, not {seq!r}: {digest!r}")
+    verifier = _Verifier({key_id(key): key for key in verify_keys}, strict, anchors)
+    try:
+        with path.open("rb") as file:
+            kind = os.fstat(file.fileno()).st_mode
+            # A pipe ends (``<(zcat record.jsonl.gz)``); a device such as /dev/zero might never.
+            if not (stat.S_ISREG(kind) or stat.S_ISFIFO(kind)):
+                raise RecordError(f"{path}: not a regular file or a pipe")
+            for number, raw in enumerate(file, 1):
+                if not verifier.feed(number, raw):
+                    break
+    except OSError as exc:
+        raise RecordError(f"{path}: cannot read the record: {exc.strerror or exc}") from exc
     return verifier.finish()
 
 

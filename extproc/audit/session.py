@@ -11,9 +11,11 @@ Records are built and sealed on the writer's thread, never on the event loop.
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,9 @@ from extproc.settings import AuditSettings
 log = logging.getLogger("extproc.audit")
 
 RECORD_TYPE = "exchange"
+DIRECTIONS = ("request", "response")
+# After a record is lost, fail_closed keeps refusing requests this long, even once writes succeed again.
+LOSS_COOLDOWN_SECONDS = 5.0
 
 
 def _body(body: RecordedBody | None) -> dict[str, Any] | None:
@@ -38,21 +43,55 @@ def _body(body: RecordedBody | None) -> dict[str, Any] | None:
         "content_type": body.content_type,
         "bytes": body.original_bytes,
         "sent_bytes": body.masked_bytes,
-        "masked": body.masked.decode("utf-8", "replace"),
-        "truncated": body.masked_bytes > len(body.masked),
     }
+    if body.masked is None:
+        entry["masked"] = None
+        entry["withheld"] = (
+            "a value went out unmasked (allowed by the policy): only the sealed original has it"
+        )
+    else:
+        entry["masked"] = body.masked.decode("utf-8", "replace")
+        entry["truncated"] = body.masked_bytes > len(body.masked)
     if body.status:
         entry["status"] = body.status
     return entry
 
 
-def _original(body: RecordedBody | None) -> dict[str, Any] | None:
-    if body is None:
-        return None
-    return {
-        "body": base64.b64encode(body.original).decode("ascii"),
-        "truncated": body.original_bytes > len(body.original),
-    }
+def seal_originals(request: RecordedBody | None, response: RecordedBody | None) -> bytes:
+    """The plaintext that is sealed: a JSON header line, then the raw bodies it describes, back to back
+    (no base64 inside the seal)."""
+    header: dict[str, Any] = {}
+    parts = []
+    for name, body in zip(DIRECTIONS, (request, response), strict=True):
+        if body is None or body.original is None:
+            header[name] = None
+            continue
+        header[name] = {"length": len(body.original), "truncated": body.original_bytes > len(body.original)}
+        parts.append(body.original)
+    return json.dumps(header, separators=(",", ":")).encode() + b"\n" + b"".join(parts)
+
+
+def open_originals(opened: bytes) -> dict[str, bytes | None]:
+    """The original bodies from the opened plaintext of a record's ``sealed`` field. Raises ValueError."""
+    line, sep, rest = opened.partition(b"\n")
+    header = json.loads(line) if sep else None
+    if not isinstance(header, dict):
+        raise ValueError("the sealed originals have no header")
+    bodies: dict[str, bytes | None] = {}
+    offset = 0
+    for name in DIRECTIONS:
+        entry = header.get(name)
+        if entry is None:
+            bodies[name] = None
+            continue
+        length = entry.get("length") if isinstance(entry, dict) else None
+        if not isinstance(length, int) or length < 0 or offset + length > len(rest):
+            raise ValueError(f"the sealed {name} body is not as long as its header says")
+        bodies[name] = rest[offset : offset + length]
+        offset += length
+    if offset != len(rest):
+        raise ValueError("the sealed originals are longer than their header says")
+    return bodies
 
 
 def build_record(
@@ -78,6 +117,7 @@ def build_record(
         "decision": outcome.decision,
         "error_code": outcome.error_code,
         "unmasked": outcome.unmasked,
+        "unmasked_requested": outcome.unmasked_requested,
         "actions": {d: [list(a) for a in made] for d, made in outcome.actions.items()},
         "findings": {
             d: [{"rule": f.rule_id, "entity": f.entity, "start": f.start, "end": f.end} for f in found]
@@ -88,21 +128,28 @@ def build_record(
         "request": _body(recorded.request),
         "response": _body(recorded.response),
     }
-    if sealing_key is not None and (recorded.request is not None or recorded.response is not None):
-        originals = {"request": _original(recorded.request), "response": _original(recorded.response)}
-        plaintext = json.dumps(originals, separators=(",", ":")).encode()
+    kept = [b for b in (recorded.request, recorded.response) if b is not None and b.original is not None]
+    if sealing_key is not None and kept:
+        plaintext = seal_originals(recorded.request, recorded.response)
         record["sealed"] = seal(plaintext, sealing_key, outcome.decision_id)
     return record
 
 
-def open_originals(record: dict[str, Any], opened: bytes) -> dict[str, bytes | None]:
-    """The original bodies from the plaintext of a record's ``sealed`` field."""
-    originals = json.loads(opened)
-    bodies: dict[str, bytes | None] = {}
-    for direction in ("request", "response"):
-        entry = originals.get(direction)
-        bodies[direction] = None if entry is None else base64.b64decode(entry["body"], validate=True)
-    return bodies
+class _Builder:
+    """Builds one record on the writer's thread; carries its id so a lost record is named."""
+
+    __slots__ = ("_build", "_done", "record_id")
+
+    def __init__(self, record_id: str, build: Callable[[], dict[str, Any]], done: Callable[[], None]) -> None:
+        self.record_id = record_id
+        self._build = build
+        self._done = done
+
+    def __call__(self) -> Mapping[str, Any]:
+        try:
+            return self._build()
+        finally:
+            self._done()
 
 
 class SessionRecorder:
@@ -130,7 +177,11 @@ class SessionRecorder:
             fsync=settings.fsync,
             queue_size=settings.queue_size,
         )
-        self._lost = 0
+        self._lock = threading.Lock()
+        self._pending_bytes = 0  # body bytes of records queued and not yet built
+        self._seen_lost = 0
+        self._refuse_until = 0.0
+        self._logged_loss = 0.0
 
     def start(self) -> None:
         """Opens the record and continues its chain. Blocking; raises ConfigError."""
@@ -138,25 +189,64 @@ class SessionRecorder:
 
     @property
     def serving(self) -> bool:
-        """False while records cannot be written and ``on_error`` is fail_closed."""
-        return self._settings.on_error == "continue" or self._writer.healthy
+        """False, with ``on_error: fail_closed``, while records cannot be written and for a while after
+        one was lost (a full queue, a record that could not be built)."""
+        if self._settings.on_error == "continue":
+            return True
+        self._note_losses()
+        return self._writer.healthy and time.monotonic() >= self._refuse_until
 
     @property
     def writer(self) -> RecordWriter:
         return self._writer
 
+    def _note_losses(self) -> None:
+        lost = self._writer.lost
+        if lost > self._seen_lost:
+            self._instruments.records_lost.add(lost - self._seen_lost)
+            self._seen_lost = lost
+            self._refuse_until = time.monotonic() + LOSS_COOLDOWN_SECONDS
+
     def record(self, recorded: Recorded, outcome: Outcome, trace_id: str | None) -> None:
+        """Queues the exchange's record; never blocks. Its size counts against ``max_queue_bytes`` until
+        the writer has built it."""
+        size = sum(
+            len(body.masked or b"") + len(body.original or b"")
+            for body in (recorded.request, recorded.response)
+            if body is not None
+        )
+        with self._lock:
+            full = self._pending_bytes + size > self._settings.max_queue_bytes
+            if not full:
+                self._pending_bytes += size
+        if full:
+            self.lost(outcome.decision_id, "queue over audit.max_queue_bytes")
+            return
         sealing = self._sealing
 
         def build() -> dict[str, Any]:
             return build_record(outcome, recorded, trace_id, sealing)
 
-        if not self._writer.submit(build):
-            log.error("audit_record_lost", extra={"decision_id": outcome.decision_id, "reason": "queue full"})
-        lost = self._writer.lost  # full queue, failed writes: the writer counts every record it lost
-        if lost > self._lost:
-            self._instruments.records_lost.add(lost - self._lost)
-            self._lost = lost
+        def built() -> None:
+            with self._lock:
+                self._pending_bytes -= size
+
+        if not self._writer.submit(_Builder(outcome.decision_id, build, built)):
+            built()
+            self._lost_log(outcome.decision_id, "queue full")
+        self._note_losses()
+
+    def lost(self, decision_id: str, reason: str) -> None:
+        """An exchange whose record could not even be queued: the file gets a gap naming it."""
+        self._writer.mark_lost(decision_id, reason)
+        self._lost_log(decision_id, reason)
+        self._note_losses()
+
+    def _lost_log(self, decision_id: str, reason: str) -> None:
+        now = time.monotonic()
+        if now - self._logged_loss >= 1.0:  # at most once a second: the writer's gap records count them all
+            self._logged_loss = now
+            log.error("audit_record_lost", extra={"decision_id": decision_id, "reason": reason})
 
     def close(self) -> None:
         """Writes what is queued and a last checkpoint. Blocking."""

@@ -34,7 +34,7 @@ SCAN_SPAN = "extproc.scan"
 APPROVAL_SPAN = "extproc.approval_wait"
 
 # Attributes of the exchange span.
-DECISION = "extproc.decision"  # allowed | masked | refused | cut | passthrough | error
+DECISION = "extproc.decision"  # allowed | masked | refused | cut | passthrough | incomplete | error
 DECISION_ID = "extproc.decision_id"  # also the x-dlp-decision-id header and the session record's id
 REQUEST_ID = "extproc.request_id"  # Envoy's x-request-id (its own spans carry it as guid:x-request-id)
 ERROR_CODE = "extproc.error_code"
@@ -106,8 +106,12 @@ class Instruments:
 
     def begin(self, metadata: Mapping[str, str]) -> ExchangeTrace:
         """The trace of a new exchange, joined to the context Envoy propagated in ``metadata`` (the
-        gRPC stream's invocation metadata: ``traceparent`` and ``tracestate``)."""
-        return ExchangeTrace(self, extract(metadata) if metadata else otel_context.Context())
+        gRPC stream's invocation metadata: ``traceparent`` and ``tracestate``). A malformed context is
+        ignored (the propagator drops it): the exchange is traced as a root, never failed."""
+        parent = otel_context.Context()
+        if self.enabled and metadata:
+            parent = extract(metadata)
+        return ExchangeTrace(self, parent)
 
 
 @dataclass

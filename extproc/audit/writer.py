@@ -10,6 +10,10 @@ file are counted as lost, the writer reports itself unhealthy, and it retries ev
 retry first reads back what is really on disk (a failed write may have left part of a line), continues the
 chain from there, and writes a ``gap`` record saying how many records were lost and why: the file then says
 where it is incomplete instead of hiding it.
+
+A writer that continues a file says so in its ``start`` record (``resumed``: the ``seq`` and ``hash`` of the
+last record it found) and in the ``audit_resumed`` log: with the ``audit_checkpoint`` logs, anchors outside
+the file against which an edit made while no writer ran shows up.
 """
 
 from __future__ import annotations
@@ -34,7 +38,9 @@ from extproc.errors import ConfigError
 log = logging.getLogger("extproc.audit")
 
 Entry = Mapping[str, Any] | Callable[[], Mapping[str, Any]]
-"""What ``submit`` takes: a record body, or a function the writer's thread calls to build one."""
+"""What ``submit`` takes: a record body, or a function the writer's thread calls to build one. A function
+may carry the id of the record it builds as a str attribute ``record_id``, so that a gap record can name
+that record when it is lost."""
 
 _LOG_INTERVAL: Final = 1.0
 _MAX_WAIT: Final = 3600.0
@@ -136,10 +142,9 @@ class _Line:
 
 
 def _record_id(entry: Entry) -> str | None:
-    if isinstance(entry, Mapping):
-        rid = entry.get("id")
-        return rid if isinstance(rid, str) else None
-    return None
+    """The id of the record an entry is or builds, for the gap record that reports it lost."""
+    rid = entry.get("id") if isinstance(entry, Mapping) else getattr(entry, "record_id", None)
+    return rid if isinstance(rid, str) else None
 
 
 class RecordWriter:
@@ -278,6 +283,17 @@ class RecordWriter:
             self._queued += 1
             self._cond.notify()
         return True
+
+    def mark_lost(self, record_id: str | None, reason: str) -> None:
+        """Count a record that will never be submitted (building it failed before it could be) and have the
+        next line written be a gap record naming it. Never blocks on the disk.
+
+        The file then says where it is incomplete even when the loss happened outside the writer."""
+        with self._cond:
+            self._count_lost(1, record_id)
+            if not self._closing:
+                self._dropped.add(1, record_id, reason)
+                self._cond.notify()
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything submitted before the call is written (or counted as lost).
@@ -466,7 +482,10 @@ class RecordWriter:
         torn = tail.torn if tail is not None else None
         leading: list[tuple[str, dict[str, Any], _Gap | None]] = []
         if self._start_record is not None:
-            leading.append(("start", dict(self._start_record), None))
+            start = dict(self._start_record)
+            if self._chain.seq > 0:
+                start["resumed"] = {"seq": self._chain.seq - 1, "hash": self._chain.last_hash}
+            leading.append(("start", start, None))
         if self._gap.pending or (torn is not None and not leading):
             gap = self._gap.take()
             leading.append(("gap", gap.body(iso_time(self._clock())), gap))
@@ -503,6 +522,12 @@ class RecordWriter:
                     lost.append(line.record_id)
             elif line.kind == "start" and line.done:
                 self._start_record = None
+                resumed = line.record.get("resumed")
+                if resumed is not None:
+                    log.info(
+                        "audit_resumed",
+                        extra={"path": str(self._path), "seq": resumed["seq"], "hash": resumed["hash"]},
+                    )
             elif line.kind == "gap" and line.gap is not None and not line.done:
                 self._gap.add(line.gap.lost, line.gap.first_id, *line.gap.reasons)
         return lost

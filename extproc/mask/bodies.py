@@ -122,8 +122,16 @@ class Admit(Protocol):
     def __call__(self, document: Any, size: int) -> tuple[Inspector, bool]: ...
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def dump_json(node: Any) -> str:
-    return json.dumps(node, ensure_ascii=False, separators=(",", ":"))
+    """Compact JSON. A lone surrogate (``"\\ud800"`` is valid JSON, but no UTF-8 can carry it) keeps
+    its escape, so the output always encodes."""
+    text = json.dumps(node, ensure_ascii=False, separators=(",", ":"))
+    if text.isascii() or not _SURROGATE.search(text):
+        return text
+    return json.dumps(node, ensure_ascii=True, separators=(",", ":"))
 
 
 class JsonMasker:
