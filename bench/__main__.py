@@ -2,13 +2,13 @@
 
 Parts (``--only`` picks one; all three run by default):
   scan    the detection engine alone, against Python ``re`` and Presidio (see bench/scan.py)
-  proxy   throughput and latency of whole requests through four paths, all in front of the same demo
+  proxy   throughput and latency of whole requests through five paths, all in front of the same demo
           model server:
             direct   client -> demo model
             envoy    client -> Envoy (no ext_proc filter) -> demo model
             extproc  client -> Envoy -> ext_proc (all phases, bodies scanned) -> demo model
-            audited  extproc, plus the session record (originals sealed, checkpoints signed, fsync per
-                     batch) and spans and metrics exported to a local OTLP receiver, as is Envoy's trace
+            recorded extproc with the session record (originals sealed, checkpoints signed, fsync per batch)
+            traced   extproc exporting spans and metrics, and Envoy its trace, to a local OTLP collector
           Each path gets a warm-up, then a sequential pass (latency) and a concurrent pass (throughput).
   stream  streamed (SSE) answers through envoy and extproc: time to first token, delay added per
           event, characters held back, unpaced events/s (see bench/stream.py)
@@ -108,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=1000, help="requests per pass (default 1000)")
     parser.add_argument(
+        "--rounds", type=int, default=3, help="proxy: passes per path, interleaved; medians (default 3)"
+    )
+    parser.add_argument(
         "--concurrency", type=int, default=8, help="clients in the concurrent pass (default 8)"
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default bench/results)")
@@ -169,28 +172,24 @@ def _machine() -> dict[str, Any]:
 @contextlib.contextmanager
 def _stacks(out: Path, audited: bool = False) -> Iterator[dict[str, str]]:
     """Stacks in front of one demo model: Envoy + extproc, Envoy alone (no ext_proc filter) and, when
-    ``audited``, Envoy + extproc with the session record and telemetry on. Yields the URL of each path:
-    direct (the demo model), envoy, extproc, audited; and the record's path as ``record``."""
+    ``audited``, Envoy + extproc with the session record on (recorded), and with spans and metrics
+    exported (traced). Yields the URL of each path: direct (the demo model), envoy, extproc, recorded,
+    traced; and the record's path as ``record``."""
     log = out / "stack.log"
     log.write_text("")
-    # No upstream key: the paths without extproc could not pass the demo's check otherwise.
-    full = Stack(log_path=log, demo_key=False).start()
-    bare: Stack | None = None
-    recorded: Stack | None = None
+    stacks: list[Stack] = []
     receiver: Process | None = None
     sink: IO[str] | None = None
     try:
+        # No upstream key: the paths without extproc could not pass the demo's check otherwise.
+        full = Stack(log_path=log, demo_key=False).start()
+        stacks.append(full)
         assert full.upstream is not None
         upstream = Upstream("127.0.0.1", full.upstream.port)
         bare = Stack(log_path=log, upstream=upstream, with_extproc=False).start()
+        stacks.append(bare)
         paths = {"direct": full.demo_url, "envoy": bare.url, "extproc": full.url}
         if audited:
-            # A real OTLP receiver, in a process of its own so that it does not share the load
-            # generator's interpreter.
-            sink = log.open("a", encoding="utf-8")
-            env = {**os.environ, "PYTHONPATH": str(ROOT)}
-            receiver = Process("otlp", [sys.executable, "-m", "tests.otlp"], sink, env)
-            otlp = "http://" + receiver.wait_ready(60)["grpc"]
             keys = generate_keys(bare.workdir / "audit-keys")
             record = bare.workdir / "session.jsonl"
             env = {
@@ -198,23 +197,52 @@ def _stacks(out: Path, audited: bool = False) -> Iterator[dict[str, str]]:
                 "EXTPROC_AUDIT__SEALING_KEY_FILE": str(keys["auditor_pub"]),
                 "EXTPROC_AUDIT__SIGNING_KEY_FILE": str(keys["signing_key"]),
             }
-            recorded = Stack(log_path=log, upstream=upstream, otlp_endpoint=otlp, extra_env=env).start()
-            paths.update(audited=recorded.url, record=str(record))
+            recorded = Stack(log_path=log, upstream=upstream, extra_env=env).start()
+            stacks.append(recorded)
+            # An OTLP collector that accepts and discards, in a process of its own: a real one runs on
+            # another machine, this one shares the CPUs with everything measured.
+            sink = log.open("a", encoding="utf-8")
+            python_path = {**os.environ, "PYTHONPATH": str(ROOT)}
+            receiver = Process("otlp", [sys.executable, "-m", "tests.otlp"], sink, python_path)
+            otlp = "http://" + receiver.wait_ready(60)["grpc"]
+            traced = Stack(log_path=log, upstream=upstream, otlp_endpoint=otlp).start()
+            stacks.append(traced)
+            paths.update(recorded=recorded.url, traced=traced.url, record=str(record))
         yield paths
     finally:
-        for stack in (recorded, bare, full):
-            if stack is not None:
-                stack.stop()
+        for stack in reversed(stacks):
+            stack.stop()
         if receiver is not None:
             receiver.stop()
         if sink is not None:
             sink.close()
 
 
+def _median_pass(passes: list[dict[str, Any]]) -> dict[str, Any]:
+    """One pass's figures from several: the median of each, the errors of all."""
+    merged = {key: statistics.median(p[key] for p in passes) for key in ("rps", "p50_ms", "p99_ms")}
+    first = passes[0]
+    return {
+        **merged,
+        "requests": first["requests"] * len(passes),
+        "concurrency": first["concurrency"],
+        "errors": sum(p["errors"] for p in passes),
+    }
+
+
 def _proxy(args: argparse.Namespace, paths: dict[str, str]) -> dict[str, Any]:
+    """Every path measured once per round, the rounds one after the other, so that a slow spell of a
+    shared machine falls on every path alike; each figure is the median over the rounds."""
     urls = {name: url for name, url in paths.items() if name != "record"}
-    results = {name: _measure(url, args.requests, args.concurrency) for name, url in urls.items()}
-    report: dict[str, Any] = {"prompt_bytes": len(PROMPT), "paths": results}
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in urls}
+    for _ in range(args.rounds):
+        for name, url in urls.items():
+            rounds[name].append(_measure(url, args.requests, args.concurrency))
+    results = {
+        name: {kind: _median_pass([r[kind] for r in measured]) for kind in ("sequential", "concurrent")}
+        for name, measured in rounds.items()
+    }
+    report: dict[str, Any] = {"prompt_bytes": len(PROMPT), "rounds": args.rounds, "paths": results}
     record = Path(paths["record"])
     with record.open("rb") as lines:
         exchanges = sum(1 for line in lines if b'"type":"exchange"' in line)
@@ -247,7 +275,8 @@ def _markdown(report: dict[str, Any]) -> str:
     c = envoy_con["concurrency"]
     machine = report["machine"]
     lines = [
-        f"Proxy overhead, {report['when']}, {machine['cpus']} CPUs, prompt {report['prompt_bytes']} B",
+        f"Proxy overhead, {report['when']}, {machine['cpus']} CPUs, prompt {report['prompt_bytes']} B, "
+        f"medians of {report['rounds']} interleaved rounds",
         "",
         f"| path | p50 ms (seq) | p99 ms (seq) | rps (seq) | rps (c={c}) | p99 ms (c={c}) | rps vs envoy "
         "| errors |",
@@ -266,15 +295,18 @@ def _markdown(report: dict[str, Any]) -> str:
         f"extproc adds {extproc_seq['p50_ms'] - envoy_seq['p50_ms']:.2f} ms at p50 over Envoy alone "
         f"({extproc_seq['p50_ms'] / envoy_seq['p50_ms']:.2f}x), sequential.",
     ]
-    if "audited" in paths:
-        audited_seq, audited_con = paths["audited"]["sequential"], paths["audited"]["concurrent"]
-        extproc_con = paths["extproc"]["concurrent"]
-        lines.append(
-            f"The session record and telemetry add {audited_seq['p50_ms'] - extproc_seq['p50_ms']:.2f} ms "
-            f"at p50 over extproc ({audited_seq['p50_ms'] / extproc_seq['p50_ms']:.2f}x), sequential; "
-            f"throughput at c={c} is {audited_con['rps'] / extproc_con['rps']:.2f}x extproc's. "
-            f"One exchange record: {report.get('record_bytes_per_exchange', 0):,} bytes."
-        )
+    extproc_con = paths["extproc"]["concurrent"]
+    doing = {"recorded": "The session record adds", "traced": "Spans and metrics (and Envoy's trace) add"}
+    for name, what in doing.items():
+        if name in paths:
+            seq, con = paths[name]["sequential"], paths[name]["concurrent"]
+            lines.append(
+                f"{what} {seq['p50_ms'] - extproc_seq['p50_ms']:.2f} ms at p50 over extproc "
+                f"({seq['p50_ms'] / extproc_seq['p50_ms']:.2f}x), sequential; throughput at c={c} is "
+                f"{con['rps'] / extproc_con['rps']:.2f}x extproc's."
+            )
+    if "record_bytes_per_exchange" in report:
+        lines.append(f"One exchange record: {report['record_bytes_per_exchange']:,} bytes.")
     lines.append("")
     return "\n".join(lines)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 import time
 import uuid
 from collections import Counter
@@ -29,6 +30,7 @@ from extproc.telemetry import Telemetry
 log = logging.getLogger("extproc.server")
 
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+SWITCH_INTERVAL_SECONDS = 0.0005
 
 
 class ExternalProcessor:
@@ -232,6 +234,12 @@ class Server:
         if self._settings.audit.record_path:
             self.recorder = SessionRecorder(self._settings.audit, self._instruments)
             await asyncio.to_thread(self.recorder.start)
+        if self.recorder is not None or self._instruments.enabled:
+            # The record writer's thread seals and serialises records, the span exporter's encodes spans.
+            # Python hands the GIL from a busy thread to a waiting one only every switch interval (5 ms
+            # by default), so that work could stall the event loop up to 5 ms at a time; a shorter
+            # interval bounds the stall.
+            sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
         # grpc.aio binds its server to the running event loop: create it here, not in __init__.
         limit = self._settings.server.max_message_bytes
         self._grpc = grpc.aio.server(

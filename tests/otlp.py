@@ -142,19 +142,37 @@ class Receiver:
 
 
 def main() -> None:
-    """Run a receiver on its own (the audited benchmark path exports to it, away from the load
-    generator's process): prints a ready line with its address, counts what it receives, stops on
-    SIGTERM."""
+    """A collector on its own, for the benchmark's traced path: it accepts OTLP trace and metrics
+    exports and discards them unparsed (a real collector runs on another machine; here it shares the
+    CPUs with everything measured, so it should cost little). Prints a ready line with its address,
+    the messages and bytes it received when stopped by SIGTERM."""
     import json
     import signal
 
-    receiver = Receiver().start()
+    received = {"exports": 0, "bytes": 0}
+    lock = threading.Lock()
+
+    def accept(request: bytes, context: grpc.ServicerContext) -> bytes:
+        with lock:
+            received["exports"] += 1
+            received["bytes"] += len(request)
+        return b""  # an empty Export*ServiceResponse
+
+    handler = grpc.unary_unary_rpc_method_handler(accept)  # no (de)serializers: raw bytes
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    for service in (
+        "opentelemetry.proto.collector.trace.v1.TraceService",
+        "opentelemetry.proto.collector.metrics.v1.MetricsService",
+    ):
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, {"Export": handler}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    print(json.dumps({"event": "ready", "grpc": f"127.0.0.1:{receiver.port}"}), flush=True)
+    print(json.dumps({"event": "ready", "grpc": f"127.0.0.1:{port}"}), flush=True)
     stop.wait()
-    receiver.stop()
-    print(json.dumps({"event": "stopped", "spans": len(receiver.spans), "metrics": len(receiver.metrics)}))
+    server.stop(grace=1).wait()
+    print(json.dumps({"event": "stopped", **received}), flush=True)
 
 
 if __name__ == "__main__":

@@ -50,16 +50,32 @@ def test_the_image_copies_files_that_exist() -> None:
 
 def test_proxy_bench_runs_and_writes_its_report(tmp_path: Path) -> None:
     assert (
-        bench_main(["--only", "proxy", "--requests", "20", "--concurrency", "2", "--out", str(tmp_path)]) == 0
+        bench_main(
+            [
+                "--only",
+                "proxy",
+                "--requests",
+                "20",
+                "--rounds",
+                "2",
+                "--concurrency",
+                "2",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
     )
     report = json.loads((tmp_path / "proxy-latest.json").read_text())
-    assert set(report["paths"]) == {"direct", "envoy", "extproc", "audited"}
+    assert set(report["paths"]) == {"direct", "envoy", "extproc", "recorded", "traced"}
     # The masked prompt and answer, and the sealed originals: more than twice the prompt.
     assert report["record_bytes_per_exchange"] > 2 * report["prompt_bytes"]
     for result in report["paths"].values():
         assert result["sequential"]["errors"] == result["concurrent"]["errors"] == 0
     assert "extproc adds" in (tmp_path / "proxy-latest.md").read_text()
-    assert "The session record and telemetry add" in (tmp_path / "proxy-latest.md").read_text()
+    markdown = (tmp_path / "proxy-latest.md").read_text()
+    assert "The session record adds" in markdown
+    assert "Spans and metrics (and Envoy's trace) add" in markdown
 
 
 def test_stream_bench_runs_and_writes_its_report(tmp_path: Path) -> None:
