@@ -169,8 +169,8 @@ class Exchange:
             Direction.REQUEST: _Direction(protocol.request_body_mode),
             Direction.RESPONSE: _Direction(protocol.response_body_mode),
         }
-        self._record_cap = snapshot.settings.audit.max_body_bytes
         audit = snapshot.settings.audit
+        self._record_cap = audit.max_body_bytes
         if audit.record_path:
             for state in self._dirs.values():
                 state.masked = bytearray()
@@ -433,11 +433,12 @@ class Exchange:
         }
 
     def _let_through(self, direction: Direction) -> bool:
-        """Whether a finding went out unmasked in ``direction``."""
+        """Whether a finding went out unmasked in ``direction``: allowed (also an unmasked answer), or
+        decided by a policy that does not act (shadow mode). Block and approve send nothing on."""
         actions = self._request_actions if direction is Direction.REQUEST else self._response_actions
         if actions is None or not actions.decisions.made:
             return False
-        return not actions.decisions.enforce or any(a != "mask" for _, a in actions.decisions.made)
+        return not actions.decisions.enforce or any(a == "allow" for _, a in actions.decisions.made)
 
     def _clean(self, text: str) -> str:
         """A client-chosen string (model, path, request id) as it may be shown: masked."""

@@ -31,7 +31,6 @@ SCOPE = "extproc"
 EXCHANGE_SPAN = "extproc.exchange"
 VERIFY_SPAN = "extproc.verify_token"
 SCAN_SPAN = "extproc.scan"
-APPROVAL_SPAN = "extproc.approval_wait"
 
 # Attributes of the exchange span.
 DECISION = "extproc.decision"  # allowed | masked | refused | cut | passthrough | incomplete | error
@@ -51,7 +50,6 @@ SHADOW_REFUSED = "extproc.shadow.refused"  # "policy:code" for what a shadow pol
 SUBJECT_HASH = "extproc.subject.hash"  # keyed hash of issuer and subject: joins a caller's exchanges
 ISSUER = "extproc.subject.issuer"
 UNMASKED = "extproc.unmasked"
-APPROVAL_ID = "extproc.approval.id"
 ROUTE = "url.path"
 METHOD = "http.request.method"
 MODEL = "gen_ai.request.model"
