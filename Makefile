@@ -8,10 +8,16 @@ PYTEST_ARGS ?=
 
 .PHONY: install run test lint typecheck pytest bench eval clean
 
+# xds-protos ships an old copy of opentelemetry-proto's modules (grpc/grpc#42926), and whichever of the two
+# pip installs last owns opentelemetry/proto/: reinstalling opentelemetry-proto puts the current ones back.
+OTEL_PROTO_VERSION = $$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')
+REPAIR_OTEL_PROTO = $(BIN)/python -m pip install -q --force-reinstall --no-deps "opentelemetry-proto==$(OTEL_PROTO_VERSION)"
+
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(REPAIR_OTEL_PROTO)
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -34,6 +40,7 @@ test: lint typecheck pytest
 BENCH_STAMP := $(VENV)/.bench-stamp
 $(BENCH_STAMP): $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[dev,bench]'
+	$(REPAIR_OTEL_PROTO)
 	@touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 
-from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
-from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
@@ -22,6 +20,7 @@ from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
 from extproc import __version__
 from extproc.audit.spans import SCOPE, Instruments
+from extproc.errors import ConfigError
 from extproc.settings import TelemetrySettings
 
 log = logging.getLogger("extproc.telemetry")
@@ -37,6 +36,16 @@ class Telemetry:
         if not endpoint:
             self.instruments = Instruments()
             return
+        # Imported here: only a configured endpoint needs them, and they can be broken by another package.
+        try:
+            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        except ImportError as exc:
+            raise ConfigError(
+                f"telemetry.otlp_endpoint is set but the OTLP exporter cannot load ({exc}). xds-protos ships "
+                "an old copy of opentelemetry-proto's modules (grpc/grpc#42926) and was installed after it: "
+                "pip install --force-reinstall --no-deps opentelemetry-proto==<its version>"
+            ) from exc
         resource = Resource.create({"service.name": settings.service_name, "service.version": __version__})
         timeout = settings.export_timeout_seconds
         self._tracer_provider = TracerProvider(
