@@ -113,6 +113,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
 Callers need a token of the dev issuer; mint one per group to try the policies:
   .venv/bin/extproc token --dev-dir {stack.dev_identity} --groups fraud-investigators
 """
+    traces = f"Spans from Envoy and extproc go to {args.otlp}.\n" if args.otlp else ""
     print(
         f"""
 extproc dev is up:
@@ -125,7 +126,7 @@ Try it (the card number and the address come back masked):
     -d '{{"model": "{model}", "messages": [{{"role": "user", "content": \
 "my card is 4111 1111 1111 1111, mail me at jane@example.com"}}]}}'
 {tokens}
-Ctrl-C stops all three.
+{traces}Ctrl-C stops all three.
 """,
         file=sys.stderr,
         flush=True,
