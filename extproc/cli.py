@@ -167,7 +167,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     anchors: dict[int, str] = {}
     for anchor in args.anchor or ():
         seq, _, digest = anchor.partition(":")
-        if not seq.isdigit() or len(digest) != 64:
+        if not seq.isdigit() or len(digest) != 64 or digest.strip("0123456789abcdefABCDEF"):
             raise ConfigError(
                 f"--anchor {anchor!r}: expected SEQ:HASH (an audit_checkpoint log line's values)"
             )
@@ -215,7 +215,8 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
         return 1
     sealed = record.pop("sealed", None)
     if sealed is not None:  # the ciphertext means nothing to a reader: say what it is instead
-        record["sealed"] = f"original bodies, sealed to auditor key {sealed.get('kid')}"
+        kid = sealed.get("kid") if isinstance(sealed, dict) else None
+        record["sealed"] = f"original bodies, sealed to auditor key {kid}"
     print(json.dumps(record, indent=2, ensure_ascii=False))
     return 0
 
@@ -233,22 +234,27 @@ def cmd_audit_replay(args: argparse.Namespace) -> int:
     overrides["identity"] = {"mode": "none"}
     settings = load_settings(args.config, **overrides)
     snapshot = build_snapshot(settings)
-    total = changed = skipped = 0
+    total = changed = skipped = partial = bodiless = 0
     for result in replay(Path(args.file), key, snapshot):
         total += 1
-        if result.after is None:
+        if not result.bodies:
+            bodiless += 1
+        elif result.after is None:
             skipped += 1
+        elif not result.comparable:
+            partial += 1
         elif result.changed:
             changed += 1
         if args.json:
             print(json.dumps({**asdict(result), "changed": result.changed}, ensure_ascii=False))
-        elif result.changed or result.after is None:
+        elif result.changed or (result.after is None and result.bodies) or not result.comparable:
             print(f"line {result.line}  {result.record_id}  {result.summary}")
             for line in result.changes + [f"note: {n}" for n in result.notes]:
                 print(f"  {line}")
     print(
-        f"{args.file}: {total} exchanges replayed with {', '.join(args.rules)}: "
-        f"{changed} decided differently, {skipped} not replayable",
+        f"{args.file}: {total} exchanges, replayed with {', '.join(args.rules)}: {changed} decided "
+        f"differently, {partial} recorded in part (not compared), {skipped} not replayable, "
+        f"{bodiless} without a body",
         file=sys.stderr,
     )
     return 1 if changed and args.fail_on_change else 0
@@ -471,8 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument(
         "--anchor",
         action="append",
-        help="SEQ:HASH of a checkpoint seen in the sidecar's logs (audit_checkpoint): the file must still "
-        "hold it, which shows truncation and rewriting (repeatable)",
+        help="SEQ:HASH from the sidecar's logs (audit_checkpoint or audit_resumed): the file must still "
+        "hold that record, unchanged, which shows truncation and rewriting (repeatable)",
     )
     verify.set_defaults(func=cmd_audit_verify)
     show = audit_sub.add_parser("show", help="print one exchange's record (masked bodies only)")

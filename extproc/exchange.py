@@ -13,10 +13,12 @@ lets the part over its limit through unscanned, the third is not HTTP.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
+from urllib.parse import unquote
 
 from extproc.audit.spans import ExchangeTrace, Instruments
 from extproc.errors import AuthError, ClientError, ExtProcError, ProtocolError, UpstreamError
@@ -68,6 +70,7 @@ DECISION_HEADER = "x-dlp-decision-id"
 UNMASKED_HEADER = "x-dlp-unmasked"
 METADATA_NAMESPACE = "llm.extproc"
 SUPPORTED_BODY_MODES = frozenset({BodyMode.NONE, BodyMode.BUFFERED, BodyMode.FULL_DUPLEX_STREAMED})
+_PLAIN_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _UNTRACED = Instruments()
 
 
@@ -147,7 +150,8 @@ class Exchange:
         self._clock = time.monotonic()
         self.trace = trace if trace is not None else _UNTRACED.begin({})
         self.decision_id = decision_id
-        self.request_id = ""
+        self.request_id = ""  # as the client or Envoy set it: only ever sent back to the client
+        self.shown_request_id = ""  # the same, as logs, spans and the session record may show it
         self.method = ""
         self.model: str | None = None
         self.cut: str | None = None  # the error code a streamed answer was cut with
@@ -226,6 +230,7 @@ class Exchange:
 
     def _request_headers(self, event: Headers) -> list[Reply]:
         self.request_id = event.get("x-request-id") or ""
+        self.shown_request_id = self._shown_id(self.request_id)
         self.route = (event.get(":path") or "").split("?", 1)[0]
         self.method = event.get(":method") or ""
         try:
@@ -441,8 +446,15 @@ class Exchange:
         return not actions.decisions.enforce or any(a == "allow" for _, a in actions.decisions.made)
 
     def _clean(self, text: str) -> str:
-        """A client-chosen string (model, path, request id) as it may be shown: masked."""
-        return self._snapshot.inspector.mask_text(text)[0] if text else text
+        """A client-chosen string (model, path) as it may be shown: percent-decoded, then masked."""
+        return self._snapshot.inspector.mask_text(unquote(text))[0] if text else text
+
+    def _shown_id(self, request_id: str) -> str:
+        """A request id as it may be shown: Envoy's UUIDs and other plain ids as they are, anything else
+        (the client chose it) masked."""
+        if _PLAIN_ID.fullmatch(request_id) and not self._snapshot.inspector.mask_text(request_id)[1]:
+            return request_id
+        return self._clean(request_id)
 
     def outcome(self, error_code: str | None = None) -> Outcome:
         """What the exchange came to. ``error_code``: the stream was aborted with it."""
@@ -477,7 +489,7 @@ class Exchange:
         return Outcome(
             decision_id=self.decision_id,
             decision=decision,
-            request_id=self._clean(self.request_id),
+            request_id=self.shown_request_id,
             error_code=error_code or self.refused or self.cut,
             policy=self.policy.id if self.policy is not None else None,
             enforce=enforce,
@@ -504,7 +516,7 @@ class Exchange:
         """The bodies kept for the session record (none unless one is kept)."""
         bodies: dict[Direction, RecordedBody | None] = {}
         for direction, state in self._dirs.items():
-            if state.masked is None or not (state.media or state.status):
+            if state.masked is None or not (state.media or state.status or state.original_size):
                 bodies[direction] = None
                 continue
             bodies[direction] = RecordedBody(
@@ -742,14 +754,15 @@ class Exchange:
         state.discard = True
         self.cut = error.code
         self.trace.scanned(direction, error.code)
+        released = processor.cut()
         payload = self.error_body(error)
-        if isinstance(processor, SseEvents):
-            terminal = b"event: error\ndata: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
-        else:
-            terminal = json.dumps({**payload, "done": True}, separators=(",", ":")).encode() + b"\n"
-        out = processor.cut() + terminal
-        self._keep(state, out, original=False)
-        return [StreamChunk(direction, out, True)]
+        # The record keeps the end of the stream with the request id as it may be shown.
+        self._keep(
+            state,
+            released + _terminal(processor, {**payload, "request_id": self.shown_request_id}),
+            original=False,
+        )
+        return [StreamChunk(direction, released + _terminal(processor, payload), True)]
 
     def error_body(self, error: ExtProcError) -> dict[str, str]:
         return {"error": error.code, "message": error.message, "request_id": self.request_id}
@@ -760,6 +773,13 @@ class Exchange:
         body = json.dumps(self.error_body(error), separators=(",", ":")).encode()
         headers = (("content-type", "application/json"), (DECISION_HEADER, self.decision_id), *extra)
         return [Reject(status=error.http_status, body=body, headers=headers, details=f"extproc_{error.code}")]
+
+
+def _terminal(processor: BodyProcessor, payload: dict[str, str]) -> bytes:
+    """The last event of a stream cut early: ``event: error`` (SSE), a ``"done": true`` line (NDJSON)."""
+    if isinstance(processor, SseEvents):
+        return b"event: error\ndata: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+    return json.dumps({**payload, "done": True}, separators=(",", ":")).encode() + b"\n"
 
 
 def _made(request: FindingActions | None, response: FindingActions | None) -> dict[str, list[str]]:

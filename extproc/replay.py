@@ -30,6 +30,7 @@ from extproc.model import Body, BodyMode, Direction, Headers, Outcome, ProtocolC
 from extproc.runtime import Snapshot
 
 _BUFFERED = ProtocolConfig(BodyMode.BUFFERED, BodyMode.BUFFERED)
+SIZE_CODES = frozenset({"body_too_large", "upstream_too_large"})
 
 
 @dataclass(frozen=True)
@@ -43,10 +44,14 @@ class Replayed:
     after: dict[str, Any] | None  # the same, decided again; None when it could not be replayed
     changes: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # False when the originals were recorded in part (over the record's cap, or refused for their size):
+    # deciding part of a body again says nothing about the decision on the whole.
+    comparable: bool = True
+    bodies: bool = True  # False: the exchange had no body to replay (a local reply, a refused token)
 
     @property
     def changed(self) -> bool:
-        return bool(self.changes)
+        return self.comparable and bool(self.changes)
 
 
 def _actions(actions: Any) -> dict[str, Counter[str]]:
@@ -124,6 +129,8 @@ def decide_again(snapshot: Snapshot, record: dict[str, Any], bodies: dict[str, b
             exchange.handle(Headers(Direction.RESPONSE, answer, end_of_stream=response_body is None))
             if response_body is not None and not exchange.finished:
                 exchange.handle(Body(Direction.RESPONSE, response_body, True))
+        elif not exchange.finished:  # an answer with no body (or none recorded): headers end it
+            exchange.handle(Headers(Direction.RESPONSE, ((":status", "200"),), end_of_stream=True))
     except ExtProcError as error:
         return exchange.outcome(error.code)
     return exchange.outcome()
@@ -150,6 +157,8 @@ def _replay_one(line: int, record: dict[str, Any], key: X25519PrivateKey, snapsh
     recorded_actions = _actions(record.get("actions") or {})
     before = _verdict(str(record.get("decision")), record.get("error_code"), recorded_actions)
     sealed = record.get("sealed")
+    if sealed is None and record.get("request") is None and record.get("response") is None:
+        return Replayed(line, record_id, summary, before, None, notes=["no body to replay"], bodies=False)
     if sealed is None:
         return Replayed(line, record_id, summary, before, None, notes=["no sealed originals: not replayed"])
     try:
@@ -157,13 +166,21 @@ def _replay_one(line: int, record: dict[str, Any], key: X25519PrivateKey, snapsh
     except (SealError, ValueError) as exc:
         return Replayed(line, record_id, summary, before, None, notes=[f"cannot open: {exc}"])
     notes = []
+    partial = record.get("error_code") in SIZE_CODES
     for direction in ("request", "response"):
         entry = record.get(direction)
         if isinstance(entry, dict) and entry.get("bytes", 0) > len(bodies.get(direction) or b""):
-            notes.append(f"the {direction} was recorded in part: replayed on what was recorded")
-    timed = record.get("decision") == "cut" and record.get("error_code") == "upstream_timeout"
+            partial = True
+            notes.append(f"the {direction} was recorded in part: decided again, not compared")
+    if record.get("error_code") in SIZE_CODES:
+        notes.append(f"refused for its size ({record['error_code']}): decided again, not compared")
+    # Cut at its time limit, or left unfinished by the client: what ended it cannot happen again.
+    timed = record.get("decision") == "incomplete" or (
+        record.get("decision") == "cut" and record.get("error_code") == "upstream_timeout"
+    )
     if timed:
-        notes.append("the answer was cut at its time limit: replayed whole, decisions compared per finding")
+        notes.append("the answer ended early in time: replayed whole, decisions compared per finding")
     outcome = decide_again(snapshot, record, bodies)
     after = _verdict(outcome.decision, outcome.error_code, _actions(outcome.actions))
-    return Replayed(line, record_id, summary, before, after, _compare(before, after, timed=timed), notes)
+    changes = _compare(before, after, timed=timed)
+    return Replayed(line, record_id, summary, before, after, changes, notes, comparable=not partial)

@@ -4,6 +4,7 @@ per-request state and decisions live in the Exchange."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -110,8 +111,14 @@ class ExternalProcessor:
             outcome = exchange.outcome(failure)
         except Exception:
             log.exception("exchange_outcome_failed", extra=_ids(exchange))
-            if exchange is not None and self._recorder is not None:
-                self._recorder.lost(exchange.decision_id, "the exchange's outcome could not be computed")
+            if exchange is not None:
+                failed = Outcome(
+                    decision_id=exchange.decision_id, decision="error", error_code="internal_error"
+                )
+                with contextlib.suppress(Exception):
+                    trace.finish(failed)
+                if self._recorder is not None:
+                    self._recorder.lost(exchange.decision_id, "the exchange's outcome could not be computed")
             return
         try:
             trace.finish(outcome)
@@ -183,7 +190,7 @@ class _Messages:
 def _ids(exchange: Exchange | None) -> dict[str, str]:
     if exchange is None:
         return {}
-    return {"decision_id": exchange.decision_id, "request_id": exchange.request_id}
+    return {"decision_id": exchange.decision_id, "request_id": exchange.shown_request_id}
 
 
 def _log_exchange(exchange: Exchange, outcome: Outcome) -> None:

@@ -294,6 +294,9 @@ class AuditSettings(_Section):
     def _keys_need_a_record(self) -> AuditSettings:
         if self.record_path is None and (self.sealing_key_file or self.signing_key_file):
             raise ValueError("sealing_key_file and signing_key_file need record_path")
+        # One exchange keeps up to four bodies (each direction, masked and original) for its record.
+        if self.max_queue_bytes < 4 * self.max_body_bytes:
+            raise ValueError("max_queue_bytes must hold at least one record: 4 x max_body_bytes")
         return self
 
 

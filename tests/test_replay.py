@@ -11,6 +11,7 @@ from extproc.audit.keys import generate_keys, load_opening_key, load_sealing_key
 from extproc.audit.record import open_sealed
 from extproc.audit.session import build_record, open_originals, seal_originals
 from extproc.audit.writer import RecordWriter
+from extproc.errors import ClientError, ConfigError
 from extproc.exchange import UNMASKED_HEADER, Exchange
 from extproc.identity import Principal
 from extproc.model import Body, BodyMode, Direction, Headers, ProtocolConfig, RecordedBody
@@ -173,17 +174,88 @@ def test_a_body_sent_with_a_value_in_clear_is_kept_only_sealed(tmp_path: Path, k
     assert opened["response"] == answer
 
 
-def test_client_chosen_strings_are_masked_before_they_are_shown(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("path", "request_id"),
+    [(f"/v1/{CARD}", CARD), ("/v1/users/jane%40example.com/chat", "4111%201111%201111%201111")],
+    ids=["plain", "percent-encoded"],
+)
+def test_client_chosen_strings_are_masked_before_they_are_shown(
+    tmp_path: Path, path: str, request_id: str
+) -> None:
     snap = snapshot(tmp_path)
     ex = Exchange(snap, PROTOCOL, "d-9")
-    items = ((":path", f"/v1/{CARD}"), ("x-request-id", CARD), ("content-type", "application/json"))
+    items = ((":path", path), ("x-request-id", request_id), ("content-type", "application/json"))
     ex.handle(Headers(REQ, items, False))
     ex.handle(Body(REQ, json.dumps({"model": CARD, "messages": []}).encode(), True))
     outcome = ex.outcome()
     for shown in (outcome.model, outcome.route, outcome.request_id):
         assert shown is not None
-        assert CARD not in shown
-        assert "CREDIT_CARD" in shown  # masked with the card rule's own strategy
+        assert "1111 1111" not in shown
+        assert "1111%201111" not in shown
+        assert "jane" not in shown
+    assert ex.shown_request_id == outcome.request_id
+    assert ex.error_body(ClientError("x"))["request_id"] == request_id  # the client still gets its own id
+
+
+def test_a_plain_request_id_is_shown_as_it_is(tmp_path: Path) -> None:
+    ex = Exchange(snapshot(tmp_path), PROTOCOL, "d-11")
+    ex.handle(Headers(REQ, (("x-request-id", "a7101958-43ef-901f-a5f1-572ad462cb46"),), True))
+    assert ex.outcome().request_id == "a7101958-43ef-901f-a5f1-572ad462cb46"
+
+
+def test_a_cut_stream_is_recorded_with_the_request_id_as_shown(tmp_path: Path) -> None:
+    snap = snapshot(tmp_path)
+    ex = Exchange(snap, PROTOCOL, "d-12")
+    items = (("x-request-id", "jane@example.com"), ("content-type", "application/json"))
+    ex.handle(Headers(REQ, items, False))
+    ex.handle(Body(REQ, chat("hi"), True))
+    ex.handle(Headers(RESP, ((":status", "200"), ("content-type", "text/event-stream")), False))
+    [cut] = ex.handle(Body(RESP, b"data: " + b"y" * 2048 + b"\n\n", False))
+    assert b"jane@example.com" in cut.data  # type: ignore[union-attr]  # the client gets its own id
+    response = ex.recorded().response
+    assert response is not None
+    assert response.masked is not None
+    assert b"jane@example.com" not in response.masked
+    assert b"upstream_too_large" in response.masked
+
+
+def test_a_request_without_a_content_type_is_recorded_and_replays_the_same(
+    tmp_path: Path, keys: dict[str, Path]
+) -> None:
+    snap = snapshot(tmp_path)
+    ex = Exchange(snap, PROTOCOL, "d-13")
+    ex.handle(Headers(REQ, ((":path", "/v1/raw"),), False))  # scanned as text
+    ex.handle(Body(REQ, f"card {CARD}".encode(), True))
+    ex.handle(Headers(RESP, ((":status", "200"), ("content-type", "text/plain")), True))
+    assert ex.recorded().request is not None
+    path = tmp_path / "session.jsonl"
+    write(path, keys, [ex])
+    [result] = replayed(path, keys, snap).values()
+    assert result.after is not None
+    assert not result.changed, result.changes
+
+
+def test_originals_recorded_in_part_are_decided_again_but_not_compared(
+    tmp_path: Path, keys: dict[str, Path]
+) -> None:
+    snap = snapshot(tmp_path)
+    small = build_snapshot(
+        snap.settings.model_copy(
+            update={"audit": snap.settings.audit.model_copy(update={"max_body_bytes": 40})}
+        )
+    )
+    ex = run(small, chat(f"a long prompt with a card {CARD} at its end"), b'{"choices": []}')
+    path = tmp_path / "session.jsonl"
+    write(path, keys, [ex])
+    [result] = replayed(path, keys, snap).values()
+    assert not result.comparable
+    assert not result.changed  # the cut JSON no longer parses: that is not a change of decision
+    assert any("recorded in part" in note for note in result.notes)
+
+
+def test_the_queue_must_hold_one_record() -> None:
+    with pytest.raises(ConfigError, match="max_queue_bytes"):
+        load_settings(None, audit={"max_body_bytes": 32 * 1024 * 1024, "max_queue_bytes": 64 * 1024 * 1024})
 
 
 def test_an_exchange_that_ended_before_its_answer_is_incomplete(tmp_path: Path) -> None:
