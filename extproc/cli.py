@@ -188,8 +188,10 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         summary += "; signatures NOT checked (give --public-key): nothing is authenticated"
     else:
         summary += f"; signed through seq {report.signed_through}"
-        if report.unsigned_tail:
-            summary += f", {report.unsigned_tail} records after it protected by the chain only"
+        if report.unsigned:
+            summary += f"; {report.unsigned} records protected by the chain only"
+            if report.unsigned_tail:
+                summary += f" ({report.unsigned_tail} after the last checkpoint)"
     if report.anchors_checked:
         summary += f"; {report.anchors_checked} anchors match"
     print(summary)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa, x25519
 
@@ -29,6 +30,7 @@ from extproc.audit.record import (
     RecordError,
     SealError,
     canonical,
+    checkpoint_message,
     find,
     iter_records,
     open_sealed,
@@ -307,7 +309,12 @@ def test_verify_passes_an_intact_file(tmp_path: Path) -> None:
     records = build(10, checkpoint_every=4)
     report = verify(write(tmp_path / "r.jsonl", records), [VERIFY], strict=True)
     assert report.ok, report.first_break
-    assert (report.records, report.checkpoints, report.unsigned_tail) == (len(records), 3, 0)
+    assert (report.records, report.checkpoints, report.unsigned_tail, report.unsigned) == (
+        len(records),
+        3,
+        0,
+        0,
+    )
     assert report.warnings == []
     assert (report.last_seq, report.last_hash) == (records[-1]["seq"], records[-1]["hash"])
 
@@ -645,11 +652,139 @@ def test_without_keys_signatures_are_unchecked(tmp_path: Path) -> None:
     assert report.ok
     assert report.unchecked == report.checkpoints == 3
     assert report.unsigned_tail == len(records)
+    assert report.unsigned == len(records) - 1  # all but the start record
     assert any("3 checkpoint signature(s) not checked" in w for w in report.warnings)
     strict = verify(path, strict=True)
     assert strict.first_break is not None
     assert strict.first_break.line == 1
     assert "no verify key was given" in strict.first_break.reason
+
+
+# -- runs and final checkpoints -----------------------------------------------------------------------
+
+
+def test_a_final_checkpoint_signs_its_final_flag() -> None:
+    chain = Chain()
+    chain.link({"type": "start"})
+    prev = chain.last_hash
+    checkpoint = chain.checkpoint(SIGNING, TIME, final=True)
+    assert checkpoint["final"] is True
+    kid = key_id(VERIFY)
+    signature = base64.b64decode(checkpoint["signature"])
+    VERIFY.verify(signature, canonical({"seq": 1, "prev": prev, "kid": kid, "time": TIME, "final": True}))
+    assert checkpoint_message(1, prev, kid, TIME, True) != checkpoint_message(1, prev, kid, TIME)
+    with pytest.raises(InvalidSignature):
+        VERIFY.verify(signature, checkpoint_message(1, prev, kid, TIME))
+    assert "final" not in chain.checkpoint(SIGNING, TIME)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (lambda c: c.update(final=True), "checkpoint signature is invalid"),
+        (lambda c: c.update(final=False), "checkpoint's final field is not true"),
+    ],
+    ids=["added", "false"],
+)
+def test_a_final_flag_the_signature_does_not_cover_is_a_break(
+    tmp_path: Path, change: Any, reason: str
+) -> None:
+    records = build(3, checkpoint_every=3)
+    change(records[-1])
+    records = rechain(records)
+    report = verify(write(tmp_path / "r.jsonl", records), [VERIFY])
+    assert report.first_break is not None
+    assert report.first_break.line == len(records)
+    assert report.first_break.reason.startswith(reason)
+
+
+def test_a_final_flag_removed_is_a_break(tmp_path: Path) -> None:
+    chain = Chain()
+    records = [
+        chain.link({"type": "start"}),
+        chain.link(exchange(0)),
+        chain.checkpoint(SIGNING, TIME, final=True),
+    ]
+    path = write(tmp_path / "r.jsonl", records)
+    assert verify(path, [VERIFY], strict=True).ok
+    del records[-1]["final"]
+    report = verify(write(path, rechain(records)), [VERIFY])
+    assert report.first_break is not None
+    assert (report.first_break.line, report.first_break.reason) == (3, "checkpoint signature is invalid")
+
+
+def runs(*bodies: list[dict[str, Any] | str]) -> list[dict[str, Any]]:
+    """Runs chained one after the other; in a run's bodies, "checkpoint" and "final" stand for checkpoints."""
+    chain = Chain()
+    records = []
+    for number, run in enumerate(bodies, 1):
+        records.append(chain.link({"type": "start", "time": TIME, "pid": number}))
+        for body in run:
+            if isinstance(body, str):
+                records.append(chain.checkpoint(SIGNING, TIME, final=body == "final"))
+            else:
+                records.append(chain.link(body))
+    return records
+
+
+GAP = {"type": "gap", "time": TIME, "lost": 1, "first_lost_id": None, "reason": "x"}
+
+
+def test_records_after_a_runs_last_checkpoint_stay_unsigned_after_a_later_checkpoint(tmp_path: Path) -> None:
+    records = runs([exchange(0), "checkpoint", exchange(1), GAP, exchange(2)], [exchange(3), "final"])
+    path = write(tmp_path / "r.jsonl", records)
+    report = verify(
+        path, [VERIFY], anchors={r["seq"]: r["hash"] for r in records if r["type"] == "checkpoint"}
+    )
+    assert report.ok, report.first_break
+    assert (report.unsigned, report.unsigned_tail) == (2, 0)  # r1 and r2; not the gap record
+    assert report.signed_through == records[-1]["seq"]
+    assert report.warnings == [
+        "line 5: gap record: 1 record(s) lost (x)",
+        "lines 4-6: records after the last checkpoint of a run, before the start at line 7: "
+        "protected by the chain only",
+    ]
+    strict = verify(path, [VERIFY], strict=True)
+    assert strict.first_break is not None
+    assert (strict.first_break.line, strict.first_break.seq, strict.first_break.record_id) == (4, 3, "r1")
+    assert strict.first_break.reason.startswith("lines 4-6: records after the last checkpoint of a run")
+
+
+def test_records_of_a_run_without_a_checkpoint_stay_unsigned(tmp_path: Path) -> None:
+    records = runs([exchange(0)], [exchange(1), "final"])
+    path = write(tmp_path / "r.jsonl", records)
+    report = verify(path, [VERIFY])
+    assert report.ok, report.first_break
+    assert (report.unsigned, report.unsigned_tail) == (1, 0)
+    assert report.warnings == [
+        "line 2: records of a run without a checkpoint, before the start at line 3: "
+        "protected by the chain only"
+    ]
+    strict = verify(path, [VERIFY], strict=True)
+    assert strict.first_break is not None
+    assert (strict.first_break.line, strict.first_break.record_id) == (2, "r0")
+
+
+def test_unsigned_counts_every_run_and_the_tail(tmp_path: Path) -> None:
+    records = runs(
+        [exchange(0), "checkpoint", exchange(1)], [exchange(2), "checkpoint", exchange(3), exchange(4)]
+    )
+    report = verify(write(tmp_path / "r.jsonl", records), [VERIFY])
+    assert report.ok, report.first_break
+    assert (report.unsigned, report.unsigned_tail) == (3, 2)
+
+
+def test_a_record_after_a_final_checkpoint_is_a_break(tmp_path: Path) -> None:
+    records = runs([exchange(0), "final", exchange(1)], [exchange(2), "final"])
+    report = verify(write(tmp_path / "r.jsonl", records), [VERIFY])
+    assert report.first_break is not None
+    assert (report.first_break.line, report.first_break.record_id) == (4, "r1")
+    assert report.first_break.reason == (
+        "a record after the final checkpoint of a run, before any start: appended while no writer ran?"
+    )
+    # A start after a final checkpoint is how the next writer begins.
+    clean = runs([exchange(0), "final"], [exchange(2), "final"])
+    assert verify(write(tmp_path / "r.jsonl", clean), [VERIFY], strict=True).ok
 
 
 def test_a_line_that_is_not_json_is_a_break(tmp_path: Path) -> None:

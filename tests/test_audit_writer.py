@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,7 +15,16 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 
 from extproc.audit.keys import key_id
-from extproc.audit.record import canonical, find, iter_records, open_sealed, read_tail, seal, verify
+from extproc.audit.record import (
+    Chain,
+    canonical,
+    find,
+    iter_records,
+    open_sealed,
+    read_tail,
+    seal,
+    verify,
+)
 from extproc.audit.writer import RecordWriter, iso_time
 from extproc.errors import ConfigError
 
@@ -118,6 +128,7 @@ def test_close_checkpoints_even_an_empty_session_and_is_idempotent(
     writer.close()
     writer.close()
     assert types(path) == ["start", "checkpoint"]
+    assert records(path)[-1]["final"] is True
     assert not writer.submit(exchange(1))
     assert writer.lost == 1
     assert verify(path, [VERIFY], strict=True).ok
@@ -364,6 +375,8 @@ def test_a_write_error_is_recovered_with_a_gap_record(
     assert any("gap record: 3 record(s) lost" in w for w in report.warnings)
     events = [r.getMessage() for r in caplog.records]
     assert "audit_write_failed" in events
+    assert "audit_tail_changed" not in events  # its own torn write is not a change
+    assert types(path).count("start") == 1
     recovered = next(r for r in caplog.records if r.getMessage() == "audit_write_recovered")
     assert recovered.__dict__["lost"] == 3
 
@@ -606,3 +619,128 @@ def test_a_resumed_start_after_a_torn_write_names_the_last_whole_record(
     assert start["resumed"] == {"seq": last["seq"], "hash": last["hash"]}
     assert "torn" in start
     assert verify(path, [VERIFY], strict=True).ok
+
+
+# -- records appended while no writer holds the file ------------------------------------------------------
+
+
+def forge(path: Path, record_id: str = "forged") -> int:
+    """Append a well-chained exchange record, as anyone able to write the file but without the signing key
+    can; its line number."""
+    tail = read_tail(path)
+    record = Chain.following(tail).link(exchange(0, id=record_id))
+    with path.open("ab") as file:
+        file.write(canonical(record) + b"\n")
+    return path.read_bytes().count(b"\n")
+
+
+def checkpoint_anchors(path: Path) -> dict[int, str]:
+    return {r["seq"]: r["hash"] for r in records(path) if r["type"] == "checkpoint"}
+
+
+def test_close_writes_a_final_checkpoint_even_right_after_another(
+    tmp_path: Path, make: Callable[..., RecordWriter]
+) -> None:
+    path = tmp_path / "record.jsonl"
+    writer = make(path, checkpoint_every=1)
+    writer.submit(exchange(0))
+    assert writer.flush()
+    assert types(path)[-1] == "checkpoint"
+    assert all("final" not in r for r in records(path))
+    writer.close()
+    written = records(path)
+    assert [r["type"] for r in written[-2:]] == ["checkpoint", "checkpoint"]
+    assert written[-1]["final"] is True
+    assert verify(path, [VERIFY], strict=True).ok
+
+
+def test_a_record_appended_after_a_clean_close_is_a_break(
+    tmp_path: Path, make: Callable[..., RecordWriter]
+) -> None:
+    path = tmp_path / "record.jsonl"
+    first = make(path)
+    first.submit(exchange(1))
+    first.close()
+    anchors = checkpoint_anchors(path)
+    line = forge(path)
+    second = make(path)
+    second.submit(exchange(2))
+    second.close()
+    anchors.update(checkpoint_anchors(path))
+    for strict in (False, True):
+        report = verify(path, [VERIFY], strict=strict, anchors=anchors)
+        assert report.first_break is not None
+        assert (report.first_break.line, report.first_break.record_id) == (line, "forged")
+        assert report.first_break.reason.startswith("a record after the final checkpoint of a run")
+
+
+@pytest.mark.parametrize(
+    ("checkpoint_every", "where", "unsigned"),
+    [
+        (1, "line {forged}: records after the last checkpoint of a run", 1),
+        (100, "lines 2-{forged}: records of a run without a checkpoint", 2),
+    ],
+    ids=["after-a-checkpoint", "no-checkpoint"],
+)
+def test_a_record_appended_after_a_crash_is_not_vouched_for_by_the_next_run(
+    tmp_path: Path, make: Callable[..., RecordWriter], checkpoint_every: int, where: str, unsigned: int
+) -> None:
+    path = tmp_path / "record.jsonl"
+    writer = make(path, checkpoint_every=checkpoint_every)
+    writer.submit(exchange(1))
+    assert writer.flush()
+    crashed = tmp_path / "crashed.jsonl"
+    shutil.copyfile(path, crashed)  # the file as a writer killed now leaves it: no final checkpoint
+    writer.close()
+    anchors = checkpoint_anchors(crashed)
+    line = forge(crashed)
+    second = make(crashed)
+    second.submit(exchange(2))
+    second.close()
+    anchors.update(checkpoint_anchors(crashed))
+    report = verify(crashed, [VERIFY], anchors=anchors)
+    assert report.ok, report.first_break
+    assert (report.unsigned, report.unsigned_tail) == (unsigned, 0)
+    assert report.signed_through == records(crashed)[-1]["seq"]
+    assert [w for w in report.warnings if w.startswith(where.format(forged=line))]
+    strict = verify(crashed, [VERIFY], strict=True, anchors=anchors)
+    assert strict.first_break is not None
+    assert strict.first_break.line == line - unsigned + 1
+
+
+def test_a_tail_changed_during_a_write_failure_begins_a_new_run(
+    tmp_path: Path, make: Callable[..., RecordWriter], caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "record.jsonl"
+    write = FailingWrite({2})
+    writer = make(path, write=write, retry_seconds=3600)
+    writer.submit(exchange(1))
+    assert writer.flush()
+    assert not writer.healthy
+    start = records(path)[-1]
+    line = forge(path)
+    forged = records(path)[-1]
+    writer.submit(exchange(2))
+    assert writer.flush()
+    assert writer.healthy
+    writer.close()
+    changed = [r for r in caplog.records if r.getMessage() == "audit_tail_changed"]
+    assert len(changed) == 1
+    assert changed[0].levelno == logging.ERROR
+    assert (changed[0].__dict__["expected_seq"], changed[0].__dict__["expected_hash"]) == (
+        start["seq"],
+        start["hash"],
+    )
+    assert (changed[0].__dict__["seq"], changed[0].__dict__["hash"]) == (forged["seq"], forged["hash"])
+    written = records(path)
+    assert [r["type"] for r in written] == ["start", "exchange", "start", "gap", "exchange", "checkpoint"]
+    restart = written[line]
+    assert restart["reason"] == "the file's tail changed under the writer"
+    assert restart["resumed"] == {"seq": forged["seq"], "hash": forged["hash"]}
+    report = verify(path, [VERIFY])
+    assert report.ok, report.first_break
+    assert report.unsigned == 1
+    assert [w for w in report.warnings if w.startswith(f"line {line}: records of a run without a checkpoint")]
+    strict = verify(path, [VERIFY], strict=True, anchors=checkpoint_anchors(path))
+    assert strict.first_break is not None
+    assert (strict.first_break.line, strict.first_break.record_id) == (line, "forged")

@@ -6,6 +6,13 @@ without ``hash``), so an edited, deleted, inserted or moved record breaks the ch
 signs its own ``seq`` and ``prev``: since ``prev`` commits everything before it, one signature covers the
 whole file up to the checkpoint, and rewriting the chain after an edit needs the signing key.
 
+A checkpoint vouches only for the records of its own run: those from the latest ``start`` record before it
+up to it. Between runs nobody holding the key watches the file, so records found after a run's last
+checkpoint may have been appended by anyone able to write the file; the next writer's checkpoints must not
+lend them its signature, and ``verify`` reports them as protected by the chain only. The checkpoint a
+writer writes when it closes is ``final`` (the signature covers that too): nothing but a new ``start`` may
+follow it.
+
 What the chain alone cannot show is a file cut back to a checkpoint, or records after the last checkpoint
 rewritten with the chain recomputed. The writer logs every checkpoint's ``seq`` and ``hash`` (and, when it
 continues a file, the last record it found): ``verify`` checks such pairs as ``anchors``, and reports the
@@ -47,7 +54,7 @@ ACK_TYPES: Final = frozenset({"start", "gap"})
 """Record types that may acknowledge a torn write (their ``torn`` field names it)."""
 
 _CHAIN_FIELDS: Final = frozenset({"seq", "prev", "hash"})
-_CHECKPOINT_FIELDS: Final = frozenset({"type", "time", "kid", "signed", "signature"}) | _CHAIN_FIELDS
+_CHECKPOINT_FIELDS: Final = frozenset({"type", "time", "kid", "signed", "signature", "final"}) | _CHAIN_FIELDS
 _SIGNED_FIELDS: Final = frozenset({"seq", "prev"})
 _UNAUTHENTICATING: Final = frozenset({"start", "gap"})
 """Record types a writer writes on its own (at start, after a loss): a file of only these claims nothing,
@@ -80,9 +87,15 @@ def record_hash(record: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical({k: v for k, v in record.items() if k != "hash"})).hexdigest()
 
 
-def checkpoint_message(seq: int, prev: str, kid: str, time: str) -> bytes:
-    """What a checkpoint's signature covers."""
-    return canonical({"seq": seq, "prev": prev, "kid": kid, "time": time})
+def checkpoint_message(seq: int, prev: str, kid: str, time: str, final: bool = False) -> bytes:
+    """What a checkpoint's signature covers.
+
+    ``final`` is in the message only when true, so that checkpoints written before it existed keep their
+    meaning (not final) and their signatures; a final flag added or removed without the key then fails."""
+    message: dict[str, Any] = {"seq": seq, "prev": prev, "kid": kid, "time": time}
+    if final:
+        message["final"] = True
+    return canonical(message)
 
 
 # -- sealing ------------------------------------------------------------------------------------------
@@ -184,19 +197,25 @@ class Chain:
         self.last_hash = digest
         return record
 
-    def checkpoint(self, signing_key: ed25519.Ed25519PrivateKey, time: str) -> dict[str, Any]:
-        """A signed checkpoint over everything linked so far, linked like any record."""
+    def checkpoint(
+        self, signing_key: ed25519.Ed25519PrivateKey, time: str, *, final: bool = False
+    ) -> dict[str, Any]:
+        """A signed checkpoint over everything linked so far, linked like any record.
+
+        ``final``: the writer is closing, so any record but a ``start`` after this one was not written by
+        a writer holding the key."""
         kid = key_id(signing_key.public_key())
-        signature = signing_key.sign(checkpoint_message(self.seq, self.last_hash, kid, time))
-        return self.link(
-            {
-                "type": "checkpoint",
-                "time": time,
-                "kid": kid,
-                "signed": {"seq": self.seq, "prev": self.last_hash},
-                "signature": base64.b64encode(signature).decode("ascii"),
-            }
-        )
+        signature = signing_key.sign(checkpoint_message(self.seq, self.last_hash, kid, time, final))
+        body: dict[str, Any] = {
+            "type": "checkpoint",
+            "time": time,
+            "kid": kid,
+            "signed": {"seq": self.seq, "prev": self.last_hash},
+            "signature": base64.b64encode(signature).decode("ascii"),
+        }
+        if final:
+            body["final"] = True
+        return self.link(body)
 
 
 def _parse(line: bytes) -> tuple[dict[str, Any] | None, str]:
@@ -323,12 +342,15 @@ class Report:
 
     What is authenticated, and what only chained, is spelled out so that no reader mistakes an intact
     chain for a signed one. ``signed_through``: the ``seq`` of the last checkpoint whose signature
-    verified with a given key (None: none did, or no key was given); everything up to it is signed.
-    ``unsigned_tail``: records after that checkpoint (all of them when there is none); only the chain
-    protects them, and without an anchor a file cut back to a checkpoint looks intact. ``unchecked``:
-    checkpoints whose signature was not checked because no verify key was given. ``anchors_checked``:
-    anchors found in the file with their hash. ``last_seq``/``last_hash`` describe the last good record, to
-    compare with the ``audit_checkpoint`` anchors in the logs."""
+    verified with a given key (None: none did, or no key was given); everything of its run up to it is
+    signed. ``unsigned_tail``: records after that checkpoint (all of them when there is none); only the chain
+    protects them, and without an anchor a file cut back to a checkpoint looks intact. ``unsigned``: records
+    anywhere in the file that no verified checkpoint of their own run vouches for (``start`` and ``gap``
+    records are not counted: a writer writes them unasked): a run's records after its last checkpoint stay
+    unsigned even when a later run's checkpoint verifies, since they may have been appended while no
+    writer ran. ``unchecked``: checkpoints whose signature was not checked because no verify key was given.
+    ``anchors_checked``: anchors found in the file with their hash. ``last_seq``/``last_hash`` describe the
+    last good record, to compare with the ``audit_checkpoint`` anchors in the logs."""
 
     ok: bool
     records: int
@@ -336,6 +358,7 @@ class Report:
     first_break: Break | None
     warnings: list[str]
     unsigned_tail: int
+    unsigned: int
     unchecked: int
     last_seq: int | None
     last_hash: str
@@ -403,6 +426,13 @@ class _Verifier:
         self.run: _Run | None = None
         self.unsigned = 0
         self.first_unsigned: tuple[int, int, str | None] | None = None
+        # The current run's records that its next verified checkpoint would vouch for.
+        self.pending = 0
+        self.first_pending: tuple[int, int, str | None] | None = None
+        self.last_pending = 0
+        self.run_checkpointed = False
+        self.earlier_unsigned = 0
+        self.after_final = False
         self.warnings: list[str] = []
         self.failure: Break | None = None
         self.final_newline = True
@@ -477,6 +507,13 @@ class _Verifier:
                 f"the first record is not a start record but {kind!r} (a writer begins every file with one: "
                 "the beginning of the file is missing, or it was not written by the sidecar?)"
             )
+        if self.after_final and kind != "start":
+            return fail(
+                "a record after the final checkpoint of a run, before any start: "
+                "appended while no writer ran?"
+            )
+        if kind == "start" and not self._end_run(number):
+            return False
         anchor = self.anchors.get(seq)
         if anchor is not None:
             if anchor != record["hash"]:
@@ -501,17 +538,54 @@ class _Verifier:
             self.signed_through = seq
             self.unsigned = 0
             self.first_unsigned = None
+            self.pending = 0
+            self.first_pending = None
+            self.run_checkpointed = True
+            self.after_final = record.get("final") is True
         else:
             self.unsigned += 1
             if self.first_unsigned is None:
                 self.first_unsigned = (number, seq, record_id)
+            if kind not in _UNAUTHENTICATING:
+                self.pending += 1
+                self.last_pending = number
+                if self.first_pending is None:
+                    self.first_pending = (number, seq, record_id)
+        return True
+
+    def _end_run(self, start_line: int) -> bool:
+        """A start record at ``start_line`` ends the run before it: its records that no checkpoint of that
+        run vouched for stay unsigned for good. False when that is a break (``strict``)."""
+        pending, first = self.pending, self.first_pending
+        self.pending = 0
+        self.first_pending = None
+        self.run_checkpointed, checkpointed = False, self.run_checkpointed
+        self.after_final = False
+        if not pending or first is None:
+            return True
+        self.earlier_unsigned += pending
+        if not self.keys:
+            return True
+        line, seq, record_id = first
+        where = f"line {line}" if line == self.last_pending else f"lines {line}-{self.last_pending}"
+        what = (
+            "records after the last checkpoint of a run"
+            if checkpointed
+            else "records of a run without a checkpoint"
+        )
+        message = f"{where}: {what}, before the start at line {start_line}: protected by the chain only"
+        if self.strict:
+            self.failure = Break(line, seq, record_id, message + " (appended while no writer ran?)")
+            return False
+        self.warnings.append(message)
         return True
 
     def _checkpoint(self, record: Mapping[str, Any]) -> tuple[str | None, bool]:
         """(a break reason or None, whether the signature verified).
 
         A checkpoint holds exactly what the writer writes: its signature covers only ``seq``, ``prev``,
-        ``kid`` and ``time``, so any other field could be changed and the chain recomputed unnoticed."""
+        ``kid``, ``time`` and ``final``, so any other field could be changed and the chain recomputed
+        unnoticed."""
         kid, time, signed, signature = (record.get(k) for k in ("kid", "time", "signed", "signature"))
         if not (
             isinstance(kid, str)
@@ -520,6 +594,8 @@ class _Verifier:
             and isinstance(signature, str)
         ):
             return "checkpoint is malformed (kid, time, signed or signature missing)", False
+        if record.get("final", True) is not True:
+            return "checkpoint's final field is not true (a writer writes it only as true)", False
         extra = sorted(record.keys() - _CHECKPOINT_FIELDS) or [
             f"signed.{name}" for name in sorted(signed.keys() - _SIGNED_FIELDS)
         ]
@@ -545,7 +621,7 @@ class _Verifier:
                 False,
             )
         try:
-            key.verify(raw, checkpoint_message(record["seq"], record["prev"], kid, time))
+            key.verify(raw, checkpoint_message(record["seq"], record["prev"], kid, time, "final" in record))
         except InvalidSignature:
             return "checkpoint signature is invalid", False
         return None, True
@@ -611,6 +687,7 @@ class _Verifier:
             first_break=self.failure,
             warnings=self.warnings,
             unsigned_tail=self.unsigned,
+            unsigned=self.earlier_unsigned + self.pending,
             unchecked=self.unchecked,
             last_seq=self.seq - 1 if self.last_line is not None else None,
             last_hash=self.last_hash,
@@ -633,8 +710,9 @@ def verify(
     chain is checked but no signature is (a warning says so); with keys, a file with records but no
     checkpoint signed by one of them is a break. ``anchors`` maps a ``seq`` to the hash its record must
     have (from the writer's ``audit_checkpoint`` and ``audit_resumed`` logs): they make a truncation or a
-    rewrite after the last checkpoint visible. ``strict`` also fails a file whose last records are not
-    covered by a valid checkpoint."""
+    rewrite after the last checkpoint visible. A record after a verified ``final`` checkpoint that is not a
+    ``start`` is a break. ``strict`` also fails a file with any record that no verified checkpoint of its own
+    run covers (without ``strict`` a warning names them), and one whose last records are not covered."""
     for seq, digest in anchors.items():
         if not (_is_int(seq) and seq >= 0 and isinstance(digest, str)):
             raise ValueError(f"an anchor is a seq (an int, at least 0) and a hash, not {seq!r}: {digest!r}")

@@ -9,11 +9,15 @@ A write that fails (a full disk, an I/O error) does not stop the writer: the rec
 file are counted as lost, the writer reports itself unhealthy, and it retries every ``retry_seconds``. A
 retry first reads back what is really on disk (a failed write may have left part of a line), continues the
 chain from there, and writes a ``gap`` record saying how many records were lost and why: the file then says
-where it is incomplete instead of hiding it.
+where it is incomplete instead of hiding it. If what it reads back is not what it last wrote (beyond its
+own cut-off write), someone else wrote to the file meanwhile: the writer then begins a new run with a
+``start`` record, so that its next checkpoint does not vouch for what it found (a checkpoint covers only its
+own run).
 
 A writer that continues a file says so in its ``start`` record (``resumed``: the ``seq`` and ``hash`` of the
 last record it found) and in the ``audit_resumed`` log: with the ``audit_checkpoint`` logs, anchors outside
-the file against which an edit made while no writer ran shows up.
+the file against which an edit made while no writer ran shows up. The checkpoint written at ``close`` is
+``final``: a record appended after it, while no writer runs, is a break in ``verify``.
 """
 
 from __future__ import annotations
@@ -200,6 +204,7 @@ class RecordWriter:
         self._failed = False
         self._gap = _Gap()
         self._start_record: dict[str, Any] | None = None
+        self._on_disk: tuple[int, str] | None = None
         self._written = 0
         self._since_checkpoint = 0
         self._checkpoint_at = time.monotonic()
@@ -395,14 +400,16 @@ class RecordWriter:
         return None
 
     def _checkpoint_due(self, adding: int, now: float, final: bool = False) -> bool:
+        """Whether a checkpoint ends the batch; at close always, even right after another one, since only the
+        final checkpoint says that nothing may follow it but a new run."""
         pending = self._since_checkpoint + adding
-        if self._signing_key is None or pending == 0:
+        if self._signing_key is None:
             return False
-        return (
-            final
-            or pending >= self._checkpoint_every
-            or now - self._checkpoint_at >= self._checkpoint_seconds
-        )
+        if final:
+            return True
+        if pending == 0:
+            return False
+        return pending >= self._checkpoint_every or now - self._checkpoint_at >= self._checkpoint_seconds
 
     def _build(self, entries: list[Entry]) -> list[dict[str, Any]]:
         """Record bodies from entries; a builder that raises or returns no record loses that record."""
@@ -446,6 +453,7 @@ class RecordWriter:
                 self._lose([_record_id(body) for body in bodies], reason)
                 self._fail(exc, reason)
                 return
+            self._check_tail(tail)
             self._chain = Chain.following(tail)
             prefix = b"\n" if tail.needs_newline else b""
         lines = self._link(bodies, tail, now, final)
@@ -476,6 +484,33 @@ class RecordWriter:
             reported = sum(line.gap.lost for line in lines if line.gap is not None)
             log.warning("audit_write_recovered", extra={"path": str(self._path), "lost": reported})
 
+    def _check_tail(self, tail: Tail) -> None:
+        """Begin a new run when the file's last record is not the last one this writer wrote.
+
+        Records someone else appended while the writer could not write must stay outside the runs the
+        writer's checkpoints vouch for; a new ``start`` record ends the run they were added to."""
+        if not tail.regular or self._on_disk is None or self._start_record is not None:
+            return
+        if (tail.seq, tail.last_hash) == self._on_disk:
+            return
+        seq, digest = self._on_disk
+        log.error(
+            "audit_tail_changed",
+            extra={
+                "path": str(self._path),
+                "expected_seq": seq - 1,
+                "expected_hash": digest,
+                "seq": tail.seq - 1,
+                "hash": tail.last_hash,
+            },
+        )
+        self._start_record = {
+            "type": "start",
+            "time": iso_time(self._clock()),
+            "pid": os.getpid(),
+            "reason": "the file's tail changed under the writer",
+        }
+
     def _link(self, bodies: list[dict[str, Any]], tail: Tail | None, now: float, final: bool) -> list[_Line]:
         """The batch, chained: a start or gap record first when due (acknowledging a torn write), the
         records, a gap record for records found unwritable here, and a checkpoint when due."""
@@ -501,9 +536,8 @@ class RecordWriter:
             gap = self._gap.take()
             lines.append(_Line("gap", self._chain.link(gap.body(iso_time(self._clock()))), gap))
         if self._signing_key is not None and self._checkpoint_due(len(lines), now, final):
-            lines.append(
-                _Line("checkpoint", self._chain.checkpoint(self._signing_key, iso_time(self._clock())))
-            )
+            checkpoint = self._chain.checkpoint(self._signing_key, iso_time(self._clock()), final=final)
+            lines.append(_Line("checkpoint", checkpoint))
         return lines
 
     def _settle(self, lines: list[_Line], written: int) -> list[str | None]:
@@ -515,6 +549,8 @@ class RecordWriter:
         for line in lines:
             end += len(line.data)
             line.done = end - 1 <= written
+            if line.done:
+                self._on_disk = (line.record["seq"] + 1, line.record["hash"])
             if line.kind == "record":
                 if line.done:
                     self._written += 1
