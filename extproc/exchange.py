@@ -13,7 +13,6 @@ lets the part over its limit through unscanned, the third is not HTTP.
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -43,6 +42,7 @@ from extproc.mask.ndjson import MEDIA_TYPES as NDJSON_MEDIA_TYPES
 from extproc.mask.ndjson import NdjsonStream
 from extproc.mask.sse import EventStream
 from extproc.model import (
+    Actions,
     Body,
     BodyMode,
     ContinueHeaders,
@@ -59,6 +59,7 @@ from extproc.model import (
     Reject,
     ReplaceBody,
     Reply,
+    Shadowed,
     StreamChunk,
     Trailers,
 )
@@ -70,7 +71,6 @@ DECISION_HEADER = "x-dlp-decision-id"
 UNMASKED_HEADER = "x-dlp-unmasked"
 METADATA_NAMESPACE = "llm.extproc"
 SUPPORTED_BODY_MODES = frozenset({BodyMode.NONE, BodyMode.BUFFERED, BodyMode.FULL_DUPLEX_STREAMED})
-_PLAIN_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _UNTRACED = Instruments()
 
 
@@ -230,7 +230,7 @@ class Exchange:
 
     def _request_headers(self, event: Headers) -> list[Reply]:
         self.request_id = event.get("x-request-id") or ""
-        self.shown_request_id = self._shown_id(self.request_id)
+        self.shown_request_id = self._clean(self.request_id)
         self.route = (event.get(":path") or "").split("?", 1)[0]
         self.method = event.get(":method") or ""
         try:
@@ -417,26 +417,6 @@ class Exchange:
         assert self._response_actions is not None
         return self._snapshot.inspector.scoped(self._response_actions)
 
-    @property
-    def decisions(self) -> dict[str, object]:
-        """What the policy decided in this exchange, for the log and the audit record."""
-        if self.policy is None:
-            return {"refused": self.refused} if self.refused else {}
-        made = _made(self._request_actions, self._response_actions)
-        shadows: dict[str, object] = {}
-        for index, shadow_id in enumerate(self.shadowed):
-            request = self._request_actions.shadows[index] if self._request_actions else None
-            response = self._response_actions.shadows[index] if self._response_actions else None
-            shadows[shadow_id] = {"findings": _made(request, response), "refused": self.shadowed[shadow_id]}
-        return {
-            "policy": self.policy.id,
-            "enforce": self.policy.policy.enforce,
-            "findings": made,
-            "refused": self.refused,
-            "would_refuse": list(self.would_refuse),
-            "shadow": shadows,
-        }
-
     def _let_through(self, direction: Direction) -> bool:
         """Whether a finding went out unmasked in ``direction``: allowed (also an unmasked answer), or
         decided by a policy that does not act (shadow mode). Block and approve send nothing on."""
@@ -446,26 +426,27 @@ class Exchange:
         return not actions.decisions.enforce or any(a == "allow" for _, a in actions.decisions.made)
 
     def _clean(self, text: str) -> str:
-        """A client-chosen string (model, path) as it may be shown: percent-decoded, then masked."""
+        """A client-chosen string (model, path, request id) as it may be shown: percent-decoded, then
+        masked. Envoy's own UUID request ids come out as they went in."""
         return self._snapshot.inspector.mask_text(unquote(text))[0] if text else text
-
-    def _shown_id(self, request_id: str) -> str:
-        """A request id as it may be shown: Envoy's UUIDs and other plain ids as they are, anything else
-        (the client chose it) masked."""
-        if _PLAIN_ID.fullmatch(request_id) and not self._snapshot.inspector.mask_text(request_id)[1]:
-            return request_id
-        return self._clean(request_id)
 
     def outcome(self, error_code: str | None = None) -> Outcome:
         """What the exchange came to. ``error_code``: the stream was aborted with it."""
         findings = {d.value: tuple(found) for d, found in self.findings.items() if found}
         entity_of = {f.rule_id: f.entity for found in findings.values() for f in found}
-        actions: dict[str, tuple[tuple[str, str, str], ...]] = {}
-        for name, made in (("request", self._request_actions), ("response", self._response_actions)):
-            if made is not None and made.decisions.made:
-                actions[name] = tuple(
-                    (rule, entity_of.get(rule, ""), action) for rule, action in made.decisions.made
-                )
+        request, response = self._request_actions, self._response_actions
+        actions = _actions(request, response, entity_of)
+        shadow = {
+            shadow_id: Shadowed(
+                tuple(codes),
+                _actions(
+                    request.shadows[index] if request is not None else None,
+                    response.shadows[index] if response is not None else None,
+                    entity_of,
+                ),
+            )
+            for index, (shadow_id, codes) in enumerate(self.shadowed.items())
+        }
         entities: dict[str, int] = {}
         for found in findings.values():
             for finding in found:
@@ -498,7 +479,7 @@ class Exchange:
             entities=entities,
             rules=tuple(dict.fromkeys(f.rule_id for found in findings.values() for f in found)),
             would_refuse=tuple(self.would_refuse),
-            shadow={policy: tuple(codes) for policy, codes in self.shadowed.items()},
+            shadow=shadow,
             subject=principal.subject if principal is not None else None,
             subject_hash=(
                 self._snapshot.subject_hash(principal.issuer, principal.subject) if principal else None
@@ -782,10 +763,12 @@ def _terminal(processor: BodyProcessor, payload: dict[str, str]) -> bytes:
     return json.dumps({**payload, "done": True}, separators=(",", ":")).encode() + b"\n"
 
 
-def _made(request: FindingActions | None, response: FindingActions | None) -> dict[str, list[str]]:
-    """``rule:action`` per finding and direction, as a policy decided them."""
+def _actions(
+    request: FindingActions | None, response: FindingActions | None, entity_of: dict[str, str]
+) -> Actions:
+    """``(rule, entity, action)`` per decision a policy made, per direction."""
     return {
-        direction: [f"{rule}:{action}" for rule, action in actions.decisions.made]
-        for direction, actions in (("request", request), ("response", response))
-        if actions is not None and actions.decisions.made
+        direction: tuple((rule, entity_of.get(rule, ""), action) for rule, action in made.decisions.made)
+        for direction, made in (("request", request), ("response", response))
+        if made is not None and made.decisions.made
     }

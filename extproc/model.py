@@ -125,6 +125,17 @@ class Reject:
 Reply = ContinueHeaders | ReplaceBody | StreamChunk | ContinueTrailers | Reject
 
 
+Actions = dict[str, tuple[tuple[str, str, str], ...]]  # direction -> (rule id, entity, action) per finding
+
+
+@dataclass(frozen=True, slots=True)
+class Shadowed:
+    """What a policy in shadow mode would have done: asked beside the acting policy, never acted on."""
+
+    refused: tuple[str, ...] = ()  # the error codes it would have refused the request with
+    actions: Actions = field(default_factory=dict)
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """What one exchange came to: the decision span's attributes, the metrics' labels and the session
@@ -136,13 +147,12 @@ class Outcome:
     error_code: str | None = None
     policy: str | None = None
     enforce: bool = True
-    # per direction ("request", "response"): (rule id, entity, action) for each decision the policy made
-    actions: dict[str, tuple[tuple[str, str, str], ...]] = field(default_factory=dict)
+    actions: Actions = field(default_factory=dict)  # each decision the acting policy made, per direction
     findings: dict[str, tuple[Finding, ...]] = field(default_factory=dict)
     entities: dict[str, int] = field(default_factory=dict)  # entity -> findings, both directions
     rules: tuple[str, ...] = ()  # rule ids that found something, in order
     would_refuse: tuple[str, ...] = ()
-    shadow: dict[str, tuple[str, ...]] = field(default_factory=dict)  # shadow policy -> codes it refuses
+    shadow: dict[str, Shadowed] = field(default_factory=dict)  # by shadow policy id
     subject: str | None = None
     subject_hash: str | None = None
     issuer: str | None = None

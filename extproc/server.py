@@ -23,7 +23,7 @@ from extproc.audit.session import SessionRecorder
 from extproc.audit.spans import ExchangeTrace, Instruments
 from extproc.errors import ExtProcError
 from extproc.exchange import Exchange
-from extproc.model import Outcome, ProtocolConfig
+from extproc.model import Actions, Outcome, ProtocolConfig
 from extproc.runtime import Runtime
 from extproc.settings import Settings
 from extproc.telemetry import Telemetry
@@ -193,6 +193,28 @@ def _ids(exchange: Exchange | None) -> dict[str, str]:
     return {"decision_id": exchange.decision_id, "request_id": exchange.shown_request_id}
 
 
+def _decision(outcome: Outcome) -> dict[str, object]:
+    """What the policy decided, for the exchange's log line: ``rule:action`` per finding and direction,
+    and what policies in shadow mode would have done."""
+    if outcome.policy is None:
+        return {"refused": outcome.error_code} if outcome.error_code else {}
+
+    def made(actions: Actions) -> dict[str, list[str]]:
+        return {d: [f"{rule}:{action}" for rule, _, action in found] for d, found in actions.items()}
+
+    return {
+        "policy": outcome.policy,
+        "enforce": outcome.enforce,
+        "findings": made(outcome.actions),
+        "refused": outcome.error_code if outcome.decision == "refused" else None,
+        "would_refuse": list(outcome.would_refuse),
+        "shadow": {
+            policy: {"findings": made(shadowed.actions), "refused": list(shadowed.refused)}
+            for policy, shadowed in outcome.shadow.items()
+        },
+    }
+
+
 def _log_exchange(exchange: Exchange, outcome: Outcome) -> None:
     if not log.isEnabledFor(logging.INFO):
         return
@@ -208,7 +230,7 @@ def _log_exchange(exchange: Exchange, outcome: Outcome) -> None:
             "outcome": outcome.decision,
             "findings": counts,
             "passthrough": exchange.passthrough,
-            "decision": exchange.decisions,
+            "decision": _decision(outcome),
         },
     )
 

@@ -6,7 +6,17 @@ from pathlib import Path
 import pytest
 
 from extproc.exchange import Exchange
-from extproc.model import Body, BodyMode, Direction, Headers, ProtocolConfig, Reject, ReplaceBody, StreamChunk
+from extproc.model import (
+    Actions,
+    Body,
+    BodyMode,
+    Direction,
+    Headers,
+    ProtocolConfig,
+    Reject,
+    ReplaceBody,
+    StreamChunk,
+)
 from extproc.policy import Facts, PolicyError, load_policies
 from extproc.runtime import build_snapshot
 from extproc.settings import REPO_POLICIES, load_settings
@@ -59,6 +69,12 @@ def content_of(document: dict[str, object]) -> str:
     messages = document["messages"]
     assert isinstance(messages, list)
     return str(messages[0]["content"])
+
+
+def made(actions: Actions) -> dict[str, list[str]]:
+    return {
+        direction: [f"{rule}:{action}" for rule, _, action in found] for direction, found in actions.items()
+    }
 
 
 def test_the_repo_policies_load() -> None:
@@ -159,10 +175,11 @@ def test_an_allowed_group_may_ask_for_an_unmasked_answer_and_others_are_refused(
     ex, replies = run_request(chat("hi"), "investigators", unmasked=True)
     assert [r for r in replies if isinstance(r, Reject)] == []
     assert answer(ex, f"card {CARD}") == f"card {CARD}".encode()
-    assert ex.decisions["findings"] == {"response": ["credit-card:allow"]}
+    assert made(ex.outcome().actions) == {"response": ["credit-card:allow"]}
     ex, replies = run_request(chat("hi"), "strict", unmasked=True)
     assert refused(replies) == (403, "unmasked_not_allowed")
-    assert ex.decisions["refused"] == "unmasked_not_allowed"  # on the exchange log line
+    outcome = ex.outcome()  # on the exchange's log line, span and record
+    assert (outcome.decision, outcome.error_code) == ("refused", "unmasked_not_allowed")
     _, replies = run_request(chat("hi"), unmasked=True)
     assert refused(replies) == (403, "unmasked_not_allowed")
     ex, _ = run_request(chat("hi"), "investigators")  # not asked: masked as usual
@@ -182,19 +199,14 @@ def test_a_shadow_policy_decides_and_records_beside_the_policy_that_acts() -> No
     assert [r for r in replies if isinstance(r, Reject)] == []  # the shadow policy's refusal is not acted on
     assert content_of(sent(replies)) == "card [REDACTED:CREDIT_CARD]"  # the default policy still masks
     assert answer(ex, f"card {CARD}") == b"card [REDACTED:CREDIT_CARD]"
-    assert ex.decisions == {
-        "policy": "base",
-        "enforce": True,
-        "findings": {"request": ["credit-card:mask"], "response": ["credit-card:mask"]},
-        "refused": None,
-        "would_refuse": [],
-        "shadow": {
-            "shadow": {
-                "findings": {"request": ["credit-card:block"], "response": ["credit-card:block"]},
-                "refused": ["model_not_allowed"],
-            }
-        },
-    }
+    outcome = ex.outcome()
+    assert (outcome.policy, outcome.enforce, outcome.decision) == ("base", True, "masked")
+    assert made(outcome.actions) == {"request": ["credit-card:mask"], "response": ["credit-card:mask"]}
+    assert outcome.would_refuse == ()
+    [(shadow_id, shadowed)] = outcome.shadow.items()
+    assert shadow_id == "shadow"
+    assert shadowed.refused == ("model_not_allowed",)
+    assert made(shadowed.actions) == {"request": ["credit-card:block"], "response": ["credit-card:block"]}
 
 
 def test_a_default_policy_in_shadow_mode_acts_on_nothing(tmp_path: Path) -> None:
@@ -213,8 +225,8 @@ def test_a_default_policy_in_shadow_mode_acts_on_nothing(tmp_path: Path) -> None
     ex.handle(Headers(REQ, ((":path", "/v1/chat/completions"), ("content-type", "application/json")), False))
     [reply] = ex.handle(Body(REQ, json.dumps(chat(f"card {CARD}")).encode(), True))
     assert reply == ReplaceBody(REQ, None)  # sent as it came
-    assert ex.decisions["would_refuse"] == ["model_not_allowed"]
-    assert ex.decisions["findings"] == {"request": ["credit-card:mask"]}
+    assert ex.outcome().would_refuse == ("model_not_allowed",)
+    assert made(ex.outcome().actions) == {"request": ["credit-card:mask"]}
 
 
 def test_identity_from_envoys_jwt_authn_chooses_the_policy() -> None:

@@ -16,7 +16,7 @@ from extproc.audit import spans
 from extproc.audit.spans import Instruments
 from extproc.errors import AuthError
 from extproc.exchange import Exchange
-from extproc.model import Body, BodyMode, Direction, Headers, ProtocolConfig, StreamChunk
+from extproc.model import Body, BodyMode, Direction, Headers, Outcome, ProtocolConfig, Shadowed, StreamChunk
 
 from .test_exchange import CHAT, SNAPSHOT
 
@@ -209,3 +209,13 @@ def test_without_an_exporter_nothing_records_and_the_outcome_is_still_known() ->
     ex.trace.finish(outcome)
     assert outcome.decision == "masked"
     assert outcome.entities == {"CREDIT_CARD": 1}
+
+
+def test_what_a_shadow_policy_would_have_done_is_on_the_span() -> None:
+    shadowed = Shadowed(("model_not_allowed",), {"request": (("credit-card", "CREDIT_CARD", "block"),)})
+    outcome = Outcome(decision_id="d", decision="masked", policy="base", shadow={"pilot": shadowed})
+    attributes = spans.span_attributes(outcome)
+    assert attributes[spans.SHADOW] is True
+    assert attributes[spans.SHADOW_POLICIES] == ["pilot"]
+    assert attributes[spans.SHADOW_REFUSED] == ["pilot:model_not_allowed"]
+    assert attributes[spans.SHADOW_ACTIONS] == ["pilot:request:credit-card:block"]

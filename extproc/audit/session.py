@@ -124,7 +124,13 @@ def build_record(
             for d, found in outcome.findings.items()
         },
         "would_refuse": list(outcome.would_refuse),
-        "shadow": {policy: list(codes) for policy, codes in outcome.shadow.items()},
+        "shadow": {
+            policy: {
+                "refused": list(shadowed.refused),
+                "actions": {d: [list(a) for a in made] for d, made in shadowed.actions.items()},
+            }
+            for policy, shadowed in outcome.shadow.items()
+        },
         "request": _body(recorded.request),
         "response": _body(recorded.response),
     }

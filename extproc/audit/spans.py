@@ -47,6 +47,7 @@ WOULD_REFUSE = "extproc.would_refuse"  # what the acting policy, in shadow mode,
 SHADOW = "extproc.shadow"  # a shadow policy took part in this exchange
 SHADOW_POLICIES = "extproc.shadow.policies"
 SHADOW_REFUSED = "extproc.shadow.refused"  # "policy:code" for what a shadow policy would have refused
+SHADOW_ACTIONS = "extproc.shadow.actions"  # "policy:direction:rule:action" per decision a shadow policy made
 SUBJECT_HASH = "extproc.subject.hash"  # keyed hash of issuer and subject: joins a caller's exchanges
 ISSUER = "extproc.subject.issuer"
 UNMASKED = "extproc.unmasked"
@@ -273,9 +274,19 @@ def span_attributes(outcome: Outcome) -> dict[str, str | bool | int | list[str]]
     if outcome.shadow:
         attributes[SHADOW] = True
         attributes[SHADOW_POLICIES] = sorted(outcome.shadow)
-        refused = [f"{policy}:{code}" for policy, codes in outcome.shadow.items() for code in codes]
+        refused = [
+            f"{policy}:{code}" for policy, shadowed in outcome.shadow.items() for code in shadowed.refused
+        ]
         if refused:
             attributes[SHADOW_REFUSED] = refused
+        shadow_actions = [
+            f"{policy}:{direction}:{rule}:{action}"
+            for policy, shadowed in outcome.shadow.items()
+            for direction, made in shadowed.actions.items()
+            for rule, _entity, action in made
+        ]
+        if shadow_actions:
+            attributes[SHADOW_ACTIONS] = shadow_actions
     if outcome.subject_hash:
         attributes[SUBJECT_HASH] = outcome.subject_hash
     if outcome.issuer:
