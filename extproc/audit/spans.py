@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 from opentelemetry import context as otel_context
@@ -26,6 +26,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from extproc.model import Direction, Outcome
 
 SCOPE = "extproc"
+_IDLE: AbstractContextManager[None] = nullcontext()  # reusable: it holds no state
 
 # Span names.
 EXCHANGE_SPAN = "extproc.exchange"
@@ -151,12 +152,18 @@ class ExchangeTrace:
         span_context = self.span.get_span_context()
         return format(span_context.trace_id, "032x") if span_context.is_valid else None
 
-    @contextmanager
-    def verifying(self) -> Iterator[None]:
+    def verifying(self) -> AbstractContextManager[None]:
         """Around the verification of a bearer token; a refusal marks the span with its code."""
-        if not self.instruments.enabled:
-            yield
-            return
+        return self._verifying() if self.instruments.enabled else _IDLE
+
+    def scanning(self, direction: Direction, size: int) -> AbstractContextManager[None]:
+        """Around the scanning of one body chunk of ``size`` bytes. The direction's scan span opens with
+        its first chunk and closes with ``scanned``; only the time inside counts as busy. Untraced, the
+        chunk pays for one shared no-op context and nothing else."""
+        return self._scanning(direction, size) if self.instruments.enabled else _IDLE
+
+    @contextmanager
+    def _verifying(self) -> Iterator[None]:
         span = self.instruments.tracer.start_span(VERIFY_SPAN, self._context)
         started = time.perf_counter()
         try:
@@ -172,12 +179,7 @@ class ExchangeTrace:
             self.instruments.verify.record(elapsed)
 
     @contextmanager
-    def scanning(self, direction: Direction, size: int) -> Iterator[None]:
-        """Around the scanning of one body chunk of ``size`` bytes. The direction's scan span opens with
-        its first chunk and closes with ``scanned``; only the time inside counts as busy."""
-        if not self.instruments.enabled:
-            yield
-            return
+    def _scanning(self, direction: Direction, size: int) -> Iterator[None]:
         scan = self._scans.get(direction)
         if scan is None:
             span = self.instruments.tracer.start_span(
