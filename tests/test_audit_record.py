@@ -182,6 +182,30 @@ def test_loaders_name_an_rsa_key(tmp_path: Path) -> None:
         load_signing_key(path)
 
 
+# A DSA key (made once with cryptography 51, which deprecates DSA): loading it warns inside the library.
+DSA_PRIVATE_PEM = b"""-----BEGIN PRIVATE KEY-----
+MIIBSwIBADCCASwGByqGSM44BAEwggEfAoGBAPHnRplDRmPe2vnEvcorinEpFXto
+0ncY5e8wCL4bRgW5v7oezp5bCocvqRaiIg79Vo8bszqQ2Cv4EjdB1SCplE7aGO6o
+XeyRsbkcMMsRjJ2QXjlVCrykHStyJCq5ZoDfxJ8PwULjutuJfGtFysl002oajbCF
+Qqwjo1X05FdIn3e3AhUA4x7i+IurT5HrsJSFVOzUAsB7hBkCgYEAovUZ9n4tbsIZ
+4H5Q2rZbJJNywyhD66sHttmZY+VcVWdQ34B8YUEa4IYpIhZY/N/yFt9swt74fbqu
+5/QXvsBSN5PsX3B+GNL0W8tomNTAnU2eK3uYy2m1/m+v1qdHLevSPtDd5z/2tSUc
+aBmhPzWHQ1IOIUgCh9zBoxpKnpdixOIEFgIUd4H9Hijjd2FI9H5pHdVLhXBqkbg=
+-----END PRIVATE KEY-----
+"""
+
+
+def test_loaders_name_a_dsa_key_without_the_librarys_deprecation_warning(tmp_path: Path) -> None:
+    """cryptography 51 deprecates DSA: naming the key must not touch the deprecated names, and the
+    library's warning must not bury the error (warnings are errors in this suite)."""
+    path = tmp_path / "dsa.key"
+    path.write_bytes(DSA_PRIVATE_PEM)
+    with pytest.raises(ConfigError, match=f"{path}: holds a DSA key, expected an Ed25519"):
+        load_signing_key(path)
+    with pytest.raises(ConfigError, match=f"{path}: holds a DSA key, expected the auditor's"):
+        load_opening_key(path)
+
+
 def test_loaders_refuse_an_encrypted_private_key(tmp_path: Path) -> None:
     path = tmp_path / "enc.key"
     path.write_bytes(

@@ -6,15 +6,19 @@ holds the private half and the auditor checks the chain with the public one."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa, x448, x25519
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa, x448, x25519
+from cryptography.utils import CryptographyDeprecationWarning
 
 from extproc.errors import ConfigError
 
@@ -141,6 +145,15 @@ def _read_pem(path: Path, what: str) -> tuple[bytes, bytes]:
     return data, label.group(1)
 
 
+@contextlib.contextmanager
+def _deprecated_kinds_quiet() -> Iterator[None]:
+    """Loading a key of a kind the library deprecates (DSA) warns; every such kind is refused right after,
+    by name, so the warning would only bury the error that says what the file holds."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+        yield
+
+
 def _load_private(path: Path, what: str) -> object:
     data, label = _read_pem(path, what)
     if label == b"ENCRYPTED PRIVATE KEY":
@@ -148,7 +161,8 @@ def _load_private(path: Path, what: str) -> object:
     if label.endswith(b"PUBLIC KEY"):
         raise ConfigError(f"{path}: holds a public key, expected {what}")
     try:
-        return serialization.load_pem_private_key(data, password=None)
+        with _deprecated_kinds_quiet():
+            return serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise ConfigError(f"{path}: not a usable PEM private key ({what} expected)") from exc
 
@@ -158,7 +172,8 @@ def _load_public(path: Path, what: str) -> object:
     if label.endswith(b"PRIVATE KEY"):
         raise ConfigError(f"{path}: holds a private key, expected {what} (the .pub file)")
     try:
-        return serialization.load_pem_public_key(data)
+        with _deprecated_kinds_quiet():
+            return serialization.load_pem_public_key(data)
     except (ValueError, UnsupportedAlgorithm) as exc:
         raise ConfigError(f"{path}: not a usable PEM public key ({what} expected)") from exc
 
@@ -173,9 +188,11 @@ def _describe(key: object) -> str:
         ((ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey), "an elliptic-curve (ECDSA/ECDH) key"),
         ((ed448.Ed448PrivateKey, ed448.Ed448PublicKey), "an Ed448 key"),
         ((x448.X448PrivateKey, x448.X448PublicKey), "an X448 key"),
-        ((dsa.DSAPrivateKey, dsa.DSAPublicKey), "a DSA key"),
     )
     for types, name in kinds:
         if isinstance(key, types):
             return name
-    return f"a {type(key).__name__}"
+    # Any other kind is named from its class (DSAPrivateKey: "a DSA key"), so a kind the library deprecates
+    # (DSA since cryptography 51) is recognised without touching its deprecated names.
+    kind = type(key).__name__.removesuffix("Key").removesuffix("Private").removesuffix("Public")
+    return f"a {kind} key" if kind else f"a {type(key).__name__}"
