@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from extproc.detect import tail
 from extproc.detect.engine import CONTEXT, Detector, StreamScanner
 from extproc.detect.rules import LoadedRule, RuleSet, load_rules
 from extproc.detect.tail import Unsupported, prefix_pattern
@@ -352,3 +353,54 @@ def test_the_fixed_hold_is_still_there_for_comparisons(default: Detector) -> Non
         fixed.feed(piece)
     assert scanner.held <= 1
     assert fixed.held == min(default.hold, len(PROSE))
+
+
+# -- a Python whose regex internals differ --------------------------------------------------------------
+
+
+def test_missing_regex_internals_are_named_not_raised() -> None:
+    def no_parser(name: str) -> object:
+        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+    _parser, constants, code, reason = tail._load_internals(no_parser)
+    assert code is None
+    assert reason is not None
+    assert "re._parser" in reason
+    assert isinstance(constants.MAXREPEAT, int)  # the module's tables still build on the placeholders
+
+
+def test_internals_that_read_differently_fail_the_self_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = tail._parser
+
+    class Moved:  # a parser whose parse trees no longer hold what the analysis expects
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+        @staticmethod
+        def parse(pattern: str, flags: int = 0) -> object:
+            return real.parse(pattern.replace("ghp", "ghq"), flags)
+
+    monkeypatch.setattr(tail, "_parser", Moved())
+    reason = tail._self_check()
+    assert reason is not None
+    assert "read wrongly" in reason
+    monkeypatch.setattr(tail, "_parser", object())
+    assert "differ" in (tail._self_check() or "")
+
+
+def test_without_the_analysis_every_rule_keeps_the_fixed_hold_and_streams_still_find_everything(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(tail, "_MISSING", "this Python's re module lacks re._parser")
+    monkeypatch.setattr(tail, "_unavailable", [])
+    with caplog.at_level("WARNING", logger="extproc.detect"):
+        detector = Detector(TEST_PACK, edm_key=EDM_KEY)
+    [warning] = [r for r in caplog.records if r.getMessage() == "stream_hold_fixed"]
+    assert "re._parser" in warning.__dict__["reason"]
+    # no rule is modelled: the only groups are long rules held from their anchor, as without the analysis
+    assert all(rule in detector.tail.fixed_rules for group in detector.tail.groups for rule in group.rules)
+    assert set(detector.tail.fixed_rules) >= {loaded.id for loaded in TEST_PACK.rules if loaded.regex}
+    [(_, held)] = holds(detector, [PROSE * 3])
+    assert held == detector.tail.fixed > CONTEXT  # prose is held as long as the widest rule, as before
+    for text in samples(TEST_PACK):
+        assert streamed(detector, text, [1] * len(text)) == (text, block(detector, text))

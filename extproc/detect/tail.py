@@ -32,20 +32,53 @@ A pattern the analysis cannot read (back references, conditionals, an unbounded 
 reading further than the engine's context) keeps the fixed hold it had before: its width plus the
 context, or, for a long rule starting with a literal, its width from where that literal appears.
 Exact-match lists are held from a word start whose text so far is a prefix of a listed value.
+
+The internals read here are CPython's own and change between versions. Before the analysis is trusted it
+is checked once on reference patterns whose prefixes are known (``unavailable()``); on a Python whose
+internals are missing or read differently, every rule keeps the fixed hold and a warning says why.
 """
 
 from __future__ import annotations
 
 import bisect
 import importlib
+import logging
 import re
-from collections.abc import Iterable, Sequence
+import sys
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-_parser = importlib.import_module("re._parser")  # the parser `re` itself uses
-_c = importlib.import_module("re._constants")
-_code = importlib.import_module("re._compiler")._code  # a parsed pattern's program, as `re` compiles it
+log = logging.getLogger("extproc.detect")
+
+
+class _Absent:
+    """Stands in for a module of ``re``'s internals this Python lacks: every name is a placeholder no parse
+    tree holds, so the tables below still build, and ``unavailable()`` keeps the analysis switched off."""
+
+    MAXREPEAT = 4294967295
+
+    def __getattr__(self, name: str) -> object:
+        placeholder = object()
+        setattr(self, name, placeholder)
+        return placeholder
+
+
+def _load_internals(
+    import_module: Callable[[str], Any] = importlib.import_module,
+) -> tuple[Any, Any, Any, str | None]:
+    """The parser ``re`` itself uses, its constants and its compiler's program builder, or placeholders and
+    what is missing."""
+    try:
+        parser = import_module("re._parser")
+        constants = import_module("re._constants")
+        code = import_module("re._compiler")._code  # a parsed pattern's program, as `re` compiles it
+    except (ImportError, AttributeError) as exc:
+        return _Absent(), _Absent(), None, f"this Python's re module lacks what the analysis reads ({exc})"
+    return parser, constants, code, None
+
+
+_parser, _c, _code, _MISSING = _load_internals()
 
 MAXREPEAT = int(_c.MAXREPEAT)
 # The flags a parsed pattern can carry that change how the prefix expression must be compiled.
@@ -618,6 +651,44 @@ class TailState:
         self.lists = [0] * lists
 
 
+# Patterns whose prefixes are known: how this Python's internals are checked before the analysis trusts them.
+# (pattern, longest match, texts that are prefixes of a match, texts that are not)
+_REFERENCE = (
+    (r"\bghp_[A-Za-z0-9]{36}\b", 40, ("g", "ghp", "ghp_x9", "ghp_" + "a" * 36), ("gx", "ghp_-", "hp_")),
+    (r"(?i)\b4\d{3}(?:[ -]?\d{4}){3}\b", 19, ("4", "4111 1", "4111-1111-11"), ("5", "4a", "4111  1")),
+    (r"(?:ab|cd){2,3}(?!x)", 6, ("a", "abc", "abcdab"), ("b", "ac", "abcdabcda")),
+)
+_unavailable: list[str | None] = []
+
+
+def unavailable() -> str | None:
+    """Why the analysis cannot run on this Python, or None when it can. Checked once per process, on
+    reference patterns whose prefixes are known, so internals that moved or changed meaning switch the
+    analysis off (every rule keeps the fixed hold, which is always safe) instead of failing at start-up or
+    modelling a rule wrongly. The reason is logged as a warning."""
+    if not _unavailable:
+        reason = _MISSING if _MISSING is not None else _self_check()
+        if reason is not None:
+            log.warning("stream_hold_fixed", extra={"reason": reason, "python": sys.version.split()[0]})
+        _unavailable.append(reason)
+    return _unavailable[0]
+
+
+def _self_check() -> str | None:
+    try:
+        for pattern, width, prefixes, others in _REFERENCE:
+            regex = re.compile(pattern)
+            if longest(regex) != width:
+                return f"{pattern!r} reads as {longest(regex)} characters long, not {width}"
+            model = prefix_pattern(regex, 8).pattern
+            wrong = [t for t in prefixes if not model.match(t)] + [t for t in others if model.match(t)]
+            if wrong:
+                return f"the prefixes of {pattern!r} read wrongly at {wrong!r}"
+    except Exception as exc:  # internals that differ fail in any way: every one turns the analysis off
+        return f"this Python's regex internals differ from what the analysis reads ({exc!r})"
+    return None
+
+
 class TailBuilder:
     """Collects what each rule contributes to the hold; ``build()`` makes the shared TailModel."""
 
@@ -630,6 +701,8 @@ class TailBuilder:
 
     def add_pattern(self, rule: str, regex: re.Pattern[str]) -> int | None:
         """Model ``regex``: the index of its group, or None (and nothing added) when it cannot be modelled."""
+        if unavailable() is not None:
+            return None
         try:
             prefixes = prefix_pattern(regex, self._context)
         except (Unsupported, re.error, RecursionError):
