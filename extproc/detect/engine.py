@@ -29,6 +29,8 @@ from pathlib import Path
 
 import hyperscan
 
+from extproc.detect.normalize import OffsetMap, normalize
+from extproc.detect.normalize import prepare as prepare_normalize
 from extproc.detect.rules import LoadedRule, RuleSet, pattern_width
 from extproc.detect.tail import TailBuilder, TailModel
 from extproc.detect.validators import VALIDATORS, shannon_entropy
@@ -103,6 +105,7 @@ class Detector:
         self, ruleset: RuleSet, *, edm_key: bytes | None = None, cache_dir: Path | None = None
     ) -> None:
         self.rules: tuple[LoadedRule, ...] = tuple(r for r in ruleset.rules if r.rule.enabled)
+        prepare_normalize()  # the normalisation tables, built at start-up rather than on a first request
         self._cache = _Cache(cache_dir) if cache_dir is not None else None
         self._keywords = [tuple(k.lower() for k in r.rule.keywords) for r in self.rules]
         problems: list[str] = []
@@ -329,7 +332,17 @@ class Detector:
         return on_regex, on_literal
 
     def scan(self, text: str) -> list[Finding]:
-        """Every finding in ``text``, sorted by position; offsets are character offsets."""
+        """Every finding in ``text``, sorted by position; offsets are character offsets in ``text``. The
+        rules read its normalised view (normalize.py); each finding covers the original characters its view
+        span comes from."""
+        view = normalize(text)
+        findings = self._scan_view(view.text)
+        if view.offsets is None or not findings:
+            return findings
+        mapped = {Finding(f.rule_id, f.entity, *view.span(f.start, f.end)) for f in findings}
+        return sorted(mapped, key=lambda f: (f.start, f.end, f.rule_id))
+
+    def _scan_view(self, text: str) -> list[Finding]:
         hits = _Hits()
         on_regex, on_literal = self._handlers(hits)
         data = _ascii(text)
@@ -404,10 +417,12 @@ class Detector:
         """What one regex rule finds in ``text`` by Python alone, over the whole text: the standard
         Hyperscan's candidates (and a rule's ``candidate`` pattern) must not lose anything against."""
         found: set[Finding] = set()
+        view = normalize(text)
         for loaded in self.rules:
             if loaded.id == rule_id and loaded.regex is not None:
-                self._confirm_regex(loaded, text, 0, len(text), found)
-        return sorted(found, key=lambda f: (f.start, f.end))
+                self._confirm_regex(loaded, view.text, 0, len(view.text), found)
+        mapped = {Finding(f.rule_id, f.entity, *view.span(f.start, f.end)) for f in found}
+        return sorted(mapped, key=lambda f: (f.start, f.end))
 
     def _confirm_regex(self, loaded: LoadedRule, text: str, low: int, high: int, found: set[Finding]) -> None:
         regex = loaded.regex
@@ -576,9 +591,17 @@ class StreamScanner:
         self._fixed_hold = _fixed_hold
         self._tail = detector.tail.state()
         self._keep = detector.lookbehind
+        # The rules read the normalised view (normalize.py): _buffer, _base, _released and every offset
+        # of hits, memo and tail state are view offsets. The text released is the original's, from
+        # _original (starting at original offset _obase); _offsets maps view offsets to original ones.
         self._buffer = ""
         self._base = 0  # stream offset of _buffer[0]
         self._released = 0
+        self._original = ""
+        self._obase = 0
+        self._oreleased = 0
+        self._received = 0  # original characters received
+        self._offsets = OffsetMap()
         self._hits = _Hits()
         self._memo: dict[tuple[int, int, int], set[Finding]] = {}
         # The binding does not keep the handlers alive: the scanner must, for as long as its streams live.
@@ -597,14 +620,23 @@ class StreamScanner:
     @property
     def held(self) -> int:
         """Characters received but not yet released."""
-        return self._base + len(self._buffer) - self._released
+        return self._received - self._oreleased
 
     def feed(self, text: str) -> tuple[str, list[Finding]]:
         if not self._open:
             raise RuntimeError("the stream is finished")
         if text:
-            self._buffer += text
-            data = _ascii(text)
+            view = normalize(text)
+            length = self._base + len(self._buffer)
+            if view.offsets is None:
+                self._offsets.add(length, self._received)
+            else:
+                for start, origin in zip(view.offsets.views, view.offsets.origins, strict=True):
+                    self._offsets.add(length + start, self._received + origin)
+            self._original += text
+            self._received += len(text)
+            self._buffer += view.text
+            data = _ascii(view.text)
             for stream in self._streams:
                 stream.scan(data)
         return self._release(final=False)
@@ -632,6 +664,9 @@ class StreamScanner:
         else:
             limit = self._detector.tail.limit(self._buffer, self._base, self._tail)
         if limit <= self._released:
+            if final and self._oreleased < self._received:  # characters the view dropped, at the end
+                out, self._oreleased = self._original[self._oreleased - self._obase :], self._received
+                return out, []
             return "", []
         detector, base = self._detector, self._base
         settled = None
@@ -655,12 +690,13 @@ class StreamScanner:
         if limit <= self._released:
             return "", []
         released = [
-            Finding(f.rule_id, f.entity, start, stop)
+            Finding(f.rule_id, f.entity, self._offsets.origin(start), self._offsets.origin(stop - 1) + 1)
             for start, stop, f in spans
             if self._released <= start and stop <= limit
         ]
-        out = self._buffer[self._released - self._base : limit - self._base]
-        self._released = limit
+        original_limit = self._offsets.origin(limit)
+        out = self._original[self._oreleased - self._obase : original_limit - self._obase]
+        self._released, self._oreleased = limit, original_limit
         self._trim()
         return out, released
 
@@ -678,6 +714,10 @@ class StreamScanner:
     def _trim(self) -> None:
         keep_from = max(self._base, self._released - self._keep)
         if keep_from > self._base:
+            original_from = self._offsets.origin(keep_from)
+            self._original = self._original[original_from - self._obase :]
+            self._obase = original_from
+            self._offsets.drop_before(keep_from)
             self._buffer = self._buffer[keep_from - self._base :]
             self._base = keep_from
             for rule in list(self._hits.ends):

@@ -5,8 +5,9 @@ Strategies (per rule, ``mask:`` in the rule file):
 - ``redact``: ``[REDACTED:ENTITY]``;
 - ``mask``: every letter and digit but the last ``keep`` becomes ``char``; separators stay
   (``**** **** **** 1111``);
-- ``hash``: ``[ENTITY:<16 hex>]``, a keyed HMAC-SHA256 of the value: the same value always gives the
-  same token, so analytics still join, and nobody without the key can test a guess;
+- ``hash``: ``[ENTITY:<16 hex>]``, a keyed HMAC-SHA256 of the value as the rules read it (normalised):
+  the same value always gives the same token, however it is written, so analytics still join, and
+  nobody without the key can test a guess;
 - ``remove``: nothing.
 
 Replacements hold no quote, backslash or newline, so they are safe inside a JSON string and an SSE data
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Protocol
 
 from extproc.detect.engine import Detector, StreamScanner
+from extproc.detect.normalize import normalize
 from extproc.detect.rules import MaskSpec, RuleSet
 from extproc.model import Finding
 
@@ -67,7 +69,10 @@ class Masker:
         if spec.strategy == "remove":
             return ""
         if spec.strategy == "hash":
-            digest = hmac.new(self._key, value.encode("utf-8", "surrogateescape"), hashlib.sha256)
+            # of the value as the rules read it: the same value written with other digits, invisible
+            # characters or look-alike letters gives the same token
+            canonical = normalize(value).text
+            digest = hmac.new(self._key, canonical.encode("utf-8", "surrogateescape"), hashlib.sha256)
             return f"[{finding.entity}:{digest.hexdigest()[:16]}]"
         return _keep_last(value, spec.keep, spec.char)
 
