@@ -42,6 +42,9 @@ LUHN_CASES = cases(
         "4111 1111 1111 1111",
         "4111-1111-1111-1111",
         "4111 1111-1111 1111",
+        "4111.1111.1111.1111",  # the separators card rules allow between groups are ignored
+        "4111/1111/1111/1111",
+        "4111\t1111  1111\n1111",
         "5555555555554444",  # Mastercard test card
         "378282246310005",  # Amex test card (15 digits)
         "6011111111111117",  # Discover test card
@@ -54,9 +57,7 @@ LUHN_CASES = cases(
         "4012-8888-8888-1882",
         "79927398713",  # passes Luhn but only 11 digits
         "41111111111111111115",  # passes Luhn but 20 digits
-        "4111.1111.1111.1111",  # dots are not stripped
-        "4111_1111_1111_1111",
-        "4111111111111111\n",
+        "4111_1111_1111_1111",  # underscores are not a separator the rules allow
         "411111111111111a",
         "\uff14111111111111111",  # fullwidth digit
         "\u0664111111111111111",  # Arabic-Indic digit

@@ -22,6 +22,7 @@ Validator = Callable[[str], bool]
 
 _DIGITS: Final = frozenset(string.digits)
 _UPPER_ALNUM: Final = frozenset(string.ascii_uppercase + string.digits)
+_CARD_SEPARATORS: Final = re.compile(r"[\s./-]")
 
 
 def _ascii_digits(value: str) -> bool:
@@ -33,8 +34,9 @@ def _ascii_digits(value: str) -> bool:
 
 
 def luhn(value: str) -> bool:
-    """Payment card number: 12 to 19 digits (spaces and dashes ignored) passing the Luhn checksum."""
-    digits = value.replace(" ", "").replace("-", "")
+    """Payment card number: 12 to 19 digits (the separators card rules allow between groups ignored:
+    white space, dots, slashes, dashes) passing the Luhn checksum."""
+    digits = _CARD_SEPARATORS.sub("", value)
     if not 12 <= len(digits) <= 19 or not _ascii_digits(digits):
         return False
     total = 0
