@@ -46,6 +46,7 @@ _BODY_MODES = {
     5: BodyMode.GRPC,
 }
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_APPEND = base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD
 
 
 def protocol_config(message: pb.ProcessingRequest) -> ProtocolConfig | None:
@@ -107,13 +108,17 @@ def _metadata(message: pb.ProcessingRequest) -> dict[str, object]:
 
 
 def _mutation(changes: HeaderChanges) -> pb.HeaderMutation:
+    """Sets first (each replacing every value of its header), then appends, in order: Envoy applies
+    ``set_headers`` in order, so a repeated header is rewritten as its first value set and the rest
+    appended. Values go back as the bytes they came as (``surrogateescape`` undoes the decoding)."""
     return pb.HeaderMutation(
         set_headers=[
             base_pb2.HeaderValueOption(
-                header=base_pb2.HeaderValue(key=key, raw_value=value.encode("utf-8")),
-                append_action=_OVERWRITE,
+                header=base_pb2.HeaderValue(key=key, raw_value=value.encode("utf-8", "surrogateescape")),
+                append_action=action,
             )
-            for key, value in changes.set
+            for action, pairs in ((_OVERWRITE, changes.set), (_APPEND, changes.append))
+            for key, value in pairs
         ],
         remove_headers=list(changes.remove),
     )
