@@ -3,9 +3,10 @@
 Pure: header pairs in, findings and the header changes that mask them out; no I/O, no protobuf.
 
 - **What is read.** Every header of one name is scanned with its values joined with ``", "``, as an
-  HTTP receiver combines repeated fields (RFC 9110, 5.3), and, when it repeats, joined with nothing, as
-  a receiver reassembling pieces reads them: a value split across ``x-a: 4111 1111`` and
-  ``x-a: 1111 1111`` is found whole and masked in each piece (the replacement in the first). A name is
+  HTTP receiver combines repeated fields (RFC 9110, 5.3), and, when it repeats, joined with nothing and
+  with a space, as a reader reassembling pieces would: a value split across ``x-a: 4111 1111`` and
+  ``x-a: 1111 1111`` is found whole and masked in each piece (the replacement in the first). Only values
+  of one header are joined, so no match pairs text of two different headers. A name is
   scanned too: ``x-<card>: 1`` is a channel. Headers the caller says to skip (its credential, removed
   anyway) are not scanned, nor are ``:method``, ``:scheme`` and ``:status``, which Envoy validates.
 - **Percent-encoding.** Each value is scanned as sent and percent-decoded once (as a server reads a
@@ -18,6 +19,8 @@ Pure: header pairs in, findings and the header changes that mask them out; no I/
   ``:authority`` and ``x-envoy-*``) or would change the message's meaning if they were
   (``content-type``, ``content-length``, ...). A finding there that the policy would mask raises
   ``HeaderNotMaskable``: the exchange refuses instead. A header whose *name* holds a finding is removed.
+  In headers that name addresses (``:authority``, ``x-forwarded-for``, ...) an IP address is what the
+  header is for and is not reported; anything else in them is.
 - **Bounded work.** Headers over ``MAX_HEADER_CHARS`` in all raise ``HeadersTooLarge`` before any scan
   (Envoy's own limit, ``max_request_headers_kb``, is 60 KiB by default); each view is one linear pass.
 """
@@ -56,6 +59,12 @@ MEANINGFUL = frozenset(
         "expect",
     }
 )
+# Headers that name network addresses: an IP address there is the address, not data hidden in it (the
+# sidecar's own address in :authority, the client's in x-forwarded-for). Every other entity still counts.
+ADDRESS_HEADERS = frozenset(
+    {":authority", "host", "x-forwarded-for", "x-real-ip", "x-envoy-external-address", "forwarded", "via"}
+)
+ADDRESS_ENTITIES = frozenset({"IP_ADDRESS"})
 _HEX = frozenset("0123456789abcdefABCDEF")
 
 
@@ -195,7 +204,7 @@ def _scan_values(
 ) -> None:
     url = name in URLS
     found: dict[tuple[str, int, int], tuple[Finding, str]] = {}  # raw span -> finding, value as read
-    for separator in (JOIN, "") if len(values) > 1 else (JOIN,):
+    for separator in (JOIN, "", " ") if len(values) > 1 else (JOIN,):
         starts = []
         offset = 0
         for value in values:
@@ -204,6 +213,8 @@ def _scan_values(
         shift = len(JOIN) - len(separator)
         for text, positions in _views(separator.join(values), url):
             for finding in detector.scan(text):
+                if name in ADDRESS_HEADERS and finding.entity in ADDRESS_ENTITIES:
+                    continue
                 start = finding.start if positions is None else positions[finding.start]
                 end = finding.end if positions is None else positions[finding.end]
                 start, end = _canonical(starts, shift, start, False), _canonical(starts, shift, end, True)
