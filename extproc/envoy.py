@@ -12,7 +12,7 @@ from typing import Any
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import json_format, struct_pb2, wrappers_pb2
 
 from extproc.errors import ProtocolError
 from extproc.model import (
@@ -107,16 +107,24 @@ def _metadata(message: pb.ProcessingRequest) -> dict[str, object]:
 
 
 def _mutation(changes: HeaderChanges) -> pb.HeaderMutation:
-    return pb.HeaderMutation(
-        set_headers=[
-            base_pb2.HeaderValueOption(
-                header=base_pb2.HeaderValue(key=key, raw_value=value.encode("utf-8")),
-                append_action=_OVERWRITE,
-            )
-            for key, value in changes.set
-        ],
-        remove_headers=list(changes.remove),
-    )
+    """Sets first (each replacing every value of its header), then appends, in order: Envoy applies
+    ``set_headers`` in order, so a repeated header is rewritten as its first value set and the rest
+    appended. An append says so with the deprecated ``append: true``: Envoy 1.40's ext_proc reads
+    ``append_action``'s default (APPEND_IF_EXISTS_OR_ADD, 0) as "not set", and an unset one overwrites.
+    Values go back as the bytes they came as (``surrogateescape`` undoes the decoding)."""
+    options = [
+        base_pb2.HeaderValueOption(header=_header(key, value), append_action=_OVERWRITE)
+        for key, value in changes.set
+    ]
+    options += [
+        base_pb2.HeaderValueOption(header=_header(key, value), append=wrappers_pb2.BoolValue(value=True))
+        for key, value in changes.append
+    ]
+    return pb.HeaderMutation(set_headers=options, remove_headers=list(changes.remove))
+
+
+def _header(key: str, value: str) -> base_pb2.HeaderValue:
+    return base_pb2.HeaderValue(key=key, raw_value=value.encode("utf-8", "surrogateescape"))
 
 
 def _struct(data: dict[str, Any]) -> struct_pb2.Struct:

@@ -19,9 +19,12 @@ HTTP_STATUS: Final[dict[str, int]] = {
     "unmasked_not_allowed": 403,
     "prompt_too_long": 400,
     "max_tokens_too_large": 400,
+    "header_not_maskable": 403,  # a request header the policy masks cannot be rewritten (host, content-type)
+    "headers_too_large": 431,
     "upstream_unscannable": 502,
     "upstream_too_large": 502,
     "upstream_timeout": 504,
+    "upstream_header_not_maskable": 502,  # the same in the answer's headers
     "upstream_credential_unavailable": 503,
     "audit_unavailable": 503,  # the session record cannot be written and audit.on_error is fail_closed
     # identity: the caller's bearer token (extproc/identity); every one is a 401

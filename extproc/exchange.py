@@ -38,6 +38,7 @@ from extproc.mask.encoding import (
     decoder_for,
     parse_content_encoding,
 )
+from extproc.mask.headers import HeaderNotMaskable, HeaderScan, HeadersTooLarge, scan_headers
 from extproc.mask.ndjson import MEDIA_TYPES as NDJSON_MEDIA_TYPES
 from extproc.mask.ndjson import NdjsonStream
 from extproc.mask.sse import EventStream
@@ -72,6 +73,7 @@ UNMASKED_HEADER = "x-dlp-unmasked"
 METADATA_NAMESPACE = "llm.extproc"
 SUPPORTED_BODY_MODES = frozenset({BodyMode.NONE, BodyMode.BUFFERED, BodyMode.FULL_DUPLEX_STREAMED})
 _UNTRACED = Instruments()
+_NO_CHANGES = HeaderChanges()
 
 
 class Phase(IntEnum):
@@ -168,6 +170,7 @@ class Exchange:
         self.principal: Principal | None = None
         self._request_actions: FindingActions | None = None
         self._response_actions: FindingActions | None = None
+        self._header_scans = {Direction.REQUEST: HeaderScan(), Direction.RESPONSE: HeaderScan()}
         self._phase = Phase.START
         self._dirs = {
             Direction.REQUEST: _Direction(protocol.request_body_mode),
@@ -183,7 +186,11 @@ class Exchange:
 
     @property
     def findings(self) -> dict[Direction, list[Finding]]:
-        return {direction: state.processor.findings for direction, state in self._dirs.items()}
+        """Per direction, what the headers and the body held."""
+        return {
+            direction: self._header_scans[direction].findings + state.processor.findings
+            for direction, state in self._dirs.items()
+        }
 
     # -- dispatch -------------------------------------------------------------------------------------
 
@@ -245,6 +252,10 @@ class Exchange:
         if self._unavailable is not None:
             return self._reject(self._unavailable)
         self.unmasked_requested = (event.get(UNMASKED_HEADER) or "").strip().lower() in ("1", "true", "yes")
+        try:
+            scanned = self._scan_request_headers(event)
+        except ExtProcError as error:
+            return self._reject(error)
         state = self._dirs[Direction.REQUEST]
         state.had_content_length = event.get("content-length") is not None
         metadata: dict[str, object] = {METADATA_NAMESPACE: {"decision_id": self.decision_id}}
@@ -252,7 +263,7 @@ class Exchange:
             state.ended = True
             try:
                 self._admit(None, 0)
-                changes = self._header_changes(state)
+                changes = self._header_changes(state, scanned)
             except ExtProcError as error:
                 return self._reject(error)
             return [ContinueHeaders(Direction.REQUEST, changes, metadata)]
@@ -281,12 +292,65 @@ class Exchange:
                     f"request content-type {media!r} cannot be scanned", code="unsupported_media_type"
                 )
             state.decoder = self._decoder(event, limits.max_request_bytes, too_large)
-            changes = self._header_changes(state)
+            changes = self._header_changes(state, scanned)
         except UnsupportedEncoding as exc:
             return self._reject(ClientError(str(exc), code="unsupported_content_encoding"))
         except ExtProcError as error:
             return self._reject(error)
         return [ContinueHeaders(Direction.REQUEST, changes, metadata)]
+
+    def _scan_request_headers(self, event: Headers) -> HeaderChanges:
+        """Every request header but the caller's credential (removed, or the upstream's own), and the
+        path with its query, scanned like the body and masked in place. The model is in the body, so the
+        headers are decided under the policy the caller and the route choose; once the body chooses the
+        final policy, ``_admit`` decides them again. Raises what refuses the request."""
+        facts = Facts(self.groups, self.route, None)
+        loaded = self._snapshot.policies.select(facts)
+        shadows = self._snapshot.policies.shadows(facts)
+        info = self._snapshot.rule_info
+        self.policy = loaded
+        self.shadowed = {shadow.id: [] for shadow in shadows}
+        self._request_actions = FindingActions(
+            loaded,
+            loaded.policy.request,
+            info,
+            shadows=[FindingActions(s, s.policy.request, info) for s in shadows],
+        )
+        upstream = self._snapshot.settings.upstream
+        skip = {"authorization", UNMASKED_HEADER, upstream.header, *upstream.strip_headers}
+        return self._scan_headers(Direction.REQUEST, event, self._request_actions, skip).changes
+
+    def _scan_headers(
+        self, direction: Direction, event: Headers, actions: FindingActions, skip: set[str]
+    ) -> HeaderScan:
+        scan = self._header_scans[direction] = HeaderScan()
+        inspector = self._snapshot.inspector
+        request = direction is Direction.REQUEST
+        try:
+            scan_headers(event.items, inspector.detector, inspector.masker, actions, skip=skip, into=scan)
+        except HeaderNotMaskable as exc:
+            if request:
+                raise ClientError(str(exc), code="header_not_maskable") from exc
+            raise UpstreamError(str(exc), code="upstream_header_not_maskable") from exc
+        except HeadersTooLarge as exc:
+            if request:
+                raise ClientError(str(exc), code="headers_too_large") from exc
+            raise UpstreamError(str(exc), code="upstream_too_large") from exc
+        return scan
+
+    def _redecide_headers(self) -> None:
+        """The request headers' findings under the final policy (chosen with the model). What it refuses
+        is refused; a value it masks that the headers' policy let through is refused too (the headers
+        have been answered), so a policy chosen by the model is never looser on headers than on bodies."""
+        actions = self._request_actions
+        assert actions is not None
+        for finding, applied in self._header_scans[Direction.REQUEST].applied:
+            if actions.verdict(finding).action == "mask" and applied != "mask":
+                message = (
+                    f"policy {actions.decisions.policy_id!r} masks {finding.entity} (rule {finding.rule_id}),"
+                    " found in a request header that was let through before the model was known"
+                )
+                raise ClientError(message, code="header_not_maskable")
 
     def _authenticate(self, event: Headers) -> Principal | None:
         """The caller, per ``identity.mode``: none (no identity, the default policy), jwt (the bearer
@@ -324,6 +388,7 @@ class Exchange:
         shadows = self._snapshot.policies.shadows(facts)
         self.policy = loaded
         texts = prompt_texts(document) if document is not None else []
+        self.shadowed = {}
         for shadow in shadows:
             refused = [v.code for v in self._check(shadow, document, size, texts, rewrite=False)[0]]
             self.shadowed[shadow.id] = refused
@@ -347,6 +412,7 @@ class Exchange:
             unmasked=unmasked,
             shadows=[FindingActions(s, s.policy.response, info) for s in shadows],
         )
+        self._redecide_headers()
         return self._snapshot.inspector.scoped(self._request_actions), rewritten
 
     def _check(
@@ -431,8 +497,16 @@ class Exchange:
         return self._snapshot.inspector.mask_text(unquote(text))[0] if text else text
 
     def outcome(self, error_code: str | None = None) -> Outcome:
-        """What the exchange came to. ``error_code``: the stream was aborted with it."""
-        findings = {d.value: tuple(found) for d, found in self.findings.items() if found}
+        """What the exchange came to. ``error_code``: the stream was aborted with it. Header findings are
+        kept apart (``request_headers``, ``response_headers``): their offsets are in a header's value."""
+        findings = {
+            d.value: tuple(state.processor.findings)
+            for d, state in self._dirs.items()
+            if state.processor.findings
+        }
+        for direction, scan in self._header_scans.items():
+            if scan.findings:
+                findings[f"{direction.value}_headers"] = tuple(scan.findings)
         entity_of = {f.rule_id: f.entity for found in findings.values() for f in found}
         request, response = self._request_actions, self._response_actions
         actions = _actions(request, response, entity_of)
@@ -527,9 +601,10 @@ class Exchange:
         bytes, however small it is on the wire. Raises UnsupportedEncoding."""
         return decoder_for(parse_content_encoding(event.get("content-encoding")), limit, too_large)
 
-    def _header_changes(self, state: _Direction) -> HeaderChanges:
+    def _header_changes(self, state: _Direction, scanned: HeaderChanges = _NO_CHANGES) -> HeaderChanges:
         """The decision id; for a body sent on decoded, no content-encoding (its length is set with the
-        body, or removed by Envoy in FULL_DUPLEX_STREAMED); upstream, no unmasking request."""
+        body, or removed by Envoy in FULL_DUPLEX_STREAMED); upstream, no unmasking request. ``scanned``:
+        the headers masked in place, unless set or removed here anyway."""
         changes: tuple[tuple[str, str], ...] = ((DECISION_HEADER, self.decision_id),)
         remove: tuple[str, ...] = ()
         if state is self._dirs[Direction.REQUEST]:
@@ -540,7 +615,12 @@ class Exchange:
                 remove += credential.strip
         if state.decoder is not None and state.decoder.codings:
             remove += ("content-encoding",)
-        return HeaderChanges(set=changes, remove=remove)
+        ours = {name for name, _ in changes} | set(remove)
+        return HeaderChanges(
+            set=tuple(pair for pair in scanned.set if pair[0] not in ours) + changes,
+            remove=tuple(name for name in scanned.remove if name not in ours) + remove,
+            append=tuple(pair for pair in scanned.append if pair[0] not in ours),
+        )
 
     def _response_headers(self, event: Headers) -> list[Reply]:
         state = self._dirs[Direction.RESPONSE]
@@ -548,12 +628,16 @@ class Exchange:
             state.ended = event.end_of_stream or state.mode is BodyMode.NONE
             return [ContinueHeaders(Direction.RESPONSE)]
         self._close_request_body()
+        try:
+            self._response_inspector()
+            assert self._response_actions is not None
+            scanned = self._scan_headers(Direction.RESPONSE, event, self._response_actions, set()).changes
+        except ExtProcError as error:
+            return self._reject(error)
         if event.end_of_stream or state.mode is BodyMode.NONE:
             state.ended = True
             self.finished = True
-            return [
-                ContinueHeaders(Direction.RESPONSE, HeaderChanges(set=((DECISION_HEADER, self.decision_id),)))
-            ]
+            return [ContinueHeaders(Direction.RESPONSE, self._header_changes(state, scanned))]
         media = state.media = media_type(event)
         state.status = event.get(":status") or ""
         try:
@@ -592,7 +676,7 @@ class Exchange:
             return self._reject(UpstreamError(str(exc)))
         if limits.max_stream_seconds and state.streaming:
             self.deadline = time.monotonic() + limits.max_stream_seconds
-        reply = ContinueHeaders(Direction.RESPONSE, self._header_changes(state))
+        reply = ContinueHeaders(Direction.RESPONSE, self._header_changes(state, scanned))
         if not streamed:
             state.had_content_length = event.get("content-length") is not None
             return [reply]

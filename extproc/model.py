@@ -78,8 +78,12 @@ Event = Headers | Body | Trailers
 
 @dataclass(frozen=True, slots=True)
 class HeaderChanges:
+    """``set`` replaces every value of a header; ``append`` then adds one more value (a repeated header
+    rewritten whole: its first value in ``set``, the others in ``append``)."""
+
     set: tuple[tuple[str, str], ...] = ()
     remove: tuple[str, ...] = ()
+    append: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,11 +12,13 @@ reached directly rather than through Envoy:
 - ``POST /_demo/replies`` stores a scripted reply under an id; a request carrying ``x-demo-reply: <id>``
   gets it. The reply text therefore never passes through the prompt, so response masking is tested on
   its own. A script may set ``chunk_chars`` (characters per token event), ``delay_ms`` (pause between
-  events), or replace the whole answer with ``raw`` bytes and a ``content_type``.
+  events), or replace the whole answer with ``raw`` bytes and a ``content_type``; ``headers`` (an object,
+  or a list of ``[name, value]`` pairs to repeat a header) are added to the answer.
 - With ``--api-key-file``, ``/v1/`` answers 401 unless the request carries that key, as a hosted model
   API would: ``extproc dev`` makes one and gives it to extproc as the upstream credential.
-- ``GET /_demo/requests?tag=<x-test-tag>`` returns the requests received (headers and body), so a test
-  can prove what reached the model.
+- ``GET /_demo/requests?tag=<x-test-tag>`` returns the requests received (headers, every header line in
+  ``header_list``, the path as sent with its query in ``raw_path``, and the body), so a test can prove
+  what reached the model.
 """
 
 from __future__ import annotations
@@ -62,8 +64,13 @@ def _script_from(payload: dict[str, Any]) -> Script:
         delay_ms=max(0, int(payload.get("delay_ms", 0))),
         raw=base64.b64decode(raw) if raw is not None else None,
         content_type=str(payload.get("content_type", "application/json")),
-        headers=tuple((str(k), str(v)) for k, v in dict(payload.get("headers", {})).items()),
+        headers=tuple((str(k), str(v)) for k, v in _pairs(payload.get("headers", {}))),
     )
+
+
+def _pairs(headers: Any) -> list[tuple[Any, Any]]:
+    """Headers as an object, or as a list of ``[name, value]`` pairs (a name may repeat)."""
+    return list(headers.items()) if isinstance(headers, dict) else [tuple(pair) for pair in headers]
 
 
 def _last_user_text(body: dict[str, Any]) -> str:
@@ -94,7 +101,9 @@ async def _answer(request: web.Request, api: str) -> web.StreamResponse:
         {
             "tag": request.headers.get("x-test-tag", ""),
             "path": request.path,
+            "raw_path": request.raw_path,
             "headers": {k.lower(): v for k, v in request.headers.items()},
+            "header_list": [[k.lower(), v] for k, v in request.headers.items()],
             "body": raw_body.decode("utf-8", "replace"),
         }
     )
@@ -112,15 +121,15 @@ async def _answer(request: web.Request, api: str) -> web.StreamResponse:
     if script is None:
         script = Script(content=f"You said: {_last_user_text(body)}")
     if script.raw is not None:
-        return web.Response(
-            body=script.raw, headers={"content-type": script.content_type, **dict(script.headers)}
-        )
+        named = {name.lower() for name, _ in script.headers}
+        default = [] if "content-type" in named else [("content-type", script.content_type)]
+        return web.Response(body=script.raw, headers=[*default, *script.headers])
     model = str(body.get("model") or MODELS[0])
     answer = _API[api](script.content, model, f"{api}-{uuid.uuid4().hex[:24]}", int(time.time()))
     if not body.get("stream"):
-        return web.json_response(answer.whole(), headers=dict(script.headers))
+        return web.json_response(answer.whole(), headers=list(script.headers))
     response = web.StreamResponse(
-        headers={"content-type": "text/event-stream", "cache-control": "no-cache", **dict(script.headers)}
+        headers=[("content-type", "text/event-stream"), ("cache-control", "no-cache"), *script.headers]
     )
     await response.prepare(request)
     text = script.content
