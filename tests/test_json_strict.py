@@ -104,6 +104,27 @@ def test_json_depth_is_exact_on_nested_arrays_and_objects(depth: int) -> None:
     assert json_depth(json.dumps({"a": [1, {"b": "[[[["}]})) == 3
 
 
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(alphabet='[]{}"\\ab\u00e9\ud800', max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=30,
+)
+
+
+def reference_depth(node: Any) -> int:
+    if isinstance(node, list):
+        return 1 + max(map(reference_depth, node), default=0)
+    if isinstance(node, dict):
+        return 1 + max(map(reference_depth, node.values()), default=0)
+    return 0
+
+
+@given(JSON_VALUES, st.booleans())
+def test_json_depth_matches_a_recursive_count_on_any_document(document: Any, ascii_only: bool) -> None:
+    # Brackets, quotes and backslashes inside strings and keys must not count.
+    assert json_depth(json.dumps(document, ensure_ascii=ascii_only)) == reference_depth(document)
+
+
 def test_depth_is_checked_before_anything_recurses() -> None:
     # Far past the interpreter's recursion limit: refused by counting, not by a RecursionError.
     with pytest.raises(TooDeep):

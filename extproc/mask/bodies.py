@@ -18,6 +18,7 @@ import json
 import math
 import re
 from abc import ABC, abstractmethod
+from array import array
 from itertools import accumulate
 from typing import Any, Final, Protocol
 
@@ -66,17 +67,25 @@ class JsonFloat(float):
     literal: str
 
 
-_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_ESCAPE = re.compile(r"\\.", re.DOTALL)
+_NOT_STRUCTURE = bytes(c for c in range(256) if c not in b'"[]{}')
+_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
 _LONG_INTEGER = re.compile(rf"-?\d{{{LONG_NUMBER_DIGITS},}}")
 
 
 def json_depth(text: str) -> int:
-    """The deepest nesting of arrays and objects in ``text`` (exact for valid JSON), without recursion."""
+    """The deepest nesting of arrays and objects in ``text`` (exact for valid JSON), without recursion
+    and without a Python step per character: escapes go, then everything but quotes and brackets, then
+    what lies between quotes; the brackets left are summed as +1 and -1."""
     if text.count("[") + text.count("{") == 0:
         return 0
-    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
-    return max(accumulate(1 if c in "[{" else -1 for c in brackets), default=0)
+    if "\\" in text:
+        text = _ESCAPE.sub("", text)
+    structure = text.encode(ENCODING, "surrogatepass").translate(None, _NOT_STRUCTURE)
+    outside = b"".join(structure.split(b'"')[::2])
+    steps = array("b")
+    steps.frombytes(outside.translate(_STEPS))
+    return max(accumulate(steps), default=0)
 
 
 def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -98,13 +107,15 @@ def _float(literal: str) -> float:
     value = float(literal)
     if not math.isfinite(value):
         raise ValueError(f"number {literal[:32]} is out of range")
-    if abs(value) >= 10 ** (LONG_NUMBER_DIGITS - 1) or _LONG_INTEGER.match(literal):
+    head = literal[1 : LONG_NUMBER_DIGITS + 1] if literal[0] == "-" else literal[:LONG_NUMBER_DIGITS]
+    if abs(value) >= _LONG_FLOAT or (len(head) == LONG_NUMBER_DIGITS and head.isdigit()):
         number = JsonFloat(value)
         number.literal = literal
         return number
     return value
 
 
+_LONG_FLOAT: Final = 10.0 ** (LONG_NUMBER_DIGITS - 1)  # from here, repr writes 12 or more digits
 _STRICT = json.JSONDecoder(object_pairs_hook=_pairs, parse_constant=_constant, parse_float=_float)
 
 
