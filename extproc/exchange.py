@@ -24,12 +24,13 @@ from extproc.errors import AuthError, ClientError, ExtProcError, ProtocolError, 
 from extproc.identity import Principal, bearer_token, principal_from_metadata
 from extproc.mask import Inspector
 from extproc.mask.bodies import (
+    UTF8_CODECS,
     BodyProcessor,
     BufferedJson,
-    BufferedText,
     Passthrough,
     SseEvents,
     StreamingText,
+    text_codec,
 )
 from extproc.mask.encoding import (
     DecodeError,
@@ -120,6 +121,17 @@ class _Direction:
 def media_type(headers: Headers) -> str:
     value = headers.get("content-type") or ""
     return value.split(";", 1)[0].strip().lower()
+
+
+def declared_codec(headers: Headers) -> str | None:
+    """The Python codec of the content type's ``charset`` parameter; None when there is none. Raises
+    LookupError for an unknown charset, or for two that differ (readers would pick different ones)."""
+    params = (headers.get("content-type") or "").split(";")[1:]
+    names = {v.strip() for k, _, v in (p.partition("=") for p in params) if k.strip().lower() == "charset"}
+    codecs = {text_codec(name) for name in names}
+    if len(codecs) > 1:
+        raise LookupError("more than one charset")
+    return codecs.pop() if codecs else None
 
 
 def is_json(media: str) -> bool:
@@ -273,7 +285,15 @@ class Exchange:
         )
         media = state.media = media_type(event)
         try:
-            if is_json(media):
+            try:
+                codec = declared_codec(event)
+            except LookupError as exc:
+                message = f"request charset cannot be read ({exc})"
+                raise ClientError(message, code="unsupported_media_type") from exc
+            text = media == "" or media.startswith("text/")
+            if is_json(media) or text:
+                # A text or untyped body that parses as an object or array is read as JSON, as the
+                # model server may read it.
                 invalid = ClientError("request body is not valid JSON", code="invalid_json")
                 state.processor = BufferedJson(
                     self._snapshot.inspector,
@@ -281,12 +301,14 @@ class Exchange:
                     too_large,
                     invalid,
                     as_text=self._json_as_text,
+                    sniff=text,
                     admit=self._admit,
+                    charset=codec,
+                    undecodable=ClientError("request body cannot be read", code="invalid_body"),
                 )
-            elif media in NDJSON_MEDIA_TYPES or media == "" or media.startswith("text/"):
+            elif media in NDJSON_MEDIA_TYPES and codec in (None, *UTF8_CODECS):
                 inspector, _ = self._admit(None, 0)
-                kind = NdjsonStream if media in NDJSON_MEDIA_TYPES else BufferedText
-                state.processor = kind(inspector, self._request_limit(), too_large)
+                state.processor = NdjsonStream(inspector, self._request_limit(), too_large)
             else:
                 raise ClientError(
                     f"request content-type {media!r} cannot be scanned", code="unsupported_media_type"
@@ -665,10 +687,15 @@ class Exchange:
             too_large = UpstreamError(f"response body exceeds {limit} bytes", code="upstream_too_large")
             state.processor = StreamingText(inspector, limit, too_large)
         elif media == "" or media.startswith("text/"):
+            # Read as JSON when it parses as an object or array (clients parse such answers as JSON).
+            invalid = UpstreamError("response body is not valid JSON")
             too_large = UpstreamError(f"response body exceeds {limit} bytes", code="upstream_too_large")
-            state.processor = BufferedText(inspector, limit, too_large)
+            state.processor = BufferedJson(inspector, limit, too_large, invalid, sniff=True)
         else:
             return self._reject(UpstreamError(f"response content-type {media!r} cannot be scanned"))
+        unreadable = self._response_charset(event, state.processor)
+        if unreadable is not None:
+            return self._reject(unreadable)
         too_large = UpstreamError(f"response body exceeds {limit} bytes", code="upstream_too_large")
         try:
             state.decoder = self._decoder(event, limit, too_large)
@@ -686,6 +713,21 @@ class Exchange:
             return [reply]
         state.deferred_headers = reply
         return []
+
+    @staticmethod
+    def _response_charset(event: Headers, processor: BodyProcessor) -> UpstreamError | None:
+        """Sets a buffered answer's declared charset; an unknown one, or one other than UTF-8 on a
+        streamed answer (its processors read UTF-8 only), is an answer that cannot be scanned."""
+        try:
+            codec = declared_codec(event)
+        except LookupError as exc:
+            return UpstreamError(f"response charset cannot be read ({exc})")
+        if codec is None or codec in UTF8_CODECS:
+            return None
+        if not isinstance(processor, BufferedJson):
+            return UpstreamError(f"a streamed response in charset {codec} cannot be scanned")
+        processor.declare(codec, UpstreamError("response body cannot be read"))
+        return None
 
     def _close_request_body(self) -> None:
         """The upstream answered: whatever of the request body is still held will never be sent."""

@@ -2,16 +2,25 @@
 
 A processor is fed the body as it arrives and returns what may be released now; ``finish`` returns the
 rest. Text is decoded as UTF-8 with ``surrogateescape``, so bytes that are not UTF-8 survive unchanged and
-nothing outside a finding is ever altered.
+nothing outside a finding is ever altered. A buffered body declared in another charset is decoded as
+declared (strictly) and masked text is encoded back into it.
+
+Every JSON document read from a body goes through ``loads_strict``: a document that another parser could
+read differently (duplicate keys), that nests deeper than ``MAX_JSON_DEPTH`` or that uses the constants
+``NaN`` and ``Infinity`` is refused, so the bytes sent on always mean what was scanned.
 """
 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import json
+import math
 import re
 from abc import ABC, abstractmethod
-from typing import Any, Protocol
+from array import array
+from itertools import accumulate
+from typing import Any, Final, Protocol
 
 from extproc.errors import ExtProcError
 from extproc.mask import Inspector
@@ -19,6 +28,130 @@ from extproc.model import Finding
 
 ENCODING = "utf-8"
 ERRORS = "surrogateescape"
+
+MAX_JSON_DEPTH: Final = 128
+"""Deepest nesting of arrays and objects accepted in a JSON body, counting JSON held in its strings (tool
+arguments) where those are decoded too. Real chat, tool and schema documents stay under 30; the bound
+keeps every walk of a document far below Python's recursion limit."""
+
+LONG_NUMBER_DIGITS: Final = 12
+"""A JSON number whose integer part has this many digits or more is scanned as text (a card number, an
+account number written as a number); shorter ones cannot hold the values the rules look for."""
+
+
+class JsonRejected(ValueError):
+    """A body that is JSON only to a lenient reader: refused always, even with ``detect.unparseable: text``
+    (masking it as text would not decode its escapes)."""
+
+
+class DuplicateKey(JsonRejected):
+    """An object names one key twice: parsers disagree on which value counts (Python's keeps the last,
+    others keep the first or fail), so scanning one reading could miss what the model reads."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"duplicate key {key!r}")
+        self.key = key
+
+
+class TooDeep(JsonRejected):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"nested deeper than {limit} levels")
+        self.limit = limit
+
+
+class JsonFloat(float):
+    """A float whose literal may read differently from ``repr`` (``4.111111111111111e15`` is re-serialised
+    as ``4111111111111111.0``): both are scanned, since either may be what is sent on."""
+
+    __slots__ = ("literal",)
+    literal: str
+
+
+_ESCAPE = re.compile(r"\\.", re.DOTALL)
+_NOT_STRUCTURE = bytes(c for c in range(256) if c not in b'"[]{}')
+_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
+_LONG_INTEGER = re.compile(rf"-?\d{{{LONG_NUMBER_DIGITS},}}")
+
+
+def json_depth(text: str) -> int:
+    """The deepest nesting of arrays and objects in ``text`` (exact for valid JSON), without recursion
+    and without a Python step per character: escapes go, then everything but quotes and brackets, then
+    what lies between quotes; the brackets left are summed as +1 and -1."""
+    if text.count("[") + text.count("{") == 0:
+        return 0
+    if "\\" in text:
+        text = _ESCAPE.sub("", text)
+    structure = text.encode(ENCODING, "surrogatepass").translate(None, _NOT_STRUCTURE)
+    outside = b"".join(structure.split(b'"')[::2])
+    steps = array("b")
+    steps.frombytes(outside.translate(_STEPS))
+    return max(accumulate(steps), default=0)
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise DuplicateKey(key)
+            seen.add(key)
+    return document
+
+
+def _constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _float(literal: str) -> float:
+    value = float(literal)
+    if not math.isfinite(value):
+        raise ValueError(f"number {literal[:32]} is out of range")
+    head = literal[1 : LONG_NUMBER_DIGITS + 1] if literal[0] == "-" else literal[:LONG_NUMBER_DIGITS]
+    if abs(value) >= _LONG_FLOAT or (len(head) == LONG_NUMBER_DIGITS and head.isdigit()):
+        number = JsonFloat(value)
+        number.literal = literal
+        return number
+    return value
+
+
+_LONG_FLOAT: Final = 10.0 ** (LONG_NUMBER_DIGITS - 1)  # from here, repr writes 12 or more digits
+_STRICT = json.JSONDecoder(object_pairs_hook=_pairs, parse_constant=_constant, parse_float=_float)
+
+
+def loads_strict(data: str | bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """The one JSON parser for bodies. Like ``json.loads`` (bytes are read as UTF-8, -16 or -32 as
+    RFC 8259 allows), but raises ``DuplicateKey`` for a key repeated in one object and ``TooDeep`` beyond
+    ``max_depth`` levels (checked before parsing, so nothing recurses that deep), and refuses ``NaN``,
+    ``Infinity`` and numbers out of a double's range, which other parsers reject or read differently.
+    Every error is a ``ValueError``."""
+    if isinstance(data, bytes | bytearray):
+        text = bytes(data).decode(json.detect_encoding(data), "surrogatepass")
+    else:
+        text = data
+    if text.count("[") + text.count("{") > max_depth and json_depth(text) > max_depth:
+        raise TooDeep(max_depth)
+    if text.startswith("\ufeff"):
+        raise json.JSONDecodeError("Unexpected UTF-8 BOM", text, 0)
+    return _STRICT.decode(text)
+
+
+_NOT_CHARSETS = frozenset({"unicode-escape", "raw-unicode-escape", "idna", "punycode", "undefined"})
+
+
+def text_codec(charset: str) -> str:
+    """The Python codec of a declared ``charset``, by its canonical name (``utf-8``, ``iso8859-1``,
+    ``utf-16``). Raises LookupError for a name Python does not know, and for codecs that are not
+    character sets (``rot13``, ``base64``, ``unicode_escape``)."""
+    info = codecs.lookup(charset.strip().strip('"').strip())
+    with contextlib.suppress(UnicodeError):  # a real charset that "xx" is not valid in
+        b"xx".decode(info.name)  # LookupError for bytes-to-bytes and text-to-text codecs
+    if info.name in _NOT_CHARSETS:
+        raise LookupError(f"{charset!r} is not a character set")
+    return info.name
+
+
+UTF8_CODECS: Final = frozenset({"utf-8", "ascii"})
 
 
 class BodyProcessor(Protocol):
@@ -36,12 +169,27 @@ class BodyProcessor(Protocol):
 
 
 class _Buffered(ABC):
-    """Holds the whole body up to ``limit`` bytes, then masks it at once."""
+    """Holds the whole body up to ``limit`` bytes, then masks it at once.
 
-    def __init__(self, inspector: Inspector, limit: int, too_large: ExtProcError) -> None:
+    ``charset``: the codec the body is declared in (``text_codec``), None for UTF-8. Such a body is
+    decoded strictly (bytes that do not decode raise ``undecodable``), and what is sent on is encoded
+    back into it. It is also read as UTF-8, as a receiver that ignores the charset would read it: if
+    the policy would mask anything in that reading, the body is refused with ``undecodable`` too."""
+
+    def __init__(
+        self,
+        inspector: Inspector,
+        limit: int,
+        too_large: ExtProcError,
+        *,
+        charset: str | None = None,
+        undecodable: ExtProcError | None = None,
+    ) -> None:
         self._inspector = inspector
         self._limit = limit
         self._too_large = too_large
+        self._charset = None if charset in UTF8_CODECS else charset
+        self._undecodable = undecodable
         self._parts: list[bytes] = []
         self._size = 0
         self.findings: list[Finding] = []
@@ -59,22 +207,62 @@ class _Buffered(ABC):
         self._parts = []
         return self._mask(body)
 
+    def declare(self, charset: str, undecodable: ExtProcError) -> None:
+        """The body is in ``charset`` (a ``text_codec`` name), which ``undecodable`` refuses it from."""
+        self._charset = None if charset in UTF8_CODECS else charset
+        self._undecodable = undecodable
+
     @abstractmethod
     def _mask(self, body: bytes) -> bytes:
         """The whole body, masked."""
 
+    def _decode(self, body: bytes) -> str:
+        if self._charset is None:
+            return body.decode(ENCODING, ERRORS)
+        try:
+            return body.decode(self._charset)
+        except UnicodeError as exc:
+            raise self._cannot_decode() from exc
+
+    def _encode(self, text: str) -> bytes:
+        if self._charset is None:
+            return text.encode(ENCODING, ERRORS)
+        try:
+            return text.encode(self._charset)
+        except UnicodeError as exc:
+            raise self._cannot_decode() from exc
+
+    def _read_as_utf8(self, inspector: Inspector, out: bytes) -> bytes:
+        """``out``, once checked as a receiver ignoring the declared charset would read it."""
+        if self._charset is not None:
+            view = out.decode(ENCODING, ERRORS)
+            if inspector.mask_text(view)[0] != view:
+                raise self._cannot_decode("reads differently as UTF-8")
+        return out
+
+    def _cannot_decode(self, why: str = "does not decode") -> ExtProcError:
+        error = self._undecodable or self._too_large
+        return type(error)(f"{error.message}: the body {why} as {self._charset}", code=error.code)
+
+    def _mask_text(self, inspector: Inspector, body: bytes) -> bytes:
+        masked, self.findings = inspector.mask_text(self._decode(body))
+        out = self._encode(masked) if self.findings else body
+        return self._read_as_utf8(inspector, out)
+
 
 class BufferedText(_Buffered):
     def _mask(self, body: bytes) -> bytes:
-        masked, self.findings = self._inspector.mask_text(body.decode(ENCODING, ERRORS))
-        return masked.encode(ENCODING, ERRORS) if self.findings else body
+        return self._mask_text(self._inspector, body)
 
 
 class BufferedJson(_Buffered):
-    """Masks every string value of a JSON document; the document stays valid JSON.
+    """Masks every string value, key and long number of a JSON document; the document stays valid JSON.
 
     A body that is not JSON is refused with ``invalid``, unless ``as_text`` is set: then it is masked as
-    plain text (a deployment whose clients send JSON-ish bodies that do not always parse).
+    plain text (a deployment whose clients send JSON-ish bodies that do not always parse). With ``sniff``
+    (a text or untyped body), a body that parses as an object or an array is masked as JSON, as the
+    receiver may parse it, and anything else as text. A document that is JSON only to a lenient reader
+    (``JsonRejected``: duplicate keys, too deep) is refused with ``invalid`` in every case.
 
     ``admit``, when given, sees the parsed document (``None`` for a body masked as text) and its size
     before anything is masked: it may refuse it (raise), rewrite it in place (and say so), and it returns
@@ -88,11 +276,15 @@ class BufferedJson(_Buffered):
         invalid: ExtProcError,
         *,
         as_text: bool = False,
+        sniff: bool = False,
         admit: Admit | None = None,
+        charset: str | None = None,
+        undecodable: ExtProcError | None = None,
     ) -> None:
-        super().__init__(inspector, limit, too_large)
+        super().__init__(inspector, limit, too_large, charset=charset, undecodable=undecodable or invalid)
         self._invalid = invalid
         self._as_text = as_text
+        self._sniff = sniff
         self._admit = admit
 
     def _mask(self, body: bytes) -> bytes:
@@ -101,21 +293,38 @@ class BufferedJson(_Buffered):
                 self._admit(None, len(body))
             return body
         try:
-            document = json.loads(body)
+            document = loads_strict(body if self._charset is None else self._decode(body))
+        except JsonRejected as exc:
+            raise self._refused(exc) from exc
         except (ValueError, UnicodeDecodeError) as exc:
-            if not self._as_text:
+            if not (self._as_text or self._sniff):
                 raise self._invalid from exc
+            document = None
+        if document is None or (self._sniff and not isinstance(document, dict | list)):
             inspector = self._admit(None, len(body))[0] if self._admit is not None else self._inspector
-            masked_text, self.findings = inspector.mask_text(body.decode(ENCODING, ERRORS))
-            return masked_text.encode(ENCODING, ERRORS) if self.findings else body
+            return self._mask_text(inspector, body)
         inspector, rewritten = self._inspector, False
         if self._admit is not None:
             inspector, rewritten = self._admit(document, len(body))
         masker = JsonMasker(inspector, self.findings)
-        masked = masker.value(document)
+        try:
+            masked = masker.value(document)
+        except JsonRejected as exc:  # in JSON held in a string (tool arguments)
+            raise self._refused(exc) from exc
         if not masker.changed and not rewritten:
-            return body
-        return dump_json(masked).encode(ENCODING)
+            return self._read_as_utf8(inspector, body)
+        if self._charset is None:
+            return dump_json(masked).encode(ENCODING)
+        return self._read_as_utf8(inspector, self._encode(dump_json(masked, ascii_only=True)))
+
+    def _refused(self, exc: JsonRejected) -> ExtProcError:
+        """``invalid``, saying why; a duplicate key is named as masked, and cut short."""
+        reason = str(exc)
+        if isinstance(exc, DuplicateKey):
+            shown = self._inspector.mask_text(exc.key)[0]
+            shown = shown if len(shown) <= 64 else shown[:64] + "..."
+            reason = f"duplicate key {json.dumps(shown)}"
+        return type(self._invalid)(f"{self._invalid.message}: {reason}", code=self._invalid.code)
 
 
 class Admit(Protocol):
@@ -125,9 +334,12 @@ class Admit(Protocol):
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def dump_json(node: Any) -> str:
+def dump_json(node: Any, *, ascii_only: bool = False) -> str:
     """Compact JSON. A lone surrogate (``"\\ud800"`` is valid JSON, but no UTF-8 can carry it) keeps
-    its escape, so the output always encodes."""
+    its escape, so the output always encodes. ``ascii_only``: every non-ASCII character escaped (for a
+    body going out in another charset)."""
+    if ascii_only:
+        return json.dumps(node, ensure_ascii=True, separators=(",", ":"))
     text = json.dumps(node, ensure_ascii=False, separators=(",", ":"))
     if text.isascii() or not _SURROGATE.search(text):
         return text
@@ -135,11 +347,17 @@ def dump_json(node: Any) -> str:
 
 
 class JsonMasker:
-    """Masks the string values of JSON documents (keys are kept) and collects the findings.
+    """Masks the string values, the keys and the long numbers of JSON documents, and collects the findings.
 
     A string that is itself a JSON document (tool-call arguments, tool results) is scanned as text and,
-    when it holds escapes, also decoded and walked: ``"jane\\u0040example.com"`` inside arguments is an
-    e-mail address only once decoded. It is re-encoded only when that finds something more.
+    when it holds escapes, also decoded (``loads_strict``, within what is left of ``MAX_JSON_DEPTH``) and
+    walked: ``"jane\\u0040example.com"`` inside arguments is an e-mail address only once decoded. It is
+    re-encoded only when that finds something more.
+
+    A number whose integer part has ``LONG_NUMBER_DIGITS`` digits or more is scanned as its text; when
+    that masks something, the number becomes the masked text, a JSON string. A masked key that collides
+    with another key of its object is kept apart with a suffix (``[REDACTED:CREDIT_CARD]#2``): nothing
+    is merged away, and nothing of the value shows.
 
     Short strings found clean are remembered: a token stream repeats its id, model and role in every
     event, and scanning them once is enough."""
@@ -150,29 +368,74 @@ class JsonMasker:
     def __init__(self, inspector: Inspector, findings: list[Finding] | None = None) -> None:
         self._inspector = inspector
         self.findings: list[Finding] = [] if findings is None else findings
-        self.changed = False  # some string was masked (a finding a policy allows changes nothing)
+        self.changed = False  # something was masked (a finding a policy allows changes nothing)
         self._clean: set[str] = set()
 
-    def value(self, node: Any) -> Any:
-        """``node`` with every string value masked."""
+    def value(self, node: Any, depth: int = 0) -> Any:
+        """``node`` with every string value, key and long number masked. ``depth``: how deep ``node``
+        sits in the document that holds it."""
         if isinstance(node, str):
-            return self._string(node)
+            return self._string(node, depth)
+        if isinstance(node, bool) or node is None:
+            return node
+        if isinstance(node, int | float):
+            return self._number(node)
         if isinstance(node, list):
-            return [self.value(item) for item in node]
+            return [self.value(item, depth + 1) for item in node]
         if isinstance(node, dict):
-            return {key: self.value(value) for key, value in node.items()}
+            return self._object(node, depth + 1)
         return node
 
     def fields(self, node: dict[str, Any], skip: frozenset[str]) -> bool:
-        """Mask, in place, every string under ``node`` except the values of the keys in ``skip`` (fields
-        masked otherwise, or that are not text). Returns whether anything changed."""
+        """Mask, in place, every key and value under ``node`` except the values of the keys in ``skip``
+        (fields masked otherwise, or that are not text). Returns whether anything changed."""
         before = len(self.findings)
         for key, value in node.items():
-            if key not in skip and isinstance(value, str | list | dict):
-                node[key] = self.value(value)
+            if key not in skip and value is not None and not isinstance(value, bool):
+                node[key] = self.value(value, 1)
+        keys = self._keys(node, 1, skip)
+        if keys is not None:
+            items = list(node.items())
+            node.clear()
+            node.update((keys[index], value) for index, (_, value) in enumerate(items))
         return len(self.findings) > before
 
-    def _string(self, text: str) -> str:
+    def _object(self, node: dict[str, Any], depth: int) -> dict[str, Any]:
+        values = [self.value(value, depth) for value in node.values()]
+        keys = self._keys(node, depth, frozenset())
+        return dict(zip(keys if keys is not None else node, values, strict=True))
+
+    def _keys(self, node: dict[str, Any], depth: int, skip: frozenset[str]) -> list[str] | None:
+        """The keys of ``node`` masked, in order, kept distinct; None when none changes."""
+        masked = [key if key in skip else self._string(key, depth) for key in node]
+        if masked == list(node):
+            return None
+        taken = {key for key, new in zip(node, masked, strict=True) if key == new}
+        out: list[str] = []
+        for key, new in zip(node, masked, strict=True):
+            if key != new:
+                candidate, suffix = new, 2
+                while candidate in taken:
+                    candidate, suffix = f"{new}#{suffix}", suffix + 1
+                new = candidate
+                taken.add(new)
+            out.append(new)
+        return out
+
+    def _number(self, number: float) -> float | str:
+        texts = [str(number)] if isinstance(number, int) else [repr(float(number))]
+        if isinstance(number, JsonFloat) and number.literal not in texts:
+            texts.insert(0, number.literal)
+        for text in texts:
+            if _LONG_INTEGER.match(text):
+                masked, found = self._inspector.mask_text(text)
+                self.findings.extend(found)
+                if masked != text:
+                    self.changed = True
+                    return masked
+        return number
+
+    def _string(self, text: str, depth: int = 0) -> str:
         if text in self._clean:
             return text
         masked, found = self._inspector.mask_text(text)
@@ -182,17 +445,19 @@ class JsonMasker:
         if masked != text:
             self.changed = True
         if "\\" in masked and masked.lstrip()[:1] in ("{", "["):
-            return self._nested(masked)
+            return self._nested(masked, depth)
         return masked
 
-    def _nested(self, text: str) -> str:
+    def _nested(self, text: str, depth: int) -> str:
         try:
-            inner = json.loads(text)
+            inner = loads_strict(text, max_depth=max(MAX_JSON_DEPTH - depth, 0))
+        except JsonRejected:
+            raise
         except ValueError:
             return text
         if not isinstance(inner, dict | list):
             return text
-        masked = self.value(inner)
+        masked = self.value(inner, depth)
         if masked == inner:
             return text
         self.changed = True

@@ -11,12 +11,11 @@ as text. A line longer than ``max_line_bytes``, complete or not, ends the stream
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from extproc.errors import ExtProcError
 from extproc.mask import Inspector
-from extproc.mask.bodies import ENCODING, ERRORS, JsonMasker, dump_json
+from extproc.mask.bodies import ENCODING, ERRORS, JsonMasker, dump_json, loads_strict
 from extproc.mask.sse import TokenStreams
 from extproc.model import Finding
 
@@ -77,7 +76,7 @@ class NdjsonStream:
     def _line(self, line: bytes) -> bytes:
         text = line.decode(ENCODING, ERRORS)
         try:
-            document = json.loads(text) if text.strip() else None
+            document = loads_strict(text) if text.strip() else None
         except ValueError:
             document = None
         if not isinstance(document, dict):

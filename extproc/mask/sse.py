@@ -28,14 +28,13 @@ events of no known dialect are masked as JSON (every string value) or, when they
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from typing import Any
 
 from extproc.errors import ExtProcError
 from extproc.mask import Inspector, StreamMasker
-from extproc.mask.bodies import ENCODING, ERRORS, JsonMasker, SseEvents, dump_json
+from extproc.mask.bodies import ENCODING, ERRORS, JsonMasker, SseEvents, dump_json, loads_strict
 from extproc.model import Finding
 
 _SEPARATOR = re.compile(r"(\r\n\r\n|\n\n|\r\r)")
@@ -152,7 +151,7 @@ class EventStream(SseEvents):
         if payload.strip() == "[DONE]":
             return "".join(self._flush_all()) + event + separator
         try:
-            chunk = json.loads(payload) if data_lines else None
+            chunk = loads_strict(payload) if data_lines else None
         except ValueError:
             chunk = None
         if not isinstance(chunk, dict):
