@@ -406,3 +406,24 @@ def test_a_lone_surrogate_escape_in_a_json_prompt_is_masked_around_and_kept_esca
     assert b"\\ud800" in reply.data
     assert b"4111 1111 1111 1111" not in reply.data
     assert json.loads(reply.data)["messages"][0]["content"].startswith("a\ud800b")
+
+
+def test_a_text_answer_framed_as_sse_is_read_as_sse() -> None:
+    for content_type in (("content-type", "text/plain"),), ():
+        ex = exchange()
+        json_request(ex)
+        ex.handle(headers(RESP, *content_type))
+        body = b"\xef\xbb\xbf\r\n" + token("Card 4111 1111") + token(" 1111 1111 ok") + b"data: [DONE]\n\n"
+        out = b"".join(r.data for r in ex.handle(Body(RESP, body[:3], False)) if isinstance(r, StreamChunk))
+        out += b"".join(r.data for r in ex.handle(Body(RESP, body[3:], True)) if isinstance(r, StreamChunk))
+        assert b"1111 1111" not in out
+        assert b"[REDACTED:CREDIT_CARD]" in out
+
+
+def test_a_text_answer_with_a_data_line_after_its_start_is_cut() -> None:
+    ex = exchange()
+    json_request(ex)
+    ex.handle(headers(RESP, ("content-type", "text/plain")))
+    ex.handle(Body(RESP, b"just text\n", False))
+    with pytest.raises(UpstreamError):  # a plain body has no in-band error: the server resets the stream
+        ex.handle(Body(RESP, token("Card 4111 1111"), False))

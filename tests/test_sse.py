@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from extproc.errors import UpstreamError
-from extproc.mask.sse import EventStream
+from extproc.mask.bodies import StreamingText
+from extproc.mask.sse import EventStream, SniffedStream
 
 from .rules_fixture import inspector
 
@@ -535,3 +536,45 @@ def test_plain_text_events_split_a_value_in_vain() -> None:
 def test_a_duplicate_key_in_an_event_ends_the_stream() -> None:
     with pytest.raises(UpstreamError):
         feed_all(b'data: {"choices": [], "choices": []}\n\n')
+
+
+# -- sniffing a text or untyped answer --------------------------------------------------------------------
+
+
+def sniffed() -> SniffedStream:
+    return SniffedStream(
+        lambda: EventStream(inspector(), 1 << 16, TOO_LARGE),
+        lambda: StreamingText(inspector(), 1 << 20, TOO_LARGE),
+        1 << 16,
+        TOO_LARGE,
+        UpstreamError("data line in text"),
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.sampled_from([b"", b"\xef\xbb\xbf", b"\n", b"\xef\xbb\xbf\r\n\r\n"]),
+    st.sampled_from([b"", b": keep-alive\n\n", b"event: x\n", b"id: 1\n", b"retry: 10\n"]),
+    st.lists(st.integers(min_value=1, max_value=8), max_size=10),
+)
+def test_a_body_framed_as_sse_is_read_as_sse_however_it_starts_and_is_cut(
+    prefix: bytes, first: bytes, cuts: list[int]
+) -> None:
+    body = prefix + first + raw(chat("Card 4111 1111")) + raw(chat(" 1111 1111 ok")) + b"data: [DONE]\n\n"
+    processor, out, position = sniffed(), b"", 0
+    for size in cuts:
+        out += processor.feed(body[position : position + size])
+        position += size
+    out += processor.feed(body[position:]) + processor.finish()
+    assert isinstance(processor.chosen, EventStream)
+    events = b"".join(e + b"\n\n" for e in out.split(b"\n\n") if b"data:" in e)  # not the comment
+    assert assembled(events) == "Card [REDACTED:CREDIT_CARD] ok"
+
+
+def test_a_body_that_starts_as_text_stays_text_until_a_data_line_appears() -> None:
+    processor = sniffed()
+    out = processor.feed(b"Hello, card 4111 1111 1111 1111 and data: no\n") + processor.feed(b"more")
+    assert isinstance(processor.chosen, StreamingText)
+    with pytest.raises(UpstreamError):
+        processor.feed(b"\ndata: {}\n\n")
+    assert b"4111" not in out

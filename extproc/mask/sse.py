@@ -34,12 +34,21 @@ strings of an event are of three kinds:
 from __future__ import annotations
 
 import json
-from collections.abc import Hashable
+import re
+from collections.abc import Callable, Hashable
 from typing import Any
 
 from extproc.errors import ExtProcError, UpstreamError
 from extproc.mask import Inspector
-from extproc.mask.bodies import ENCODING, ERRORS, JsonMasker, SseEvent, SseEvents, dump_json
+from extproc.mask.bodies import (
+    ENCODING,
+    ERRORS,
+    JsonMasker,
+    SseEvent,
+    SseEvents,
+    StreamingText,
+    dump_json,
+)
 from extproc.mask.joined import ANSWER, MAX_CHANNELS, HeldEvent, Router
 from extproc.model import Finding
 
@@ -349,3 +358,87 @@ def _empty_logprobs(node: Any) -> bool:
         for item in node:
             changed |= _empty_logprobs(item)
     return changed
+
+
+_BOM = b"\xef\xbb\xbf"
+_SSE_FIRST_LINE = (b"data:", b"event:", b"id:", b"retry:", b":")
+_DATA_LINE = re.compile(rb"[\r\n]data:")
+
+
+class SniffedStream:
+    """A streamed answer served as text or with no content type, read the way a client expecting events
+    would read it. A client asking for a stream parses server-sent events whatever the content type says,
+    so masking such a body as plain text would let the JSON of each event split a value in two.
+
+    The first bytes decide: after an optional byte order mark and blank lines, a first line that starts
+    with ``data:``, ``event:``, ``id:``, ``retry:`` or ``:`` (a comment) makes the body an event stream
+    (``EventStream``); anything else is streamed text (``StreamingText``). A text body in which a line
+    later starts with ``data:`` ends with ``unscannable``: a client could read events out of what was
+    masked as text. Nothing is released before the choice is made (at most the first line)."""
+
+    def __init__(
+        self,
+        events: Callable[[], EventStream],
+        text: Callable[[], StreamingText],
+        max_head: int,
+        too_large: ExtProcError,
+        unscannable: ExtProcError,
+    ) -> None:
+        self._events = events
+        self._text = text
+        self._max_head = max_head
+        self._too_large = too_large
+        self._unscannable = unscannable
+        self.chosen: EventStream | StreamingText | None = None
+        self._head = b""
+        self._tail = b"\n"  # the last bytes of a text body; the stream starts at the start of a line
+
+    @property
+    def findings(self) -> list[Finding]:
+        return self.chosen.findings if self.chosen is not None else []
+
+    @property
+    def held(self) -> int:
+        return self.chosen.held if self.chosen is not None else len(self._head)
+
+    def feed(self, data: bytes) -> bytes:
+        if self.chosen is None:
+            self._head += data
+            if not self._choose(final=False):
+                if len(self._head) > self._max_head:
+                    raise self._too_large
+                return b""
+            data, self._head = self._head, b""
+        return self._feed(data)
+
+    def finish(self) -> bytes:
+        out = b""
+        if self.chosen is None:
+            self._choose(final=True)
+            out, self._head = self._feed(self._head), b""
+        assert self.chosen is not None
+        return out + self.chosen.finish()
+
+    def cut(self) -> bytes:
+        return self.chosen.cut() if isinstance(self.chosen, EventStream) else b""
+
+    def _choose(self, final: bool) -> bool:
+        head = self._head
+        if not final and len(head) < len(_BOM) and _BOM.startswith(head):
+            return False
+        first = head.removeprefix(_BOM).lstrip(b"\r\n")
+        longest = max(len(start) for start in _SSE_FIRST_LINE)
+        if not final and len(first) < longest and b"\r" not in first and b"\n" not in first:
+            return False
+        framed = first.startswith(_SSE_FIRST_LINE)
+        self.chosen = self._events() if framed else self._text()
+        return True
+
+    def _feed(self, data: bytes) -> bytes:
+        assert self.chosen is not None
+        if isinstance(self.chosen, StreamingText):
+            window = self._tail + data
+            if _DATA_LINE.search(window):
+                raise self._unscannable
+            self._tail = window[-5:]
+        return self.chosen.feed(data)
