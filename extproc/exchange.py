@@ -42,7 +42,7 @@ from extproc.mask.encoding import (
 from extproc.mask.headers import HeaderNotMaskable, HeaderScan, HeadersTooLarge, scan_headers
 from extproc.mask.ndjson import MEDIA_TYPES as NDJSON_MEDIA_TYPES
 from extproc.mask.ndjson import NdjsonStream
-from extproc.mask.sse import EventStream
+from extproc.mask.sse import EventStream, SniffedStream
 from extproc.model import (
     Actions,
     Body,
@@ -682,10 +682,20 @@ class Exchange:
             too_large = UpstreamError(f"response body exceeds {limit} bytes", code="upstream_too_large")
             state.processor = BufferedJson(inspector, limit, too_large, invalid, as_text=self._json_as_text)
         elif (media == "" or media.startswith("text/")) and streamed:
+            # Framed as SSE, it is read as SSE whatever its content type says (see SniffedStream).
             state.streaming = True
             limit = limits.max_stream_bytes
             too_large = UpstreamError(f"response body exceeds {limit} bytes", code="upstream_too_large")
-            state.processor = StreamingText(inspector, limit, too_large)
+            event_too_large = UpstreamError(
+                f"one event of the answer exceeds {limits.max_event_bytes} bytes", code="upstream_too_large"
+            )
+            state.processor = SniffedStream(
+                lambda: EventStream(inspector, limits.max_event_bytes, event_too_large),
+                lambda: StreamingText(inspector, limit, too_large),
+                limits.max_event_bytes,
+                event_too_large,
+                UpstreamError("a text answer holds a server-sent event data line"),
+            )
         elif media == "" or media.startswith("text/"):
             # Read as JSON when it parses as an object or array (clients parse such answers as JSON).
             invalid = UpstreamError("response body is not valid JSON")
@@ -854,7 +864,8 @@ class Exchange:
         # An event stream (SSE or NDJSON) releases what its finished texts still hold, masked, then ends
         # with an in-band error event; a plain body is cut by resetting the stream (the server aborts).
         # Either way nothing more of the upstream body is released.
-        processor = state.processor
+        chosen = state.processor
+        processor = chosen.chosen if isinstance(chosen, SniffedStream) else chosen
         if not isinstance(processor, SseEvents | NdjsonStream):
             raise error
         self._end(direction)

@@ -147,16 +147,18 @@ def test_response_over_the_limit_is_refused() -> None:
     assert json.loads(reply.body)["error"] == "upstream_too_large"
 
 
-def test_sse_events_are_released_as_they_complete() -> None:
+def test_sse_events_are_released_whole_once_scanned() -> None:
     ex = exchange()
     json_request(ex)
     [reply] = ex.handle(headers(RESP, ("content-type", "text/event-stream")))
     assert isinstance(reply, ContinueHeaders)
     assert ex.handle(Body(RESP, b"data: a@b", False)) == []
-    assert ex.handle(Body(RESP, b".com\n\ndata: x", False)) == [
-        StreamChunk(RESP, b"data: [REDACTED:EMAIL_ADDRESS]\n\n", False)
-    ]
-    assert ex.handle(Body(RESP, b"", True)) == [StreamChunk(RESP, b"data: x", True)]
+    # Events of no known dialect are scanned across events: one goes out once later text settles it.
+    released = ex.handle(Body(RESP, b".com now\n\ndata: x" + b" and more text" * 8 + b"\n\n", False))
+    assert released == [StreamChunk(RESP, b"data: [REDACTED:EMAIL_ADDRESS] now\n\n", False)]
+    [last] = ex.handle(Body(RESP, b"", True))
+    assert last.data == b"data: x" + b" and more text" * 8 + b"\n\n"
+    assert last.end_of_stream
 
 
 def test_sse_event_over_the_limit_ends_the_stream_with_an_error_event() -> None:
@@ -300,11 +302,11 @@ def test_a_compressed_event_stream_is_decoded_as_it_arrives() -> None:
     ex = exchange()
     assert sse_headers(ex, ("content-encoding", "gzip")).changes.remove == ("content-encoding",)
     packer = zlib.compressobj(wbits=31)
-    first = packer.compress(b"data: mail jane@example.com\n\n") + packer.flush(zlib.Z_SYNC_FLUSH)
-    assert ex.handle(Body(RESP, first, False)) == [
-        StreamChunk(RESP, b"data: mail [REDACTED:EMAIL_ADDRESS]\n\n", False)
+    first = packer.compress(b"data: mail jane@example.com now\n\n") + packer.flush(zlib.Z_SYNC_FLUSH)
+    assert ex.handle(Body(RESP, first, False)) == []  # held until the scanner is settled: the end
+    assert ex.handle(Body(RESP, packer.flush(), True)) == [
+        StreamChunk(RESP, b"data: mail [REDACTED:EMAIL_ADDRESS] now\n\n", True)
     ]
-    assert ex.handle(Body(RESP, packer.flush(), True)) == [StreamChunk(RESP, b"", True)]
 
 
 def test_a_compression_bomb_stops_at_the_response_limit() -> None:
@@ -334,8 +336,9 @@ def test_an_ndjson_answer_streams_masked_lines() -> None:
     json_request(ex)
     [reply] = ex.handle(headers(RESP, ("content-type", "application/x-ndjson")))
     assert isinstance(reply, ContinueHeaders)
-    [chunk] = ex.handle(Body(RESP, b'{"note":"jane@example.com"}\n{"no', False))
-    assert chunk == StreamChunk(RESP, b'{"note":"[REDACTED:EMAIL_ADDRESS]"}\n', False)
+    assert ex.handle(Body(RESP, b'{"note":"jane@example.com now"}\n{"no', False)) == []
+    [chunk] = ex.handle(Body(RESP, b'te":"' + b" and more text" * 8 + b'"}\n', False))
+    assert chunk == StreamChunk(RESP, b'{"note":"[REDACTED:EMAIL_ADDRESS] now"}\n', False)
 
 
 def token(text: str) -> bytes:
@@ -403,3 +406,24 @@ def test_a_lone_surrogate_escape_in_a_json_prompt_is_masked_around_and_kept_esca
     assert b"\\ud800" in reply.data
     assert b"4111 1111 1111 1111" not in reply.data
     assert json.loads(reply.data)["messages"][0]["content"].startswith("a\ud800b")
+
+
+def test_a_text_answer_framed_as_sse_is_read_as_sse() -> None:
+    for content_type in (("content-type", "text/plain"),), ():
+        ex = exchange()
+        json_request(ex)
+        ex.handle(headers(RESP, *content_type))
+        body = b"\xef\xbb\xbf\r\n" + token("Card 4111 1111") + token(" 1111 1111 ok") + b"data: [DONE]\n\n"
+        out = b"".join(r.data for r in ex.handle(Body(RESP, body[:3], False)) if isinstance(r, StreamChunk))
+        out += b"".join(r.data for r in ex.handle(Body(RESP, body[3:], True)) if isinstance(r, StreamChunk))
+        assert b"1111 1111" not in out
+        assert b"[REDACTED:CREDIT_CARD]" in out
+
+
+def test_a_text_answer_with_a_data_line_after_its_start_is_cut() -> None:
+    ex = exchange()
+    json_request(ex)
+    ex.handle(headers(RESP, ("content-type", "text/plain")))
+    ex.handle(Body(RESP, b"just text\n", False))
+    with pytest.raises(UpstreamError):  # a plain body has no in-band error: the server resets the stream
+        ex.handle(Body(RESP, token("Card 4111 1111"), False))

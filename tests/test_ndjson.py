@@ -91,3 +91,23 @@ def test_a_line_longer_than_the_limit_ends_the_stream() -> None:
 def test_the_text_is_the_same_however_lines_and_bytes_are_cut(token: int, cuts: list[int]) -> None:
     lines, _ = feed_all(chat_lines(ANSWER, size=token), cuts)
     assert content(lines) == MASKED
+
+
+def test_lines_of_an_unknown_shape_are_scanned_across_lines() -> None:
+    lines = [{"token": {"text": ANSWER[i : i + 3]}} for i in range(0, len(ANSWER), 3)]
+    body = b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+    out, processor = feed_all(body, [7, 30, 1])
+    assert "".join(line["token"]["text"] for line in out) == MASKED
+    text_lines = b"".join(ANSWER[i : i + 4].encode() + b"\n" for i in range(0, len(ANSWER), 4))
+    processor = NdjsonStream(inspector(), 1 << 16, TOO_LARGE)
+    masked = (processor.feed(text_lines) + processor.finish()).decode()
+    assert masked.replace("\n", "") == MASKED
+
+
+def test_a_done_line_does_not_reset_the_scanner() -> None:
+    lines = [
+        {"model": "llama", "message": {"role": "assistant", "content": ANSWER[i : i + 3]}, "done": True}
+        for i in range(0, len(ANSWER), 3)
+    ]
+    out, _ = feed_all(b"".join(json.dumps(line).encode() + b"\n" for line in lines))
+    assert content(out) == MASKED

@@ -3,11 +3,13 @@
 import json
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from extproc.errors import UpstreamError
-from extproc.mask.sse import EventStream
+from extproc.mask.bodies import StreamingText
+from extproc.mask.sse import EventStream, SniffedStream
 
 from .rules_fixture import inspector
 
@@ -312,3 +314,267 @@ def test_every_dialect_gives_the_same_text_however_it_is_cut(
     else:
         text = anthropic_text(parse(feed_all(anthropic_stream(ANSWER, size=token), cuts)[0]))
     assert text == MASKED
+
+
+# -- framing as the specification parses it -----------------------------------------------------------
+
+
+def chat(content: Any, index: int = 0, finish: str | None = None, **extra: Any) -> dict[str, Any]:
+    choice = {"index": index, "delta": {"content": content}, "finish_reason": finish}
+    return {"id": "c1", "object": "chat.completion.chunk", "choices": [choice], **extra}
+
+
+def raw(chunk: dict[str, Any], end: str = "\n") -> bytes:
+    """One event as a model may write it: JSON with its non-ASCII characters unescaped."""
+    return ("data: " + json.dumps(chunk, ensure_ascii=False) + end + end).encode()
+
+
+def assembled(out: bytes) -> str:
+    text = ""
+    for _, data in parse(out):
+        if data != "[DONE]":
+            text += "".join(c["delta"].get("content") or "" for c in data["choices"])
+    return text
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\u0085", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e"])
+def test_a_unicode_line_separator_inside_an_event_does_not_split_it(separator: str) -> None:
+    body = raw(chat("Card 4111 1111")) + raw(chat(" 1111 1111 ok", note=separator)) + b"data: [DONE]\n\n"
+    out, processor = feed_all(body)
+    assert b"1111 1111" not in out
+    assert assembled(out) == "Card [REDACTED:CREDIT_CARD] ok"
+    assert separator in parse(out)[1][1]["note"]  # the separator is kept, inside its event
+    assert [f.entity for f in processor.findings] == ["CREDIT_CARD"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.sampled_from(["\n", "\r", "\r\n"]), min_size=12, max_size=12),
+    st.lists(st.integers(min_value=1, max_value=60), max_size=20),
+)
+def test_lines_end_at_cr_lf_or_crlf_however_they_are_cut(ends: list[str], cuts: list[int]) -> None:
+    pieces = [ANSWER[i : i + 5] for i in range(0, len(ANSWER), 5)]
+    body = b"".join(raw(chat(piece), ends[n]) for n, piece in enumerate(pieces)) + b"data: [DONE]\r\r"
+    out, _ = feed_all(body, cuts)
+    assert assembled(out) == MASKED
+    assert b"\r" not in out  # written out again with LF only
+
+
+def test_a_leading_byte_order_mark_is_dropped_once_even_when_cut() -> None:
+    body = b"\xef\xbb\xbf" + raw(chat("Card 4111 1111")) + raw(chat(" 1111 1111 ok")) + b"data: [DONE]\n\n"
+    out, _ = feed_all(body, [1, 1, 1, 1])
+    assert not out.startswith(b"\xef\xbb\xbf")
+    assert assembled(out) == "Card [REDACTED:CREDIT_CARD] ok"
+    # A second mark is part of the first field's name: receivers ignore that line, and so does the scan.
+    out, _ = feed_all(b"\xef\xbb\xbf\xef\xbb\xbfdata: jane@example.com\n\n")
+    assert out == b"\n"
+
+
+def test_comments_are_emptied_unknown_fields_dropped_and_other_values_masked() -> None:
+    card = "4111111111111111"
+    body = (
+        f": {card}\nid: {card}\nevent: note {card}\nretry: {card}\nfoo: {card}\n{card}\ndata: ok\n\n".encode()
+    )
+    out, processor = feed_all(body)
+    assert out == (
+        b":\nid: [REDACTED:CREDIT_CARD]\nevent: note [REDACTED:CREDIT_CARD]\n"
+        b"retry: [REDACTED:CREDIT_CARD]\ndata: ok\n\n"
+    )
+    assert len(processor.findings) == 3
+
+
+def test_an_event_the_stream_ends_in_is_scanned_and_kept_as_it_came() -> None:
+    out, _ = feed_all(b"data: ok\n\ndata: mail jane@example.com")
+    assert out == b"data: ok\n\ndata: mail [REDACTED:EMAIL_ADDRESS]"
+
+
+# -- one scanner across choices, indexes and blocks -----------------------------------------------------
+
+
+def test_a_finish_reason_on_every_event_does_not_reset_the_scanner() -> None:
+    pieces = [ANSWER[i : i + 3] for i in range(0, len(ANSWER), 3)]
+    out, _ = feed_all(b"".join(raw(chat(p, finish="stop")) for p in pieces) + b"data: [DONE]\n\n")
+    assert assembled(out) == MASKED
+
+
+def test_a_new_choice_index_for_every_piece_is_still_one_answer() -> None:
+    pieces = [ANSWER[i : i + 3] for i in range(0, len(ANSWER), 3)]
+    out, processor = feed_all(b"".join(raw(chat(p, index=n)) for n, p in enumerate(pieces)))
+    assert assembled(out) == MASKED
+    assert sorted(f.entity for f in processor.findings) == ["CREDIT_CARD", "EMAIL_ADDRESS"]
+
+
+def test_interleaved_choices_are_each_masked_on_their_own_text() -> None:
+    first, second = "Card 4111 1111 1111 1111 ok", "Mail jane@example.com okay"
+    events = []
+    for n in range(0, 27, 3):
+        events.append(raw(chat(first[n : n + 3], index=0)))
+        events.append(raw(chat(second[n : n + 3], index=1)))
+    parsed = parse(feed_all(b"".join(events))[0])
+    texts = [
+        "".join(d["choices"][0]["delta"]["content"] for _, d in parsed if d["choices"][0]["index"] == i)
+        for i in (0, 1)
+    ]
+    assert texts == ["Card [REDACTED:CREDIT_CARD] ok", "Mail [REDACTED:EMAIL_ADDRESS] okay"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=3), min_size=20, max_size=20), st.integers(1, 5))
+def test_a_value_split_across_any_choices_is_found_however_it_is_spread(
+    indexes: list[int], size: int
+) -> None:
+    pieces = [ANSWER[i : i + size] for i in range(0, len(ANSWER), size)]
+    events = [
+        raw(chat(p, index=indexes[n % 20], finish="stop" if n % 2 else None)) for n, p in enumerate(pieces)
+    ]
+    out, _ = feed_all(b"".join(events) + b"data: [DONE]\n\n")
+    parsed = [d for _, d in parse(out) if d != "[DONE]"]
+    per_choice = {
+        i: "".join(d["choices"][0]["delta"]["content"] for d in parsed if d["choices"][0]["index"] == i)
+        for i in set(indexes)
+    }
+    # Neither a client printing every delta in order nor one assembling each choice reads a value.
+    for text in (assembled(out), *per_choice.values()):
+        assert inspector().detector.scan(text) == [], text
+    assert "1111" not in assembled(out)
+    assert "jane@" not in assembled(out)
+
+
+def test_a_new_content_index_or_block_for_every_piece_is_still_one_answer() -> None:
+    events: list[tuple[str | None, dict[str, Any]]] = []
+    for n in range(0, len(ANSWER), 4):
+        delta = {"type": "response.output_text.delta", "item_id": "m", "output_index": 0, "content_index": n}
+        events.append((delta["type"], {**delta, "delta": ANSWER[n : n + 4], "sequence_number": n}))
+    parsed = parse(feed_all(sse(events))[0])
+    assert "".join(d["delta"] for _, d in parsed) == MASKED
+    events = []
+    for n in range(0, len(ANSWER), 4):
+        delta = {"type": "text_delta", "text": ANSWER[n : n + 4]}
+        events.append(("content_block_delta", {"type": "content_block_delta", "index": n, "delta": delta}))
+    assert anthropic_text(parse(feed_all(sse(events))[0])) == MASKED
+
+
+def test_too_many_texts_end_the_stream() -> None:
+    body = b"".join(raw(chat("x", index=n)) for n in range(400))
+    with pytest.raises(UpstreamError):
+        feed_all(body)
+
+
+# -- shapes a dialect does not expect -------------------------------------------------------------------
+
+
+def test_content_as_a_list_of_parts_is_scanned_with_the_text() -> None:
+    body = raw(chat("Card 4111 1111")) + raw(chat([{"type": "text", "text": " 1111 1111 ok"}]))
+    parsed = parse(feed_all(body)[0])
+    assert parsed[0][1]["choices"][0]["delta"]["content"] == "Card [REDACTED:CREDIT_CARD]"
+    assert parsed[1][1]["choices"][0]["delta"]["content"] == [{"type": "text", "text": " ok"}]
+
+
+def test_a_delta_as_a_string_is_scanned_with_the_text() -> None:
+    second = {"id": "c1", "choices": [{"index": 0, "delta": " 1111 1111 ok"}]}
+    parsed = parse(feed_all(raw(chat("Card 4111 1111")) + raw(second))[0])
+    assert parsed[1][1]["choices"][0]["delta"] == " ok"
+
+
+def test_tool_arguments_as_an_object_are_scanned() -> None:
+    call = {"index": 0, "function": {"name": "pay", "arguments": {"card": "4111111111111111"}}}
+    chunk = {"id": "c1", "choices": [{"index": 0, "delta": {"tool_calls": [call]}}]}
+    parsed = parse(feed_all(raw(chunk))[0])
+    arguments = parsed[0][1]["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"]
+    assert arguments == {"card": "[REDACTED:CREDIT_CARD]"}
+
+
+def test_values_in_finish_reason_obfuscation_and_done_logprobs_are_masked() -> None:
+    out, _ = feed_all(raw(chat("hi", finish="4111111111111111", obfuscation="jane@example.com")))
+    assert b"4111" not in out
+    assert b"jane@" not in out
+    done = {
+        "type": "response.output_text.done",
+        "text": "ok",
+        "obfuscation": "jane@example.com",
+        "logprobs": [{"token": "4111 1111"}, {"token": " 1111 1111"}],
+    }
+    parsed = parse(feed_all(sse([(done["type"], done)]))[0])
+    assert parsed[0][1]["logprobs"] == []
+    assert parsed[0][1]["obfuscation"] == "[REDACTED:EMAIL_ADDRESS]"
+
+
+def test_extra_fields_of_a_signature_delta_are_scanned_across_events() -> None:
+    events: list[tuple[str | None, dict[str, Any]]] = []
+    for part in ("Card 4111 1111", " 1111 1111 ok"):
+        delta = {"type": "signature_delta", "signature": "EqQBCg", "note": part}
+        events.append(("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta}))
+    parsed = parse(feed_all(sse(events))[0])
+    assert "".join(d["delta"]["note"] for _, d in parsed) == "Card [REDACTED:CREDIT_CARD] ok"
+    assert all(d["delta"]["signature"] == "EqQBCg" for _, d in parsed)
+
+
+def test_an_unknown_field_split_across_events_is_found() -> None:
+    body = raw(chat("a", extra={"x": "Card 4111 1111"})) + raw(chat("b", extra={"x": " 1111 1111 ok"}))
+    parsed = parse(feed_all(body)[0])
+    assert "".join(d["extra"]["x"] for _, d in parsed) == "Card [REDACTED:CREDIT_CARD] ok"
+
+
+# -- dialects of no known shape ------------------------------------------------------------------------
+
+
+def test_tgi_token_text_split_across_events_is_found() -> None:
+    events = [
+        (None, {"index": n, "token": {"id": n, "text": ANSWER[n : n + 3], "special": False}, "details": None})
+        for n in range(0, len(ANSWER), 3)
+    ]
+    parsed = parse(feed_all(sse(events))[0])
+    assert "".join(d["token"]["text"] for _, d in parsed) == MASKED
+
+
+def test_plain_text_events_split_a_value_in_vain() -> None:
+    body = b"".join(f"data: {ANSWER[n : n + 3]}\n\n".encode() for n in range(0, len(ANSWER), 3))
+    out, _ = feed_all(body)
+    assert "".join(e.removeprefix("data: ") for e in out.decode().split("\n\n")) == MASKED
+
+
+def test_a_duplicate_key_in_an_event_ends_the_stream() -> None:
+    with pytest.raises(UpstreamError):
+        feed_all(b'data: {"choices": [], "choices": []}\n\n')
+
+
+# -- sniffing a text or untyped answer --------------------------------------------------------------------
+
+
+def sniffed() -> SniffedStream:
+    return SniffedStream(
+        lambda: EventStream(inspector(), 1 << 16, TOO_LARGE),
+        lambda: StreamingText(inspector(), 1 << 20, TOO_LARGE),
+        1 << 16,
+        TOO_LARGE,
+        UpstreamError("data line in text"),
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.sampled_from([b"", b"\xef\xbb\xbf", b"\n", b"\xef\xbb\xbf\r\n\r\n"]),
+    st.sampled_from([b"", b": keep-alive\n\n", b"event: x\n", b"id: 1\n", b"retry: 10\n"]),
+    st.lists(st.integers(min_value=1, max_value=8), max_size=10),
+)
+def test_a_body_framed_as_sse_is_read_as_sse_however_it_starts_and_is_cut(
+    prefix: bytes, first: bytes, cuts: list[int]
+) -> None:
+    body = prefix + first + raw(chat("Card 4111 1111")) + raw(chat(" 1111 1111 ok")) + b"data: [DONE]\n\n"
+    processor, out, position = sniffed(), b"", 0
+    for size in cuts:
+        out += processor.feed(body[position : position + size])
+        position += size
+    out += processor.feed(body[position:]) + processor.finish()
+    assert isinstance(processor.chosen, EventStream)
+    events = b"".join(e + b"\n\n" for e in out.split(b"\n\n") if b"data:" in e)  # not the comment
+    assert assembled(events) == "Card [REDACTED:CREDIT_CARD] ok"
+
+
+def test_a_body_that_starts_as_text_stays_text_until_a_data_line_appears() -> None:
+    processor = sniffed()
+    out = processor.feed(b"Hello, card 4111 1111 1111 1111 and data: no\n") + processor.feed(b"more")
+    assert isinstance(processor.chosen, StreamingText)
+    with pytest.raises(UpstreamError):
+        processor.feed(b"\ndata: {}\n\n")
+    assert b"4111" not in out

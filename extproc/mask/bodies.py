@@ -19,6 +19,7 @@ import math
 import re
 from abc import ABC, abstractmethod
 from array import array
+from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any, Final, Protocol
 
@@ -464,20 +465,68 @@ class JsonMasker:
         return dump_json(masked)
 
 
-_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+_BOM = b"\xef\xbb\xbf"
+_KNOWN_FIELDS = frozenset({"data", "event", "id", "retry"})
+
+
+@dataclass(frozen=True, slots=True)
+class SseField:
+    """One line of an event: ``name`` is ``""`` for a comment (a line that starts with ``:``)."""
+
+    raw: str
+    name: str
+    value: str
+
+
+@dataclass(slots=True)
+class SseEvent:
+    fields: list[SseField]
+    terminated: bool = True  # ended by a blank line; the last event of a stream may not be
+    line_ended: bool = True  # its last line ended (not cut by the end of the stream)
+
+    @property
+    def data(self) -> str | None:
+        """The data lines joined with LF, as a receiver builds its data buffer; ``None`` without any."""
+        values = [f.value for f in self.fields if f.name == "data"]
+        return "\n".join(values) if values else None
+
+    @property
+    def name(self) -> str | None:
+        names = [f.value for f in self.fields if f.name == "event"]
+        return names[-1] if names else None
+
+
+def parse_field(line: str) -> SseField:
+    if line.startswith(":"):
+        return SseField(line, "", line[1:])
+    name, colon, value = line.partition(":")
+    return SseField(line, name, value.removeprefix(" ") if colon else "")
 
 
 class SseEvents:
-    """Server-sent events, released one whole event at a time, each masked as text. An event longer
-    than ``max_event_bytes``, complete or not, ends the stream with ``too_large``.
+    """Server-sent events framed as the WHATWG specification parses them ("parsing an event stream"):
+    one UTF-8 byte order mark is dropped at the very start of the stream; lines end at CRLF, LF or CR
+    and nowhere else (not at U+2028, U+0085 or a form feed, which ``str.splitlines`` would split at);
+    a blank line ends an event; a field's value follows its first colon, less one leading space.
 
-    Only the incomplete last event is held back. A value split across two events is not joined here."""
+    Events are written out again from what was parsed, each line ending in LF: what a receiver reads
+    is what was scanned, whatever line ends the upstream mixed. Comments lose their text (a bare ``:``
+    keeps a keep-alive a keep-alive); ``id``, ``event`` and ``retry`` values are masked; lines of any
+    other field are dropped (a receiver ignores them). An event longer than ``max_event_bytes``,
+    complete or not, ends the stream with ``too_large``.
+
+    Here each event's data is masked as text on its own; ``extproc.mask.sse.EventStream`` joins texts
+    across events."""
 
     def __init__(self, inspector: Inspector, max_event_bytes: int, too_large: ExtProcError) -> None:
         self._inspector = inspector
         self._max = max_event_bytes
         self._too_large = too_large
-        self._pending = b""
+        self._pending = b""  # the line being received
+        self._lines: list[SseField] = []  # the event being received
+        self._event_bytes = 0
+        self._started = False  # a leading byte order mark has been looked for
         self._found: list[Finding] = []
 
     @property
@@ -489,40 +538,92 @@ class SseEvents:
         return 0  # events go out whole; the token streams of EventStream hold characters
 
     def feed(self, data: bytes) -> bytes:
-        # Only the new bytes (and the three before them) can complete a separator.
-        search_from = max(0, len(self._pending) - 3)
+        search_from = max(0, len(self._pending) - 1)  # a CR at the end may be the start of a CRLF
         self._pending += data
-        last_end = 0
-        for match in _EVENT_END.finditer(self._pending, search_from):
-            last_end = match.end()
-        if last_end == 0:
-            if len(self._pending) > self._max:
-                raise self._too_large
-            return b""
-        complete, self._pending = self._pending[:last_end], self._pending[last_end:]
-        if len(self._pending) > self._max:
-            raise self._too_large
-        if len(complete) > self._max and any(len(e) > self._max for e in _EVENT_END.split(complete)):
-            raise self._too_large
-        return self._mask(complete)
+        if not self._started:
+            if len(self._pending) < len(_BOM) and _BOM.startswith(self._pending):
+                return b""
+            self._started = True
+            if self._pending.startswith(_BOM):
+                self._pending = self._pending[len(_BOM) :]
+            search_from = 0
+        return self._write(self._parse(search_from, final=False))
 
     def finish(self) -> bytes:
-        rest, self._pending = self._pending, b""
-        return self._mask(rest)
+        self._started = True
+        partial = bool(self._pending) and not self._pending.endswith((b"\r", b"\n"))
+        events = self._parse(0, final=True)
+        if self._lines:
+            events.append(SseEvent(self._lines, terminated=False, line_ended=not partial))
+            self._lines = []
+        return self._write(events) + self._end()
 
     def cut(self) -> bytes:
         """The stream ends here, early: the incomplete event is dropped. Returns what may still go out."""
-        self._pending = b""
+        self._pending, self._lines = b"", []
         return b""
 
-    def _mask(self, data: bytes) -> bytes:
-        if not data:
-            return data
-        masked, found = self._inspector.mask_text(data.decode(ENCODING, ERRORS))
-        if not found:
-            return data
+    def _parse(self, search_from: int, final: bool) -> list[SseEvent]:
+        events: list[SseEvent] = []
+        position = 0
+        pending = self._pending
+        for match in _LINE_END.finditer(pending, search_from):
+            if match.end() == len(pending) and match.group() == b"\r" and not final:
+                break  # a CR at the end of what has arrived: it may be the start of a CRLF
+            line = pending[position : match.start()]
+            position = match.end()
+            self._event_bytes += len(line) + 1
+            if self._event_bytes > self._max:
+                raise self._too_large
+            if line:
+                self._lines.append(parse_field(line.decode(ENCODING, ERRORS)))
+            else:
+                events.append(SseEvent(self._lines))
+                self._lines, self._event_bytes = [], 0
+        self._pending = pending[position:]
+        if self._event_bytes + len(self._pending) > self._max:
+            raise self._too_large
+        if final and self._pending:
+            self._lines.append(parse_field(self._pending.decode(ENCODING, ERRORS)))
+            self._pending = b""
+        return events
+
+    def _write(self, events: list[SseEvent]) -> bytes:
+        return "".join(self._event(event) for event in events).encode(ENCODING, ERRORS)
+
+    def _end(self) -> bytes:
+        """What goes out after the last event (events held back, in EventStream)."""
+        return b""
+
+    def _event(self, event: SseEvent) -> str:
+        data = event.data
+        if data is None:
+            return self.render(event)
+        masked, found = self._inspector.mask_text(data)
         self._found.extend(found)
-        return masked.encode(ENCODING, ERRORS)
+        return self.render(event, masked if found else None)
+
+    def render(self, event: SseEvent, data: str | None = None) -> str:
+        """``event`` as it goes out: its data lines replaced by ``data`` when given (one line per LF)."""
+        lines: list[str] = []
+        data_written = False
+        for line in event.fields:
+            if line.name == "data":
+                if data is None:
+                    lines.append(line.raw)
+                elif not data_written:
+                    lines.extend("data: " + part for part in data.split("\n"))
+                data_written = True
+            elif line.name == "":
+                lines.append(":")
+            elif line.name in _KNOWN_FIELDS:
+                masked, found = self._inspector.mask_text(line.value)
+                self._found.extend(found)
+                lines.append(f"{line.name}: {masked}" if found else line.raw)
+        text = "\n".join(lines)
+        if event.terminated:
+            return text + "\n\n" if lines else "\n"
+        return text + "\n" if lines and event.line_ended else text
 
 
 class StreamingText:

@@ -2,21 +2,24 @@
 
 Ollama streams its answers this way: ``/api/chat`` lines carry ``message.content`` (and
 ``message.thinking``), ``/api/generate`` lines carry ``response`` (and ``thinking``), and the last line
-has ``"done": true``. Those texts are assembled across lines and masked with the stream scanner, like
-server-sent token events (``extproc.mask.sse``); the held text goes out in the ``done`` line, or in a
-line added at the end when the upstream stops without one. Every other string of a line is masked as a
-whole; lines of no known shape have every string value masked, and lines that are not JSON are masked
-as text. A line longer than ``max_line_bytes``, complete or not, ends the stream with ``too_large``.
+has ``"done": true``. Those texts are scanned across lines like server-sent token events
+(``extproc.mask.sse``): each feeds the channel of its text and the stream's answer channel
+(``extproc.mask.joined``), and a line is held until its text is released, then goes out whole. Known
+fields (model, timestamps, the done reason, tool calls sent whole) are masked whole; every other string,
+and every string of a line of no known shape, feeds a channel per field path and one joining them all,
+across lines; a line that is not JSON is such a string. A line longer than ``max_line_bytes``, complete
+or not, ends the stream with ``too_large``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from extproc.errors import ExtProcError
+from extproc.errors import ExtProcError, UpstreamError
 from extproc.mask import Inspector
-from extproc.mask.bodies import ENCODING, ERRORS, JsonMasker, dump_json, loads_strict
-from extproc.mask.sse import TokenStreams
+from extproc.mask.bodies import ENCODING, ERRORS, JsonMasker, dump_json
+from extproc.mask.joined import ANSWER, MAX_CHANNELS, HeldEvent, Router
+from extproc.mask.sse import load_json
 from extproc.model import Finding
 
 MEDIA_TYPES = frozenset(
@@ -24,27 +27,26 @@ MEDIA_TYPES = frozenset(
 )
 _MESSAGE_TEXT = ("content", "thinking")
 _TOP_TEXT = ("response", "thinking")
-_TOP_SKIP = frozenset({"message", *_TOP_TEXT})
+_MESSAGE_META = frozenset({"role", "images", "tool_calls"})
+_TOP_META = frozenset({"model", "created_at", "done", "done_reason", "context"})
 
 
 class NdjsonStream:
     def __init__(self, inspector: Inspector, max_line_bytes: int, too_large: ExtProcError) -> None:
-        self._inspector = inspector
         self._max = max_line_bytes
         self._too_large = too_large
         self._pending = b""
         self._found: list[Finding] = []
         self._json = JsonMasker(inspector, self._found)
-        self._texts = TokenStreams(inspector)
-        self._template: dict[str, Any] = {}
+        self._router = Router(inspector, UpstreamError(f"the answer opens more than {MAX_CHANNELS} texts"))
 
     @property
     def findings(self) -> list[Finding]:
-        return self._found + self._texts.findings
+        return self._found + self._router.findings
 
     @property
     def held(self) -> int:
-        return self._texts.held
+        return self._router.held
 
     def feed(self, data: bytes) -> bytes:
         search_from = len(self._pending)
@@ -60,84 +62,86 @@ class NdjsonStream:
         lines = complete.split(b"\n")[:-1]
         if any(len(line) > self._max for line in lines):
             raise self._too_large
-        return b"".join(self._line(line) + b"\n" for line in lines)
+        return b"".join(self._line(line, b"\n") for line in lines)
 
     def finish(self) -> bytes:
         rest, self._pending = self._pending, b""
-        out = self._line(rest) if rest else b""
-        return out + self._flush()
+        out = self._line(rest, b"") if rest else b""
+        return out + self._end()
 
     def cut(self) -> bytes:
-        """The stream ends here, early: the incomplete line is dropped; what the texts still hold goes
-        out, masked."""
+        """The stream ends here, early: the incomplete line is dropped; the lines held so far go out,
+        masked."""
         self._pending = b""
-        return self._flush()
+        return self._end()
 
-    def _line(self, line: bytes) -> bytes:
+    def _end(self) -> bytes:
+        return b"".join(held.render(held).encode(ENCODING, ERRORS) for held in self._router.finish())
+
+    def _line(self, line: bytes, end: bytes) -> bytes:
         text = line.decode(ENCODING, ERRORS)
         try:
-            document = loads_strict(text) if text.strip() else None
+            document = load_json(text) if text.strip() else None
         except ValueError:
             document = None
-        if not isinstance(document, dict):
-            if document is not None:
-                before = len(self._found)
-                masked_doc = self._json.value(document)
-                return dump_json(masked_doc).encode(ENCODING) if len(self._found) > before else line
-            masked, found = self._inspector.mask_text(text)
-            self._found.extend(found)
-            return masked.encode(ENCODING, ERRORS) if found else line
-        changed = self._document(document)
-        return dump_json(document).encode(ENCODING) if changed else line
+        as_text = not isinstance(document, dict | list)  # text, or a bare JSON scalar: read as text
+        root: list[Any] = [text if as_text else document]
 
-    def _document(self, document: dict[str, Any]) -> bool:
-        self._template = {k: document[k] for k in ("model", "created_at") if k in document}
-        changed = self._json.fields(document, _TOP_SKIP)
-        message = document.get("message")
-        if isinstance(message, dict):
-            changed |= self._json.fields(message, frozenset(_MESSAGE_TEXT))
-            for field in _MESSAGE_TEXT:
-                changed |= self._replace(message, field, ("message", field))
-        elif message is not None:
-            document["message"] = self._json.value(message)
-        for field in _TOP_TEXT:
-            changed |= self._replace(document, field, ("top", field))
-        if document.get("done") is True:
-            changed |= self._close(document)
-        return changed
+        def render(held: HeldEvent) -> str:
+            if not held.changed:
+                return text + end.decode()
+            return (str(root[0]) if as_text else dump_json(root[0])) + end.decode()
 
-    def _replace(self, node: dict[str, Any], field: str, key: tuple[str, str]) -> bool:
-        value = node.get(field)
-        if not isinstance(value, str):
-            if value is not None:
-                node[field] = self._json.value(value)
-            return False
-        released = self._texts.feed(key, value)
-        if released == value:
-            return False
-        node[field] = released
-        return True
+        held = self._router.event(render)
+        if isinstance(document, dict):
+            self._document(held, document)
+        else:
+            self._residual(held, root, 0, ("<text>",) if as_text else ())
+        return b"".join(h.render(h).encode(ENCODING, ERRORS) for h in self._router.seal(held))
 
-    def _close(self, document: dict[str, Any]) -> bool:
-        """Every open text is finished: what it still holds goes out in ``document``."""
-        changed = False
-        for key in self._texts.open():
-            rest = self._texts.close(key)
-            if not rest:
-                continue
-            changed = True
-            where, field = key
-            if where == "message":
-                message = document.get("message")
-                if not isinstance(message, dict):
-                    message = document["message"] = {"role": "assistant"}
-                message[field] = (message.get(field) or "") + rest
+    def _document(self, held: HeldEvent, document: dict[str, Any]) -> None:
+        for key in list(document):
+            value = document[key]
+            if key in _TOP_TEXT:
+                self._text(held, document, key, ("top", key))
+            elif key == "message" and isinstance(value, dict):
+                for inner in list(value):
+                    if inner in _MESSAGE_TEXT:
+                        self._text(held, value, inner, ("message", inner))
+                    elif inner in _MESSAGE_META:
+                        self._whole(held, value, inner)
+                    else:
+                        self._residual(held, value, inner, ("message", inner))
+            elif key in _TOP_META:
+                self._whole(held, document, key)
             else:
-                document[field] = (document.get(field) or "") + rest
-        return changed
+                self._residual(held, document, key, (key,))
 
-    def _flush(self) -> bytes:
-        line: dict[str, Any] = {**self._template, "done": False}
-        if not self._close(line):
-            return b""
-        return dump_json(line).encode(ENCODING) + b"\n"
+    def _text(self, held: HeldEvent, node: Any, key: Any, text: tuple[str, str]) -> None:
+        value = node[key]
+        if isinstance(value, str):
+            channels = (("text", *text), ANSWER)
+            self._router.piece(held, value, lambda final: node.__setitem__(key, final), channels)
+        elif isinstance(value, dict | list):
+            for inner in list(value) if isinstance(value, dict) else range(len(value)):
+                self._text(held, value, inner, text)
+
+    def _whole(self, held: HeldEvent, node: Any, key: Any) -> None:
+        value = node[key]
+        if isinstance(value, str | list | dict):
+            masked = self._json.value(value)
+            if masked != value:
+                node[key] = masked
+                held.changed = True
+
+    def _residual(self, held: HeldEvent, node: Any, key: Any, path: tuple[Any, ...]) -> None:
+        value = node[key]
+        if isinstance(value, str):
+            channels = (("path", path),)
+            self._router.piece(held, value, lambda final: node.__setitem__(key, final), channels)
+        elif isinstance(value, dict):
+            for inner in list(value):
+                self._residual(held, value, inner, (*path, inner))
+        elif isinstance(value, list):
+            for position in range(len(value)):
+                self._residual(held, value, position, path)

@@ -1,52 +1,80 @@
 """Token streams masked on the assembled text, not event by event.
 
 A model streams its answer a few characters per event. Masking each event alone leaks both halves of a card
-number split across two events. Here each text a stream builds up (a chat choice's content, a tool call's
-arguments, a Responses-API output part, an Anthropic content block) feeds a stream masker of its own. Each
-event goes out carrying only what is safe to release so far (possibly an empty string); what is held back
-follows later: in the event that ends that text, or in an event added just before it, or at the end of the
-stream. Every event stays valid JSON of its kind and every client still parses it.
+number split across two events. Here every string of every event goes through stream scanners that span
+events (``extproc.mask.joined``), and each event is held until the scanners have released all of its text,
+then goes out whole, masked. Events are neither added nor removed, so sequence numbers, indexes and the
+``finish_reason`` / ``.done`` / ``content_block_stop`` events stay where the upstream put them, and every
+event stays valid JSON of its kind.
 
-Dialects are recognised per event, not per route, so a proxy that rewrites paths changes nothing:
+Dialects are recognised per event, not per route, so a proxy that rewrites paths changes nothing. The
+strings of an event are of three kinds:
 
-- OpenAI chat completions and completions: ``choices[].delta.{content,reasoning_content,refusal}``,
-  ``choices[].delta.tool_calls[].function.arguments``, ``choices[].text``; held text goes out in the
-  choice's ``finish_reason`` event, or in an event added before ``[DONE]``. ``logprobs`` repeat the tokens
-  verbatim and cannot be masked in step with the text: they become ``null``.
-- OpenAI Responses API: every ``response.*.delta`` event with a string ``delta``, closed by the matching
-  ``response.*.done`` event; held text goes out in a delta event added just before the ``.done`` one, and
-  ``sequence_number`` is renumbered so it stays strictly increasing. ``.done`` events and whole-response
-  events (``response.completed``) are masked as a whole; block and stream masking find the same values,
-  so they agree with the deltas.
-- Anthropic messages: ``content_block_delta`` text, ``partial_json`` (tool input) and thinking, closed by
-  ``content_block_stop``, before which an added delta event carries what was held. ``signature_delta`` is
-  an opaque signature of the thinking text, not text: it passes unchanged.
+- **Text deltas**, which a receiver joins into a text: chat ``choices[].delta.{content,reasoning_content,
+  reasoning,refusal}``, ``delta.tool_calls[].function.arguments``, ``delta.function_call.arguments``,
+  ``delta.audio.transcript``, ``choices[].text`` (completions); the Responses API's ``delta`` of every
+  ``response.*.delta`` event; Anthropic ``content_block_delta`` text, ``partial_json``, ``thinking`` (and
+  the text a ``content_block_start`` opens with). Each feeds the channel of its text (choice and field,
+  tool call, item and part, block) and the stream's one answer channel. A text field of an unexpected
+  shape (``content`` as a list of parts, ``delta`` as a string, ``arguments`` as an object) still feeds
+  them: every string in it but its ``type``, ``id``, ``index`` and ``name``.
+- **Whole values**, known fields no receiver joins across events (ids, model, role, ``finish_reason``,
+  ``obfuscation``, usage, signatures, the full texts of ``.done`` and ``response.completed`` events,
+  ``message_start``'s message): each string masked whole, as in a JSON body.
+- **Everything else**: fields the dialect does not know, and every string of an event of no known dialect
+  (TGI's ``token.text``, a plain-text ``data:``). They feed a channel per field path (list positions
+  left out), across events, and one channel joining them all in arrival order, so a value split across
+  events of an unknown shape is found too. Such an event may be held until a later event, or the end of
+  the stream, settles the scanner: an unknown field is never a way around it.
 
-Everything else in an event (ids, names, usage, whole messages, unknown fields) is masked as a whole, and
-events of no known dialect are masked as JSON (every string value) or, when they are not JSON, as text.
+``logprobs`` repeat the tokens one by one and cannot be masked in step with the text: they become
+``null`` (chat) or ``[]`` (Responses API, wherever they appear).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable
 from typing import Any
 
-from extproc.errors import ExtProcError
-from extproc.mask import Inspector, StreamMasker
-from extproc.mask.bodies import ENCODING, ERRORS, JsonMasker, SseEvents, dump_json, loads_strict
+from extproc.errors import ExtProcError, UpstreamError
+from extproc.mask import Inspector
+from extproc.mask.bodies import (
+    ENCODING,
+    ERRORS,
+    JsonMasker,
+    JsonRejected,
+    SseEvent,
+    SseEvents,
+    StreamingText,
+    dump_json,
+    loads_strict,
+)
+from extproc.mask.joined import ANSWER, MAX_CHANNELS, HeldEvent, Router
 from extproc.model import Finding
 
-_SEPARATOR = re.compile(r"(\r\n\r\n|\n\n|\r\r)")
-_CHAT_TEXT = ("content", "reasoning_content", "refusal")
-_CHAT_CHOICE_SKIP = frozenset({"index", "delta", "text", "logprobs", "finish_reason"})
-_CHAT_DELTA_SKIP = frozenset({*_CHAT_TEXT, "tool_calls"})
-_CHAT_TOP_SKIP = frozenset({"choices"})
+_CHAT_META = frozenset(
+    {
+        "id",
+        "object",
+        "created",
+        "model",
+        "system_fingerprint",
+        "service_tier",
+        "obfuscation",
+        "usage",
+        "provider",
+        "citations",
+    }
+)
+_CHAT_CHOICE_META = frozenset({"finish_reason", "stop_reason", "native_finish_reason", "matched_stop"})
+_CHAT_TEXT = frozenset({"content", "reasoning_content", "reasoning", "refusal"})
+_PART_META = frozenset({"type", "id", "index", "name"})
 # Responses-API deltas that carry no text (base64 audio): masked as a whole, never assembled.
 _RESPONSES_BINARY = frozenset({"response.audio.delta"})
-# Responses-API fields that are not model text: the event type, and random padding against length
-# side channels.
-_RESPONSES_SKIP = frozenset({"type", "delta", "logprobs", "obfuscation", "sequence_number"})
+_RESPONSES_DELTA_META = frozenset(
+    {"type", "item_id", "sequence_number", "obfuscation", *("output_index", "content_index", "summary_index")}
+)
 _POSITION = ("item_id", "output_index", "content_index", "summary_index")
 _ANTHROPIC_TYPES = frozenset(
     {
@@ -61,275 +89,360 @@ _ANTHROPIC_TYPES = frozenset(
     }
 )
 _ANTHROPIC_TEXT = {"text_delta": "text", "input_json_delta": "partial_json", "thinking_delta": "thinking"}
-
-# Keys of the open texts. ("chat", choice, "delta", field) | ("chat", choice, "tool", call index) |
-# ("chat", choice, "text", "text") | ("responses", kind, *position) | ("anthropic", block, delta type)
-StreamKey = tuple[Any, ...]
+_ANTHROPIC_BLOCK_TEXT = {"text": ("text", "text_delta"), "thinking": ("thinking", "thinking_delta")}
+_ANTHROPIC_META = frozenset({"type", "index", "message", "usage", "error", "content_block", "delta"})
 
 
-class TokenStreams:
-    """One stream masker per open text, created on first use; their findings outlive them."""
+def load_json(text: str) -> Any:
+    """One event's JSON, through the strict loader every body uses (``loads_strict``). The one place events
+    are parsed. Data that is not JSON at all is read as text; data that starts as JSON but cannot be read
+    one way only (a repeated key, nesting past the limit, ``NaN``, a broken document a lenient client may
+    still read) ends the stream: receivers differ on what they make of it, and the bytes that go out must
+    be the bytes that were scanned."""
+    try:
+        return loads_strict(text)
+    except JsonRejected as exc:
+        raise UpstreamError(f"an event of the answer is JSON that cannot be scanned: {exc}") from exc
+    except ValueError as exc:
+        if text.lstrip().startswith(("{", "[")):
+            raise UpstreamError("an event of the answer is JSON that cannot be read one way only") from exc
+        raise
 
-    def __init__(self, inspector: Inspector) -> None:
-        self._inspector = inspector
-        self._open: dict[StreamKey, StreamMasker] = {}
-        self._closed: list[Finding] = []
 
-    @property
-    def findings(self) -> list[Finding]:
-        return self._closed + [f for s in self._open.values() for f in s.findings]
-
-    @property
-    def held(self) -> int:
-        return sum(stream.held for stream in self._open.values())
-
-    def feed(self, key: StreamKey, text: str) -> str:
-        stream = self._open.get(key)
-        if stream is None:
-            stream = self._open[key] = self._inspector.stream()
-        return stream.feed(text)
-
-    def close(self, key: StreamKey) -> str:
-        """Everything ``key`` still holds, masked; the text is finished."""
-        stream = self._open.pop(key, None)
-        if stream is None:
-            return ""
-        rest = stream.finish()
-        self._closed.extend(stream.findings)
-        return rest
-
-    def open(self, *prefix: Any) -> list[StreamKey]:
-        """The open keys that start with ``prefix``, in the order they were opened."""
-        return [key for key in self._open if key[: len(prefix)] == prefix]
+def _key(value: Any) -> Hashable:
+    """A hashable stand-in for an index or position the sender chose (any JSON value)."""
+    if isinstance(value, str | int | float | None):
+        return value
+    return dump_json(value)
 
 
 class EventStream(SseEvents):
     def __init__(self, inspector: Inspector, max_event_bytes: int, too_large: ExtProcError) -> None:
         super().__init__(inspector, max_event_bytes, too_large)
-        self._texts = TokenStreams(inspector)
+        too_many = UpstreamError(f"the answer opens more than {MAX_CHANNELS} texts")
+        self._router = Router(inspector, too_many)
         self._json = JsonMasker(inspector, self._found)
-        self._chat_template: dict[str, Any] = {}
-        self._responses_templates: dict[StreamKey, tuple[str | None, dict[str, Any]]] = {}
-        self._sequence_shift = 0  # events added to a Responses-API stream so far
-        self._last_sequence = -1
 
     @property
     def findings(self) -> list[Finding]:
-        return self._found + self._texts.findings
+        return self._found + self._router.findings
 
     @property
     def held(self) -> int:
-        return self._texts.held
-
-    def finish(self) -> bytes:
-        out = super().finish()
-        return out + "".join(self._flush_all()).encode(ENCODING, ERRORS)
+        return self._router.held
 
     def cut(self) -> bytes:
-        """The stream ends here, early: the incomplete event is dropped; what the texts still hold goes
-        out, masked, so the client keeps the whole of what it was shown."""
+        """The stream ends here, early: the incomplete event is dropped; the events held so far go out,
+        masked, so the client keeps the whole of what it was shown."""
         super().cut()
-        return "".join(self._flush_all()).encode(ENCODING, ERRORS)
+        return self._end()
 
-    def _mask(self, data: bytes) -> bytes:
-        if not data:
-            return data
-        parts = _SEPARATOR.split(data.decode(ENCODING, ERRORS))
+    def _end(self) -> bytes:
+        return "".join(held.render(held) for held in self._router.finish()).encode(ENCODING, ERRORS)
+
+    def _write(self, events: list[SseEvent]) -> bytes:
         out: list[str] = []
-        for index in range(0, len(parts), 2):
-            event = parts[index]
-            separator = parts[index + 1] if index + 1 < len(parts) else ""
-            if event or separator:
-                out.append(self._event(event, separator))
+        for event in events:
+            out.extend(held.render(held) for held in self._take(event))
         return "".join(out).encode(ENCODING, ERRORS)
 
-    def _event(self, event: str, separator: str) -> str:
-        lines = event.splitlines()
-        data_lines = [line for line in lines if line.startswith("data:")]
-        other = [line for line in lines if not line.startswith("data:")]
-        payload = "\n".join(line[5:].removeprefix(" ") for line in data_lines)
-        if payload.strip() == "[DONE]":
-            return "".join(self._flush_all()) + event + separator
+    def _take(self, event: SseEvent) -> list[HeldEvent]:
+        data = event.data
+        if data is None or data.strip() == "[DONE]":
+            return self._router.seal(self._router.event(lambda _: self.render(event)))
         try:
-            chunk = loads_strict(payload) if data_lines else None
+            document = load_json(data)
         except ValueError:
-            chunk = None
-        if not isinstance(chunk, dict):
-            masked, found = self._inspector.mask_text(event + separator)
-            self._found.extend(found)
-            return masked
-        name = next((line[6:].strip() for line in other if line.startswith("event:")), None)
-        kind = chunk.get("type")
-        before: list[str] = []
-        if isinstance(chunk.get("choices"), list):
-            changed = self._chat(chunk)
+            document = None
+        if not isinstance(document, dict | list):  # text, or a bare JSON scalar: read as the text it is
+            box = {"data": data}
+            held = self._router.event(lambda h: self.render(event, box["data"] if h.changed else None))
+            self._residual(held, box, "data", ("<data>",))
+            return self._router.seal(held)
+        root = [document]
+        held = self._router.event(lambda h: self.render(event, dump_json(root[0]) if h.changed else None))
+        kind = document.get("type") if isinstance(document, dict) else None
+        if isinstance(document, list):
+            self._residual(held, root, 0, ())
+        elif isinstance(document.get("choices"), list):
+            self._chat(held, document)
         elif isinstance(kind, str) and kind.startswith("response."):
-            before, changed = self._responses(chunk, kind, name)
+            self._responses(held, document, kind)
         elif kind in _ANTHROPIC_TYPES:
-            before, changed = self._anthropic(chunk, str(kind))
+            self._anthropic(held, document, str(kind))
         else:
-            before_count = len(self._found)
-            chunk = self._json.value(chunk)
-            changed = len(self._found) > before_count
-        if not changed:
-            return "".join(before) + event + separator
-        return "".join(before) + "\n".join([*other, "data: " + dump_json(chunk)]) + separator
+            self._residual(held, root, 0, ())
+        return self._router.seal(held)
 
-    def _flush_all(self) -> Iterator[str]:
-        """Events carrying what every open text still holds: the upstream ended without closing them."""
-        yield from self._chat_flush()
-        for key in self._texts.open("responses"):
-            yield from self._responses_flush(key, self._last_sequence + 1)
-        for key in self._texts.open("anthropic"):
-            yield from self._anthropic_flush(key)
+    # -- the three kinds of strings --------------------------------------------------------------------
+
+    def _text(self, held: HeldEvent, node: Any, key: Any, text: tuple[Any, ...]) -> None:
+        """A text delta (or a text field of an unexpected shape) of the text ``text``."""
+        value = node[key]
+        if isinstance(value, str):
+            channels = (("text", *text), ANSWER)
+            self._router.piece(held, value, lambda final: node.__setitem__(key, final), channels)
+        elif isinstance(value, dict):
+            for inner in list(value):
+                if inner in _PART_META:
+                    self._whole(held, value, inner)
+                else:
+                    self._text(held, value, inner, text)
+        elif isinstance(value, list):
+            for position in range(len(value)):
+                self._text(held, value, position, text)
+
+    def _whole(self, held: HeldEvent, node: Any, key: Any) -> None:
+        """A known value no receiver joins across events: every string in it masked whole."""
+        value = node[key]
+        if isinstance(value, str | list | dict):
+            masked = self._json.value(value)
+            if masked != value:
+                node[key] = masked
+                held.changed = True
+
+    def _residual(self, held: HeldEvent, node: Any, key: Any, path: tuple[Any, ...]) -> None:
+        """A field the dialect does not know: scanned across events, by path and all joined."""
+        value = node[key]
+        if isinstance(value, str):
+            channels = (("path", path),)
+            self._router.piece(held, value, lambda final: node.__setitem__(key, final), channels)
+        elif isinstance(value, dict):
+            for inner in list(value):
+                self._residual(held, value, inner, (*path, inner))
+        elif isinstance(value, list):
+            for position in range(len(value)):
+                self._residual(held, value, position, path)
 
     # -- OpenAI chat completions and completions --------------------------------------------------------
 
-    def _chat(self, chunk: dict[str, Any]) -> bool:
-        self._chat_template = {k: chunk[k] for k in ("id", "object", "created", "model") if k in chunk}
-        changed = self._json.fields(chunk, _CHAT_TOP_SKIP)
-        for choice in chunk["choices"]:
+    def _chat(self, held: HeldEvent, chunk: dict[str, Any]) -> None:
+        for key in list(chunk):
+            if key in _CHAT_META:
+                self._whole(held, chunk, key)
+            elif key != "choices":
+                self._residual(held, chunk, key, (key,))
+        choices = chunk["choices"]
+        for position, choice in enumerate(choices):
             if not isinstance(choice, dict):
+                self._residual(held, choices, position, ("choices",))
                 continue
-            number = choice.get("index", 0)
-            changed |= self._json.fields(choice, _CHAT_CHOICE_SKIP)
-            if choice.get("logprobs") is not None:
-                choice["logprobs"] = None
-                changed = True
-            delta = choice.get("delta")
-            if isinstance(delta, dict):
-                changed |= self._chat_delta(number, delta)
-            if isinstance(choice.get("text"), str):
-                changed |= self._replace(choice, "text", ("chat", number, "text", "text"))
-            if choice.get("finish_reason") is not None:
-                changed |= self._chat_close(number, choice)
-        return changed
+            number = _key(choice.get("index", 0))
+            for key in list(choice):
+                value = choice[key]
+                if key == "logprobs":
+                    if value is not None:
+                        choice[key] = None
+                        held.changed = True
+                elif key == "delta" and isinstance(value, dict):
+                    self._chat_delta(held, number, value)
+                elif key == "delta":
+                    self._text(held, choice, key, ("chat", number, "content"))
+                elif key == "text":
+                    self._text(held, choice, key, ("chat", number, "text"))
+                elif key == "index" or key in _CHAT_CHOICE_META:
+                    self._whole(held, choice, key)
+                else:
+                    self._residual(held, choice, key, ("choices", key))
 
-    def _replace(self, node: dict[str, Any], field: str, key: StreamKey) -> bool:
-        value = node[field]
-        released = self._texts.feed(key, value)
-        if released == value:
-            return False
-        node[field] = released
-        return True
-
-    def _chat_delta(self, number: int, delta: dict[str, Any]) -> bool:
-        changed = self._json.fields(delta, _CHAT_DELTA_SKIP)
-        for field in _CHAT_TEXT:
-            if isinstance(delta.get(field), str):
-                changed |= self._replace(delta, field, ("chat", number, "delta", field))
-        for call in delta.get("tool_calls") or []:
-            if not isinstance(call, dict):
-                continue
-            changed |= self._json.fields(call, frozenset({"function", "index"}))
-            function = call.get("function")
-            if not isinstance(function, dict):
-                continue
-            changed |= self._json.fields(function, frozenset({"arguments"}))
-            if isinstance(function.get("arguments"), str):
-                key = ("chat", number, "tool", int(call.get("index", 0)))
-                changed |= self._replace(function, "arguments", key)
-        return changed
-
-    def _chat_close(self, number: int, choice: dict[str, Any]) -> bool:
-        """The choice is finished: everything it still holds goes out in ``choice``."""
-        changed = False
-        for key in self._texts.open("chat", number):
-            rest = self._texts.close(key)
-            if not rest:
-                continue
-            changed = True
-            _, _, kind, name = key
-            if kind == "text":
-                choice["text"] = (choice.get("text") or "") + rest
-                continue
-            delta = choice.get("delta")
-            if not isinstance(delta, dict):
-                delta = choice["delta"] = {}
-            if kind == "delta":
-                delta[name] = (delta.get(name) or "") + rest
-                continue
-            calls = delta.setdefault("tool_calls", [])
-            call = next((c for c in calls if c.get("index", 0) == name), None)
-            if call is None:
-                calls.append({"index": name, "function": {"arguments": rest}})
+    def _chat_delta(self, held: HeldEvent, number: Hashable, delta: dict[str, Any]) -> None:
+        for key in list(delta):
+            value = delta[key]
+            if key in _CHAT_TEXT:
+                self._text(held, delta, key, ("chat", number, key))
+            elif key == "role":
+                self._whole(held, delta, key)
+            elif key == "tool_calls" and isinstance(value, list):
+                for position, call in enumerate(value):
+                    if isinstance(call, dict):
+                        self._tool_call(held, number, call)
+                    else:
+                        self._text(held, value, position, ("chat", number, "tool", None))
+            elif key == "function_call" and isinstance(value, dict):
+                self._function(held, value, ("chat", number, "function"))
+            elif key == "audio" and isinstance(value, dict):
+                for inner in list(value):
+                    if inner == "transcript":
+                        self._text(held, value, inner, ("chat", number, "audio"))
+                    else:
+                        self._whole(held, value, inner)
             else:
-                function = call.setdefault("function", {})
-                function["arguments"] = (function.get("arguments") or "") + rest
-        return changed
+                self._residual(held, delta, key, ("choices", "delta", key))
 
-    def _chat_flush(self) -> Iterator[str]:
-        choices: list[dict[str, Any]] = []
-        for number in dict.fromkeys(key[1] for key in self._texts.open("chat")):
-            choice: dict[str, Any] = {"index": number, "finish_reason": None}
-            if self._chat_close(number, choice):
-                choices.append(choice)
-        if choices:
-            yield "data: " + dump_json({**self._chat_template, "choices": choices}) + "\n\n"
+    def _tool_call(self, held: HeldEvent, number: Hashable, call: dict[str, Any]) -> None:
+        text = ("chat", number, "tool", _key(call.get("index", 0)))
+        for key in list(call):
+            if key == "function" and isinstance(call[key], dict):
+                self._function(held, call[key], text)
+            elif key in ("index", "id", "type"):
+                self._whole(held, call, key)
+            else:
+                self._residual(held, call, key, ("choices", "delta", "tool_calls", key))
+
+    def _function(self, held: HeldEvent, function: dict[str, Any], text: tuple[Any, ...]) -> None:
+        for key in list(function):
+            if key == "arguments":
+                self._text(held, function, key, text)
+            elif key == "name":
+                self._whole(held, function, key)
+            else:
+                self._residual(held, function, key, ("function", key))
 
     # -- OpenAI Responses API ----------------------------------------------------------------------------
 
-    def _responses(self, chunk: dict[str, Any], kind: str, name: str | None) -> tuple[list[str], bool]:
-        before: list[str] = []
-        sequence = chunk.get("sequence_number")
-        changed = self._json.fields(chunk, _RESPONSES_SKIP)
-        position = tuple(chunk.get(field) for field in _POSITION)
-        if kind.endswith(".delta") and isinstance(chunk.get("delta"), str) and kind not in _RESPONSES_BINARY:
-            key = ("responses", kind.removesuffix(".delta"), *position)
-            template = {k: v for k, v in chunk.items() if k not in ("delta", "logprobs", "obfuscation")}
-            self._responses_templates[key] = (name, template)
-            changed |= self._replace(chunk, "delta", key)
-            if chunk.get("logprobs"):
-                chunk["logprobs"] = []
-                changed = True
-        else:
-            if "delta" in chunk:
-                changed |= self._json.fields(chunk, frozenset(_RESPONSES_SKIP - {"delta"}))
-            if kind.endswith(".done") and isinstance(sequence, int):
-                key = ("responses", kind.removesuffix(".done"), *position)
-                before = list(self._responses_flush(key, sequence))
-        if isinstance(sequence, int):
-            self._last_sequence = sequence
-            if self._sequence_shift:
-                chunk["sequence_number"] = sequence + self._sequence_shift
-                changed = True
-        return before, changed
-
-    def _responses_flush(self, key: StreamKey, sequence: int) -> Iterator[str]:
-        """A delta event carrying what ``key`` still holds, numbered where the event it precedes was."""
-        rest = self._texts.close(key)
-        name, template = self._responses_templates.pop(key, (None, {}))
-        if not rest:
+    def _responses(self, held: HeldEvent, chunk: dict[str, Any], kind: str) -> None:
+        held.changed |= _empty_logprobs(chunk)
+        if not kind.endswith(".delta") or kind in _RESPONSES_BINARY:
+            for key in list(chunk):  # whole values: full texts, items, the response
+                self._whole(held, chunk, key)
             return
-        event = {**template, "delta": rest}
-        if "sequence_number" in template:
-            event["sequence_number"] = sequence + self._sequence_shift
-            self._sequence_shift += 1
-        yield (f"event: {name}\n" if name else "") + "data: " + dump_json(event) + "\n\n"
+        text = ("responses", kind.removesuffix(".delta"), *(_key(chunk.get(f)) for f in _POSITION))
+        for key in list(chunk):
+            if key == "delta":
+                self._text(held, chunk, key, text)
+            elif key in _RESPONSES_DELTA_META or key == "logprobs":
+                self._whole(held, chunk, key)
+            else:
+                self._residual(held, chunk, key, (kind, key))
 
     # -- Anthropic messages ----------------------------------------------------------------------------
 
-    def _anthropic(self, chunk: dict[str, Any], kind: str) -> tuple[list[str], bool]:
-        index = chunk.get("index", 0)
+    def _anthropic(self, held: HeldEvent, chunk: dict[str, Any], kind: str) -> None:
+        index = _key(chunk.get("index", 0))
         delta = chunk.get("delta")
-        if kind == "content_block_delta" and isinstance(delta, dict):
-            field = _ANTHROPIC_TEXT.get(str(delta.get("type")))
-            if delta.get("type") == "signature_delta":
-                return [], False
-            if field is not None and isinstance(delta.get(field), str):
-                skip = frozenset({"type", field})
-                changed = self._json.fields(delta, skip)
-                return [], changed | self._replace(delta, field, ("anthropic", index, delta["type"]))
-        before: list[str] = []
-        if kind == "content_block_stop":
-            for key in self._texts.open("anthropic", index):
-                before.extend(self._anthropic_flush(key))
-        return before, self._json.fields(chunk, frozenset({"type"}))
+        block = chunk.get("content_block")
+        for key in list(chunk):
+            if key == "delta" and kind == "content_block_delta":
+                if isinstance(delta, dict):
+                    self._anthropic_delta(held, index, delta)
+                else:
+                    self._text(held, chunk, key, ("anthropic", index, "text_delta"))
+            elif key == "content_block" and kind == "content_block_start" and isinstance(block, dict):
+                opens = _ANTHROPIC_BLOCK_TEXT.get(str(block.get("type")))
+                for inner in list(block):
+                    if opens is not None and inner == opens[0]:
+                        self._text(held, block, inner, ("anthropic", index, opens[1]))
+                    else:
+                        self._whole(held, block, inner)
+            elif key in _ANTHROPIC_META:
+                self._whole(held, chunk, key)
+            else:
+                self._residual(held, chunk, key, (kind, key))
 
-    def _anthropic_flush(self, key: StreamKey) -> Iterator[str]:
-        rest = self._texts.close(key)
-        if rest:
-            _, index, delta_type = key
-            event = {"type": "content_block_delta", "index": index, "delta": {"type": delta_type}}
-            event["delta"][_ANTHROPIC_TEXT[delta_type]] = rest
-            yield "event: content_block_delta\ndata: " + dump_json(event) + "\n\n"
+    def _anthropic_delta(self, held: HeldEvent, index: Hashable, delta: dict[str, Any]) -> None:
+        kind = delta.get("type")
+        field = _ANTHROPIC_TEXT.get(str(kind))
+        known = field is not None or kind in ("signature_delta", "citations_delta")
+        for key in list(delta):
+            if key == field:
+                self._text(held, delta, key, ("anthropic", index, kind))
+            elif (
+                key == "type"
+                or (kind == "signature_delta" and key == "signature")
+                or (kind == "citations_delta" and key == "citation")
+            ):
+                self._whole(held, delta, key)
+            elif not known:  # a delta type of its own: its strings are the block's text
+                self._text(held, delta, key, ("anthropic", index, _key(kind)))
+            else:
+                self._residual(held, delta, key, ("content_block_delta", key))
+
+
+def _empty_logprobs(node: Any) -> bool:
+    """Empties, in place, every non-empty ``logprobs`` list under ``node``; returns whether it did."""
+    changed = False
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "logprobs" and isinstance(value, list) and value:
+                node[key] = []
+                changed = True
+            else:
+                changed |= _empty_logprobs(value)
+    elif isinstance(node, list):
+        for item in node:
+            changed |= _empty_logprobs(item)
+    return changed
+
+
+_BOM = b"\xef\xbb\xbf"
+_SSE_FIRST_LINE = (b"data:", b"event:", b"id:", b"retry:", b":")
+_DATA_LINE = re.compile(rb"[\r\n]data:")
+
+
+class SniffedStream:
+    """A streamed answer served as text or with no content type, read the way a client expecting events
+    would read it. A client asking for a stream parses server-sent events whatever the content type says,
+    so masking such a body as plain text would let the JSON of each event split a value in two.
+
+    The first bytes decide: after an optional byte order mark and blank lines, a first line that starts
+    with ``data:``, ``event:``, ``id:``, ``retry:`` or ``:`` (a comment) makes the body an event stream
+    (``EventStream``); anything else is streamed text (``StreamingText``). A text body in which a line
+    later starts with ``data:`` ends with ``unscannable``: a client could read events out of what was
+    masked as text. Nothing is released before the choice is made (at most the first line)."""
+
+    def __init__(
+        self,
+        events: Callable[[], EventStream],
+        text: Callable[[], StreamingText],
+        max_head: int,
+        too_large: ExtProcError,
+        unscannable: ExtProcError,
+    ) -> None:
+        self._events = events
+        self._text = text
+        self._max_head = max_head
+        self._too_large = too_large
+        self._unscannable = unscannable
+        self.chosen: EventStream | StreamingText | None = None
+        self._head = b""
+        self._tail = b"\n"  # the last bytes of a text body; the stream starts at the start of a line
+
+    @property
+    def findings(self) -> list[Finding]:
+        return self.chosen.findings if self.chosen is not None else []
+
+    @property
+    def held(self) -> int:
+        return self.chosen.held if self.chosen is not None else len(self._head)
+
+    def feed(self, data: bytes) -> bytes:
+        if self.chosen is None:
+            self._head += data
+            if not self._choose(final=False):
+                if len(self._head) > self._max_head:
+                    raise self._too_large
+                return b""
+            data, self._head = self._head, b""
+        return self._feed(data)
+
+    def finish(self) -> bytes:
+        out = b""
+        if self.chosen is None:
+            self._choose(final=True)
+            out, self._head = self._feed(self._head), b""
+        assert self.chosen is not None
+        return out + self.chosen.finish()
+
+    def cut(self) -> bytes:
+        return self.chosen.cut() if isinstance(self.chosen, EventStream) else b""
+
+    def _choose(self, final: bool) -> bool:
+        head = self._head
+        if not final and len(head) < len(_BOM) and _BOM.startswith(head):
+            return False
+        first = head.removeprefix(_BOM).lstrip(b"\r\n")
+        longest = max(len(start) for start in _SSE_FIRST_LINE)
+        if not final and len(first) < longest and b"\r" not in first and b"\n" not in first:
+            return False
+        framed = first.startswith(_SSE_FIRST_LINE)
+        self.chosen = self._events() if framed else self._text()
+        return True
+
+    def _feed(self, data: bytes) -> bytes:
+        assert self.chosen is not None
+        if isinstance(self.chosen, StreamingText):
+            window = self._tail + data
+            if _DATA_LINE.search(window):
+                raise self._unscannable
+            self._tail = window[-5:]
+        return self.chosen.feed(data)

@@ -1,0 +1,195 @@
+"""Texts scanned across the events that carry them; each event held until every piece of it is released.
+
+A token stream carries its texts a few characters per event, and the sender chooses how: which choice,
+which index, which field. A receiver may assemble them one way (per choice, per block) or another (every
+delta in order, as a naive client prints them). So each piece of text is fed to one or more *channels*:
+a channel is one stream scanner over the concatenation, in arrival order, of the pieces fed to it, with
+no separator. A dialect feeds a text delta both to the channel of the text it belongs to (a choice's
+content, a tool call's arguments) and to the one *answer* channel every text delta of the stream feeds,
+so a value split across choices, indexes or blocks is found as well as one split across events of one
+text. Channels are never reset by the sender: a ``finish_reason`` or a new index opens or ends nothing;
+they all finish with the stream.
+
+An event is held until every channel it fed has released the text of its pieces (what ``StreamScanner``
+releases is settled: no later text can change a finding in it). A finding lands in every piece that holds
+part of it: the first gets the whole replacement, the others lose their part, so a receiver joining the
+pieces reads exactly one replacement. Findings are de-duplicated by where they land, so a value found by
+two channels is counted (and put to the policy) once. Events go out in the order they came.
+
+Joining without a separator can only create a match across two texts a receiver could also join: a false
+match needs the end of one piece and the start of the next to form a value that passes the rule's
+validator (Luhn, a checksum, a prefix with its length), and the cost of one is over-masking, never a leak.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass, field
+
+from extproc.detect.engine import StreamScanner
+from extproc.errors import ExtProcError
+from extproc.mask import Inspector
+from extproc.model import Finding
+
+ANSWER = ("answer",)  # the channel every text delta of a stream feeds
+MAX_CHANNELS = 256  # a sender opening texts without end is refused, not given a scanner each
+
+
+@dataclass(eq=False)
+class Piece:
+    text: str
+    write: Callable[[str], None]
+    event: HeldEvent
+    serial: int
+    waiting: int = 0  # channels that have not released all of it yet
+    marks: list[tuple[int, int, str]] = field(default_factory=list)
+
+    def final(self) -> str:
+        """The text with every finding that lands in it masked; overlapping marks merge, keeping the first
+        replacement of the group."""
+        if not self.marks:
+            return self.text
+        ordered = sorted(self.marks, key=lambda m: (m[0], -m[1]))
+        parts: list[str] = []
+        cursor = 0
+        index = 0
+        while index < len(ordered):
+            start, end, replacement = ordered[index]
+            index += 1
+            while index < len(ordered) and ordered[index][0] < end:
+                end = max(end, ordered[index][1])
+                replacement = replacement or ordered[index][2]
+                index += 1
+            start = max(start, cursor)
+            if end <= cursor:
+                continue
+            parts.append(self.text[cursor:start])
+            parts.append(replacement)
+            cursor = end
+        parts.append(self.text[cursor:])
+        return "".join(parts)
+
+
+class HeldEvent:
+    """One event of the stream: its pieces, and how to write it out once they are all final."""
+
+    def __init__(self, render: Callable[[HeldEvent], str]) -> None:
+        self.render = render
+        self.pieces: list[Piece] = []
+        self.waiting = 0  # pieces not final yet
+        self.sealed = False  # every piece has been added
+        self.changed = False  # something in it was masked or rewritten
+
+
+class _Channel:
+    def __init__(self, scanner: StreamScanner) -> None:
+        self.scanner = scanner
+        self.log: deque[tuple[int, Piece]] = deque()  # (offset, piece) fed, not all released yet
+        self.fed = 0
+
+
+class Router:
+    """Pieces in, through their channels; whole events out, in order, once every piece is final."""
+
+    def __init__(self, inspector: Inspector, too_many: ExtProcError) -> None:
+        self._inspector = inspector
+        self._too_many = too_many
+        self._channels: dict[Hashable, _Channel] = {}
+        self._queue: deque[HeldEvent] = deque()
+        self._serial = itertools.count()
+        self._seen: set[tuple[str, tuple[tuple[int, int, int], ...]]] = set()
+        self.findings: list[Finding] = []
+        self.held = 0  # characters of pieces not final yet
+
+    def event(self, render: Callable[[HeldEvent], str]) -> HeldEvent:
+        held = HeldEvent(render)
+        self._queue.append(held)
+        return held
+
+    def piece(
+        self, event: HeldEvent, text: str, write: Callable[[str], None], channels: Iterable[Hashable]
+    ) -> None:
+        """Feeds ``text`` to each channel; ``write`` gets its final text once all have released it."""
+        if not text:
+            return
+        piece = Piece(text, write, event, next(self._serial))
+        event.pieces.append(piece)
+        keys = list(dict.fromkeys(channels))
+        piece.waiting = len(keys)
+        event.waiting += 1
+        self.held += len(text)
+        for key in keys:
+            channel = self._channels.get(key)
+            if channel is None:
+                if len(self._channels) >= MAX_CHANNELS:
+                    raise self._too_many
+                channel = self._channels[key] = _Channel(self._inspector.detector.stream())
+            channel.log.append((channel.fed, piece))
+            channel.fed += len(text)
+            self._released(channel, *channel.scanner.feed(text))
+
+    def seal(self, event: HeldEvent) -> list[HeldEvent]:
+        """No more pieces for ``event``; returns the events now ready, in order."""
+        event.sealed = True
+        return self._ready()
+
+    def finish(self) -> list[HeldEvent]:
+        """The stream ends: every channel releases all it holds; every event is ready."""
+        for channel in self._channels.values():
+            self._released(channel, *channel.scanner.finish())
+        self._channels.clear()
+        return self._ready()
+
+    def close(self) -> None:
+        for channel in self._channels.values():
+            channel.scanner.close()
+        self._channels.clear()
+
+    def _released(self, channel: _Channel, text: str, findings: list[Finding]) -> None:
+        if not text:
+            return
+        start = channel.fed - channel.scanner.held - len(text)
+        limit = start + len(text)
+        for finding in findings:
+            self._land(channel, finding, text[finding.start - start : finding.end - start])
+        while channel.log:
+            offset, piece = channel.log[0]
+            if offset + len(piece.text) > limit:
+                break
+            channel.log.popleft()
+            piece.waiting -= 1
+            if piece.waiting == 0:
+                piece.write(piece.final())
+                if piece.marks:
+                    piece.event.changed = True
+                piece.event.waiting -= 1
+                self.held -= len(piece.text)
+
+    def _land(self, channel: _Channel, finding: Finding, value: str) -> None:
+        spans: list[tuple[Piece, int, int]] = []
+        for offset, piece in channel.log:
+            if offset >= finding.end:
+                break
+            end = offset + len(piece.text)
+            if end > finding.start:
+                spans.append((piece, max(finding.start, offset) - offset, min(finding.end, end) - offset))
+        where = (finding.rule_id, tuple((p.serial, s, e) for p, s, e in spans))
+        if where in self._seen:
+            return
+        self._seen.add(where)
+        self.findings.append(finding)
+        replacement = self._inspector.masker.apply(
+            value, [Finding(finding.rule_id, finding.entity, 0, len(value))]
+        )
+        if replacement == value:  # the policy lets it through
+            return
+        for number, (piece, start, end) in enumerate(spans):
+            piece.marks.append((start, end, replacement if number == 0 else ""))
+
+    def _ready(self) -> list[HeldEvent]:
+        ready: list[HeldEvent] = []
+        while self._queue and self._queue[0].sealed and self._queue[0].waiting == 0:
+            ready.append(self._queue.popleft())
+        return ready
