@@ -242,3 +242,39 @@ def test_a_prompt_nested_to_the_limit_still_passes(stack: Stack, demo: Demo, tag
     body = json.dumps(prompt("hi", metadata="NEST")).replace('"NEST"', nested).encode()
     assert post(stack, body, "application/json", tag).status_code == 200
     assert len(demo.received(tag)) == 1
+
+
+# -- values split across strings ------------------------------------------------------------------------
+
+
+def test_a_card_split_across_content_parts_and_messages_reaches_the_model_masked(
+    stack: Stack, demo: Demo, tag: str
+) -> None:
+    body = {
+        "model": "demo-small",
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "card 4111 11"}, {"type": "text", "text": "11 1"}],
+            },
+            {"role": "user", "content": "111 1111 thanks"},
+        ],
+    }
+    assert post(stack, json.dumps(body).encode(), "application/json", tag).status_code == 200
+    [seen] = demo.received(tag)
+    messages = json.loads(seen["body"])["messages"]
+    texts = [part["text"] for part in messages[0]["content"]] + [messages[1]["content"]]
+    assert "".join(texts) == f"card {SPACED_MASKED} thanks"
+
+
+def test_a_card_split_across_the_choices_of_an_answer_reaches_the_client_masked(
+    stack: Stack, demo: Demo
+) -> None:
+    reply = answer()
+    reply["choices"] = [
+        {"index": i, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}
+        for i, text in enumerate(["card 4111 1111", " 1111 1111 ok"])
+    ]
+    completion = ask(stack, scripted(demo, json.dumps(reply).encode()))
+    texts = [choice.message.content for choice in completion.choices]
+    assert "".join(texts) == f"card {SPACED_MASKED} ok"

@@ -76,6 +76,16 @@ class Masker:
             return f"[{finding.entity}:{digest.hexdigest()[:16]}]"
         return _keep_last(value, spec.keep, spec.char)
 
+    def decide(self, finding: Finding) -> MaskSpec | None:
+        """How ``finding`` is masked: the strategy, or None when the policy lets it through (a verdict that
+        refuses raises)."""
+        if self._verdicts is None:
+            return self._specs.get(finding.rule_id, REDACT)
+        verdict = self._verdicts.verdict(finding)
+        if verdict.action != "mask":
+            return None
+        return verdict.strategy or self._specs.get(finding.rule_id, REDACT)
+
     def apply(self, text: str, findings: list[Finding]) -> str:
         """``text`` with ``findings`` masked. With verdicts, only the findings the policy masks are, each
         with the strategy it says; a verdict that refuses raises before anything is returned."""

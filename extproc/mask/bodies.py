@@ -12,6 +12,7 @@ read differently (duplicate keys), that nests deeper than ``MAX_JSON_DEPTH`` or 
 
 from __future__ import annotations
 
+import bisect
 import codecs
 import contextlib
 import json
@@ -19,6 +20,7 @@ import math
 import re
 from abc import ABC, abstractmethod
 from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any, Final, Protocol
@@ -312,7 +314,10 @@ class BufferedJson(_Buffered):
             masked = masker.value(document)
         except JsonRejected as exc:  # in JSON held in a string (tool arguments)
             raise self._refused(exc) from exc
-        if not masker.changed and not rewritten:
+        # After each string is masked on its own: a false match across strings then meets replacement
+        # tokens, never a value of one string it could cut short.
+        joined = mask_across_strings(masked, inspector, self.findings)
+        if not masker.changed and not rewritten and not joined:
             return self._read_as_utf8(inspector, body)
         if self._charset is None:
             return dump_json(masked).encode(ENCODING)
@@ -345,6 +350,102 @@ def dump_json(node: Any, *, ascii_only: bool = False) -> str:
     if text.isascii() or not _SURROGATE.search(text):
         return text
     return json.dumps(node, ensure_ascii=True, separators=(",", ":"))
+
+
+# Values of these keys are labels, not text a reader runs together with the text around them: they stay
+# out of the joined text, so a sender cannot break a value apart by putting a message's role between its
+# halves.
+JOIN_SKIP_KEYS: Final = frozenset(
+    {"role", "type", "model", "object", "id", "tool_call_id", "index", "finish_reason", "system_fingerprint"}
+)
+
+
+def mask_across_strings(document: Any, inspector: Inspector, findings: list[Finding]) -> bool:
+    """Find, and mask in place, what only the strings of ``document`` read together hold: a card in two
+    content parts of one message, across two messages, or across the choices of an answer.
+
+    Two readings: every string value (but the labels of ``JOIN_SKIP_KEYS``) in document order, then the
+    strings of each key name apart (every ``content``, every ``text``...), so another field between two
+    halves does not break a value apart. Strings are joined with nothing between, since a split can fall
+    anywhere, even inside a group of digits. A value found across two or more strings is decided once;
+    its replacement goes where its first piece was and its other pieces are removed. It runs on the
+    document after every string was masked alone, and values inside one string are left to that
+    masking. A false match across strings needs the
+    joined text to pass the rule and its validator (Luhn, checksums, entropy), and at worst masks a little
+    more than needed. Returns whether anything changed; the findings (offsets in the joined text) are
+    added."""
+    leaves = _string_leaves(document)
+    changed = _mask_joined(leaves, inspector, findings)
+    groups: dict[Any, list[tuple[Any, Any]]] = {}
+    for node, key in _string_leaves(document) if changed else leaves:
+        groups.setdefault(key if isinstance(key, str) else None, []).append((node, key))
+    for group in groups.values():
+        if len(group) < len(leaves):  # a group of every string was read already
+            changed = _mask_joined(group, inspector, findings) or changed
+    return changed
+
+
+def _string_leaves(document: Any) -> list[tuple[Any, Any]]:
+    """(container, key) of every non-empty string value but labels, in document order, without recursion."""
+    leaves: list[tuple[Any, Any]] = []
+    stack = [_members(document)]
+    while stack:
+        member = next(stack[-1], None)
+        if member is None:
+            stack.pop()
+            continue
+        node, key, value = member
+        if isinstance(value, dict | list):
+            stack.append(_members(value))
+        elif isinstance(value, str) and value and key not in JOIN_SKIP_KEYS:
+            leaves.append((node, key))
+    return leaves
+
+
+def _mask_joined(leaves: list[tuple[Any, Any]], inspector: Inspector, findings: list[Finding]) -> bool:
+    if len(leaves) < 2:
+        return False
+    texts = [node[key] for node, key in leaves]
+    starts = [0, *accumulate(len(text) for text in texts)]
+    joined = "".join(texts)
+    crossing = [
+        f
+        for f in inspector.detector.scan(joined)
+        if bisect.bisect_right(starts, f.start) != bisect.bisect_left(starts, f.end)
+    ]
+    edits: dict[int, list[tuple[int, int, str]]] = {}
+    cursor = 0
+    for finding in sorted(crossing, key=lambda f: (f.start, -f.end)):
+        if finding.start < cursor:
+            continue  # overlaps one already masked
+        spec = inspector.masker.decide(finding)
+        findings.append(finding)
+        if spec is None:
+            continue
+        cursor = finding.end
+        replacement = inspector.masker.replacement(finding, joined[finding.start : finding.end], spec)
+        first = bisect.bisect_right(starts, finding.start) - 1
+        last = bisect.bisect_left(starts, finding.end) - 1
+        for leaf in range(first, last + 1):
+            low = max(finding.start, starts[leaf]) - starts[leaf]
+            high = min(finding.end, starts[leaf + 1]) - starts[leaf]
+            edits.setdefault(leaf, []).append((low, high, replacement if leaf == first else ""))
+    for leaf, spans in edits.items():
+        node, key = leaves[leaf]
+        text = texts[leaf]
+        for low, high, replacement in sorted(spans, reverse=True):
+            text = text[:low] + replacement + text[high:]
+        node[key] = text
+    return bool(edits)
+
+
+def _members(node: Any) -> Iterator[tuple[Any, Any, Any]]:
+    """(container, key or index, value) of an object's or an array's members, in order."""
+    if isinstance(node, dict):
+        return ((node, key, value) for key, value in node.items())
+    if isinstance(node, list):
+        return ((node, index, value) for index, value in enumerate(node))
+    return iter(())
 
 
 class JsonMasker:
