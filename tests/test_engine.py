@@ -135,15 +135,18 @@ def test_stream_holds_back_only_what_a_match_could_still_cover() -> None:
     scanner = detector().stream()
     hold = detector().hold
     assert hold < 700 < detector().width  # the 2000-character PEM rule is anchored on "-----BEGIN"
-    out, _ = scanner.feed("a" * 5000)
-    # Only what a match in progress could cover: the letters may be the local part of an e-mail address
-    # (at most 64 characters), not the fixed hold of the widest rule.
-    assert len(out) == 5000 - 64
+    # A run of letters up to encoded.MAX_RUN may still be base64 worth decoding: it is held whole; past
+    # that, only what a match in progress could cover.
+    assert scanner.feed("a" * 5000)[0] == ""
+    out, _ = scanner.feed("a" * 15000)
+    # The letters may be the local part of an e-mail address (at most 64 characters), not the fixed hold
+    # of the widest rule.
+    assert len(out) == 20000 - 64
     assert scanner.held == 64 < hold
     out, found = scanner.feed(" mail jane@exa")
     assert "jane" not in out
-    out, found = scanner.feed("mple.com " + "b" * 5000)
-    assert [(f.start, f.end) for f in found] == [(5006, 5022)]
+    out, found = scanner.feed("mple.com " + "b" * 20000)
+    assert [(f.start, f.end) for f in found] == [(20006, 20022)]
 
 
 def test_a_long_rule_holds_back_from_its_anchor_only() -> None:
@@ -151,7 +154,7 @@ def test_a_long_rule_holds_back_from_its_anchor_only() -> None:
     hold = detector().hold
     out, _ = scanner.feed("x" * 1000 + " -----BEGIN PRIVATE KEY-----\n" + "A" * 1500)
     assert out == "x" * 1000 + " "  # the block may still end within the rule's reach: held from its start
-    out, found = scanner.feed("\n-----END PRIVATE KEY-----" + "y" * 2000)
+    out, found = scanner.feed("\n-----END PRIVATE KEY-----\n" + "y" * 20000)  # no base64 run to hold
     assert [f.rule_id for f in found] == ["pem-block"]
     assert out.startswith("-----BEGIN")
     assert scanner.held == 64 < hold  # the trailing letters may still be an e-mail address's local part

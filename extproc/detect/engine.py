@@ -29,6 +29,7 @@ from pathlib import Path
 
 import hyperscan
 
+from extproc.detect import encoded
 from extproc.detect.normalize import OffsetMap, normalize
 from extproc.detect.normalize import prepare as prepare_normalize
 from extproc.detect.rules import LoadedRule, RuleSet, pattern_width
@@ -48,6 +49,9 @@ MatchHandler = Callable[[int, int, int, int, object], bool | None]
 # The masker's own replacements ([REDACTED:ENTITY], [ENTITY:<16 hex>]) are not data: a finding inside one
 # is dropped, so masking twice changes nothing.
 MASK_TOKEN = re.compile(r"\[(?:REDACTED:[A-Z][A-Z0-9_]{0,63}|[A-Z][A-Z0-9_]{0,63}:[0-9a-f]{16})\]")
+
+
+_SEVERITY = {"low": 0, "medium": 1, "high": 2, "critical": 3}
 
 
 class DetectorError(Exception):
@@ -136,6 +140,13 @@ class Detector:
                     widest, self._load_exact(index, loaded, literal_expressions, literal_flags, problems)
                 )
         self.width = widest
+        self._severity = {r.id: _SEVERITY[r.rule.severity] for r in self.rules}
+        # The rules that read the text of base64 runs (encoded.py): high and critical credentials.
+        self._decoded_ids = frozenset(
+            r.id
+            for r in self.rules
+            if r.rule.category == "credential" and r.rule.severity in ("high", "critical")
+        )
         # What a stream holds back: only what a match still in progress could cover (see tail.py).
         self.tail = self._tail_model()
         # The fixed hold streams used before the tail model, kept for comparisons (StreamScanner's
@@ -342,7 +353,32 @@ class Detector:
         mapped = {Finding(f.rule_id, f.entity, *view.span(f.start, f.end)) for f in findings}
         return sorted(mapped, key=lambda f: (f.start, f.end, f.rule_id))
 
-    def _scan_view(self, text: str) -> list[Finding]:
+    def _scan_view(self, text: str, decode: bool = True) -> list[Finding]:
+        findings = self._scan_plain(text)
+        if decode:
+            encoded_findings = self.encoded(text, 0, len(text))
+            if encoded_findings:
+                findings = sorted({*findings, *encoded_findings}, key=lambda f: (f.start, f.end, f.rule_id))
+        return findings
+
+    def encoded(self, text: str, start: int, end: int, continued: bool = False) -> list[Finding]:
+        """A finding per base64 run in ``text[start:end]`` whose decoded text holds a high or critical
+        credential, spanning the whole run (encoded.py). ``continued``: a run starting at ``start``
+        began before it, in text already released, and is too long to decode."""
+        found = []
+        for low, high in encoded.runs(text, start, end):
+            if continued and low == start:
+                continue
+            plain = encoded.decoded(text[low:high])
+            if plain is None:
+                continue
+            inside = [f for f in self._scan_plain(normalize(plain).text) if f.rule_id in self._decoded_ids]
+            if inside:  # the run is reported as the most severe credential it holds, the first of those
+                first = min(inside, key=lambda f: (-self._severity[f.rule_id], f.start))
+                found.append(Finding(first.rule_id, first.entity, low, high))
+        return found
+
+    def _scan_plain(self, text: str) -> list[Finding]:
         hits = _Hits()
         on_regex, on_literal = self._handlers(hits)
         data = _ascii(text)
@@ -602,6 +638,7 @@ class StreamScanner:
         self._oreleased = 0
         self._received = 0  # original characters received
         self._offsets = OffsetMap()
+        self._run_from = 0  # where the run of base64 characters at the end of the view starts
         self._hits = _Hits()
         self._memo: dict[tuple[int, int, int], set[Finding]] = {}
         # The binding does not keep the handlers alive: the scanner must, for as long as its streams live.
@@ -635,6 +672,9 @@ class StreamScanner:
                     self._offsets.add(length + start, self._received + origin)
             self._original += text
             self._received += len(text)
+            stripped = len(view.text.rstrip(encoded.ALPHABET))
+            if stripped:  # the piece has a character outside the base64 alphabet: a run starts after it
+                self._run_from = length + stripped
             self._buffer += view.text
             data = _ascii(view.text)
             for stream in self._streams:
@@ -663,6 +703,10 @@ class StreamScanner:
             limit = min(end - self._hold, self._anchored_limit(end))
         else:
             limit = self._detector.tail.limit(self._buffer, self._base, self._tail)
+        decoding = bool(self._detector._decoded_ids)  # base64 runs are decoded: hold them whole
+        growing = self._released <= self._run_from < end and end - self._run_from <= encoded.MAX_RUN
+        if decoding and growing and not final:
+            limit = min(limit, self._run_from)  # a run that may still grow
         if limit <= self._released:
             if final and self._oreleased < self._received:  # characters the view dropped, at the end
                 out, self._oreleased = self._original[self._oreleased - self._obase :], self._received
@@ -682,13 +726,25 @@ class StreamScanner:
         )
         spans = [(f.start + self._base, f.end + self._base, f) for f in findings]
         crossing = True
-        while crossing:  # a finding across the limit is held back whole
+        while crossing:  # a finding, or a base64 run, across the limit is held back whole
             crossing = False
             for start, stop, _ in spans:
                 if start < limit < stop:
                     limit, crossing = start, True
+            if decoding and limit < end and self._buffer[limit - base] in encoded.ALPHABET:
+                run = encoded.run_start(self._buffer, self._released - base, limit - base) + base
+                rest = self._buffer[limit - base :]
+                run_end = limit + len(rest) - len(rest.lstrip(encoded.ALPHABET))
+                length = run_end - run
+                if run < limit and encoded.MIN_RUN <= length <= encoded.MAX_RUN and not self._continues(run):
+                    limit, crossing = run, True
         if limit <= self._released:
             return "", []
+        low = self._released - base
+        if decoding:
+            continued = self._continues(self._released)
+            hidden = detector.encoded(self._buffer, low, limit - base, continued)
+            spans += [(f.start + base, f.end + base, f) for f in hidden]
         released = [
             Finding(f.rule_id, f.entity, self._offsets.origin(start), self._offsets.origin(stop - 1) + 1)
             for start, stop, f in spans
@@ -699,6 +755,11 @@ class StreamScanner:
         self._released, self._oreleased = limit, original_limit
         self._trim()
         return out, released
+
+    def _continues(self, offset: int) -> bool:
+        """Whether the base64 characters at view offset ``offset`` go on from text before it."""
+        index = offset - self._base
+        return 0 < index <= len(self._buffer) and self._buffer[index - 1] in encoded.ALPHABET
 
     def _anchored_limit(self, end: int) -> int:
         """The first place a long anchored rule's match could still be in progress: where its anchor
