@@ -22,6 +22,7 @@ MIN_RUN: Final = 20
 MAX_RUN: Final = 16384
 ALPHABET: Final = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/_-="
 _RUN: Final = re.compile(rf"[A-Za-z0-9+/_-]{{{MIN_RUN},}}={{0,2}}")
+RUN_START: Final = rf"[A-Za-z0-9+/_-]{{{MIN_RUN}}}".encode()  # for Hyperscan: is there a run at all
 _PRINTABLE_SHARE: Final = 0.9
 
 
