@@ -1,0 +1,85 @@
+"""A streamed answer refused by the policy part-way (a ``block`` or ``approve`` verdict on a finding of the
+answer) ends with an error event: what was held for the refused value must never go out in clear."""
+
+import json
+from functools import cache
+from pathlib import Path
+
+from extproc.detect.rules import load_rules
+from extproc.errors import ExtProcError, UpstreamError
+from extproc.mask import Inspector
+from extproc.mask.ndjson import NdjsonStream
+from extproc.mask.sse import EventStream
+from extproc.model import Finding
+from extproc.policy import PolicyDenied
+
+PACK = Path(__file__).resolve().parent.parent / "rules"
+TOO_LARGE = UpstreamError("too large", code="upstream_too_large")
+
+
+@cache
+def default_pack() -> Inspector:
+    return Inspector.build(load_rules([PACK]), hash_key=b"test-hash-key-0123456789")
+
+
+class BlockCards:
+    """Cards refused, everything else masked."""
+
+    class _Mask:
+        action = "mask"
+        strategy = None
+
+    def verdict(self, finding: Finding) -> "BlockCards._Mask":
+        if finding.entity == "CREDIT_CARD":
+            raise PolicyDenied("card refused", code="policy_blocked")
+        return self._Mask()
+
+
+def chat(text: str, index: int = 0) -> bytes:
+    chunk = {"choices": [{"index": index, "delta": {"content": text}}]}
+    return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+
+def run_until_refused(processor: EventStream | NdjsonStream, pieces: list[bytes]) -> bytes:
+    out = b""
+    for piece in pieces:
+        try:
+            out += processor.feed(piece)
+        except ExtProcError:
+            return out + processor.cut()
+    try:
+        return out + processor.finish()
+    except ExtProcError:
+        return out + processor.cut()
+
+
+def test_regression_a_refused_card_split_across_events_is_not_released_in_clear_on_the_cut() -> None:
+    processor = EventStream(default_pack().scoped(BlockCards()), 1 << 16, TOO_LARGE)
+    out = run_until_refused(
+        processor,
+        [chat("Hello there. "), chat("card 4111 1111 1111 111"), chat("1 and that is all. "), chat("More. ")],
+    )
+    assert b"4111" not in out
+    assert b"1111 111" not in out
+
+
+def test_regression_a_masked_value_released_with_a_refused_one_is_not_released_in_clear() -> None:
+    # The e-mail (masked) and the card (refused) are settled by the same release: the card's refusal
+    # must not leave the address's pieces unmasked in what the cut releases.
+    processor = EventStream(default_pack().scoped(BlockCards()), 1 << 16, TOO_LARGE)
+    out = run_until_refused(
+        processor, [chat("Hi. jane@exam"), chat("ple.com 4111 1111 1111 111"), chat("1 and that is all. ")]
+    )
+    assert b"jane@exam" not in out
+    assert b"4111" not in out
+
+
+def test_regression_a_refused_card_split_across_ndjson_lines_is_not_released_in_clear() -> None:
+    def line(text: str) -> bytes:
+        return json.dumps({"message": {"role": "assistant", "content": text}, "done": False}).encode() + b"\n"
+
+    processor = NdjsonStream(default_pack().scoped(BlockCards()), 1 << 16, TOO_LARGE)
+    out = run_until_refused(
+        processor, [line("Hello there. "), line("card 4111 1111 1111 111"), line("1 and that is all. ")]
+    )
+    assert b"4111" not in out
