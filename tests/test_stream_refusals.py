@@ -5,6 +5,8 @@ import json
 from functools import cache
 from pathlib import Path
 
+import pytest
+
 from extproc.detect.rules import load_rules
 from extproc.errors import ExtProcError, UpstreamError
 from extproc.mask import Inspector
@@ -83,3 +85,17 @@ def test_regression_a_refused_card_split_across_ndjson_lines_is_not_released_in_
         processor, [line("Hello there. "), line("card 4111 1111 1111 111"), line("1 and that is all. ")]
     )
     assert b"4111" not in out
+
+
+def test_regression_a_repeated_key_in_an_event_is_not_named_in_clear_in_the_error() -> None:
+    card = "4111111111111111"
+    body = b'data: {"' + card.encode() + b'": 1, "' + card.encode() + b'": 2}\n\n'
+    for processor in (
+        EventStream(default_pack(), 1 << 16, TOO_LARGE),
+        NdjsonStream(default_pack(), 1 << 16, TOO_LARGE),
+    ):
+        data = body if isinstance(processor, EventStream) else body.removeprefix(b"data: ").rstrip() + b"\n"
+        with pytest.raises(UpstreamError) as refused:
+            processor.feed(data)
+        assert card not in refused.value.message
+        assert card not in str(refused.value)

@@ -42,6 +42,7 @@ from extproc.mask import Inspector
 from extproc.mask.bodies import (
     ENCODING,
     ERRORS,
+    DuplicateKey,
     JsonMasker,
     JsonRejected,
     SseEvent,
@@ -102,7 +103,9 @@ def load_json(text: str) -> Any:
     try:
         return loads_strict(text)
     except JsonRejected as exc:
-        raise UpstreamError(f"an event of the answer is JSON that cannot be scanned: {exc}") from exc
+        # Never the key itself: it is the sender's text, unscanned, and the message reaches the client.
+        reason = "a key repeated in one object" if isinstance(exc, DuplicateKey) else str(exc)
+        raise UpstreamError(f"an event of the answer is JSON that cannot be scanned: {reason}") from exc
     except ValueError as exc:
         if text.lstrip().startswith(("{", "[")):
             raise UpstreamError("an event of the answer is JSON that cannot be read one way only") from exc
