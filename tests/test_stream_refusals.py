@@ -99,3 +99,19 @@ def test_regression_a_repeated_key_in_an_event_is_not_named_in_clear_in_the_erro
             processor.feed(data)
         assert card not in refused.value.message
         assert card not in str(refused.value)
+
+
+CARD = "4111 1111 1111 1111"
+
+
+def escaped(text: str) -> str:
+    return json.dumps(text).replace("4", "\\u0034").replace("1", "\\u0031")
+
+
+def test_regression_an_event_that_is_a_json_string_is_scanned_as_its_receiver_decodes_it() -> None:
+    sse = EventStream(default_pack(), 1 << 16, TOO_LARGE)
+    out = sse.feed(b"data: " + escaped(CARD).encode() + b"\n\n") + sse.finish()
+    assert "4111" not in json.loads(out.decode().removeprefix("data: "))
+    ndjson = NdjsonStream(default_pack(), 1 << 16, TOO_LARGE)
+    out = ndjson.feed(escaped(CARD).encode() + b"\n") + ndjson.finish()
+    assert "4111" not in json.loads(out)

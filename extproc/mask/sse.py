@@ -157,7 +157,14 @@ class EventStream(SseEvents):
             document = load_json(data)
         except ValueError:
             document = None
-        if not isinstance(document, dict | list):  # text, or a bare JSON scalar: read as the text it is
+        if isinstance(document, str):  # a JSON string: read as its receiver decodes it (escapes undone)
+            string = [document]
+            held = self._router.event(
+                lambda h: self.render(event, dump_json(string[0]) if h.changed else None)
+            )
+            self._residual(held, string, 0, ("<data>",))
+            return self._router.seal(held)
+        if not isinstance(document, dict | list):  # text, or a bare JSON number: read as the text it is
             box = {"data": data}
             held = self._router.event(lambda h: self.render(event, box["data"] if h.changed else None))
             self._residual(held, box, "data", ("<data>",))
