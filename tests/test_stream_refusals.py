@@ -115,3 +115,24 @@ def test_regression_an_event_that_is_a_json_string_is_scanned_as_its_receiver_de
     ndjson = NdjsonStream(default_pack(), 1 << 16, TOO_LARGE)
     out = ndjson.feed(escaped(CARD).encode() + b"\n") + ndjson.finish()
     assert "4111" not in json.loads(out)
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        {"x": {"4111111111111111": 1}},
+        {"x": 4111111111111111},
+        {"x": [4.111111111111111e15]},
+        {"choices": [{"index": 0, "delta": {"content": "hi"}}], "4111111111111111": True},
+        {"choices": [{"index": 0, "delta": {"content": "hi"}, "x": 4111111111111111}]},
+        {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "a"}, "n": -4111111111111111},
+    ],
+)
+def test_regression_a_card_as_a_key_or_a_long_number_inside_an_event_is_masked(document: object) -> None:
+    sse = EventStream(default_pack(), 1 << 16, TOO_LARGE)
+    out = sse.feed(b"data: " + json.dumps(document).encode() + b"\n\n") + sse.finish()
+    assert "4111" not in json.dumps(json.loads(out.decode().removeprefix("data: ")))
+    assert [f.entity for f in sse.findings] == ["CREDIT_CARD"]
+    ndjson = NdjsonStream(default_pack(), 1 << 16, TOO_LARGE)
+    out = ndjson.feed(json.dumps(document).encode() + b"\n") + ndjson.finish()
+    assert "4111" not in json.dumps(json.loads(out))

@@ -502,6 +502,33 @@ class JsonMasker:
             node.update((keys[index], value) for index, (_, value) in enumerate(items))
         return len(self.findings) > before
 
+    def keys_and_numbers(self, node: Any) -> tuple[Any, bool]:
+        """``node`` with every object key and long number under it masked whole, in place, and whether
+        anything was masked. String values are left alone: a token stream's strings go through its
+        scanners, but nothing joins keys or numbers across events, and a receiver reads them too."""
+        changed, self.changed = self.changed, False
+        node = self._keys_and_numbers(node)
+        masked, self.changed = self.changed, changed or self.changed
+        return node, masked
+
+    def _keys_and_numbers(self, node: Any) -> Any:
+        if isinstance(node, bool) or node is None or isinstance(node, str):
+            return node
+        if isinstance(node, int | float):
+            return self._number(node)
+        if isinstance(node, list):
+            for index, item in enumerate(node):
+                node[index] = self._keys_and_numbers(item)
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                node[key] = self._keys_and_numbers(value)
+            keys = self._keys(node, 1, frozenset())
+            if keys is not None:
+                values = list(node.values())
+                node.clear()
+                node.update(zip(keys, values, strict=True))
+        return node
+
     def _object(self, node: dict[str, Any], depth: int) -> dict[str, Any]:
         values = [self.value(value, depth) for value in node.values()]
         keys = self._keys(node, depth, frozenset())

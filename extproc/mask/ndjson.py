@@ -94,6 +94,9 @@ class NdjsonStream:
             return (str(root[0]) if as_text else dump_json(root[0])) + end.decode()
 
         held = self._router.event(render)
+        if not as_text:  # no scanner reads keys and numbers
+            root[0], held.changed = self._json.keys_and_numbers(root[0])
+            document = root[0]
         if isinstance(document, dict):
             self._document(held, document)
         elif isinstance(document, str):

@@ -169,8 +169,10 @@ class EventStream(SseEvents):
             held = self._router.event(lambda h: self.render(event, box["data"] if h.changed else None))
             self._residual(held, box, "data", ("<data>",))
             return self._router.seal(held)
+        document, masked = self._json.keys_and_numbers(document)  # no scanner reads keys and numbers
         root = [document]
         held = self._router.event(lambda h: self.render(event, dump_json(root[0]) if h.changed else None))
+        held.changed = masked
         kind = document.get("type") if isinstance(document, dict) else None
         if isinstance(document, list):
             self._residual(held, root, 0, ())
