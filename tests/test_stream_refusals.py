@@ -136,3 +136,25 @@ def test_regression_a_card_as_a_key_or_a_long_number_inside_an_event_is_masked(d
     ndjson = NdjsonStream(default_pack(), 1 << 16, TOO_LARGE)
     out = ndjson.feed(json.dumps(document).encode() + b"\n") + ndjson.finish()
     assert "4111" not in json.dumps(json.loads(out))
+
+
+def test_regression_invisible_characters_alone_are_released_and_cost_linear_time() -> None:
+    # Characters the normalised view drops move no view offset: they were held to the end of the stream,
+    # and each piece copied everything held so far (quadratic time on an answer of zero-width spaces).
+    scanner = default_pack().detector.stream()
+    released = ""
+    for _ in range(4000):
+        out, _found = scanner.feed("\u200b" * 1000)
+        released += out
+    assert scanner.held == 0
+    assert len(released) == 4_000_000
+    assert len(scanner._original) < 1000  # what is held, not what was released
+    tail = "card 4111\u200b 1111 1111 1111\u200b end"
+    out, found = scanner.feed(tail)
+    more, rest = scanner.finish()
+    assert out + more == tail
+    block = default_pack().detector.scan(tail)
+    shift = 4_000_000
+    assert sorted((f.rule_id, f.start - shift, f.end - shift) for f in found + rest) == sorted(
+        (f.rule_id, f.start, f.end) for f in block
+    )
