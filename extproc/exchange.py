@@ -338,18 +338,31 @@ class Exchange:
             info,
             shadows=[FindingActions(s, s.policy.request, info) for s in shadows],
         )
-        upstream = self._snapshot.settings.upstream
-        skip = {"authorization", UNMASKED_HEADER, upstream.header, *upstream.strip_headers}
-        return self._scan_headers(Direction.REQUEST, event, self._request_actions, skip).changes
+        # Only what never reaches the model goes unscanned: the caller's credential headers when the
+        # model server's own credential replaces them (without one they are forwarded as sent), and the
+        # bearer token identity verified (the caller's own, not data).
+        skip = {UNMASKED_HEADER}
+        credential = self._snapshot.credential
+        if credential.configured:
+            skip |= {self._snapshot.settings.upstream.header, *credential.strip}
+        items = event.items
+        if self._snapshot.settings.identity.mode == "jwt" and "authorization" not in skip:
+            verified = ("authorization", event.get("authorization"))
+            items = tuple(pair for pair in items if pair != verified)
+        return self._scan_headers(Direction.REQUEST, items, self._request_actions, skip).changes
 
     def _scan_headers(
-        self, direction: Direction, event: Headers, actions: FindingActions, skip: set[str]
+        self,
+        direction: Direction,
+        items: tuple[tuple[str, str], ...],
+        actions: FindingActions,
+        skip: set[str],
     ) -> HeaderScan:
         scan = self._header_scans[direction] = HeaderScan()
         inspector = self._snapshot.inspector
         request = direction is Direction.REQUEST
         try:
-            scan_headers(event.items, inspector.detector, inspector.masker, actions, skip=skip, into=scan)
+            scan_headers(items, inspector.detector, inspector.masker, actions, skip=skip, into=scan)
         except HeaderNotMaskable as exc:
             if request:
                 raise ClientError(str(exc), code="header_not_maskable") from exc
@@ -653,7 +666,8 @@ class Exchange:
         try:
             self._response_inspector()
             assert self._response_actions is not None
-            scanned = self._scan_headers(Direction.RESPONSE, event, self._response_actions, set()).changes
+            actions = self._response_actions
+            scanned = self._scan_headers(Direction.RESPONSE, event.items, actions, set()).changes
         except ExtProcError as error:
             return self._reject(error)
         if event.end_of_stream or state.mode is BodyMode.NONE:

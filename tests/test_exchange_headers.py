@@ -1,6 +1,7 @@
 """Headers and the URL as a channel (issue 12, class 6): the exchange driven with plain events."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -145,11 +146,36 @@ def test_a_value_in_a_header_that_cannot_be_rewritten_refuses_the_request(header
     assert refused(request(exchange(), (header, value))) == (403, "header_not_maskable")
 
 
-def test_the_callers_credential_is_not_scanned() -> None:
-    ex = exchange()
+def test_the_callers_credential_is_not_scanned_when_it_is_removed(tmp_path: Path) -> None:
+    key = tmp_path / "model.key"
+    key.write_text("model-key\n")
+    snapshot = build_snapshot(
+        load_settings(
+            None,
+            detect={"rules": [str(RULES)], "edm_key_file": str(EDM_KEY_FILE)},
+            upstream={"credential_file": str(key)},
+        )
+    )
+    ex = exchange(snapshot)
     reply = request(ex, ("authorization", f"Bearer {CARD_DIGITS}"), ("x-api-key", CARD_DIGITS))
-    assert "authorization" not in changed(reply)
+    assert isinstance(reply, ContinueHeaders)
+    assert dict(reply.changes.set)["authorization"] == "Bearer model-key"
+    assert "x-api-key" in reply.changes.remove
     assert not ex.findings[REQ]
+
+
+def test_regression_credential_headers_forwarded_without_an_upstream_credential_are_scanned() -> None:
+    # Without upstream.credential_* nothing replaces or removes the caller's credential headers: they
+    # reach the model as sent, so they are a channel like any other header.
+    ex = exchange()
+    reply = request(
+        ex, ("authorization", f"Bearer {CARD_DIGITS}"), ("x-api-key", CARD), ("api-key", f"k {CARD}")
+    )
+    masked = changed(reply)
+    assert masked["authorization"] == [f"Bearer {REDACTED_CARD}"]
+    assert masked["x-api-key"] == [REDACTED_CARD]
+    assert masked["api-key"] == [f"k {REDACTED_CARD}"]
+    assert [f.entity for f in ex.findings[REQ]] == ["CREDIT_CARD"] * 3
 
 
 POLICIES = """

@@ -114,3 +114,14 @@ def test_a_false_match_across_strings_never_cuts_a_value_of_one_string_short() -
     are masked alone first, so the joined reading meets replacements, not the card's digits."""
     out, _ = masked({"a": ["x", {"b": f"card {CARD}"}], "e": "jane@example.com"})
     assert out == {"a": ["x", {"b": "card **** **** **** 1111"}], "e": "[REDACTED:EMAIL_ADDRESS]"}
+
+
+def test_regression_a_value_found_only_with_the_words_of_another_message_is_masked() -> None:
+    # The SSN rule needs its keyword nearby: "my ssn is" in one message, the number alone in the next.
+    # Read joined, it is found, inside one string: it must be masked there, not left to that string's
+    # own scan, which cannot see the keyword.
+    assert INSPECTOR.mask_text("536228726")[1] == []
+    document = chat({"role": "user", "content": "my ssn is "}, {"role": "user", "content": "536228726"})
+    out, entities = masked(document)
+    assert "536228726" not in json.dumps(out)
+    assert entities == ["US_SSN"]

@@ -727,10 +727,15 @@ class StreamScanner:
         if decoding and growing and not final:
             limit = min(limit, self._run_from)  # a run that may still grow
         if limit <= self._released:
-            if final and self._oreleased < self._received:  # characters the view dropped, at the end
-                out, self._oreleased = self._original[self._oreleased - self._obase :], self._received
-                return out, []
-            return "", []
+            # Characters the view dropped (zero-width, controls) before the first held view character go
+            # out now: they move no view offset, and held they would pile up to the end of the stream.
+            original_limit = self._received if final else self._offsets.origin(self._released)
+            if original_limit <= self._oreleased:
+                return "", []
+            out = self._original[self._oreleased - self._obase : original_limit - self._obase]
+            self._oreleased = original_limit
+            self._trim()
+            return out, []
         detector, base = self._detector, self._base
         settled = None
         if not self._fixed_hold:
@@ -792,11 +797,11 @@ class StreamScanner:
         return limit
 
     def _trim(self) -> None:
+        # Of the original, only what is not released yet is ever read again.
+        self._original = self._original[self._oreleased - self._obase :]
+        self._obase = self._oreleased
         keep_from = max(self._base, self._released - self._keep)
         if keep_from > self._base:
-            original_from = self._offsets.origin(keep_from)
-            self._original = self._original[original_from - self._obase :]
-            self._obase = original_from
             self._offsets.drop_before(keep_from)
             self._buffer = self._buffer[keep_from - self._base :]
             self._base = keep_from

@@ -369,11 +369,11 @@ def mask_across_strings(document: Any, inspector: Inspector, findings: list[Find
     halves does not break a value apart. Strings are joined with nothing between, since a split can fall
     anywhere, even inside a group of digits. A value found across two or more strings is decided once;
     its replacement goes where its first piece was and its other pieces are removed. It runs on the
-    document after every string was masked alone, and values inside one string are left to that
-    masking. A false match across strings needs the
-    joined text to pass the rule and its validator (Luhn, checksums, entropy), and at worst masks a little
-    more than needed. Returns whether anything changed; the findings (offsets in the joined text) are
-    added."""
+    document after every string was masked alone; a value inside one string that only the joined text
+    reveals (its keyword in the string before) is masked in that string. A false match across strings
+    needs the joined text to pass the rule and its validator (Luhn, checksums, entropy), and at worst
+    masks a little more than needed. Returns whether anything changed; the findings (offsets in the
+    joined text) are added."""
     leaves = _string_leaves(document)
     changed = _mask_joined(leaves, inspector, findings)
     groups: dict[Any, list[tuple[Any, Any]]] = {}
@@ -408,11 +408,20 @@ def _mask_joined(leaves: list[tuple[Any, Any]], inspector: Inspector, findings: 
     texts = [node[key] for node, key in leaves]
     starts = [0, *accumulate(len(text) for text in texts)]
     joined = "".join(texts)
-    crossing = [
-        f
-        for f in inspector.detector.scan(joined)
-        if bisect.bisect_right(starts, f.start) != bisect.bisect_left(starts, f.end)
-    ]
+    # What the strings read alone do not hold: values across strings, and values inside one string that
+    # only its neighbours' words reveal (a keyword in the message before). A value its own string holds
+    # was found there already (and is masked, or let through and counted once).
+    alone: dict[int, set[tuple[str, int, int]]] = {}
+    crossing = []
+    for f in inspector.detector.scan(joined):
+        first = bisect.bisect_right(starts, f.start) - 1
+        if first != bisect.bisect_left(starts, f.end) - 1:
+            crossing.append(f)
+            continue
+        if first not in alone:
+            alone[first] = {(g.rule_id, g.start, g.end) for g in inspector.detector.scan(texts[first])}
+        if (f.rule_id, f.start - starts[first], f.end - starts[first]) not in alone[first]:
+            crossing.append(f)
     edits: dict[int, list[tuple[int, int, str]]] = {}
     cursor = 0
     for finding in sorted(crossing, key=lambda f: (f.start, -f.end)):
@@ -501,6 +510,33 @@ class JsonMasker:
             node.clear()
             node.update((keys[index], value) for index, (_, value) in enumerate(items))
         return len(self.findings) > before
+
+    def keys_and_numbers(self, node: Any) -> tuple[Any, bool]:
+        """``node`` with every object key and long number under it masked whole, in place, and whether
+        anything was masked. String values are left alone: a token stream's strings go through its
+        scanners, but nothing joins keys or numbers across events, and a receiver reads them too."""
+        changed, self.changed = self.changed, False
+        node = self._keys_and_numbers(node)
+        masked, self.changed = self.changed, changed or self.changed
+        return node, masked
+
+    def _keys_and_numbers(self, node: Any) -> Any:
+        if isinstance(node, bool) or node is None or isinstance(node, str):
+            return node
+        if isinstance(node, int | float):
+            return self._number(node)
+        if isinstance(node, list):
+            for index, item in enumerate(node):
+                node[index] = self._keys_and_numbers(item)
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                node[key] = self._keys_and_numbers(value)
+            keys = self._keys(node, 1, frozenset())
+            if keys is not None:
+                values = list(node.values())
+                node.clear()
+                node.update(zip(keys, values, strict=True))
+        return node
 
     def _object(self, node: dict[str, Any], depth: int) -> dict[str, Any]:
         values = [self.value(value, depth) for value in node.values()]

@@ -102,6 +102,9 @@ class Router:
         self._seen: set[tuple[str, tuple[tuple[int, int, int], ...]]] = set()
         self.findings: list[Finding] = []
         self.held = 0  # characters of pieces not final yet
+        # A verdict refused a finding (it raised): the stream ends, and nothing it held goes out. Findings
+        # released with the refused one, and the refused value's own pieces, were never marked.
+        self._refused = False
 
     def event(self, render: Callable[[HeldEvent], str]) -> HeldEvent:
         held = HeldEvent(render)
@@ -136,7 +139,12 @@ class Router:
         return self._ready()
 
     def finish(self) -> list[HeldEvent]:
-        """The stream ends: every channel releases all it holds; every event is ready."""
+        """The stream ends: every channel releases all it holds; every event is ready. After a refused
+        finding, nothing more is ready: what was held is dropped, never released unmasked."""
+        if self._refused:
+            self.close()
+            self._queue.clear()
+            return []
         for channel in self._channels.values():
             self._released(channel, *channel.scanner.finish())
         self._channels.clear()
@@ -180,9 +188,13 @@ class Router:
             return
         self._seen.add(where)
         self.findings.append(finding)
-        replacement = self._inspector.masker.apply(
-            value, [Finding(finding.rule_id, finding.entity, 0, len(value))]
-        )
+        try:
+            replacement = self._inspector.masker.apply(
+                value, [Finding(finding.rule_id, finding.entity, 0, len(value))]
+            )
+        except BaseException:
+            self._refused = True
+            raise
         if replacement == value:  # the policy lets it through
             return
         for number, (piece, start, end) in enumerate(spans):

@@ -84,7 +84,8 @@ class NdjsonStream:
             document = load_json(text) if text.strip() else None
         except ValueError:
             document = None
-        as_text = not isinstance(document, dict | list)  # text, or a bare JSON scalar: read as text
+        # Text, or a bare JSON number, is read as the text it is; a JSON string as its receiver decodes it.
+        as_text = not isinstance(document, dict | list | str)
         root: list[Any] = [text if as_text else document]
 
         def render(held: HeldEvent) -> str:
@@ -93,8 +94,13 @@ class NdjsonStream:
             return (str(root[0]) if as_text else dump_json(root[0])) + end.decode()
 
         held = self._router.event(render)
+        if not as_text:  # no scanner reads keys and numbers
+            root[0], held.changed = self._json.keys_and_numbers(root[0])
+            document = root[0]
         if isinstance(document, dict):
             self._document(held, document)
+        elif isinstance(document, str):
+            self._residual(held, root, 0, ("<text>",))
         else:
             self._residual(held, root, 0, ("<text>",) if as_text else ())
         return b"".join(h.render(h).encode(ENCODING, ERRORS) for h in self._router.seal(held))

@@ -42,6 +42,7 @@ from extproc.mask import Inspector
 from extproc.mask.bodies import (
     ENCODING,
     ERRORS,
+    DuplicateKey,
     JsonMasker,
     JsonRejected,
     SseEvent,
@@ -102,7 +103,9 @@ def load_json(text: str) -> Any:
     try:
         return loads_strict(text)
     except JsonRejected as exc:
-        raise UpstreamError(f"an event of the answer is JSON that cannot be scanned: {exc}") from exc
+        # Never the key itself: it is the sender's text, unscanned, and the message reaches the client.
+        reason = "a key repeated in one object" if isinstance(exc, DuplicateKey) else str(exc)
+        raise UpstreamError(f"an event of the answer is JSON that cannot be scanned: {reason}") from exc
     except ValueError as exc:
         if text.lstrip().startswith(("{", "[")):
             raise UpstreamError("an event of the answer is JSON that cannot be read one way only") from exc
@@ -154,13 +157,22 @@ class EventStream(SseEvents):
             document = load_json(data)
         except ValueError:
             document = None
-        if not isinstance(document, dict | list):  # text, or a bare JSON scalar: read as the text it is
+        if isinstance(document, str):  # a JSON string: read as its receiver decodes it (escapes undone)
+            string = [document]
+            held = self._router.event(
+                lambda h: self.render(event, dump_json(string[0]) if h.changed else None)
+            )
+            self._residual(held, string, 0, ("<data>",))
+            return self._router.seal(held)
+        if not isinstance(document, dict | list):  # text, or a bare JSON number: read as the text it is
             box = {"data": data}
             held = self._router.event(lambda h: self.render(event, box["data"] if h.changed else None))
             self._residual(held, box, "data", ("<data>",))
             return self._router.seal(held)
+        document, masked = self._json.keys_and_numbers(document)  # no scanner reads keys and numbers
         root = [document]
         held = self._router.event(lambda h: self.render(event, dump_json(root[0]) if h.changed else None))
+        held.changed = masked
         kind = document.get("type") if isinstance(document, dict) else None
         if isinstance(document, list):
             self._residual(held, root, 0, ())
