@@ -42,6 +42,7 @@ from extproc.mask import Inspector
 from extproc.mask.bodies import (
     ENCODING,
     ERRORS,
+    BodyProcessor,
     JsonMasker,
     JsonRejected,
     SseEvent,
@@ -367,33 +368,42 @@ def _empty_logprobs(node: Any) -> bool:
 _BOM = b"\xef\xbb\xbf"
 _SSE_FIRST_LINE = (b"data:", b"event:", b"id:", b"retry:", b":")
 _DATA_LINE = re.compile(rb"[\r\n]data:")
+_WIDE_BOMS = (b"\xff\xfe", b"\xfe\xff")  # UTF-16 (and UTF-32) byte order marks
+_JSON_SPACE = b" \t\r\n"
 
 
 class SniffedStream:
-    """A streamed answer served as text or with no content type, read the way a client expecting events
-    would read it. A client asking for a stream parses server-sent events whatever the content type says,
-    so masking such a body as plain text would let the JSON of each event split a value in two.
+    """A streamed answer served as text or with no content type, read the way its client would read it.
+    A client asking for a stream parses server-sent events whatever the content type says, so masking
+    such a body as plain text would let the JSON of each event split a value in two; and the ``openai``
+    client parses a text answer to a request that is not streamed as JSON, decoding its escapes.
 
-    The first bytes decide: after an optional byte order mark and blank lines, a first line that starts
-    with ``data:``, ``event:``, ``id:``, ``retry:`` or ``:`` (a comment) makes the body an event stream
-    (``EventStream``); anything else is streamed text (``StreamingText``). A text body in which a line
-    later starts with ``data:`` ends with ``unscannable``: a client could read events out of what was
-    masked as text. Nothing is released before the choice is made (at most the first line)."""
+    The first bytes decide. After an optional byte order mark and whitespace, a body that starts with
+    ``{`` or ``[``, or one in UTF-16 or UTF-32 (a NUL in its first two bytes, or their byte order mark:
+    only JSON readers decode those), is held whole and read as JSON (``json``, a ``SniffedJson``: one
+    document, lines of JSON objects, or text). Otherwise, after the byte order mark and blank lines, a
+    first line that starts with ``data:``, ``event:``, ``id:``, ``retry:`` or ``:`` (a comment) makes the
+    body an event stream (``EventStream``); anything else is streamed text (``StreamingText``). A text
+    body in which a line later starts with ``data:`` ends with ``unscannable``: a client could read
+    events out of what was masked as text. Nothing is released before the choice is made (at most the
+    first line), and ``streaming`` says, once it is, whether the body is released as it is masked."""
 
     def __init__(
         self,
         events: Callable[[], EventStream],
         text: Callable[[], StreamingText],
+        json: Callable[[], BodyProcessor],
         max_head: int,
         too_large: ExtProcError,
         unscannable: ExtProcError,
     ) -> None:
         self._events = events
         self._text = text
+        self._json = json
         self._max_head = max_head
         self._too_large = too_large
         self._unscannable = unscannable
-        self.chosen: EventStream | StreamingText | None = None
+        self.chosen: EventStream | StreamingText | BodyProcessor | None = None
         self._head = b""
         self._tail = b"\n"  # the last bytes of a text body; the stream starts at the start of a line
 
@@ -423,14 +433,31 @@ class SniffedStream:
         assert self.chosen is not None
         return out + self.chosen.finish()
 
+    @property
+    def streaming(self) -> bool | None:
+        """Whether the chosen body is released as it is masked; None before the choice."""
+        if self.chosen is None:
+            return None
+        return isinstance(self.chosen, EventStream | StreamingText)
+
     def cut(self) -> bytes:
         return self.chosen.cut() if isinstance(self.chosen, EventStream) else b""
 
     def _choose(self, final: bool) -> bool:
         head = self._head
-        if not final and len(head) < len(_BOM) and _BOM.startswith(head):
+        if not final and (len(head) < 2 or (len(head) < len(_BOM) and _BOM.startswith(head))):
             return False
-        first = head.removeprefix(_BOM).lstrip(b"\r\n")
+        if b"\x00" in head[:2] or head.startswith(_WIDE_BOMS):
+            self.chosen = self._json()
+            return True
+        body = head.removeprefix(_BOM)
+        start = body.lstrip(_JSON_SPACE)
+        if not start and not final:
+            return False
+        if start.startswith((b"{", b"[")):
+            self.chosen = self._json()
+            return True
+        first = body.lstrip(b"\r\n")
         longest = max(len(start) for start in _SSE_FIRST_LINE)
         if not final and len(first) < longest and b"\r" not in first and b"\n" not in first:
             return False
