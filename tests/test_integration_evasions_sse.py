@@ -156,3 +156,53 @@ def test_regression_an_unknown_dialect_split_across_events_is_found(stack: Stack
         json.loads(line[6:])["token"]["text"] for line in answer.text.split("\n") if line.startswith("data: ")
     )
     assert_masked(joined)
+
+
+def escaped(text: str) -> str:
+    """``text`` with every character written as a JSON ``\\uXXXX`` escape."""
+    return "".join(f"\\u{ord(c):04x}" for c in text)
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", ""])
+def test_regression_a_json_answer_served_as_text_has_its_escapes_read(
+    client: openai.OpenAI, demo: Demo, content_type: str
+) -> None:
+    # The openai client parses a text answer as JSON, so the escapes are a card to it.
+    completion = {
+        "id": "c1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "m",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "card " + escaped("4111 1111 1111 1111")},
+                "finish_reason": "stop",
+            }
+        ],
+    }
+    body = json.dumps(completion).replace("\\\\u", "\\u").encode()
+    reply = demo.script(raw_b64=base64.b64encode(body).decode(), content_type=content_type)
+    answer = client.chat.completions.create(
+        model="demo-small",
+        messages=[{"role": "user", "content": "hi"}],
+        extra_headers={"x-demo-reply": reply},
+    )
+    assert_masked(json.dumps(answer.model_dump()))
+
+
+def test_regression_ndjson_served_as_text_is_read_line_by_line(stack: Stack, demo: Demo) -> None:
+    text = "".join(HALVES)
+    lines = [
+        json.dumps({"model": "m", "response": escaped(text[i : i + 3]), "done": False})
+        for i in range(0, len(text), 3)
+    ]
+    body = "\n".join(lines).replace("\\\\u", "\\u") + '\n{"model": "m", "response": "", "done": true}\n'
+    reply = demo.script(raw_b64=base64.b64encode(body.encode()).decode(), content_type="text/plain")
+    answer = httpx.post(
+        f"{stack.url}/v1/chat/completions",
+        json={"model": "demo-small", "messages": [{"role": "user", "content": "hi"}]},
+        headers={"x-demo-reply": reply},
+        timeout=30,
+    )
+    assert_masked("".join(json.loads(line)["response"] for line in answer.text.splitlines()))
