@@ -17,7 +17,10 @@ strings of an event are of three kinds:
   the text a ``content_block_start`` opens with). Each feeds the channel of its text (choice and field,
   tool call, item and part, block) and the stream's one answer channel. A text field of an unexpected
   shape (``content`` as a list of parts, ``delta`` as a string, ``arguments`` as an object) still feeds
-  them: every string in it but its ``type``, ``id``, ``index`` and ``name``.
+  them: every string in it but its ``type``, ``id``, ``index`` and ``name``. Tool-call arguments
+  (chat ``arguments``, Responses ``*_arguments.delta``, ``partial_json``) are the text of a JSON
+  document that the client and the tool parse: they also feed a channel that reads them decoded
+  (``\\u0040`` as ``@``, ``extproc.mask.escapes``), masked on the raw text, on whole escapes.
 - **Whole values**, known fields no receiver joins across events (ids, model, role, ``finish_reason``,
   ``obfuscation``, usage, signatures, the full texts of ``.done`` and ``response.completed`` events,
   ``message_start``'s message): each string masked whole, as in a JSON body.
@@ -51,7 +54,7 @@ from extproc.mask.bodies import (
     dump_json,
     loads_strict,
 )
-from extproc.mask.joined import ANSWER, MAX_CHANNELS, HeldEvent, Router
+from extproc.mask.joined import ANSWER, MAX_CHANNELS, HeldEvent, JsonText, Router
 from extproc.model import Finding
 
 _CHAT_META = frozenset(
@@ -76,6 +79,7 @@ _RESPONSES_BINARY = frozenset({"response.audio.delta"})
 _RESPONSES_DELTA_META = frozenset(
     {"type", "item_id", "sequence_number", "obfuscation", *("output_index", "content_index", "summary_index")}
 )
+_ARGUMENTS_DELTA = "_arguments.delta"  # function_call_arguments, mcp_call_arguments: JSON text
 _POSITION = ("item_id", "output_index", "content_index", "summary_index")
 _ANTHROPIC_TYPES = frozenset(
     {
@@ -177,11 +181,15 @@ class EventStream(SseEvents):
 
     # -- the three kinds of strings --------------------------------------------------------------------
 
-    def _text(self, held: HeldEvent, node: Any, key: Any, text: tuple[Any, ...]) -> None:
-        """A text delta (or a text field of an unexpected shape) of the text ``text``."""
+    def _text(
+        self, held: HeldEvent, node: Any, key: Any, text: tuple[Any, ...], json_text: bool = False
+    ) -> None:
+        """A text delta (or a text field of an unexpected shape) of the text ``text``. ``json_text``: the
+        text is a JSON document (tool-call arguments), also read decoded, as its receiver parses it."""
         value = node[key]
         if isinstance(value, str):
-            channels = (("text", *text), ANSWER)
+            channel = ("text", *text)
+            channels = (channel, JsonText(channel), ANSWER) if json_text else (channel, ANSWER)
             self._router.piece(held, value, lambda final: node.__setitem__(key, final), channels)
         elif isinstance(value, dict):
             for inner in list(value):
@@ -283,7 +291,7 @@ class EventStream(SseEvents):
     def _function(self, held: HeldEvent, function: dict[str, Any], text: tuple[Any, ...]) -> None:
         for key in list(function):
             if key == "arguments":
-                self._text(held, function, key, text)
+                self._text(held, function, key, text, json_text=True)
             elif key == "name":
                 self._whole(held, function, key)
             else:
@@ -300,7 +308,7 @@ class EventStream(SseEvents):
         text = ("responses", kind.removesuffix(".delta"), *(_key(chunk.get(f)) for f in _POSITION))
         for key in list(chunk):
             if key == "delta":
-                self._text(held, chunk, key, text)
+                self._text(held, chunk, key, text, json_text=kind.endswith(_ARGUMENTS_DELTA))
             elif key in _RESPONSES_DELTA_META or key == "logprobs":
                 self._whole(held, chunk, key)
             else:
@@ -336,7 +344,8 @@ class EventStream(SseEvents):
         known = field is not None or kind in ("signature_delta", "citations_delta")
         for key in list(delta):
             if key == field:
-                self._text(held, delta, key, ("anthropic", index, kind))
+                json_text = field == "partial_json"
+                self._text(held, delta, key, ("anthropic", index, kind), json_text=json_text)
             elif (
                 key == "type"
                 or (kind == "signature_delta" and key == "signature")
