@@ -41,7 +41,7 @@ from extproc.mask.encoding import (
 )
 from extproc.mask.headers import HeaderNotMaskable, HeaderScan, HeadersTooLarge, scan_headers
 from extproc.mask.ndjson import MEDIA_TYPES as NDJSON_MEDIA_TYPES
-from extproc.mask.ndjson import NdjsonStream
+from extproc.mask.ndjson import NdjsonStream, SniffedJson
 from extproc.mask.sse import EventStream, SniffedStream
 from extproc.model import (
     Actions,
@@ -696,16 +696,28 @@ class Exchange:
             too_large = UpstreamError(f"response body exceeds {limit} bytes", code="upstream_too_large")
             state.processor = BufferedJson(inspector, limit, too_large, invalid, as_text=self._json_as_text)
         elif (media == "" or media.startswith("text/")) and streamed:
-            # Framed as SSE, it is read as SSE whatever its content type says (see SniffedStream).
+            # Framed as SSE, it is read as SSE whatever its content type says; starting like JSON, it is
+            # held whole and read as JSON (see SniffedStream). Its headers wait for that choice.
             state.streaming = True
             limit = limits.max_stream_bytes
             too_large = UpstreamError(f"response body exceeds {limit} bytes", code="upstream_too_large")
             event_too_large = UpstreamError(
                 f"one event of the answer exceeds {limits.max_event_bytes} bytes", code="upstream_too_large"
             )
+            json_limit = limits.max_response_bytes
+            json_too_large = UpstreamError(
+                f"response body exceeds {json_limit} bytes", code="upstream_too_large"
+            )
             state.processor = SniffedStream(
                 lambda: EventStream(inspector, limits.max_event_bytes, event_too_large),
                 lambda: StreamingText(inspector, limit, too_large),
+                lambda: SniffedJson(
+                    inspector,
+                    json_limit,
+                    json_too_large,
+                    UpstreamError("response body is not valid JSON"),
+                    limits.max_event_bytes,
+                ),
                 limits.max_event_bytes,
                 event_too_large,
                 UpstreamError("a text answer holds a server-sent event data line"),
@@ -733,7 +745,7 @@ class Exchange:
             return [reply]
         # FULL_DUPLEX_STREAMED. Streamed bodies are released as they are masked. A buffered body is
         # answered only once it is masked: holding the headers answer back keeps an error status possible.
-        if state.streaming:
+        if state.streaming and not isinstance(state.processor, SniffedStream):
             return [reply]
         state.deferred_headers = reply
         return []
@@ -776,7 +788,7 @@ class Exchange:
                 changes = HeaderChanges(set=(("content-length", str(len(out))),))
             return [ReplaceBody(event.direction, out, changes)]
         replies: list[Reply] = []
-        if last:
+        if last or _chosen_streaming(state.processor):
             replies.extend(self._release_headers(state))
         if out or event.end_of_stream:
             replies.append(StreamChunk(event.direction, out, event.end_of_stream))
@@ -905,6 +917,11 @@ class Exchange:
         body = json.dumps(self.error_body(error), separators=(",", ":")).encode()
         headers = (("content-type", "application/json"), (DECISION_HEADER, self.decision_id), *extra)
         return [Reject(status=error.http_status, body=body, headers=headers, details=f"extproc_{error.code}")]
+
+
+def _chosen_streaming(processor: BodyProcessor) -> bool:
+    """A sniffed answer found to be released as it is masked (its headers need not wait any longer)."""
+    return isinstance(processor, SniffedStream) and bool(processor.streaming)
 
 
 def _terminal(processor: BodyProcessor, payload: dict[str, str]) -> bytes:

@@ -390,9 +390,20 @@ def test_an_ndjson_stream_over_its_size_limit_ends_with_an_error_line() -> None:
 def test_a_plain_text_stream_past_its_deadline_is_reset() -> None:
     ex = exchange()
     json_request(ex)
-    ex.handle(headers(RESP, ("content-type", "text/plain")))
+    assert ex.handle(headers(RESP, ("content-type", "text/plain"))) == []  # until the first bytes decide
+    sent, *_ = ex.handle(Body(RESP, b"just text, ", False))
+    assert isinstance(sent, ContinueHeaders)
     with pytest.raises(UpstreamError):
         ex.expire()
+
+
+def test_a_text_answer_past_its_deadline_before_its_first_bytes_is_a_504() -> None:
+    ex = exchange()
+    json_request(ex)
+    ex.handle(headers(RESP, ("content-type", "text/plain")))
+    [reply] = ex.expire()
+    assert isinstance(reply, Reject)
+    assert reply.status == 504
 
 
 def test_a_lone_surrogate_escape_in_a_json_prompt_is_masked_around_and_kept_escaped() -> None:
@@ -427,3 +438,32 @@ def test_a_text_answer_with_a_data_line_after_its_start_is_cut() -> None:
     ex.handle(Body(RESP, b"just text\n", False))
     with pytest.raises(UpstreamError):  # a plain body has no in-band error: the server resets the stream
         ex.handle(Body(RESP, token("Card 4111 1111"), False))
+
+
+@pytest.mark.parametrize("content_type", [(("content-type", "text/plain"),), ()])
+@pytest.mark.parametrize("prefix", [b"", b"\xef\xbb\xbf", b" \r\n\t"])
+def test_a_streamed_text_answer_that_is_json_is_masked_as_json(
+    content_type: tuple[tuple[str, str], ...], prefix: bytes
+) -> None:
+    # The openai client parses a text answer as JSON: its escapes are digits to it.
+    escaped = "".join(f"\\u{ord(c):04x}" for c in "4111 1111 1111 1111")
+    body = prefix + b'{"choices":[{"message":{"content":"card ' + escaped.encode() + b'"}}]}'
+    ex = exchange()
+    json_request(ex)
+    assert ex.handle(headers(RESP, *content_type)) == []
+    assert ex.handle(Body(RESP, body[:5], False)) == []
+    assert ex.handle(Body(RESP, body[5:20], False)) == []
+    [sent, chunk] = ex.handle(Body(RESP, body[20:], True))
+    assert isinstance(sent, ContinueHeaders)
+    assert isinstance(chunk, StreamChunk)
+    assert json.loads(chunk.data)["choices"][0]["message"]["content"] == "card [REDACTED:CREDIT_CARD]"
+
+
+def test_a_streamed_text_answer_that_starts_like_json_but_is_too_large_is_refused() -> None:
+    ex = exchange()  # max_response_bytes 4096
+    json_request(ex)
+    ex.handle(headers(RESP, ("content-type", "text/plain")))
+    assert ex.handle(Body(RESP, b'["' + b"x" * 3000, False)) == []
+    [reply] = ex.handle(Body(RESP, b"x" * 3000, False))
+    assert isinstance(reply, Reject)
+    assert reply.status == 502

@@ -156,3 +156,123 @@ def test_regression_an_unknown_dialect_split_across_events_is_found(stack: Stack
         json.loads(line[6:])["token"]["text"] for line in answer.text.split("\n") if line.startswith("data: ")
     )
     assert_masked(joined)
+
+
+def escaped(text: str) -> str:
+    """``text`` with every character written as a JSON ``\\uXXXX`` escape."""
+    return "".join(f"\\u{ord(c):04x}" for c in text)
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", ""])
+def test_regression_a_json_answer_served_as_text_has_its_escapes_read(
+    client: openai.OpenAI, demo: Demo, content_type: str
+) -> None:
+    # The openai client parses a text answer as JSON, so the escapes are a card to it.
+    completion = {
+        "id": "c1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "m",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "card " + escaped("4111 1111 1111 1111")},
+                "finish_reason": "stop",
+            }
+        ],
+    }
+    body = json.dumps(completion).replace("\\\\u", "\\u").encode()
+    reply = demo.script(raw_b64=base64.b64encode(body).decode(), content_type=content_type)
+    answer = client.chat.completions.create(
+        model="demo-small",
+        messages=[{"role": "user", "content": "hi"}],
+        extra_headers={"x-demo-reply": reply},
+    )
+    assert_masked(json.dumps(answer.model_dump()))
+
+
+def test_regression_ndjson_served_as_text_is_read_line_by_line(stack: Stack, demo: Demo) -> None:
+    text = "".join(HALVES)
+    lines = [
+        json.dumps({"model": "m", "response": escaped(text[i : i + 3]), "done": False})
+        for i in range(0, len(text), 3)
+    ]
+    body = "\n".join(lines).replace("\\\\u", "\\u") + '\n{"model": "m", "response": "", "done": true}\n'
+    reply = demo.script(raw_b64=base64.b64encode(body.encode()).decode(), content_type="text/plain")
+    answer = httpx.post(
+        f"{stack.url}/v1/chat/completions",
+        json={"model": "demo-small", "messages": [{"role": "user", "content": "hi"}]},
+        headers={"x-demo-reply": reply},
+        timeout=30,
+    )
+    assert_masked("".join(json.loads(line)["response"] for line in answer.text.splitlines()))
+
+
+ESCAPED_ARGUMENTS = (
+    '{"to": "jane' + escaped("@") + 'example.com", "card": "' + escaped("4111 1111 1111 1111") + '"}'
+)
+
+
+def test_regression_streamed_tool_arguments_with_json_escapes_are_read_decoded(
+    client: openai.OpenAI, demo: Demo
+) -> None:
+    # The client joins the pieces and the tool parses them: \u0040 is an @ to both. Cut inside escapes.
+    pieces = [ESCAPED_ARGUMENTS[i : i + 5] for i in range(0, len(ESCAPED_ARGUMENTS), 5)]
+    opening = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "pay", "arguments": ""}}
+    deltas = [{"role": "assistant", "tool_calls": [opening]}]
+    deltas += [{"tool_calls": [{"index": 0, "function": {"arguments": piece}}]} for piece in pieces]
+    calls = [chunk(None) for _ in deltas] + [chunk(None, finish="tool_calls")]
+    for call, delta in zip(calls, deltas, strict=False):
+        call["choices"][0]["delta"] = delta
+    reply = demo.script(raw_b64=base64.b64encode(events(*calls)).decode(), content_type="text/event-stream")
+    stream = client.chat.completions.create(
+        model="demo-small",
+        messages=[{"role": "user", "content": "hi"}],
+        stream=True,
+        extra_headers={"x-demo-reply": reply},
+    )
+    with stream:
+        arguments = "".join(
+            call.function.arguments or ""
+            for c in stream
+            for call in (c.choices[0].delta.tool_calls or [] if c.choices else [])
+            if call.function is not None
+        )
+    decoded = json.loads(arguments)
+    assert decoded["to"] == "[REDACTED:EMAIL_ADDRESS]"
+    assert_masked(decoded["card"])
+
+
+def test_regression_anthropic_partial_json_with_json_escapes_is_read_decoded(
+    stack: Stack, demo: Demo
+) -> None:
+    def event(kind: str, **data: Any) -> str:
+        return f"event: {kind}\ndata: {json.dumps({'type': kind, **data})}\n\n"
+
+    message = {"id": "m1", "type": "message", "role": "assistant", "content": [], "model": "m"}
+    message |= {"stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 1, "output_tokens": 1}}
+    body = event("message_start", message=message)
+    block = {"type": "tool_use", "id": "toolu_1", "name": "pay", "input": {}}
+    body += event("content_block_start", index=0, content_block=block)
+    for start in range(0, len(ESCAPED_ARGUMENTS), 4):
+        delta = {"type": "input_json_delta", "partial_json": ESCAPED_ARGUMENTS[start : start + 4]}
+        body += event("content_block_delta", index=0, delta=delta)
+    body += event("content_block_stop", index=0)
+    body += event("message_delta", delta={"stop_reason": "tool_use"}, usage={"output_tokens": 9})
+    body += event("message_stop")
+    reply = demo.script(raw_b64=base64.b64encode(body.encode()).decode(), content_type="text/event-stream")
+    client = anthropic.Anthropic(base_url=stack.url, api_key="unused", max_retries=0)
+    with (
+        client,
+        client.messages.stream(
+            model="demo-small",
+            max_tokens=100,
+            messages=[{"role": "user", "content": "hi"}],
+            extra_headers={"x-demo-reply": reply},
+        ) as stream,
+    ):
+        final = stream.get_final_message()
+    [tool_use] = [b for b in final.content if b.type == "tool_use"]
+    assert isinstance(tool_use.input, dict)
+    assert tool_use.input["to"] == "[REDACTED:EMAIL_ADDRESS]"
+    assert_masked(tool_use.input["card"])

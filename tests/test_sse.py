@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from extproc.errors import UpstreamError
 from extproc.mask.bodies import StreamingText
+from extproc.mask.ndjson import SniffedJson
 from extproc.mask.sse import EventStream, SniffedStream
 
 from .rules_fixture import inspector
@@ -545,6 +546,7 @@ def sniffed() -> SniffedStream:
     return SniffedStream(
         lambda: EventStream(inspector(), 1 << 16, TOO_LARGE),
         lambda: StreamingText(inspector(), 1 << 20, TOO_LARGE),
+        lambda: SniffedJson(inspector(), 1 << 20, TOO_LARGE, UpstreamError("not JSON"), 1 << 16),
         1 << 16,
         TOO_LARGE,
         UpstreamError("data line in text"),
@@ -578,3 +580,75 @@ def test_a_body_that_starts_as_text_stays_text_until_a_data_line_appears() -> No
     with pytest.raises(UpstreamError):
         processor.feed(b"\ndata: {}\n\n")
     assert b"4111" not in out
+
+
+def escaped(text: str) -> str:
+    """``text`` with every character written as a JSON ``\\uXXXX`` escape."""
+    return "".join(f"\\u{ord(c):04x}" for c in text)
+
+
+def sniff_all(body: bytes, cuts: list[int]) -> tuple[bytes, SniffedStream]:
+    processor, out, position = sniffed(), b"", 0
+    for size in cuts:
+        out += processor.feed(body[position : position + size])
+        position += size
+    return out + processor.feed(body[position:]) + processor.finish(), processor
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.sampled_from([b"", b"\xef\xbb\xbf", b"\n", b" \t\r\n"]),
+    st.lists(st.integers(min_value=1, max_value=8), max_size=10),
+)
+def test_a_text_answer_that_starts_like_json_is_read_as_json_however_it_is_cut(
+    prefix: bytes, cuts: list[int]
+) -> None:
+    document = '{"choices": [{"message": {"content": "card ' + escaped("4111 1111 1111 1111") + '"}}]}'
+    out, processor = sniff_all(prefix + document.encode(), cuts)
+    assert isinstance(processor.chosen, SniffedJson)
+    assert processor.streaming is False
+    assert json.loads(out)["choices"][0]["message"]["content"] == "card [REDACTED:CREDIT_CARD]"
+
+
+def test_a_text_answer_in_utf16_is_read_as_json() -> None:
+    document = json.dumps({"content": "write to jane@example.com"})
+    for encoding in ("utf-16", "utf-16-le", "utf-32"):
+        out, processor = sniff_all(document.encode(encoding), [1, 1, 3])
+        assert isinstance(processor.chosen, SniffedJson)
+        assert json.loads(out) == {"content": "write to [REDACTED:EMAIL_ADDRESS]"}
+
+
+def test_text_that_starts_with_a_bracket_but_is_not_json_is_masked_as_text() -> None:
+    out, processor = sniff_all(b"[1] Your card: 4111 1111 1111 1111\n[2] done", [4])
+    assert isinstance(processor.chosen, SniffedJson)
+    assert out == b"[1] Your card: [REDACTED:CREDIT_CARD]\n[2] done"
+
+
+def ollama(text: str, size: int = 3) -> bytes:
+    lines = [
+        json.dumps({"model": "m", "response": escaped(text[i : i + size]), "done": False})
+        for i in range(0, len(text), size)
+    ]
+    return (
+        "\n".join(lines).replace("\\\\u", "\\u").encode()
+        + b'\n{"model": "m", "response": "", "done": true}\n'
+    )
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=40), max_size=6))
+def test_ndjson_served_as_text_is_read_line_by_line_however_it_is_cut(cuts: list[int]) -> None:
+    out, processor = sniff_all(ollama(ANSWER), cuts)
+    lines = [json.loads(line) for line in out.decode().splitlines()]
+    assert "".join(line["response"] for line in lines) == MASKED
+    assert lines[-1]["done"] is True
+    assert isinstance(processor.chosen, SniffedJson)
+
+
+def test_json_lines_among_text_lines_that_would_mask_more_are_refused() -> None:
+    body = ollama("4111 1111 1111 1111", size=19) + b"note\n"
+    with pytest.raises(UpstreamError):
+        sniff_all(body, [])
+    fine = b'{"response": "hello"}\n' + b"note 4111 1111 1111 1111\n"
+    out, _ = sniff_all(fine, [])
+    assert out == b'{"response": "hello"}\nnote [REDACTED:CREDIT_CARD]\n'

@@ -8,7 +8,9 @@ no separator. A dialect feeds a text delta both to the channel of the text it be
 content, a tool call's arguments) and to the one *answer* channel every text delta of the stream feeds,
 so a value split across choices, indexes or blocks is found as well as one split across events of one
 text. Channels are never reset by the sender: a ``finish_reason`` or a new index opens or ends nothing;
-they all finish with the stream.
+they all finish with the stream. A ``JsonText`` channel reads its pieces as JSON text decoded
+(tool-call arguments, ``extproc.mask.escapes``): its findings land on the raw pieces, from the start of
+an escape to the end of one, and their replacements are written as JSON string content.
 
 An event is held until every channel it fed has released the text of its pieces (what ``StreamScanner``
 releases is settled: no later text can change a finding in it). A finding lands in every piece that holds
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field
 from extproc.detect.engine import StreamScanner
 from extproc.errors import ExtProcError
 from extproc.mask import Inspector
+from extproc.mask.escapes import JsonTextView, string_content
 from extproc.model import Finding
 
 ANSWER = ("answer",)  # the channel every text delta of a stream feeds
@@ -83,11 +86,73 @@ class HeldEvent:
         self.changed = False  # something in it was masked or rewritten
 
 
+@dataclass(frozen=True, slots=True)
+class JsonText:
+    """The key of a channel that reads its pieces as JSON text decoded (tool-call arguments): the
+    scanner reads the view of ``extproc.mask.escapes``, findings land on the raw pieces, on whole
+    escapes, and replacements are written as JSON string content."""
+
+    key: Hashable
+
+
 class _Channel:
+    """One stream scanner over the pieces fed to it, in arrival order. Offsets (``fed``, the log, the
+    findings ``feed`` returns) count characters of the pieces as they came."""
+
+    escape = False  # replacements are written as JSON string content
+
     def __init__(self, scanner: StreamScanner) -> None:
         self.scanner = scanner
         self.log: deque[tuple[int, Piece]] = deque()  # (offset, piece) fed, not all released yet
         self.fed = 0
+
+    def feed(self, text: str) -> tuple[int, list[tuple[Finding, str]]]:
+        """Feeds ``text``; returns where what is released ends, and the findings released with their
+        values."""
+        self.fed += len(text)
+        return self._released(*self.scanner.feed(text))
+
+    def finish(self) -> tuple[int, list[tuple[Finding, str]]]:
+        return self._released(*self.scanner.finish())
+
+    def _released(self, text: str, findings: list[Finding]) -> tuple[int, list[tuple[Finding, str]]]:
+        limit = self.fed - self.scanner.held
+        start = limit - len(text)
+        return limit, [(f, text[f.start - start : f.end - start]) for f in findings]
+
+
+class _JsonTextChannel(_Channel):
+    """The scanner reads the decoded view of the pieces; findings are mapped back to raw offsets."""
+
+    escape = True
+
+    def __init__(self, scanner: StreamScanner) -> None:
+        super().__init__(scanner)
+        self.view = JsonTextView()
+
+    def feed(self, text: str) -> tuple[int, list[tuple[Finding, str]]]:
+        self.fed += len(text)
+        return self._mapped(*self.scanner.feed(self.view.feed(text)))
+
+    def finish(self) -> tuple[int, list[tuple[Finding, str]]]:
+        rest = self.scanner.feed(self.view.finish())
+        end = self.scanner.finish()
+        return self._mapped(rest[0] + end[0], rest[1] + end[1])
+
+    def _mapped(self, text: str, findings: list[Finding]) -> tuple[int, list[tuple[Finding, str]]]:
+        view = self.view
+        limit = view.decoded - self.scanner.held
+        start = limit - len(text)
+        found = [
+            (
+                Finding(f.rule_id, f.entity, view.origin(f.start), view.origin(f.end)),
+                text[f.start - start : f.end - start],
+            )
+            for f in findings
+        ]
+        raw_limit = view.origin(limit)
+        view.forget(limit)
+        return raw_limit, found
 
 
 class Router:
@@ -128,10 +193,10 @@ class Router:
             if channel is None:
                 if len(self._channels) >= MAX_CHANNELS:
                     raise self._too_many
-                channel = self._channels[key] = _Channel(self._inspector.detector.stream())
+                kind = _JsonTextChannel if isinstance(key, JsonText) else _Channel
+                channel = self._channels[key] = kind(self._inspector.detector.stream())
             channel.log.append((channel.fed, piece))
-            channel.fed += len(text)
-            self._released(channel, *channel.scanner.feed(text))
+            self._released(channel, *channel.feed(text))
 
     def seal(self, event: HeldEvent) -> list[HeldEvent]:
         """No more pieces for ``event``; returns the events now ready, in order."""
@@ -146,7 +211,7 @@ class Router:
             self._queue.clear()
             return []
         for channel in self._channels.values():
-            self._released(channel, *channel.scanner.finish())
+            self._released(channel, *channel.finish())
         self._channels.clear()
         return self._ready()
 
@@ -155,13 +220,9 @@ class Router:
             channel.scanner.close()
         self._channels.clear()
 
-    def _released(self, channel: _Channel, text: str, findings: list[Finding]) -> None:
-        if not text:
-            return
-        start = channel.fed - channel.scanner.held - len(text)
-        limit = start + len(text)
-        for finding in findings:
-            self._land(channel, finding, text[finding.start - start : finding.end - start])
+    def _released(self, channel: _Channel, limit: int, findings: list[tuple[Finding, str]]) -> None:
+        for finding, value in findings:
+            self._land(channel, finding, value)
         while channel.log:
             offset, piece = channel.log[0]
             if offset + len(piece.text) > limit:
@@ -197,6 +258,8 @@ class Router:
             raise
         if replacement == value:  # the policy lets it through
             return
+        if channel.escape:
+            replacement = string_content(replacement)
         for number, (piece, start, end) in enumerate(spans):
             piece.marks.append((start, end, replacement if number == 0 else ""))
 

@@ -17,7 +17,15 @@ from typing import Any
 
 from extproc.errors import ExtProcError, UpstreamError
 from extproc.mask import Inspector
-from extproc.mask.bodies import ENCODING, ERRORS, JsonMasker, dump_json
+from extproc.mask.bodies import (
+    ENCODING,
+    ERRORS,
+    BufferedJson,
+    JsonMasker,
+    JsonRejected,
+    dump_json,
+    loads_strict,
+)
 from extproc.mask.joined import ANSWER, MAX_CHANNELS, HeldEvent, Router
 from extproc.mask.sse import load_json
 from extproc.model import Finding
@@ -74,6 +82,9 @@ class NdjsonStream:
         masked."""
         self._pending = b""
         return self._end()
+
+    def close(self) -> None:
+        self._router.close()
 
     def _end(self) -> bytes:
         return b"".join(held.render(held).encode(ENCODING, ERRORS) for held in self._router.finish())
@@ -151,3 +162,71 @@ class NdjsonStream:
         elif isinstance(value, list):
             for position in range(len(value)):
                 self._residual(held, value, position, path)
+
+
+class SniffedJson(BufferedJson):
+    """A streamed answer served as text or untyped that starts like JSON (``{`` or ``[``, see
+    ``extproc.mask.sse.SniffedStream``), held whole up to ``limit`` and read as its receivers may read it.
+    The ``openai`` client parses a text answer as JSON, so ``\\u0034`` escapes in it become digits; a
+    client of a line-delimited stream parses it line by line.
+
+    - One JSON document (object or array): masked as a JSON body (``BufferedJson``, ``sniff``).
+    - Otherwise, when every non-blank line is a JSON object: NDJSON, masked by ``NdjsonStream`` over the
+      whole body (texts joined across lines, escapes decoded).
+    - Otherwise text, masked as text. A client reading lines may still parse the lines that are JSON, so
+      the masked text is read once more as NDJSON (JSON lines decoded, other lines as text): if that
+      reading would mask anything more, the answer is refused with ``invalid``.
+
+    A line that is JSON only to a lenient reader (a repeated key, too deep) refuses the answer in every
+    case."""
+
+    def __init__(
+        self,
+        inspector: Inspector,
+        limit: int,
+        too_large: ExtProcError,
+        invalid: ExtProcError,
+        max_line_bytes: int,
+    ) -> None:
+        super().__init__(inspector, limit, too_large, invalid, sniff=True)
+        self._max_line = max_line_bytes
+
+    def _mask_text(self, inspector: Inspector, body: bytes) -> bytes:
+        every, some = _json_lines(body)
+        if every:
+            out, self.findings = _as_lines(inspector, self._max_line, self._too_large, body)
+            return out
+        out = super()._mask_text(inspector, body)
+        if some and _as_lines(inspector, self._max_line, self._too_large, out)[0] != out:
+            reason = "part of it is masked differently when its lines are read as JSON"
+            raise type(self._invalid)(f"{self._invalid.message}: {reason}", code=self._invalid.code)
+        return out
+
+
+def _as_lines(
+    inspector: Inspector, max_line_bytes: int, too_large: ExtProcError, body: bytes
+) -> tuple[bytes, list[Finding]]:
+    lines = NdjsonStream(inspector, max_line_bytes, too_large)
+    try:
+        return lines.feed(body) + lines.finish(), lines.findings
+    finally:
+        lines.close()
+
+
+def _json_lines(body: bytes) -> tuple[bool, bool]:
+    """Whether every non-blank line of ``body`` is a JSON object (one at least), and whether one line at
+    least is a JSON object or array (what a client reading lines would decode)."""
+    every, some = True, False
+    for line in body.split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            document = loads_strict(line)
+        except JsonRejected as exc:
+            raise UpstreamError(f"a line of the answer is JSON that cannot be scanned: {exc}") from exc
+        except ValueError:
+            every = False
+            continue
+        every &= isinstance(document, dict)
+        some |= isinstance(document, dict | list)
+    return every and some, some

@@ -17,7 +17,10 @@ strings of an event are of three kinds:
   the text a ``content_block_start`` opens with). Each feeds the channel of its text (choice and field,
   tool call, item and part, block) and the stream's one answer channel. A text field of an unexpected
   shape (``content`` as a list of parts, ``delta`` as a string, ``arguments`` as an object) still feeds
-  them: every string in it but its ``type``, ``id``, ``index`` and ``name``.
+  them: every string in it but its ``type``, ``id``, ``index`` and ``name``. Tool-call arguments
+  (chat ``arguments``, Responses ``*_arguments.delta``, ``partial_json``) are the text of a JSON
+  document that the client and the tool parse: they also feed a channel that reads them decoded
+  (``\\u0040`` as ``@``, ``extproc.mask.escapes``), masked on the raw text, on whole escapes.
 - **Whole values**, known fields no receiver joins across events (ids, model, role, ``finish_reason``,
   ``obfuscation``, usage, signatures, the full texts of ``.done`` and ``response.completed`` events,
   ``message_start``'s message): each string masked whole, as in a JSON body.
@@ -42,6 +45,7 @@ from extproc.mask import Inspector
 from extproc.mask.bodies import (
     ENCODING,
     ERRORS,
+    BodyProcessor,
     DuplicateKey,
     JsonMasker,
     JsonRejected,
@@ -51,7 +55,7 @@ from extproc.mask.bodies import (
     dump_json,
     loads_strict,
 )
-from extproc.mask.joined import ANSWER, MAX_CHANNELS, HeldEvent, Router
+from extproc.mask.joined import ANSWER, MAX_CHANNELS, HeldEvent, JsonText, Router
 from extproc.model import Finding
 
 _CHAT_META = frozenset(
@@ -76,6 +80,7 @@ _RESPONSES_BINARY = frozenset({"response.audio.delta"})
 _RESPONSES_DELTA_META = frozenset(
     {"type", "item_id", "sequence_number", "obfuscation", *("output_index", "content_index", "summary_index")}
 )
+_ARGUMENTS_DELTA = "_arguments.delta"  # function_call_arguments, mcp_call_arguments: JSON text
 _POSITION = ("item_id", "output_index", "content_index", "summary_index")
 _ANTHROPIC_TYPES = frozenset(
     {
@@ -188,11 +193,15 @@ class EventStream(SseEvents):
 
     # -- the three kinds of strings --------------------------------------------------------------------
 
-    def _text(self, held: HeldEvent, node: Any, key: Any, text: tuple[Any, ...]) -> None:
-        """A text delta (or a text field of an unexpected shape) of the text ``text``."""
+    def _text(
+        self, held: HeldEvent, node: Any, key: Any, text: tuple[Any, ...], json_text: bool = False
+    ) -> None:
+        """A text delta (or a text field of an unexpected shape) of the text ``text``. ``json_text``: the
+        text is a JSON document (tool-call arguments), also read decoded, as its receiver parses it."""
         value = node[key]
         if isinstance(value, str):
-            channels = (("text", *text), ANSWER)
+            channel = ("text", *text)
+            channels = (channel, JsonText(channel), ANSWER) if json_text else (channel, ANSWER)
             self._router.piece(held, value, lambda final: node.__setitem__(key, final), channels)
         elif isinstance(value, dict):
             for inner in list(value):
@@ -294,7 +303,7 @@ class EventStream(SseEvents):
     def _function(self, held: HeldEvent, function: dict[str, Any], text: tuple[Any, ...]) -> None:
         for key in list(function):
             if key == "arguments":
-                self._text(held, function, key, text)
+                self._text(held, function, key, text, json_text=True)
             elif key == "name":
                 self._whole(held, function, key)
             else:
@@ -311,7 +320,7 @@ class EventStream(SseEvents):
         text = ("responses", kind.removesuffix(".delta"), *(_key(chunk.get(f)) for f in _POSITION))
         for key in list(chunk):
             if key == "delta":
-                self._text(held, chunk, key, text)
+                self._text(held, chunk, key, text, json_text=kind.endswith(_ARGUMENTS_DELTA))
             elif key in _RESPONSES_DELTA_META or key == "logprobs":
                 self._whole(held, chunk, key)
             else:
@@ -347,7 +356,8 @@ class EventStream(SseEvents):
         known = field is not None or kind in ("signature_delta", "citations_delta")
         for key in list(delta):
             if key == field:
-                self._text(held, delta, key, ("anthropic", index, kind))
+                json_text = field == "partial_json"
+                self._text(held, delta, key, ("anthropic", index, kind), json_text=json_text)
             elif (
                 key == "type"
                 or (kind == "signature_delta" and key == "signature")
@@ -379,33 +389,42 @@ def _empty_logprobs(node: Any) -> bool:
 _BOM = b"\xef\xbb\xbf"
 _SSE_FIRST_LINE = (b"data:", b"event:", b"id:", b"retry:", b":")
 _DATA_LINE = re.compile(rb"[\r\n]data:")
+_WIDE_BOMS = (b"\xff\xfe", b"\xfe\xff")  # UTF-16 (and UTF-32) byte order marks
+_JSON_SPACE = b" \t\r\n"
 
 
 class SniffedStream:
-    """A streamed answer served as text or with no content type, read the way a client expecting events
-    would read it. A client asking for a stream parses server-sent events whatever the content type says,
-    so masking such a body as plain text would let the JSON of each event split a value in two.
+    """A streamed answer served as text or with no content type, read the way its client would read it.
+    A client asking for a stream parses server-sent events whatever the content type says, so masking
+    such a body as plain text would let the JSON of each event split a value in two; and the ``openai``
+    client parses a text answer to a request that is not streamed as JSON, decoding its escapes.
 
-    The first bytes decide: after an optional byte order mark and blank lines, a first line that starts
-    with ``data:``, ``event:``, ``id:``, ``retry:`` or ``:`` (a comment) makes the body an event stream
-    (``EventStream``); anything else is streamed text (``StreamingText``). A text body in which a line
-    later starts with ``data:`` ends with ``unscannable``: a client could read events out of what was
-    masked as text. Nothing is released before the choice is made (at most the first line)."""
+    The first bytes decide. After an optional byte order mark and whitespace, a body that starts with
+    ``{`` or ``[``, or one in UTF-16 or UTF-32 (a NUL in its first two bytes, or their byte order mark:
+    only JSON readers decode those), is held whole and read as JSON (``json``, a ``SniffedJson``: one
+    document, lines of JSON objects, or text). Otherwise, after the byte order mark and blank lines, a
+    first line that starts with ``data:``, ``event:``, ``id:``, ``retry:`` or ``:`` (a comment) makes the
+    body an event stream (``EventStream``); anything else is streamed text (``StreamingText``). A text
+    body in which a line later starts with ``data:`` ends with ``unscannable``: a client could read
+    events out of what was masked as text. Nothing is released before the choice is made (at most the
+    first line), and ``streaming`` says, once it is, whether the body is released as it is masked."""
 
     def __init__(
         self,
         events: Callable[[], EventStream],
         text: Callable[[], StreamingText],
+        json: Callable[[], BodyProcessor],
         max_head: int,
         too_large: ExtProcError,
         unscannable: ExtProcError,
     ) -> None:
         self._events = events
         self._text = text
+        self._json = json
         self._max_head = max_head
         self._too_large = too_large
         self._unscannable = unscannable
-        self.chosen: EventStream | StreamingText | None = None
+        self.chosen: EventStream | StreamingText | BodyProcessor | None = None
         self._head = b""
         self._tail = b"\n"  # the last bytes of a text body; the stream starts at the start of a line
 
@@ -435,14 +454,31 @@ class SniffedStream:
         assert self.chosen is not None
         return out + self.chosen.finish()
 
+    @property
+    def streaming(self) -> bool | None:
+        """Whether the chosen body is released as it is masked; None before the choice."""
+        if self.chosen is None:
+            return None
+        return isinstance(self.chosen, EventStream | StreamingText)
+
     def cut(self) -> bytes:
         return self.chosen.cut() if isinstance(self.chosen, EventStream) else b""
 
     def _choose(self, final: bool) -> bool:
         head = self._head
-        if not final and len(head) < len(_BOM) and _BOM.startswith(head):
+        if not final and (len(head) < 2 or (len(head) < len(_BOM) and _BOM.startswith(head))):
             return False
-        first = head.removeprefix(_BOM).lstrip(b"\r\n")
+        if b"\x00" in head[:2] or head.startswith(_WIDE_BOMS):
+            self.chosen = self._json()
+            return True
+        body = head.removeprefix(_BOM)
+        start = body.lstrip(_JSON_SPACE)
+        if not start and not final:
+            return False
+        if start.startswith((b"{", b"[")):
+            self.chosen = self._json()
+            return True
+        first = body.lstrip(b"\r\n")
         longest = max(len(start) for start in _SSE_FIRST_LINE)
         if not final and len(first) < longest and b"\r" not in first and b"\n" not in first:
             return False
