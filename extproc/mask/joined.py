@@ -29,6 +29,7 @@ import itertools
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from extproc.detect.engine import StreamScanner
 from extproc.errors import ExtProcError
@@ -268,3 +269,38 @@ class Router:
         while self._queue and self._queue[0].sealed and self._queue[0].waiting == 0:
             ready.append(self._queue.popleft())
         return ready
+
+
+class _Values(Protocol):
+    def value(self, node: Any, depth: int = 0) -> Any: ...
+
+
+class EventFields:
+    """How the fields of one event or line are fed, shared by the SSE and NDJSON readers: a known value
+    masked whole (``_whole``), or a field the dialect does not know scanned across events, by its path
+    and with all the answer's text (``_residual``)."""
+
+    _router: Router
+    _json: _Values
+
+    def _whole(self, held: HeldEvent, node: Any, key: Any) -> None:
+        """A known value no receiver joins across events: every string in it masked whole."""
+        value = node[key]
+        if isinstance(value, str | list | dict):
+            masked = self._json.value(value)
+            if masked != value:
+                node[key] = masked
+                held.changed = True
+
+    def _residual(self, held: HeldEvent, node: Any, key: Any, path: tuple[Any, ...]) -> None:
+        """A field the dialect does not know: scanned across events, by path and all joined."""
+        value = node[key]
+        if isinstance(value, str):
+            channels = (("path", path),)
+            self._router.piece(held, value, lambda final: node.__setitem__(key, final), channels)
+        elif isinstance(value, dict):
+            for inner in list(value):
+                self._residual(held, value, inner, (*path, inner))
+        elif isinstance(value, list):
+            for position in range(len(value)):
+                self._residual(held, value, position, path)

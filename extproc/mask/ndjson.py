@@ -26,7 +26,7 @@ from extproc.mask.bodies import (
     dump_json,
     loads_strict,
 )
-from extproc.mask.joined import ANSWER, MAX_CHANNELS, HeldEvent, Router
+from extproc.mask.joined import ANSWER, MAX_CHANNELS, EventFields, HeldEvent, Router
 from extproc.mask.sse import load_json
 from extproc.model import Finding
 
@@ -39,7 +39,9 @@ _MESSAGE_META = frozenset({"role", "images", "tool_calls"})
 _TOP_META = frozenset({"model", "created_at", "done", "done_reason", "context"})
 
 
-class NdjsonStream:
+class NdjsonStream(EventFields):
+    _json: JsonMasker
+
     def __init__(self, inspector: Inspector, max_line_bytes: int, too_large: ExtProcError) -> None:
         self._max = max_line_bytes
         self._too_large = too_large
@@ -142,26 +144,6 @@ class NdjsonStream:
         elif isinstance(value, dict | list):
             for inner in list(value) if isinstance(value, dict) else range(len(value)):
                 self._text(held, value, inner, text)
-
-    def _whole(self, held: HeldEvent, node: Any, key: Any) -> None:
-        value = node[key]
-        if isinstance(value, str | list | dict):
-            masked = self._json.value(value)
-            if masked != value:
-                node[key] = masked
-                held.changed = True
-
-    def _residual(self, held: HeldEvent, node: Any, key: Any, path: tuple[Any, ...]) -> None:
-        value = node[key]
-        if isinstance(value, str):
-            channels = (("path", path),)
-            self._router.piece(held, value, lambda final: node.__setitem__(key, final), channels)
-        elif isinstance(value, dict):
-            for inner in list(value):
-                self._residual(held, value, inner, (*path, inner))
-        elif isinstance(value, list):
-            for position in range(len(value)):
-                self._residual(held, value, position, path)
 
 
 class SniffedJson(BufferedJson):

@@ -55,7 +55,7 @@ from extproc.mask.bodies import (
     dump_json,
     loads_strict,
 )
-from extproc.mask.joined import ANSWER, MAX_CHANNELS, HeldEvent, JsonText, Router
+from extproc.mask.joined import ANSWER, MAX_CHANNELS, EventFields, HeldEvent, JsonText, Router
 from extproc.model import Finding
 
 _CHAT_META = frozenset(
@@ -124,7 +124,9 @@ def _key(value: Any) -> Hashable:
     return dump_json(value)
 
 
-class EventStream(SseEvents):
+class EventStream(SseEvents, EventFields):
+    _json: JsonMasker
+
     def __init__(self, inspector: Inspector, max_event_bytes: int, too_large: ExtProcError) -> None:
         super().__init__(inspector, max_event_bytes, too_large)
         too_many = UpstreamError(f"the answer opens more than {MAX_CHANNELS} texts")
@@ -212,28 +214,6 @@ class EventStream(SseEvents):
         elif isinstance(value, list):
             for position in range(len(value)):
                 self._text(held, value, position, text)
-
-    def _whole(self, held: HeldEvent, node: Any, key: Any) -> None:
-        """A known value no receiver joins across events: every string in it masked whole."""
-        value = node[key]
-        if isinstance(value, str | list | dict):
-            masked = self._json.value(value)
-            if masked != value:
-                node[key] = masked
-                held.changed = True
-
-    def _residual(self, held: HeldEvent, node: Any, key: Any, path: tuple[Any, ...]) -> None:
-        """A field the dialect does not know: scanned across events, by path and all joined."""
-        value = node[key]
-        if isinstance(value, str):
-            channels = (("path", path),)
-            self._router.piece(held, value, lambda final: node.__setitem__(key, final), channels)
-        elif isinstance(value, dict):
-            for inner in list(value):
-                self._residual(held, value, inner, (*path, inner))
-        elif isinstance(value, list):
-            for position in range(len(value)):
-                self._residual(held, value, position, path)
 
     # -- OpenAI chat completions and completions --------------------------------------------------------
 
