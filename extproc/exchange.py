@@ -23,26 +23,10 @@ from extproc.audit.spans import ExchangeTrace, Instruments
 from extproc.errors import AuthError, ClientError, ExtProcError, ProtocolError, UpstreamError
 from extproc.identity import Principal, bearer_token, principal_from_metadata
 from extproc.mask import Inspector
-from extproc.mask.bodies import (
-    UTF8_CODECS,
-    BodyProcessor,
-    BufferedJson,
-    Passthrough,
-    SseEvents,
-    StreamingText,
-    text_codec,
-)
-from extproc.mask.encoding import (
-    DecodeError,
-    Decoder,
-    UnsupportedEncoding,
-    decoder_for,
-    parse_content_encoding,
-)
+from extproc.mask.bodies import BodyProcessor, Passthrough
+from extproc.mask.encoding import DecodeError, Decoder
 from extproc.mask.headers import HeaderNotMaskable, HeaderScan, HeadersTooLarge, scan_headers
-from extproc.mask.ndjson import MEDIA_TYPES as NDJSON_MEDIA_TYPES
-from extproc.mask.ndjson import NdjsonStream, SniffedJson
-from extproc.mask.sse import EventStream, SniffedStream
+from extproc.mask.registry import BodyLimits, Reading, Refused, Scope, choose, media_type
 from extproc.model import (
     Actions,
     Body,
@@ -101,7 +85,7 @@ class _Direction:
     """Body state of one direction."""
 
     mode: BodyMode
-    processor: BodyProcessor = field(default_factory=Passthrough)
+    processor: BodyProcessor = field(default_factory=Passthrough)  # until the headers choose one
     decoder: Decoder | None = None  # undoes the content-encoding; also enforces the size limit
     had_content_length: bool = False
     streaming: bool = False  # released as it is masked (event streams, plain text), not held whole
@@ -116,26 +100,6 @@ class _Direction:
     masked: bytearray | None = None
     original_size: int = 0
     masked_size: int = 0
-
-
-def media_type(headers: Headers) -> str:
-    value = headers.get("content-type") or ""
-    return value.split(";", 1)[0].strip().lower()
-
-
-def declared_codec(headers: Headers) -> str | None:
-    """The Python codec of the content type's ``charset`` parameter; None when there is none. Raises
-    LookupError for an unknown charset, or for two that differ (readers would pick different ones)."""
-    params = (headers.get("content-type") or "").split(";")[1:]
-    names = {v.strip() for k, _, v in (p.partition("=") for p in params) if k.strip().lower() == "charset"}
-    codecs = {text_codec(name) for name in names}
-    if len(codecs) > 1:
-        raise LookupError("more than one charset")
-    return codecs.pop() if codecs else None
-
-
-def is_json(media: str) -> bool:
-    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
 class Exchange:
@@ -279,47 +243,29 @@ class Exchange:
             except ExtProcError as error:
                 return self._reject(error)
             return [ContinueHeaders(Direction.REQUEST, changes, metadata)]
-        limits = self._snapshot.settings.limits
-        too_large = ClientError(
-            f"request body exceeds {limits.max_request_bytes} bytes", code="body_too_large"
+        state.media = media_type(event)
+        limit = self._snapshot.settings.limits.max_request_bytes
+        # The policy the headers chose (_admit with no document chooses the same one) sets how long one
+        # line of a streamed request may be; a body held whole is checked against it by _admit.
+        scope = Scope(
+            self._snapshot.inspector,
+            BodyLimits(body=limit, stream=limit, event=self._request_limit()),
+            admit=self._admit,
+            json_as_text=self._json_as_text,
         )
-        media = state.media = media_type(event)
         try:
-            try:
-                codec = declared_codec(event)
-            except LookupError as exc:
-                message = f"request charset cannot be read ({exc})"
-                raise ClientError(message, code="unsupported_media_type") from exc
-            text = media == "" or media.startswith("text/")
-            if is_json(media) or text:
-                # A text or untyped body that parses as an object or array is read as JSON, as the
-                # model server may read it.
-                invalid = ClientError("request body is not valid JSON", code="invalid_json")
-                state.processor = BufferedJson(
-                    self._snapshot.inspector,
-                    limits.max_request_bytes,
-                    too_large,
-                    invalid,
-                    as_text=self._json_as_text,
-                    sniff=text,
-                    admit=self._admit,
-                    charset=codec,
-                    undecodable=ClientError("request body cannot be read", code="invalid_body"),
-                )
-            elif media in NDJSON_MEDIA_TYPES and codec in (None, *UTF8_CODECS):
-                inspector, _ = self._admit(None, 0)
-                state.processor = NdjsonStream(inspector, self._request_limit(), too_large)
-            else:
-                raise ClientError(
-                    f"request content-type {media!r} cannot be scanned", code="unsupported_media_type"
-                )
-            state.decoder = self._decoder(event, limits.max_request_bytes, too_large)
+            self._read(state, choose(event, state.mode, scope))
             changes = self._header_changes(state, scanned)
-        except UnsupportedEncoding as exc:
-            return self._reject(ClientError(str(exc), code="unsupported_content_encoding"))
         except ExtProcError as error:
             return self._reject(error)
         return [ContinueHeaders(Direction.REQUEST, changes, metadata)]
+
+    @staticmethod
+    def _read(state: _Direction, chosen: Reading | Refused) -> None:
+        """Reads the direction's body as the registry chose; raises what refuses it."""
+        if isinstance(chosen, Refused):
+            raise chosen.error
+        state.processor, state.decoder = chosen.processor, chosen.decoder
 
     def _scan_request_headers(self, event: Headers) -> HeaderChanges:
         """Every request header but the caller's credential (removed, or the upstream's own), and the
@@ -630,12 +576,6 @@ class Exchange:
     def _json_as_text(self) -> bool:
         return self._snapshot.settings.detect.unparseable == "text"
 
-    @staticmethod
-    def _decoder(event: Headers, limit: int, too_large: ExtProcError) -> Decoder:
-        """Undoes the body's content-encoding (the identity for none) and stops it at ``limit`` decoded
-        bytes, however small it is on the wire. Raises UnsupportedEncoding."""
-        return decoder_for(parse_content_encoding(event.get("content-encoding")), limit, too_large)
-
     def _header_changes(self, state: _Direction, scanned: HeaderChanges = _NO_CHANGES) -> HeaderChanges:
         """The decision id; for a body sent on decoded, no content-encoding (its length is set with the
         body, or removed by Envoy in FULL_DUPLEX_STREAMED); upstream, no unmasking request. ``scanned``:
@@ -674,96 +614,40 @@ class Exchange:
             state.ended = True
             self.finished = True
             return [ContinueHeaders(Direction.RESPONSE, self._header_changes(state, scanned))]
-        media = state.media = media_type(event)
+        state.media = media_type(event)
         state.status = event.get(":status") or ""
         try:
             inspector = self._response_inspector()
         except ExtProcError as error:
             return self._reject(error)
         limits = self.limits
-        streamed = state.mode is BodyMode.FULL_DUPLEX_STREAMED
-        limit = limits.max_response_bytes
-        if media == "text/event-stream" or media in NDJSON_MEDIA_TYPES:
-            state.streaming = streamed
-            limit = limits.max_stream_bytes
-            event_too_large = UpstreamError(
-                f"one event of the answer exceeds {limits.max_event_bytes} bytes", code="upstream_too_large"
-            )
-            kind = EventStream if media == "text/event-stream" else NdjsonStream
-            state.processor = kind(inspector, limits.max_event_bytes, event_too_large)
-        elif is_json(media):
-            invalid = UpstreamError("response body is not valid JSON")
-            too_large = UpstreamError(f"response body exceeds {limit} bytes", code="upstream_too_large")
-            state.processor = BufferedJson(inspector, limit, too_large, invalid, as_text=self._json_as_text)
-        elif (media == "" or media.startswith("text/")) and streamed:
-            # Framed as SSE, it is read as SSE whatever its content type says; starting like JSON, it is
-            # held whole and read as JSON (see SniffedStream). Its headers wait for that choice.
-            state.streaming = True
-            limit = limits.max_stream_bytes
-            too_large = UpstreamError(f"response body exceeds {limit} bytes", code="upstream_too_large")
-            event_too_large = UpstreamError(
-                f"one event of the answer exceeds {limits.max_event_bytes} bytes", code="upstream_too_large"
-            )
-            json_limit = limits.max_response_bytes
-            json_too_large = UpstreamError(
-                f"response body exceeds {json_limit} bytes", code="upstream_too_large"
-            )
-            state.processor = SniffedStream(
-                lambda: EventStream(inspector, limits.max_event_bytes, event_too_large),
-                lambda: StreamingText(inspector, limit, too_large),
-                lambda: SniffedJson(
-                    inspector,
-                    json_limit,
-                    json_too_large,
-                    UpstreamError("response body is not valid JSON"),
-                    limits.max_event_bytes,
-                ),
-                limits.max_event_bytes,
-                event_too_large,
-                UpstreamError("a text answer holds a server-sent event data line"),
-            )
-        elif media == "" or media.startswith("text/"):
-            # Read as JSON when it parses as an object or array (clients parse such answers as JSON).
-            invalid = UpstreamError("response body is not valid JSON")
-            too_large = UpstreamError(f"response body exceeds {limit} bytes", code="upstream_too_large")
-            state.processor = BufferedJson(inspector, limit, too_large, invalid, sniff=True)
-        else:
-            return self._reject(UpstreamError(f"response content-type {media!r} cannot be scanned"))
-        unreadable = self._response_charset(event, state.processor)
-        if unreadable is not None:
-            return self._reject(unreadable)
-        too_large = UpstreamError(f"response body exceeds {limit} bytes", code="upstream_too_large")
+        scope = Scope(
+            inspector,
+            BodyLimits(
+                body=limits.max_response_bytes, stream=limits.max_stream_bytes, event=limits.max_event_bytes
+            ),
+            json_as_text=self._json_as_text,
+        )
         try:
-            state.decoder = self._decoder(event, limit, too_large)
-        except UnsupportedEncoding as exc:
-            return self._reject(UpstreamError(str(exc)))
+            self._read(state, choose(event, state.mode, scope))
+        except ExtProcError as error:
+            return self._reject(error)
+        streamed = state.mode is BodyMode.FULL_DUPLEX_STREAMED
+        # Released as it is masked, or (sniffed) perhaps: a deadline applies, what it holds is traced.
+        state.streaming = streamed and state.processor.streaming is not False
         if limits.max_stream_seconds and state.streaming:
             self.deadline = time.monotonic() + limits.max_stream_seconds
         reply = ContinueHeaders(Direction.RESPONSE, self._header_changes(state, scanned))
         if not streamed:
             state.had_content_length = event.get("content-length") is not None
             return [reply]
-        # FULL_DUPLEX_STREAMED. Streamed bodies are released as they are masked. A buffered body is
-        # answered only once it is masked: holding the headers answer back keeps an error status possible.
-        if state.streaming and not isinstance(state.processor, SniffedStream):
+        # FULL_DUPLEX_STREAMED. A body known to stream is released as it is masked. A body held whole is
+        # answered only once it is masked (holding the headers answer back keeps an error status
+        # possible), and so is one whose first bytes have yet to choose.
+        if state.processor.streaming:
             return [reply]
         state.deferred_headers = reply
         return []
-
-    @staticmethod
-    def _response_charset(event: Headers, processor: BodyProcessor) -> UpstreamError | None:
-        """Sets a buffered answer's declared charset; an unknown one, or one other than UTF-8 on a
-        streamed answer (its processors read UTF-8 only), is an answer that cannot be scanned."""
-        try:
-            codec = declared_codec(event)
-        except LookupError as exc:
-            return UpstreamError(f"response charset cannot be read ({exc})")
-        if codec is None or codec in UTF8_CODECS:
-            return None
-        if not isinstance(processor, BufferedJson):
-            return UpstreamError(f"a streamed response in charset {codec} cannot be scanned")
-        processor.declare(codec, UpstreamError("response body cannot be read"))
-        return None
 
     def _close_request_body(self) -> None:
         """The upstream answered: whatever of the request body is still held will never be sent."""
@@ -788,7 +672,7 @@ class Exchange:
                 changes = HeaderChanges(set=(("content-length", str(len(out))),))
             return [ReplaceBody(event.direction, out, changes)]
         replies: list[Reply] = []
-        if last or _chosen_streaming(state.processor):
+        if last or state.processor.streaming:
             replies.extend(self._release_headers(state))
         if out or event.end_of_stream:
             replies.append(StreamChunk(event.direction, out, event.end_of_stream))
@@ -876,8 +760,6 @@ class Exchange:
 
     def _body_failed(self, direction: Direction, error: ExtProcError) -> list[Reply]:
         state = self._dirs[direction]
-        if self.passthrough:
-            raise error
         streaming_response = (
             direction is Direction.RESPONSE
             and state.mode is BodyMode.FULL_DUPLEX_STREAMED
@@ -888,25 +770,22 @@ class Exchange:
             return self._reject(error)
         # Response headers are already on their way to the client: an error status is no longer possible.
         # An event stream (SSE or NDJSON) releases what its finished texts still hold, masked, then ends
-        # with an in-band error event; a plain body is cut by resetting the stream (the server aborts).
-        # Either way nothing more of the upstream body is released.
-        chosen = state.processor
-        processor = chosen.chosen if isinstance(chosen, SniffedStream) else chosen
-        if not isinstance(processor, SseEvents | NdjsonStream):
+        # with an in-band error event; a body whose format cannot say so (plain text) is cut by resetting
+        # the stream (the server aborts). Either way nothing more of the upstream body is released.
+        processor = state.processor
+        payload = self.error_body(error)
+        terminal = processor.terminal(payload)
+        if terminal is None:
             raise error
         self._end(direction)
         state.discard = True
         self.cut = error.code
         self.trace.scanned(direction, error.code)
         released = processor.cut()
-        payload = self.error_body(error)
         # The record keeps the end of the stream with the request id as it may be shown.
-        self._keep(
-            state,
-            released + _terminal(processor, {**payload, "request_id": self.shown_request_id}),
-            original=False,
-        )
-        return [StreamChunk(direction, released + _terminal(processor, payload), True)]
+        shown = processor.terminal({**payload, "request_id": self.shown_request_id}) or b""
+        self._keep(state, released + shown, original=False)
+        return [StreamChunk(direction, released + terminal, True)]
 
     def error_body(self, error: ExtProcError) -> dict[str, str]:
         return {"error": error.code, "message": error.message, "request_id": self.request_id}
@@ -917,18 +796,6 @@ class Exchange:
         body = json.dumps(self.error_body(error), separators=(",", ":")).encode()
         headers = (("content-type", "application/json"), (DECISION_HEADER, self.decision_id), *extra)
         return [Reject(status=error.http_status, body=body, headers=headers, details=f"extproc_{error.code}")]
-
-
-def _chosen_streaming(processor: BodyProcessor) -> bool:
-    """A sniffed answer found to be released as it is masked (its headers need not wait any longer)."""
-    return isinstance(processor, SniffedStream) and bool(processor.streaming)
-
-
-def _terminal(processor: BodyProcessor, payload: dict[str, str]) -> bytes:
-    """The last event of a stream cut early: ``event: error`` (SSE), a ``"done": true`` line (NDJSON)."""
-    if isinstance(processor, SseEvents):
-        return b"event: error\ndata: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
-    return json.dumps({**payload, "done": True}, separators=(",", ":")).encode() + b"\n"
 
 
 def _actions(

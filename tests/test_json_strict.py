@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from extproc.errors import ClientError, ExtProcError, UpstreamError
-from extproc.exchange import Exchange, declared_codec
+from extproc.exchange import Exchange
 from extproc.mask.bodies import (
     MAX_JSON_DEPTH,
     BufferedJson,
@@ -21,6 +21,7 @@ from extproc.mask.bodies import (
     loads_strict,
     text_codec,
 )
+from extproc.mask.registry import declared_codec
 from extproc.model import Body, BodyMode, Direction, Headers, ProtocolConfig, Reject, ReplaceBody, StreamChunk
 
 from .rules_fixture import inspector

@@ -13,6 +13,7 @@ or not, ends the stream with ``too_large``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from extproc.errors import ExtProcError, UpstreamError
@@ -24,6 +25,7 @@ from extproc.mask.bodies import (
     JsonMasker,
     JsonRejected,
     dump_json,
+    error_line,
     loads_strict,
 )
 from extproc.mask.joined import ANSWER, MAX_CHANNELS, EventFields, HeldEvent, Router
@@ -58,6 +60,10 @@ class NdjsonStream(EventFields):
     def held(self) -> int:
         return self._router.held
 
+    @property
+    def streaming(self) -> bool:
+        return True
+
     def feed(self, data: bytes) -> bytes:
         search_from = len(self._pending)
         self._pending += data
@@ -84,6 +90,9 @@ class NdjsonStream(EventFields):
         masked."""
         self._pending = b""
         return self._end()
+
+    def terminal(self, error: Mapping[str, str]) -> bytes:
+        return error_line(error)
 
     def close(self) -> None:
         self._router.close()

@@ -37,7 +37,7 @@ strings of an event are of three kinds:
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 from extproc.errors import ExtProcError, UpstreamError
@@ -437,12 +437,16 @@ class SniffedStream:
     @property
     def streaming(self) -> bool | None:
         """Whether the chosen body is released as it is masked; None before the choice."""
-        if self.chosen is None:
-            return None
-        return isinstance(self.chosen, EventStream | StreamingText)
+        return self.chosen.streaming if self.chosen is not None else None
 
     def cut(self) -> bytes:
-        return self.chosen.cut() if isinstance(self.chosen, EventStream) else b""
+        if self.chosen is None:
+            self._head = b""
+            return b""
+        return self.chosen.cut()
+
+    def terminal(self, error: Mapping[str, str]) -> bytes | None:
+        return self.chosen.terminal(error) if self.chosen is not None else None
 
     def _choose(self, final: bool) -> bool:
         head = self._head
