@@ -324,7 +324,12 @@ class FailingWrite:
     ``partial``: the kernel's own way of filling a disk in the middle of a batch."""
 
     def __init__(
-        self, failing: set[int], *, partial: bool = False, cut: Callable[[bytes], int] | None = None
+        self,
+        failing: set[int],
+        *,
+        partial: bool = False,
+        cut: Callable[[bytes], int] | None = None,
+        gate: threading.Event | None = None,
     ):
         self.failing = failing
         self.partial = partial
@@ -332,11 +337,14 @@ class FailingWrite:
         self.calls = 0
         self.failed_once = False
         self.second_call = threading.Event()
+        self.gate = gate  # when given, the second call waits for it: the test sees the state between
 
     def __call__(self, fd: int, data: bytes) -> int:
         self.calls += 1
         if self.calls == 2:
             self.second_call.set()
+            if self.gate is not None:
+                self.gate.wait(10)
         if self.calls in self.failing:
             if self.partial and not self.failed_once:
                 self.failed_once = True
@@ -408,10 +416,12 @@ def test_a_failing_start_is_retried_without_new_records(
     tmp_path: Path, make: Callable[..., RecordWriter]
 ) -> None:
     path = tmp_path / "record.jsonl"
-    write = FailingWrite({1})
+    gate = threading.Event()
+    write = FailingWrite({1}, gate=gate)
     writer = make(path, write=write, retry_seconds=0.0)
-    assert not writer.healthy
     assert write.second_call.wait(10)  # the thread retried on its own: nothing was submitted or flushed
+    assert not writer.healthy  # the retry is still in its write: the failure is what the writer knows
+    gate.set()
     assert writer.flush()
     assert writer.healthy
     writer.close()
