@@ -14,6 +14,7 @@ import pytest
 from extproc.devenv import Stack
 
 from .conftest import Demo
+from .test_sse import escaped
 
 HALVES = ("Your card 4111 1111", " 1111 1111 is on file.")
 
@@ -156,11 +157,6 @@ def test_regression_an_unknown_dialect_split_across_events_is_found(stack: Stack
         json.loads(line[6:])["token"]["text"] for line in answer.text.split("\n") if line.startswith("data: ")
     )
     assert_masked(joined)
-
-
-def escaped(text: str) -> str:
-    """``text`` with every character written as a JSON ``\\uXXXX`` escape."""
-    return "".join(f"\\u{ord(c):04x}" for c in text)
 
 
 @pytest.mark.parametrize("content_type", ["text/plain", ""])

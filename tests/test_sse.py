@@ -583,7 +583,7 @@ def test_a_body_that_starts_as_text_stays_text_until_a_data_line_appears() -> No
 
 
 def escaped(text: str) -> str:
-    """``text`` with every character written as a JSON ``\\uXXXX`` escape."""
+    """``text`` with every character written as a JSON ``\\u`` escape of four hex digits."""
     return "".join(f"\\u{ord(c):04x}" for c in text)
 
 

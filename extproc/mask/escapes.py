@@ -6,7 +6,7 @@ A model streams a tool call's arguments as the text of a JSON document, a few ch
 with escapes (``jane\\u0040example.com``, ``\\u0034\\u0031\\u0031\\u0031...``) is read decoded. Scanning
 the pieces as written misses it, so the scanner reads a decoded view, built as pieces arrive:
 
-- ``\\uXXXX`` becomes its character, a surrogate pair (``\\ud83d\\ude00``) one character;
+- ``\\u`` and four hex digits become their character, a surrogate pair (``\\ud83d\\ude00``) one character;
 - ``\\"``, ``\\\\``, ``\\/``, ``\\b``, ``\\f``, ``\\n``, ``\\r``, ``\\t`` become theirs;
 - an escape cut at the end of a piece (``\\u00`` | ``40``), and a high surrogate that may still be
   followed by its low half, wait for the next piece: the view holds them, and so does the stream;
