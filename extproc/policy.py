@@ -26,6 +26,7 @@ the request facts and the findings, and carries the policy id and the ids of the
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -204,9 +205,18 @@ class PolicySet:
         return next((p for p in (self.default, *self.ordered) if p.id == policy_id), None)
 
 
-def load_policies(paths: Iterable[str | Path]) -> PolicySet:
+@dataclass(frozen=True)
+class KnownNames:
+    """The rule ids and entities of the loaded rule pack: what a policy's selectors may name."""
+
+    rules: frozenset[str]
+    entities: frozenset[str]
+
+
+def load_policies(paths: Iterable[str | Path], known: KnownNames | None = None) -> PolicySet:
     """Every policy in ``paths`` (files, or folders of ``*.yaml``). Raises PolicyError listing every
-    problem with its file, line and policy id."""
+    problem with its file, line and policy id. With ``known``, a selector naming a rule id or an entity
+    the rule pack does not have is a problem too: a typo there would make an action never apply."""
     problems: list[str] = []
     loaded: list[LoadedPolicy] = []
     seen: dict[str, str] = {}
@@ -214,7 +224,7 @@ def load_policies(paths: Iterable[str | Path]) -> PolicySet:
     if not files:
         problems.append(f"no policy files in {', '.join(str(p) for p in paths)}")
     for path in files:
-        for item in _load_file(path, problems):
+        for item in _load_file(path, problems, known):
             if item.id in seen:
                 problems.append(f"{item.where}: duplicate policy id, first defined at {seen[item.id]}")
                 continue
@@ -231,7 +241,7 @@ def load_policies(paths: Iterable[str | Path]) -> PolicySet:
     return PolicySet(defaults[0], tuple(ordered))
 
 
-def _load_file(path: Path, problems: list[str]) -> list[LoadedPolicy]:
+def _load_file(path: Path, problems: list[str], known: KnownNames | None = None) -> list[LoadedPolicy]:
     document = read_yaml(path, problems)
     if document is None:
         return []
@@ -252,9 +262,43 @@ def _load_file(path: Path, problems: list[str]) -> list[LoadedPolicy]:
                 message = str(error["msg"]).removeprefix("Value error, ")
                 problems.append(f"{where}: {location + ': ' if location else ''}{message}")
             continue
+        if known is not None:
+            problems.extend(_unknown_names(path, entry, policy, known))
         blocked = tuple((b.id, re.compile(b.pattern)) for b in policy.blocked_prompts)
         items.append(LoadedPolicy(policy, where, 0, blocked))
     return items
+
+
+def _unknown_names(path: Path, entry: dict[str, Any], policy: Policy, known: KnownNames) -> list[str]:
+    """A problem, at the line of its ``when``, for every rule id or entity a selector names that the rule
+    pack does not have, with the closest known name when there is one."""
+    problems = []
+    for direction in ("request", "response"):
+        raw = entry.get(direction)
+        raw_actions = raw.get("actions") if isinstance(raw, dict) else None
+        if not isinstance(raw_actions, list):
+            continue
+        actions = getattr(policy, direction).actions
+        for index, (raw_action, action) in enumerate(zip(raw_actions, actions, strict=False)):
+            when = raw_action.get("when") if isinstance(raw_action, dict) else None
+            line = when.get("__line__") if isinstance(when, dict) else None
+            line = line or (raw_action.get("__line__") if isinstance(raw_action, dict) else 0)
+            for field_name, names, valid in (
+                ("rules", action.when.rules, known.rules),
+                ("entities", action.when.entities, known.entities),
+            ):
+                for name in names:
+                    if name in valid:
+                        continue
+                    close = difflib.get_close_matches(name, sorted(valid), n=1)
+                    hint = f" (did you mean {close[0]!r}?)" if close else ""
+                    kind = "a rule id" if field_name == "rules" else "an entity"
+                    selector = f"{direction}.actions[{index}].when.{field_name}"
+                    problems.append(
+                        f"{path}:{line}: policy {policy.id!r}: {selector}: "
+                        f"{name!r} is not {kind} of the rule pack{hint}"
+                    )
+    return problems
 
 
 # -- decisions ----------------------------------------------------------------------------------------

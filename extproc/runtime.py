@@ -17,7 +17,7 @@ from extproc.detect.rules import RuleError, load_rules
 from extproc.errors import ConfigError
 from extproc.identity import Verifier
 from extproc.mask import Inspector
-from extproc.policy import PolicyError, PolicySet, load_policies
+from extproc.policy import KnownNames, PolicyError, PolicySet, load_policies
 from extproc.settings import Settings
 
 log = logging.getLogger("extproc.runtime")
@@ -74,7 +74,10 @@ def build_snapshot(settings: Settings) -> Snapshot:
     except DetectorError as exc:
         raise ConfigError("invalid rules:\n" + "\n".join(exc.problems)) from exc
     try:
-        policies = load_policies(settings.policy.paths)
+        known = KnownNames(
+            frozenset(r.id for r in ruleset.rules), frozenset(r.rule.entity for r in ruleset.rules)
+        )
+        policies = load_policies(settings.policy.paths, known)
     except PolicyError as exc:
         raise ConfigError("invalid policies:\n" + "\n".join(exc.problems)) from exc
     rule_info: dict[str, tuple[str, str]] = {

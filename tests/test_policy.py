@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from extproc.detect.rules import load_rules
 from extproc.exchange import Exchange
 from extproc.model import (
     Actions,
@@ -18,7 +19,7 @@ from extproc.model import (
     ReplaceBody,
     StreamChunk,
 )
-from extproc.policy import Facts, PolicyError, load_policies
+from extproc.policy import Facts, KnownNames, PolicyError, load_policies
 from extproc.runtime import build_snapshot
 from extproc.settings import REPO_POLICIES, load_settings
 
@@ -271,3 +272,44 @@ def test_a_policy_lowers_the_answer_limits_for_its_callers() -> None:
     assert cut.end_of_stream
     ex, _ = run_request(chat("hi"))
     assert ex.limits == SNAPSHOT.settings.limits  # the base policy sets none
+
+
+KNOWN = KnownNames(
+    frozenset({"aws-access-key-id", "credit-card"}), frozenset({"AWS_ACCESS_KEY", "CREDIT_CARD"})
+)
+
+
+@pytest.mark.parametrize(
+    ("when", "problem"),
+    [
+        (
+            "{rules: [aws-acess-key-id]}",
+            ":7: policy 'a': request.actions[0].when.rules: 'aws-acess-key-id' is not a rule id of the "
+            "rule pack (did you mean 'aws-access-key-id'?)",
+        ),
+        (
+            "{entities: [AWS_KEY]}",
+            ":7: policy 'a': request.actions[0].when.entities: 'AWS_KEY' is not an entity of the rule pack",
+        ),
+    ],
+)
+def test_a_selector_naming_what_the_rule_pack_lacks_is_refused_at_load(
+    tmp_path: Path, when: str, problem: str
+) -> None:
+    """Regression: a typo in a selector loaded, and the block it guarded never fired."""
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "policies:\n  - id: a\n    default: true\n    request:\n      default: mask\n      actions:\n"
+        f"        - when: {when}\n          do: block\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(PolicyError) as raised:
+        load_policies([path], KNOWN)
+    assert any(str(path) in p and problem in p for p in raised.value.problems), raised.value.problems
+    load_policies([path])  # without the rule pack to check against, names are not judged
+
+
+def test_the_shipped_policies_name_only_what_the_shipped_pack_has() -> None:
+    pack = load_rules([REPO_POLICIES.parent])
+    known = KnownNames(frozenset(r.id for r in pack.rules), frozenset(r.rule.entity for r in pack.rules))
+    load_policies([REPO_POLICIES], known)
