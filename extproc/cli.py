@@ -300,6 +300,15 @@ def cmd_envoy(args: argparse.Namespace) -> int:  # noqa: RET503 - ends in os.exe
     os.execv(argv[0], argv)  # noqa: S606 - Envoy replaces this process, as a container entry point expects
 
 
+def _cache_dir(settings: Settings) -> str:
+    """Where compiled rule packs are kept: ``detect.cache_dir``, or the user's cache folder, so a command
+    run again starts in a fraction of a second (entries are keyed by the pack's content and Hyperscan's
+    version, so an edited pack compiles afresh)."""
+    from extproc.identity.dev import default_dir
+
+    return settings.detect.cache_dir or str(default_dir() / "hyperscan")
+
+
 def _rule_paths(args: argparse.Namespace, settings: Settings) -> list[str]:
     return list(args.paths or args.rules or settings.detect.rules)
 
@@ -315,7 +324,7 @@ def cmd_rules_check(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config)
     paths = _rule_paths(args, settings)
-    cache_dir = Path(settings.detect.cache_dir) if settings.detect.cache_dir else None
+    cache_dir = Path(_cache_dir(settings))
     report = check_rules(
         paths,
         edm_key=_edm_key(settings),
@@ -352,14 +361,16 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
     overrides = {"detect": {"rules": list(args.rules)}} if args.rules else {}
     settings = load_settings(args.config, **overrides)
+    detect = settings.detect.model_copy(update={"cache_dir": _cache_dir(settings)})
+    settings = settings.model_copy(update={"detect": detect})
     logs.configure(LogSettings(level="warning", format="text"))
     inspector = build_snapshot(settings).inspector
     data = sys.stdin.buffer.read() if args.file in (None, "-") else Path(args.file).read_bytes()
     text = data.decode("utf-8", "surrogateescape")
     if args.mask:
-        masked, _ = inspector.mask_text(text)
+        masked, found = inspector.mask_text(text)
         sys.stdout.buffer.write(masked.encode("utf-8", "surrogateescape"))
-        return 0
+        return 1 if found else 0
     rules = {r.id: r.rule for r in inspector.detector.rules}
     findings = inspector.detector.scan(text)
     for finding in findings:

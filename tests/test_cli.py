@@ -64,8 +64,28 @@ def test_scan_mask_with_a_rule_folder_and_an_exact_list(tmp_path: Path) -> None:
 
     env = {**os.environ, "EXTPROC_DETECT__EDM_KEY_FILE": str(EDM_KEY_FILE)}
     result = extproc("scan", "--rules", str(RULES), "--mask", stdin="Bluebird-7 for CU000042", env=env)
-    assert result.returncode == 0
+    assert result.returncode == 1  # regression: --mask exited 0 although it masked, against the README
     assert result.stdout == "[REDACTED:PROJECT_NAME] for [REDACTED:CUSTOMER_ID]"
+
+
+def test_scan_mask_of_clean_text_exits_0() -> None:
+    result = extproc("scan", "--mask", stdin="nothing to see here")
+    assert (result.returncode, result.stdout) == (0, "nothing to see here")
+
+
+def test_scan_keeps_the_compiled_pack_in_the_users_cache_folder(tmp_path: Path) -> None:
+    """Regression: every `scan` compiled the pack again (5 to 7 s for one line). Without detect.cache_dir
+    the compiled databases go to ~/.cache/extproc/hyperscan, keyed by the pack and Hyperscan's version."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "EXTPROC_DETECT__CACHE_DIR"}
+    env["HOME"] = str(tmp_path)
+    first = extproc("scan", stdin="card 4111 1111 1111 1111", env=env)
+    cached = sorted(p.name for p in (tmp_path / ".cache" / "extproc" / "hyperscan").iterdir())
+    assert any(name.startswith("db-") for name in cached)
+    again = extproc("scan", stdin="card 4111 1111 1111 1111", env=env)
+    assert (again.returncode, again.stdout) == (first.returncode, first.stdout) == (1, first.stdout)
+    assert sorted(p.name for p in (tmp_path / ".cache" / "extproc" / "hyperscan").iterdir()) == cached
 
 
 def test_hash_list_feeds_a_hashed_rule(tmp_path: Path) -> None:

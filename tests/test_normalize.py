@@ -199,3 +199,18 @@ def test_a_disguised_stream_finds_what_block_mode_finds_and_releases_every_chara
 ) -> None:
     disguised = disguise(plain, seed)
     assert streamed(DETECTOR, disguised, sizes) == (disguised, block(DETECTOR, disguised))
+
+
+def test_no_character_outside_the_planes_read_would_change() -> None:
+    """The tables read planes 0, 1 and 14 only (fast start-up); every other code point maps to itself."""
+    from extproc.detect.normalize import _map
+
+    skipped = [c for c in range(0x20000, 0xE0000) if _map(chr(c)) != chr(c)]
+    skipped += [c for c in range(0xF0000, 0x110000) if _map(chr(c)) != chr(c)]
+    assert skipped == []
+
+
+def test_tag_characters_are_dropped() -> None:
+    """Unicode tag characters (U+E0020-E007F) spell ASCII invisibly: they must not hide a value."""
+    tagged = "41" + "".join(chr(0xE0000 + ord(c)) for c in "hidden") + "11 1111 1111 1111"
+    assert normalize(tagged).text == "4111 1111 1111 1111"

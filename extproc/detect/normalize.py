@@ -27,6 +27,7 @@ ASCII text without control characters is its own view: the common case costs two
 from __future__ import annotations
 
 import bisect
+import itertools
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -59,11 +60,12 @@ _SPECIAL: Final = re.compile(r"[^\t\n\x0b\x0c\r\x20-\x7e]+")  # what the view ma
 def _tables() -> tuple[dict[int, str], frozenset[str]]:
     """The translation of every character the view changes, and the characters whose translation is not
     one character long (dropped or expanded): only texts holding one need an offset map. Built once per
-    process (about half a second); ``Detector`` builds it at start-up, not on the first request."""
+    process (about a tenth of a second); ``Detector`` builds it at start-up, not on the first request.
+    Only the planes where Unicode puts characters the view changes are read: the basic and supplementary
+    multilingual planes and the supplementary special-purpose plane (tag characters, variation selectors);
+    the others hold ideographs, private use and unassigned code points (a test checks this)."""
     table: dict[int, str] = {code: "" for code in range(0x80) if _drops(chr(code))}
-    for code in range(0x80, 0x110000):
-        if 0xD800 <= code <= 0xDFFF:
-            continue
+    for code in itertools.chain(range(0x80, 0xD800), range(0xE000, 0x20000), range(0xE0000, 0xF0000)):
         char = chr(code)
         mapped = _map(char)
         if mapped != char:
