@@ -47,15 +47,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     used (exit 2, as for other commands), or any other failure at start-up or while serving (exit 1, with
     its traceback), each as one structured line."""
     from extproc import logs
-    from extproc.runtime import Runtime, build_snapshot
-    from extproc.server import Server, reload_not_supported
+    from extproc.server import reload_not_supported
 
     # The defaults until the settings are read, so that a failure to read them is a log line too.
     logs.configure(LogSettings())
     # Until the server's own handlers take over: a stop signal is logged, a SIGHUP ignored.
-    signal.signal(signal.SIGTERM, _stop_requested)
-    signal.signal(signal.SIGINT, _stop_requested)
-    signal.signal(signal.SIGHUP, lambda _signum, _frame: reload_not_supported())
+    previous = {
+        signal.SIGTERM: signal.signal(signal.SIGTERM, _stop_requested),
+        signal.SIGINT: signal.signal(signal.SIGINT, _stop_requested),
+        signal.SIGHUP: signal.signal(signal.SIGHUP, lambda _signum, _frame: reload_not_supported()),
+    }
+    try:
+        return _serve(args)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from extproc import logs
+    from extproc.runtime import Runtime, build_snapshot
+    from extproc.server import Server
+
     try:
         settings = _settings(args)
         logs.configure(settings.log)
