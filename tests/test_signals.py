@@ -123,7 +123,16 @@ async def readyz(port: int) -> int:
 
 def verify(record: Path, keys: dict[str, Path]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "extproc", "audit", "verify", str(record), "--public-key", str(keys["signing_pub"])],
+        [
+            sys.executable,
+            "-m",
+            "extproc",
+            "audit",
+            "verify",
+            str(record),
+            "--public-key",
+            str(keys["signing_pub"]),
+        ],
         capture_output=True,
         text=True,
         timeout=60,
