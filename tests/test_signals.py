@@ -46,13 +46,13 @@ class Serve:
     def wait_for(self, event: str) -> dict[str, Any]:
         """The first log line with this event, reading on until it comes (or the process ends)."""
         assert self.process.stderr is not None
-        for line in self.lines:
-            if line.get("event") == event:
-                return line
-        while line_text := self.process.stderr.readline():
-            if not line_text.startswith("{"):
+        for seen in self.lines:
+            if seen.get("event") == event:
+                return seen
+        while text := self.process.stderr.readline():
+            if not text.startswith("{"):
                 continue  # grpc's own C-level messages are not JSON
-            line = json.loads(line_text)
+            line: dict[str, Any] = json.loads(text)
             self.lines.append(line)
             if line.get("event") == event:
                 return line
