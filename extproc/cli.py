@@ -30,15 +30,64 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config, **({"server": server} if server else {}))
 
 
+class _StopRequested(Exception):
+    """SIGTERM or SIGINT before the server's own handlers are in place (while the rules compile)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signal = signal.Signals(signum).name
+
+
+def _stop_requested(signum: int, _frame: object) -> None:
+    raise _StopRequested(signum)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    """Every way out is logged: a stop signal (exit 0), bad settings, a file or an address that cannot be
+    used (exit 2, as for other commands), or any other failure at start-up or while serving (exit 1, with
+    its traceback), each as one structured line."""
+    from extproc import logs
+    from extproc.server import reload_not_supported
+
+    # The defaults until the settings are read, so that a failure to read them is a log line too.
+    logs.configure(LogSettings())
+    # Until the server's own handlers take over: a stop signal is logged, a SIGHUP ignored.
+    previous = {
+        signal.SIGTERM: signal.signal(signal.SIGTERM, _stop_requested),
+        signal.SIGINT: signal.signal(signal.SIGINT, _stop_requested),
+        signal.SIGHUP: signal.signal(signal.SIGHUP, lambda _signum, _frame: reload_not_supported()),
+    }
+    try:
+        return _serve(args)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _serve(args: argparse.Namespace) -> int:
     from extproc import logs
     from extproc.runtime import Runtime, build_snapshot
     from extproc.server import Server
 
-    settings = _settings(args)
-    logs.configure(settings.log)
-    server = Server(settings, Runtime(build_snapshot(settings)))
-    asyncio.run(server.run_until_signal())
+    try:
+        settings = _settings(args)
+        logs.configure(settings.log)
+        server = Server(settings, Runtime(build_snapshot(settings)))
+        asyncio.run(server.run_until_signal())
+    except _StopRequested as stopped:
+        log.info("signal_received", extra={"signal": stopped.signal, "detail": "before serving began"})
+        log.info("stopped")
+        return 0
+    except (ConfigError, OSError) as exc:  # bad settings, a file or an address the server was given
+        log.error("serve_failed", extra={"error": str(exc), "error_type": type(exc).__name__, "exit_code": 2})
+        return 2
+    except Exception as exc:
+        log.critical(
+            "serve_failed",
+            exc_info=True,
+            extra={"error": str(exc) or type(exc).__name__, "error_type": type(exc).__name__, "exit_code": 1},
+        )
+        return 1
     return 0
 
 

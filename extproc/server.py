@@ -281,7 +281,12 @@ class Server:
         envoy.add_servicer(ExternalProcessor(self._runtime, self._instruments, self.recorder), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         host, _, port = self._settings.server.grpc_address.rpartition(":")
-        self.grpc_port = self._grpc.add_insecure_port(f"{host}:{port}")
+        try:
+            self.grpc_port = self._grpc.add_insecure_port(f"{host}:{port}")
+        except RuntimeError as exc:  # grpc's own word for a failed bind
+            raise OSError(
+                f"cannot bind the gRPC address {self._settings.server.grpc_address} (in use, or not local)"
+            ) from exc
         if self.grpc_port == 0:
             raise OSError(f"cannot bind the gRPC address {self._settings.server.grpc_address}")
         await self._grpc.start()
@@ -321,16 +326,18 @@ class Server:
             return web.json_response({"status": "serving"})
         return web.json_response({"status": "not_serving"}, status=503)
 
-    async def stop(self) -> None:
+    async def stop(self, *, drain: bool = True) -> None:
         """NOT_SERVING first, so Envoy and Kubernetes stop sending new streams; then drain, then stop
-        with grace for the streams still open."""
+        with grace for the streams still open. Safe on a server whose start failed part way (``drain``
+        False): whatever did start is closed, and the session record still gets its final checkpoint."""
         server = self._settings.server
         self._serving = False
         await self._health.enter_graceful_shutdown()
-        log.info("draining", extra={"drain_seconds": server.drain_seconds})
-        await asyncio.sleep(server.drain_seconds)
+        if drain:
+            log.info("draining", extra={"drain_seconds": server.drain_seconds})
+            await asyncio.sleep(server.drain_seconds)
         if self._grpc is not None:
-            await self._grpc.stop(server.grace_seconds)
+            await self._grpc.stop(server.grace_seconds if drain else 0)
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
         verifier = self._runtime.snapshot.verifier
@@ -344,12 +351,49 @@ class Server:
         log.info("stopped")
 
     async def run_until_signal(self) -> None:
+        """Serve until SIGTERM or SIGINT, then stop gracefully. SIGHUP is logged and changes nothing (there
+        is no hot reload yet), so a process manager's reload signal does not end the server.
+
+        Raises what made start-up or serving fail, after closing what had started: the session record then
+        still ends with its final checkpoint."""
         # Handlers first: once the readiness line is out, a SIGTERM must already mean a graceful stop.
         stop = asyncio.Event()
+        received: list[str] = []
         loop = asyncio.get_running_loop()
+
+        def stopping(sig: signal.Signals) -> None:
+            if received:
+                log.info("signal_received", extra={"signal": sig.name, "detail": "already stopping"})
+                return
+            received.append(sig.name)
+            stop.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await self.start()
-        await stop.wait()
-        log.info("signal_received")
+            loop.add_signal_handler(sig, stopping, sig)
+        loop.add_signal_handler(signal.SIGHUP, reload_not_supported)
+        try:
+            await self.start()
+            await stop.wait()
+        except BaseException:
+            # Start-up or the serving loop failed (or was cancelled): close what started, then let the
+            # caller log why. A failure while closing must not hide the first one.
+            try:
+                await self.stop(drain=False)
+            except Exception:
+                log.exception("stop_failed")
+            raise
+        log.info("signal_received", extra={"signal": received[0]})
         await self.stop()
+
+
+def reload_not_supported() -> None:
+    """SIGHUP: the conventional reload signal. Until settings and rules can be swapped while serving, it is
+    acknowledged in the log and otherwise ignored (its default action would end the process)."""
+    log.warning(
+        "reload_not_supported",
+        extra={
+            "signal": "SIGHUP",
+            "detail": "hot reload is not supported yet: nothing was reloaded, the server keeps serving "
+            "with the settings, rules and policies it started with; restart it to apply changes",
+        },
+    )
