@@ -176,12 +176,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     for warning in report.warnings:
         print(f"{args.file}: warning: {warning}", file=sys.stderr)
     if report.first_break is not None:
-        broken = report.first_break
-        where = f"line {broken.line}"
-        if broken.seq is not None:
-            where += f" (seq {broken.seq}"
-            where += f", id {broken.record_id})" if broken.record_id else ")"
-        print(f"{args.file}: {where}: {broken.reason}", file=sys.stderr)
+        print(f"{args.file}: {report.first_break.describe()}", file=sys.stderr)
         return 1
     summary = f"{args.file}: {report.records} records, {report.checkpoints} checkpoints, hash chain intact"
     if not keys:
