@@ -224,7 +224,7 @@ REPLAY_CHANGED = 1  # --fail-on-change: an exchange was decided differently
 REPLAY_NOT_REPLAYED = 3  # --fail-on-change: an exchange could not be replayed (wrong key, no originals...)
 REPLAY_UNVERIFIED = 4  # the file's chain does not verify: nothing replayed (--no-verify replays it anyway)
 REPLAY_EXIT_CODES = f"""exit status:
-  0  replayed (without --fail-on-change, whatever it found)
+  0  replayed; with --fail-on-change, every exchange with a body was replayed and none changed
   {REPLAY_CHANGED}  --fail-on-change: an exchange was decided differently
   2  bad arguments or settings, a key or record file that cannot be read
   {REPLAY_NOT_REPLAYED}  --fail-on-change: an exchange could not be replayed (sealed to another auditor key,
