@@ -225,12 +225,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     for warning in report.warnings:
         print(f"{args.file}: warning: {warning}", file=sys.stderr)
     if report.first_break is not None:
-        broken = report.first_break
-        where = f"line {broken.line}"
-        if broken.seq is not None:
-            where += f" (seq {broken.seq}"
-            where += f", id {broken.record_id})" if broken.record_id else ")"
-        print(f"{args.file}: {where}: {broken.reason}", file=sys.stderr)
+        print(f"{args.file}: {report.first_break.describe()}", file=sys.stderr)
         return 1
     summary = f"{args.file}: {report.records} records, {report.checkpoints} checkpoints, hash chain intact"
     if not keys:
@@ -272,12 +267,71 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
     return 0
 
 
+# `audit replay` exit statuses: a CI gate tells "the rules change decisions" from "the gate could not
+# judge" from "the record was altered". 2 is every command's usage, settings or unreadable-file error.
+REPLAY_CHANGED = 1  # --fail-on-change: an exchange was decided differently
+REPLAY_NOT_REPLAYED = 3  # --fail-on-change: an exchange could not be replayed (wrong key, no originals...)
+REPLAY_UNVERIFIED = 4  # the file's chain does not verify: nothing replayed (--no-verify replays it anyway)
+REPLAY_EXIT_CODES = f"""exit status:
+  0  replayed; with --fail-on-change, every exchange with a body was replayed and none changed
+  {REPLAY_CHANGED}  --fail-on-change: an exchange was decided differently
+  2  bad arguments or settings, a key or record file that cannot be read
+  {REPLAY_NOT_REPLAYED}  --fail-on-change: an exchange could not be replayed (sealed to another auditor key,
+     no or altered sealed originals, a damaged record); it wins over {REPLAY_CHANGED}
+  {REPLAY_UNVERIFIED}  the file's hash chain (or, with --public-key, its signatures) does not verify: nothing
+     was replayed; --no-verify replays it anyway"""
+
+
+class _Unverified(Exception):
+    """The record does not verify; the message is its first break."""
+
+
+def _verified_lines(args: argparse.Namespace) -> tuple[int | None, str]:
+    """The chain check replay starts with: the last line verified (None: not checked) and what the summary
+    says about it. Raises _Unverified when the file does not verify."""
+    from extproc.audit.keys import load_verify_key
+    from extproc.audit.record import RecordError, verify
+
+    keys = [load_verify_key(Path(p)) for p in args.public_key or ()]
+    if args.no_verify:
+        print(
+            f"{args.file}: warning: hash chain NOT verified (--no-verify): the records replayed may have "
+            "been altered, removed or added",
+            file=sys.stderr,
+        )
+        return None, "hash chain NOT verified"
+    path = Path(args.file)
+    if path.is_fifo():  # verify and replay each read the file; a pipe can be read once
+        raise RecordError(f"{path}: a pipe: replay verifies the file, then reads it again (give a file)")
+    report = verify(path, keys)
+    for warning in report.warnings:
+        print(f"{args.file}: warning: {warning}", file=sys.stderr)
+    if report.first_break is not None:
+        raise _Unverified(report.first_break.describe())
+    said = "hash chain verified"
+    if keys:
+        said += f", signed through seq {report.signed_through}"
+    else:
+        said += ", signatures NOT checked (give --public-key)"
+    return report.records, said
+
+
 def cmd_audit_replay(args: argparse.Namespace) -> int:
     from extproc.audit.keys import load_opening_key
-    from extproc.replay import replay
+    from extproc.replay import Tally, replay
     from extproc.runtime import build_snapshot
 
     key = load_opening_key(Path(args.key))
+    try:
+        through_line, chain = _verified_lines(args)
+    except _Unverified as exc:
+        print(f"{args.file}: {exc}", file=sys.stderr)
+        print(
+            f"{args.file}: does not verify: nothing replayed (`extproc audit verify` says more; "
+            "--no-verify replays it anyway)",
+            file=sys.stderr,
+        )
+        return REPLAY_UNVERIFIED
     overrides: dict[str, Any] = {"detect": {"rules": list(args.rules)}, "audit": {"record_path": None}}
     if args.policies:
         overrides["policy"] = {"paths": list(args.policies)}
@@ -285,17 +339,9 @@ def cmd_audit_replay(args: argparse.Namespace) -> int:
     overrides["identity"] = {"mode": "none"}
     settings = load_settings(args.config, **overrides)
     snapshot = build_snapshot(settings)
-    total = changed = skipped = partial = bodiless = 0
-    for result in replay(Path(args.file), key, snapshot):
-        total += 1
-        if not result.bodies:
-            bodiless += 1
-        elif result.after is None:
-            skipped += 1
-        elif not result.comparable:
-            partial += 1
-        elif result.changed:
-            changed += 1
+    tally = Tally()
+    for result in replay(Path(args.file), key, snapshot, through_line=through_line):
+        tally.add(result)
         if args.json:
             print(json.dumps({**asdict(result), "changed": result.changed}, ensure_ascii=False))
         elif result.changed or (result.after is None and result.bodies) or not result.comparable:
@@ -303,12 +349,15 @@ def cmd_audit_replay(args: argparse.Namespace) -> int:
             for line in result.changes + [f"note: {n}" for n in result.notes]:
                 print(f"  {line}")
     print(
-        f"{args.file}: {total} exchanges, replayed with {', '.join(args.rules)}: {changed} decided "
-        f"differently, {partial} recorded in part (not compared), {skipped} not replayable, "
-        f"{bodiless} without a body",
+        f"{args.file}: {chain}; {tally.total} exchanges, replayed with {', '.join(args.rules)}: "
+        f"{tally.describe()}",
         file=sys.stderr,
     )
-    return 1 if changed and args.fail_on_change else 0
+    if not args.fail_on_change:
+        return 0
+    if tally.not_replayed:
+        return REPLAY_NOT_REPLAYED
+    return REPLAY_CHANGED if tally.changed else 0
 
 
 def _address(value: str) -> tuple[str, int]:
@@ -549,7 +598,12 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--config", help="settings YAML file")
     show.set_defaults(func=cmd_audit_show)
     replay = audit_sub.add_parser(
-        "replay", help="decide recorded exchanges again with other rules; print what changes"
+        "replay",
+        help="decide recorded exchanges again with other rules; print what changes",
+        description="Verify the record's hash chain, then decide its exchanges again with other rules "
+        "and print what changes.",
+        epilog=REPLAY_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     replay.add_argument("file", help="the session record (JSON Lines)")
     replay.add_argument("--key", required=True, help="the auditor's private key (auditor.key)")
@@ -559,7 +613,22 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--policies", action="append", help="policy file or folder (default: policy.paths)")
     replay.add_argument("--config", help="settings YAML file for everything else")
     replay.add_argument("--json", action="store_true", help="one JSON object per exchange")
-    replay.add_argument("--fail-on-change", action="store_true", help="exit 1 when any decision differs")
+    replay.add_argument(
+        "--fail-on-change",
+        action="store_true",
+        help=f"exit {REPLAY_CHANGED} when any decision differs, {REPLAY_NOT_REPLAYED} when any exchange "
+        "could not be replayed",
+    )
+    replay.add_argument(
+        "--public-key",
+        action="append",
+        help="signing.pub that checkpoints must verify with, as for `audit verify` (repeatable)",
+    )
+    replay.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="replay a file whose chain is not checked (or does not verify), with a warning",
+    )
     replay.set_defaults(func=cmd_audit_replay)
 
     demo = sub.add_parser("demo", help="run the OpenAI-compatible demo model server")

@@ -9,6 +9,11 @@ Not reproduced: time (an answer cut at ``max_stream_seconds`` is replayed whole)
 record's cap (a truncated original is replayed as recorded, and said so), and streaming: bodies are
 replayed whole, so an answer cut mid-stream (``cut``) and the same answer refused whole (``refused``)
 with the same code count as the same decision.
+
+An exchange that cannot be replayed is reported with the reason why (``NOT_REPLAYABLE``), never silently
+passed: a gate that decided nothing must not read as a gate that found nothing to change. Which lines are
+trusted is the caller's choice: ``audit replay`` verifies the file's chain first and replays only the lines
+it verified (``through_line``).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from extproc.audit.record import SealError, iter_records, open_sealed
+from extproc.audit.record import OtherKeyError, SealError, iter_records, open_sealed
 from extproc.audit.session import RECORD_TYPE, open_originals
 from extproc.errors import ExtProcError
 from extproc.exchange import UNMASKED_HEADER, Exchange
@@ -31,6 +36,13 @@ from extproc.runtime import Snapshot
 
 _BUFFERED = ProtocolConfig(BodyMode.BUFFERED, BodyMode.BUFFERED)
 SIZE_CODES = frozenset({"body_too_large", "upstream_too_large"})
+
+# Why an exchange could not be replayed, as the summary counts them.
+OTHER_KEY = "sealed to another auditor key"  # the wrong --key, most often
+NOT_SEALED = "no sealed originals"  # written without audit.sealing_key_file, or the field was removed
+NOT_OPENED = "originals do not open"  # altered ciphertext, copied from another record, or bad framing
+DAMAGED = "damaged record"  # a record replay could not read
+NOT_REPLAYABLE = (OTHER_KEY, NOT_SEALED, NOT_OPENED, DAMAGED)
 
 
 @dataclass(frozen=True)
@@ -48,10 +60,47 @@ class Replayed:
     # deciding part of a body again says nothing about the decision on the whole.
     comparable: bool = True
     bodies: bool = True  # False: the exchange had no body to replay (a local reply, a refused token)
+    unreplayable: str | None = None  # one of NOT_REPLAYABLE when it could not be replayed
 
     @property
     def changed(self) -> bool:
         return self.comparable and bool(self.changes)
+
+
+@dataclass
+class Tally:
+    """What a replay came to, as its summary line and its exit status tell it."""
+
+    total: int = 0
+    changed: int = 0
+    partial: int = 0  # recorded in part: decided again, not compared
+    bodiless: int = 0
+    unreplayable: Counter[str] = field(default_factory=Counter)  # reason -> exchanges
+
+    def add(self, result: Replayed) -> None:
+        self.total += 1
+        if result.unreplayable is not None:
+            self.unreplayable[result.unreplayable] += 1
+        elif not result.bodies:
+            self.bodiless += 1
+        elif not result.comparable:
+            self.partial += 1
+        elif result.changed:
+            self.changed += 1
+
+    @property
+    def not_replayed(self) -> int:
+        return sum(self.unreplayable.values())
+
+    def describe(self) -> str:
+        """``N decided differently, ..., M not replayable (why), ...``"""
+        why = ", ".join(f"{n} {reason}" for reason, n in sorted(self.unreplayable.items()))
+        return (
+            f"{self.changed} decided differently, {self.partial} recorded in part (not compared), "
+            f"{self.not_replayed} not replayable"
+            + (f" ({why})" if why else "")
+            + f", {self.bodiless} without a body"
+        )
 
 
 def _actions(actions: Any) -> dict[str, Counter[str]]:
@@ -136,11 +185,17 @@ def decide_again(snapshot: Snapshot, record: dict[str, Any], bodies: dict[str, b
     return exchange.outcome()
 
 
-def replay(path: Path, key: X25519PrivateKey, snapshot: Snapshot) -> Iterator[Replayed]:
+def replay(
+    path: Path, key: X25519PrivateKey, snapshot: Snapshot, *, through_line: int | None = None
+) -> Iterator[Replayed]:
     """Every exchange record of ``path``, decided again under ``snapshot``. A record that cannot be
-    replayed (no sealed originals, another auditor key, a damaged record) is reported, never fatal;
-    lines that are not records (torn by a crash) are skipped: ``audit verify`` judges those."""
+    replayed (no sealed originals, another auditor key, a damaged record) is reported with its reason,
+    never fatal; lines that are not records (torn by a crash) are skipped: ``audit verify`` judges those.
+    ``through_line``: stop after that line (the last one a verification read: lines a live writer
+    appends after it were not verified)."""
     for line, record in iter_records(path, skip_invalid=True):
+        if through_line is not None and line > through_line:
+            return
         if record.get("type") != RECORD_TYPE:
             continue
         try:
@@ -148,7 +203,7 @@ def replay(path: Path, key: X25519PrivateKey, snapshot: Snapshot) -> Iterator[Re
         except Exception as exc:  # a damaged record: say which, and go on
             summary = f"{record.get('method', '')} {record.get('route', '')}"
             notes = [f"not replayable: {type(exc).__name__}: {exc}"]
-            yield Replayed(line, str(record.get("id")), summary, {}, None, notes=notes)
+            yield Replayed(line, str(record.get("id")), summary, {}, None, notes=notes, unreplayable=DAMAGED)
 
 
 def _replay_one(line: int, record: dict[str, Any], key: X25519PrivateKey, snapshot: Snapshot) -> Replayed:
@@ -160,11 +215,15 @@ def _replay_one(line: int, record: dict[str, Any], key: X25519PrivateKey, snapsh
     if sealed is None and record.get("request") is None and record.get("response") is None:
         return Replayed(line, record_id, summary, before, None, notes=["no body to replay"], bodies=False)
     if sealed is None:
-        return Replayed(line, record_id, summary, before, None, notes=["no sealed originals: not replayed"])
+        notes = ["no sealed originals: not replayed"]
+        return Replayed(line, record_id, summary, before, None, notes=notes, unreplayable=NOT_SEALED)
     try:
         bodies = open_originals(open_sealed(sealed, key, record_id))
     except (SealError, ValueError) as exc:
-        return Replayed(line, record_id, summary, before, None, notes=[f"cannot open: {exc}"])
+        reason = OTHER_KEY if isinstance(exc, OtherKeyError) else NOT_OPENED
+        return Replayed(
+            line, record_id, summary, before, None, notes=[f"cannot open: {exc}"], unreplayable=reason
+        )
     notes = []
     partial = record.get("error_code") in SIZE_CODES
     for direction in ("request", "response"):

@@ -7,15 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from extproc.audit.keys import generate_keys, load_opening_key, load_sealing_key
+from extproc.audit.keys import generate_keys, load_opening_key, load_sealing_key, load_signing_key
 from extproc.audit.record import open_sealed
 from extproc.audit.session import build_record, open_originals, seal_originals
 from extproc.audit.writer import RecordWriter
+from extproc.cli import REPLAY_CHANGED, REPLAY_NOT_REPLAYED, REPLAY_UNVERIFIED, main
 from extproc.errors import ClientError, ConfigError
 from extproc.exchange import UNMASKED_HEADER, Exchange
 from extproc.identity import Principal
 from extproc.model import Body, BodyMode, Direction, Headers, ProtocolConfig, RecordedBody
-from extproc.replay import Replayed, replay
+from extproc.replay import NOT_SEALED, OTHER_KEY, Replayed, replay
 from extproc.runtime import Snapshot, build_snapshot
 from extproc.settings import load_settings
 
@@ -90,9 +91,9 @@ def keys(tmp_path: Path) -> dict[str, Path]:
     return generate_keys(tmp_path / "keys")
 
 
-def write(path: Path, keys: dict[str, Path], exchanges: list[Exchange]) -> None:
+def write(path: Path, keys: dict[str, Path], exchanges: list[Exchange], signed: bool = False) -> None:
     sealing = load_sealing_key(keys["auditor_pub"])
-    writer = RecordWriter(path=path, signing_key=None)
+    writer = RecordWriter(path=path, signing_key=load_signing_key(keys["signing_key"]) if signed else None)
     writer.start()
     for ex in exchanges:
         writer.submit(build_record(ex.outcome(), ex.recorded(), None, sealing))
@@ -154,6 +155,7 @@ def test_what_cannot_be_replayed_is_reported(tmp_path: Path, keys: dict[str, Pat
     assert [r.after for r in results] == [None, None]
     assert results[0].notes[0].startswith("cannot open: sealed for key")
     assert results[1].notes == ["no sealed originals: not replayed"]
+    assert [r.unreplayable for r in results] == [OTHER_KEY, NOT_SEALED]
 
 
 def test_a_body_sent_with_a_value_in_clear_is_kept_only_sealed(tmp_path: Path, keys: dict[str, Path]) -> None:
@@ -281,3 +283,142 @@ def test_sealed_originals_are_framed_raw_and_checked() -> None:
         open_originals(framed[:-1])
     with pytest.raises(ValueError, match="header"):
         open_originals(b"no header")
+
+
+# -- `audit replay` as a CI gate: exit statuses, and the chain checked first ---------------------------
+
+
+@pytest.fixture
+def recorded(tmp_path: Path, keys: dict[str, Path]) -> Path:
+    """A signed record of three exchanges, each with its originals sealed."""
+    snap = snapshot(tmp_path)
+    exchanges = [
+        run(snap, chat(f"card {CARD}"), b'{"choices":[{"message":{"content":"mail jane@example.com"}}]}'),
+        run(snap, chat("status of Falcon"), b'{"choices":[]}'),
+        run(snap, b"{not json", None),
+    ]
+    path = tmp_path / "session.jsonl"
+    write(path, keys, exchanges, signed=True)
+    return path
+
+
+def gate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], path: Path, key: Path, *extra: str
+) -> tuple[int, str, str]:
+    """``extproc audit replay`` with the test pack and policies: (exit status, stdout, stderr)."""
+    config = tmp_path / "replay-settings.yaml"
+    config.write_text(f"detect:\n  edm_key_file: {EDM_KEY_FILE}\n")
+    args = ["audit", "replay", str(path), "--key", str(key), "--rules", str(RULES)]
+    status = main([*args, "--policies", str(POLICIES), "--config", str(config), *extra])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_the_gate_passes_when_nothing_changes_and_says_the_chain_was_verified(
+    tmp_path: Path, keys: dict[str, Path], recorded: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, err = gate(tmp_path, capsys, recorded, keys["auditor_key"], "--fail-on-change")
+    assert (status, out) == (0, ""), err
+    assert "hash chain verified, signatures NOT checked (give --public-key); 3 exchanges" in err
+    assert "0 decided differently" in err
+    assert "0 not replayable," in err
+    signed = gate(
+        tmp_path,
+        capsys,
+        recorded,
+        keys["auditor_key"],
+        "--fail-on-change",
+        "--public-key",
+        str(keys["signing_pub"]),
+    )
+    assert signed[0] == 0, signed[2]
+    assert "hash chain verified, signed through seq" in signed[2]
+
+
+def test_the_gate_fails_when_the_key_opens_nothing(
+    tmp_path: Path, keys: dict[str, Path], recorded: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A wrong --key replays nothing: that is not "nothing changed".
+    other = generate_keys(tmp_path / "other")
+    status, out, err = gate(tmp_path, capsys, recorded, other["auditor_key"], "--fail-on-change")
+    assert status == REPLAY_NOT_REPLAYED, err
+    assert f"3 not replayable (3 {OTHER_KEY})" in err
+    assert "cannot open: sealed for key" in out
+    # Without --fail-on-change the report is the same, and the status says it ran.
+    assert gate(tmp_path, capsys, recorded, other["auditor_key"])[0] == 0
+
+
+def test_not_replayed_wins_over_changed(
+    tmp_path: Path, keys: dict[str, Path], recorded: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lines = recorded.read_text().splitlines()
+    exchanges = [n for n, line in enumerate(lines) if json.loads(line)["type"] == "exchange"]
+    for n, decision in zip(exchanges, ("allowed", None), strict=False):  # one changed, one unsealed
+        record = json.loads(lines[n])
+        if decision is None:
+            del record["sealed"]
+        else:
+            record["decision"] = decision
+        lines[n] = json.dumps(record)
+    recorded.write_text("\n".join(lines) + "\n")
+    status, _, err = gate(tmp_path, capsys, recorded, keys["auditor_key"], "--fail-on-change", "--no-verify")
+    assert status == REPLAY_NOT_REPLAYED, err
+    assert (
+        f"1 decided differently, 0 recorded in part (not compared), 1 not replayable (1 {NOT_SEALED})" in err
+    )
+
+
+def test_a_tampered_record_is_refused_unless_no_verify_is_given(
+    tmp_path: Path, keys: dict[str, Path], recorded: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lines = recorded.read_text().splitlines()
+    n = next(n for n, line in enumerate(lines) if json.loads(line).get("decision") == "masked")
+    record = json.loads(lines[n])
+    record["decision"] = "allowed"  # rewritten to hide what the rules did
+    lines[n] = json.dumps(record)
+    recorded.write_text("\n".join(lines) + "\n")
+    for extra in ((), ("--fail-on-change",)):
+        status, out, err = gate(tmp_path, capsys, recorded, keys["auditor_key"], *extra)
+        assert status == REPLAY_UNVERIFIED, err
+        assert out == ""
+        assert f"line {n + 1} (seq " in err
+        assert "hash does not match" in err
+        assert "nothing replayed" in err
+    status, out, err = gate(
+        tmp_path, capsys, recorded, keys["auditor_key"], "--fail-on-change", "--no-verify"
+    )
+    assert status == REPLAY_CHANGED, err
+    assert "warning: hash chain NOT verified (--no-verify)" in err
+    assert "hash chain NOT verified; 3 exchanges" in err
+    assert "decision: allowed -> masked" in out
+
+
+def test_a_file_signed_by_another_key_is_refused(
+    tmp_path: Path, keys: dict[str, Path], recorded: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = generate_keys(tmp_path / "other")
+    status, _, err = gate(
+        tmp_path, capsys, recorded, keys["auditor_key"], "--public-key", str(other["signing_pub"])
+    )
+    assert status == REPLAY_UNVERIFIED, err
+    assert "checkpoint signed by an" in err
+
+
+def test_only_the_verified_lines_are_replayed(tmp_path: Path, keys: dict[str, Path], recorded: Path) -> None:
+    # A writer still appending: what it writes after the check was not verified, and is not replayed.
+    lines = recorded.read_text().splitlines()
+    last = max(n for n, line in enumerate(lines, 1) if json.loads(line)["type"] == "exchange")
+    key = load_opening_key(keys["auditor_key"])
+    everything = list(replay(recorded, key, snapshot(tmp_path)))
+    verified = list(replay(recorded, key, snapshot(tmp_path), through_line=last - 1))
+    assert [r.line for r in verified] == [r.line for r in everything][:-1]
+
+
+def test_replay_help_documents_its_exit_statuses(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["audit", "replay", "--help"])
+    assert exited.value.code == 0
+    shown = capsys.readouterr().out
+    for status in (REPLAY_CHANGED, REPLAY_NOT_REPLAYED, REPLAY_UNVERIFIED):
+        assert f"\n  {status}  " in shown
+    assert "--no-verify" in shown

@@ -67,6 +67,10 @@ class SealError(Exception):
     """A sealed body cannot be opened: another key, another record, or altered bytes."""
 
 
+class OtherKeyError(SealError):
+    """A sealed body was sealed to another auditor key than the one given (nothing is wrong with it)."""
+
+
 class RecordError(ValueError):
     """A record file cannot be read, or holds a line that is not a JSON object."""
 
@@ -117,7 +121,7 @@ def open_sealed(sealed: Mapping[str, Any], private_key: x25519.X25519PrivateKey,
     mine = key_id(private_key.public_key())
     kid = sealed.get("kid")
     if kid != mine:
-        raise SealError(f"sealed for key {kid!r}, but this is key {mine!r}")
+        raise OtherKeyError(f"sealed for key {kid!r}, but this is key {mine!r}")
     ct = sealed.get("ct")
     if not isinstance(ct, str):
         raise SealError("the sealed body has no ciphertext")
@@ -334,6 +338,13 @@ class Break:
     seq: int | None
     record_id: str | None
     reason: str
+
+    def describe(self) -> str:
+        """``line N (seq S, id I): reason``, as ``audit verify`` and ``audit replay`` print it."""
+        where = f"line {self.line}"
+        if self.seq is not None:
+            where += f" (seq {self.seq}" + (f", id {self.record_id})" if self.record_id else ")")
+        return f"{where}: {self.reason}"
 
 
 @dataclass(frozen=True, slots=True)
