@@ -14,6 +14,7 @@ INSTALL_LOCK = PYTHON=$(BIN)/python sh requirements/install.sh
 TOOLS_STAMP := $(VENV)/.tools-stamp
 
 $(TOOLS_STAMP): requirements/tools.txt requirements/install.sh
+	@echo "Installing the locked dependencies into $(VENV) (once; about half a minute)..."
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || { echo "extproc is \
 	  tested on Python 3.11: rm -rf $(VENV), then run make with PYTHON=python3.11"; exit 1; }
@@ -21,6 +22,7 @@ $(TOOLS_STAMP): requirements/tools.txt requirements/install.sh
 	@touch $(TOOLS_STAMP)
 
 $(STAMP): $(TOOLS_STAMP) pyproject.toml requirements/dev.txt
+	@echo "Installing requirements/dev.txt (runtime, tests, types, lint) and extproc itself..."
 	$(INSTALL_LOCK) requirements/dev.txt
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	@touch $(STAMP)

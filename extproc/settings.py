@@ -352,8 +352,47 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     try:
         return Settings.model_validate(merged)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
-        raise ConfigError(f"{where}: {problems}") from exc
+        problems = []
+        for err in exc.errors():
+            location = [str(p) for p in err["loc"]]
+            source = _source(location, path, env_layer, overrides) or where
+            problems.append(f"{source}: {'.'.join(location)}: {err['msg']}")
+        raise ConfigError("; ".join(problems)) from exc
+
+
+def _source(
+    location: list[str], path: str | Path | None, env_layer: dict[str, Any], overrides: dict[str, Any]
+) -> str | None:
+    """Where the value at ``location`` came from: an override, the environment variable that set it, or
+    the settings file and the line of its key. None when none of them holds it (a missing field)."""
+    if _holds(overrides, location):
+        return "override"
+    if _holds(env_layer, location):
+        return "$EXTPROC_" + "__".join(part.upper() for part in location)
+    if path is None:
+        return None
+    try:
+        node = yaml.compose(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return str(path)
+    line = None
+    for part in location:
+        if not isinstance(node, yaml.MappingNode):
+            break
+        found = next(((k, v) for k, v in node.value if getattr(k, "value", None) == part), None)
+        if found is None:
+            break
+        line, node = found[0].start_mark.line + 1, found[1]
+    return f"{path}:{line}" if line is not None else str(path)
+
+
+def _holds(layer: dict[str, Any], location: list[str]) -> bool:
+    node: Any = layer
+    for part in location:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def _env_layer() -> dict[str, Any]:

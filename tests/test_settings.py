@@ -35,8 +35,21 @@ def test_config_path_from_environment(tmp_path: Path, monkeypatch: pytest.Monkey
 def test_unknown_key_names_file_and_field(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text("server:\n  grpc_adress: 127.0.0.1:1\n", encoding="utf-8")
-    with pytest.raises(ConfigError, match=r"bad\.yaml: server\.grpc_adress"):
+    with pytest.raises(ConfigError, match=r"bad\.yaml:2: server\.grpc_adress"):
         load_settings(path)
+
+
+def test_a_bad_environment_override_is_blamed_on_its_variable_not_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: an invalid EXTPROC_LIMITS__MAX_REQUEST_BYTES was reported as an error of the file."""
+    path = tmp_path / "ok.yaml"
+    path.write_text("limits:\n  max_request_bytes: 2048\n", encoding="utf-8")
+    monkeypatch.setenv("EXTPROC_LIMITS__MAX_REQUEST_BYTES", "lots")
+    with pytest.raises(ConfigError) as raised:
+        load_settings(path)
+    assert str(raised.value).startswith("$EXTPROC_LIMITS__MAX_REQUEST_BYTES: limits.max_request_bytes:")
+    assert "ok.yaml" not in str(raised.value)
 
 
 def test_invalid_value_is_refused(tmp_path: Path) -> None:
