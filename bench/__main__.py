@@ -181,8 +181,10 @@ def _stacks(out: Path, audited: bool = False) -> Iterator[dict[str, str]]:
     receiver: Process | None = None
     sink: IO[str] | None = None
     try:
+        # The benchmark measures scanning, not token checks: no identity, said so.
+        anonymous = {"EXTPROC_IDENTITY__MODE": "none"}
         # No upstream key: the paths without extproc could not pass the demo's check otherwise.
-        full = Stack(log_path=log, demo_key=False).start()
+        full = Stack(log_path=log, demo_key=False, extra_env=dict(anonymous)).start()
         stacks.append(full)
         assert full.upstream is not None
         upstream = Upstream("127.0.0.1", full.upstream.port)
@@ -196,6 +198,7 @@ def _stacks(out: Path, audited: bool = False) -> Iterator[dict[str, str]]:
                 "EXTPROC_AUDIT__RECORD_PATH": str(record),
                 "EXTPROC_AUDIT__SEALING_KEY_FILE": str(keys["auditor_pub"]),
                 "EXTPROC_AUDIT__SIGNING_KEY_FILE": str(keys["signing_key"]),
+                **anonymous,
             }
             recorded = Stack(log_path=log, upstream=upstream, extra_env=env).start()
             stacks.append(recorded)
@@ -205,7 +208,9 @@ def _stacks(out: Path, audited: bool = False) -> Iterator[dict[str, str]]:
             python_path = {**os.environ, "PYTHONPATH": str(ROOT)}
             receiver = Process("otlp", [sys.executable, "-m", "tests.otlp"], sink, python_path)
             otlp = "http://" + receiver.wait_ready(60)["grpc"]
-            traced = Stack(log_path=log, upstream=upstream, otlp_endpoint=otlp).start()
+            traced = Stack(
+                log_path=log, upstream=upstream, otlp_endpoint=otlp, extra_env=dict(anonymous)
+            ).start()
             stacks.append(traced)
             paths.update(recorded=recorded.url, traced=traced.url, record=str(record))
         yield paths

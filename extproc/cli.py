@@ -16,7 +16,7 @@ from typing import Any
 
 from extproc import __version__
 from extproc.errors import ConfigError
-from extproc.settings import LogSettings, Settings, load_settings
+from extproc.settings import LogSettings, Settings, load_settings, require_identity_choice
 
 log = logging.getLogger("extproc.cli")
 
@@ -72,6 +72,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         settings = _settings(args)
         logs.configure(settings.log)
+        require_identity_choice(settings)  # before the rules compile: a missing choice fails at once
         server = Server(settings, Runtime(build_snapshot(settings)))
         asyncio.run(server.run_until_signal())
     except _StopRequested as stopped:
@@ -138,6 +139,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
         envoy_config=Path(args.envoy_config) if args.envoy_config else REPO_ENVOY_CONFIG,
         dev_identity=None if args.no_auth or args.config else dev_dir,
         otlp_endpoint=args.otlp,
+        extra_env={"EXTPROC_IDENTITY__MODE": "none"} if args.no_auth else {},
     )
 
     def interrupt(_signum: int, _frame: object) -> None:

@@ -25,7 +25,7 @@ from extproc.errors import ExtProcError
 from extproc.exchange import Exchange
 from extproc.model import Actions, Outcome, ProtocolConfig
 from extproc.runtime import Runtime
-from extproc.settings import Settings
+from extproc.settings import Settings, require_identity_choice
 from extproc.telemetry import Telemetry
 
 log = logging.getLogger("extproc.server")
@@ -235,12 +235,20 @@ def _log_exchange(exchange: Exchange, outcome: Outcome) -> None:
     )
 
 
+NO_IDENTITY = (
+    "identity.mode is none: callers are not authenticated and every exchange gets the default policy"
+)
+"""Logged at start-up and shown by /readyz when the settings choose no identity (still ready)."""
+
+
 class Server:
     """The ext_proc gRPC server plus the admin HTTP endpoints, with a graceful stop."""
 
     def __init__(self, settings: Settings, runtime: Runtime, instruments: Instruments | None = None) -> None:
         """``instruments``: given by tests that read spans in memory; otherwise built from the telemetry
-        settings (no-op ones when no OTLP endpoint is set)."""
+        settings (no-op ones when no OTLP endpoint is set). Raises ConfigError when the settings choose
+        no identity mode: a server authenticates callers, or is told in so many words not to."""
+        require_identity_choice(settings)
         self._settings = settings
         self._runtime = runtime
         self._telemetry: Telemetry | None = None
@@ -294,6 +302,8 @@ class Server:
         for service in ("", SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._serving = True
+        if self._settings.identity.mode == "none":
+            log.warning("identity_none", extra={"detail": NO_IDENTITY})
         log.info(
             "ready",
             extra={"grpc": f"{host}:{self.grpc_port}", "admin": f"{self._admin_host()}:{self.admin_port}"},
@@ -323,7 +333,10 @@ class Server:
         if self.recorder is not None and not self.recorder.serving:
             return web.json_response({"status": "audit_unavailable"}, status=503)
         if self._serving:
-            return web.json_response({"status": "serving"})
+            body = {"status": "serving", "identity": self._settings.identity.mode}
+            if self._settings.identity.mode == "none":
+                body["warning"] = NO_IDENTITY
+            return web.json_response(body)
         return web.json_response({"status": "not_serving"}, status=503)
 
     async def stop(self, *, drain: bool = True) -> None:

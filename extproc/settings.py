@@ -122,6 +122,16 @@ class PolicySettings(_Section):
     )
 
 
+PLACEHOLDER = "CHANGE-ME"
+"""Marks a value the shipped settings leave for the operator to set (deploy/kubernetes): refused at load."""
+
+
+def _no_placeholder(value: str, what: str) -> str:
+    if PLACEHOLDER in value:
+        raise ValueError(f"{value!r} is the shipped placeholder: set {what} before the sidecar can start")
+    return value
+
+
 JWT_ALGORITHMS: frozenset[str] = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 )
@@ -151,6 +161,23 @@ class IssuerSettings(_Section):
         default_factory=list, description="other claims (dotted paths) copied into the principal, e.g. email"
     )
 
+    @field_validator("issuer")
+    @classmethod
+    def _issuer_set(cls, value: str) -> str:
+        return _no_placeholder(value, "your identity provider's issuer (the exact `iss` of its tokens)")
+
+    @field_validator("audiences")
+    @classmethod
+    def _audiences_set(cls, value: list[str]) -> list[str]:
+        for audience in value:
+            _no_placeholder(audience, "the audience your identity provider puts in `aud`")
+        return value
+
+    @field_validator("jwks_file")
+    @classmethod
+    def _jwks_file_set(cls, value: str | None) -> str | None:
+        return value if value is None else _no_placeholder(value, "the issuer's JWKS file")
+
     @field_validator("algorithms")
     @classmethod
     def _public_key_algorithms(cls, value: list[str]) -> list[str]:
@@ -173,6 +200,7 @@ class IssuerSettings(_Section):
     def _safe_url(cls, value: str | None) -> str | None:
         if value is None:
             return value
+        _no_placeholder(value, "your identity provider's JWKS URL")
         from urllib.parse import urlsplit
 
         parts = urlsplit(value)
@@ -193,12 +221,16 @@ class IssuerSettings(_Section):
 
 
 class IdentitySettings(_Section):
-    """Who the caller is: verify its bearer JWT here (jwt), trust Envoy's jwt_authn (envoy), or neither."""
+    """Who the caller is: verify its bearer JWT here (jwt), trust Envoy's jwt_authn (envoy), or neither.
 
-    mode: Literal["none", "jwt", "envoy"] = Field(
-        "none",
-        description="none: no identity; jwt: verify the bearer token here; "
-        "envoy: read the payload Envoy's jwt_authn verified from dynamic metadata",
+    There is no default: a server refuses to start until the settings choose a mode, so that running
+    with nobody authenticated is a decision written down (``mode: none``), never an omission."""
+
+    mode: Literal["none", "jwt", "envoy"] | None = Field(
+        None,
+        description="none: no identity (every caller gets the default policy); jwt: verify the bearer "
+        "token here; envoy: read the payload Envoy's jwt_authn verified from dynamic metadata. "
+        "Unset: `extproc serve` refuses to start",
     )
     issuers: list[IssuerSettings] = Field(
         default_factory=list, description="trusted issuers; a token is checked only with the keys of its own"
@@ -313,6 +345,17 @@ class Settings(_Section):
     identity: IdentitySettings = IdentitySettings()
     telemetry: TelemetrySettings = TelemetrySettings()
     audit: AuditSettings = AuditSettings()
+
+
+def require_identity_choice(settings: Settings) -> None:
+    """Raise ConfigError unless the settings choose an identity mode: what a server checks before
+    serving. Other commands (scan, rules, audit) authenticate nobody and need no choice."""
+    if settings.identity.mode is None:
+        raise ConfigError(
+            "identity.mode is not set: choose jwt (verify callers' tokens; see the README's Identity "
+            "section), envoy (Envoy's jwt_authn verifies them), or none (authenticate nobody: every "
+            "caller gets the default policy), e.g. `identity: {mode: none}` or EXTPROC_IDENTITY__MODE=none"
+        )
 
 
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

@@ -18,8 +18,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def start_stack(log_path: Path, **options: Any) -> Stack:
-    # No drain period on stop: the tests that need one start their own server.
+    # No drain period on stop: the tests that need one start their own server. No identity unless the
+    # test asks for the dev one: said in so many words, as a server refuses to start without a choice.
     env = {"EXTPROC_SERVER__DRAIN_SECONDS": "0", **options.pop("extra_env", {})}
+    if options.get("dev_identity") is None:
+        env.setdefault("EXTPROC_IDENTITY__MODE", "none")
     return Stack(log_path=log_path, envoy_concurrency=1, extra_env=env, **options).start()
 
 

@@ -12,7 +12,8 @@ import yaml
 
 from bench.__main__ import main as bench_main
 from extproc.cli import build_parser
-from extproc.settings import load_settings
+from extproc.errors import ConfigError
+from extproc.settings import PLACEHOLDER, load_settings, require_identity_choice
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = [d for d in yaml.safe_load_all((ROOT / "deploy/kubernetes/deployment.yaml").read_text()) if d]
@@ -31,11 +32,83 @@ def test_container_commands_are_real_extproc_commands(container: dict[str, objec
     assert parsed.command in {"serve", "envoy", "demo"}
 
 
-def test_the_settings_config_map_loads(tmp_path: Path) -> None:
+def _shipped_settings() -> str:
     config_map = yaml.safe_load((ROOT / "deploy/kubernetes/extproc-settings.yaml").read_text())
+    text: str = config_map["data"]["settings.yaml"]
+    return text
+
+
+def _operator_settings(tmp_path: Path) -> Path:
+    """The shipped settings once the operator has set the identity provider's values."""
+    text = _shipped_settings()
+    text = text.replace(f"https://{PLACEHOLDER}.example", "https://login.example.com")
+    text = text.replace(f"[{PLACEHOLDER}]", "[llm-gateway]")
+    assert PLACEHOLDER not in json.dumps(yaml.safe_load(text))  # (comments may still name it)
     path = tmp_path / "settings.yaml"
-    path.write_text(config_map["data"]["settings.yaml"])
-    settings = load_settings(path)
+    path.write_text(text)
+    return path
+
+
+def test_the_shipped_settings_authenticate_callers(tmp_path: Path) -> None:
+    settings = load_settings(_operator_settings(tmp_path))
+    assert settings.identity.mode == "jwt"
+    [issuer] = settings.identity.issuers
+    assert issuer.issuer == "https://login.example.com/realms/ai"
+    assert issuer.audiences == ["llm-gateway"]
+    assert issuer.jwks_url is not None
+    assert issuer.jwks_url.startswith("https://login.example.com/")
+    require_identity_choice(settings)  # the sidecar would start
+
+
+@pytest.mark.parametrize(
+    ("setting", "set_value", "forgotten"),
+    [
+        (
+            "identity.issuers.0.issuer",
+            "issuer: https://login.example.com",
+            f"issuer: https://{PLACEHOLDER}.example",
+        ),
+        ("identity.issuers.0.audiences", "[llm-gateway]", f"[{PLACEHOLDER}]"),
+        (
+            "identity.issuers.0.jwks_url",
+            "jwks_url: https://login.example.com",
+            f"jwks_url: https://{PLACEHOLDER}.x",
+        ),
+    ],
+)
+def test_the_shipped_settings_refuse_each_placeholder_left_and_name_it(
+    tmp_path: Path, setting: str, set_value: str, forgotten: str
+) -> None:
+    """The operator set every value but one: the settings do not load, and the error names that one."""
+    path = _operator_settings(tmp_path)
+    text = path.read_text()
+    assert text.count(set_value) == 1
+    path.write_text(text.replace(set_value, forgotten))
+    with pytest.raises(ConfigError) as raised:
+        load_settings(path)
+    message = str(raised.value)
+    assert f"{setting}: " in message
+    assert message.count("placeholder") == 1
+
+
+def test_the_shipped_settings_as_shipped_do_not_start(tmp_path: Path) -> None:
+    path = tmp_path / "settings.yaml"
+    path.write_text(_shipped_settings())
+    server = subprocess.run(
+        [sys.executable, "-m", "extproc", "serve", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert server.returncode == 2
+    [failed] = [json.loads(t) for t in server.stderr.splitlines() if '"serve_failed"' in t]
+    assert "identity.issuers.0.issuer" in failed["error"]
+    assert "placeholder" in failed["error"]
+
+
+def test_the_settings_config_map_loads(tmp_path: Path) -> None:
+    settings = load_settings(_operator_settings(tmp_path))
     assert settings.server.admin_address == "0.0.0.0:9090"
     # The image copies the repository's rules/ there (see the Dockerfile test below).
     assert settings.detect.rules == ["/etc/extproc/rules"]
@@ -104,10 +177,7 @@ def test_stream_bench_runs_and_writes_its_report(tmp_path: Path) -> None:
 
 
 def test_the_settings_config_map_wires_telemetry_and_the_session_record(tmp_path: Path) -> None:
-    config_map = yaml.safe_load((ROOT / "deploy/kubernetes/extproc-settings.yaml").read_text())
-    path = tmp_path / "settings.yaml"
-    path.write_text(config_map["data"]["settings.yaml"])
-    settings = load_settings(path)
+    settings = load_settings(_operator_settings(tmp_path))
     [extproc] = [c for c in _containers() if c["name"] == "extproc"]
     mounts = [m["mountPath"] for m in extproc["volumeMounts"]]  # type: ignore[attr-defined]
     audit = settings.audit
@@ -135,6 +205,8 @@ def test_compose_environment_names_real_settings(monkeypatch: pytest.MonkeyPatch
     settings = load_settings(None)
     assert settings.telemetry.otlp_endpoint == "http://jaeger:4317"
     assert settings.audit.record_path == "/var/lib/extproc/session.jsonl"
+    # A laptop demo without an identity provider, which says so (a server refuses otherwise).
+    assert settings.identity.mode == "none"
     envoy = build_parser().parse_args([str(a) for a in COMPOSE["services"]["envoy"]["command"]])
     assert envoy.otlp == settings.telemetry.otlp_endpoint
     # The image makes the record's folder, owned by the user the sidecar runs as.

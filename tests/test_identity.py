@@ -1046,7 +1046,7 @@ def test_mint_token_from_a_private_jwk(rsa_keys: Keys) -> None:
 
 def test_identity_settings_defaults() -> None:
     settings = load_settings()
-    assert settings.identity.mode == "none"
+    assert settings.identity.mode is None  # no default: a server refuses until the settings choose
     assert settings.identity.leeway_seconds == 30
     assert settings.identity.max_token_bytes == 8192
     assert settings.identity.cache_entries == 10000

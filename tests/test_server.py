@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -18,7 +19,9 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc.audit.record import iter_records, verify
+from extproc.errors import ConfigError
 from extproc.exchange import Exchange
+from extproc.identity.dev import dev_identity
 from extproc.model import Outcome
 from extproc.runtime import Runtime, build_snapshot
 from extproc.server import SERVICE_NAME, Server
@@ -34,6 +37,7 @@ def _settings(drain: float = 0.0, grace: float = 5.0):  # type: ignore[no-untype
             "drain_seconds": drain,
             "grace_seconds": grace,
         },
+        identity={"mode": "none"},
     )
 
 
@@ -135,10 +139,13 @@ def test_serve_stops_cleanly_on_sigterm() -> None:
         env={
             "EXTPROC_SERVER__DRAIN_SECONDS": "0",
             "EXTPROC_DETECT__CACHE_DIR": os.environ["EXTPROC_DETECT__CACHE_DIR"],
+            "EXTPROC_IDENTITY__MODE": "none",
             "PATH": "/usr/bin:/bin",
         },
     )
     assert process.stderr is not None
+    ready = process.stderr.readline()
+    assert '"event": "identity_none"' in ready  # the settings chose no identity: said before serving
     ready = process.stderr.readline()
     assert '"event": "ready"' in ready
     process.send_signal(signal.SIGTERM)
@@ -152,6 +159,7 @@ async def _audited_server(record_path: str, on_error: str) -> Server:
         None,
         server={"grpc_address": "127.0.0.1:0", "admin_address": "127.0.0.1:0", "drain_seconds": 0},
         audit={"record_path": record_path, "on_error": on_error},
+        identity={"mode": "none"},
     )
     srv = Server(settings, Runtime(build_snapshot(settings)))
     await srv.start()
@@ -253,3 +261,66 @@ async def test_an_exchange_whose_record_cannot_be_made_leaves_a_gap_naming_it(
     [gap] = [r for _, r in iter_records(path) if r["type"] == "gap"]
     assert gap["first_lost_id"] == decision_id
     assert gap["lost"] == 1
+
+
+# -- identity must be chosen; none is said out loud -----------------------------------------------------
+
+
+def test_a_server_refuses_settings_that_choose_no_identity_mode() -> None:
+    settings = load_settings(None, server={"grpc_address": "127.0.0.1:0", "admin_address": "127.0.0.1:0"})
+    assert settings.identity.mode is None
+    with pytest.raises(ConfigError, match=r"identity\.mode is not set"):
+        Server(settings, Runtime(build_snapshot(settings)))
+
+
+def test_serve_without_an_identity_choice_exits_2_naming_the_setting(tmp_path: Path) -> None:
+    settings = tmp_path / "settings.yaml"
+    settings.write_text("log:\n  level: info\n")  # a file, but no identity section
+    process = subprocess.run(
+        [sys.executable, "-m", "extproc", "serve", "--config", str(settings)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"EXTPROC_DETECT__CACHE_DIR": os.environ["EXTPROC_DETECT__CACHE_DIR"], "PATH": "/usr/bin:/bin"},
+    )
+    assert process.returncode == 2
+    lines = [json.loads(t) for t in process.stderr.splitlines() if t.startswith("{")]
+    [failed] = [line for line in lines if line["event"] == "serve_failed"]
+    assert "identity.mode is not set" in failed["error"]
+    assert "ready" not in {line["event"] for line in lines}
+
+
+async def _readyz_body(port: int) -> tuple[int, dict[str, object]]:
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/readyz") as answer:
+        return answer.status, await answer.json()
+
+
+async def test_identity_none_is_a_warning_at_start_up_and_on_readyz(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The fixture's settings say identity mode none in so many words; the server started with them.
+    [warned] = [r for r in caplog.get_records("setup") if r.getMessage() == "identity_none"]
+    assert warned.levelno == logging.WARNING
+    status, body = await _readyz_body(server.admin_port)
+    assert status == 200  # still ready: none is allowed, when chosen
+    assert body["status"] == "serving"
+    assert body["identity"] == "none"
+    assert "not authenticated" in str(body["warning"])
+
+
+async def test_readyz_names_the_identity_mode_and_warns_of_nothing_when_callers_are_verified(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = load_settings(
+        None,
+        server={"grpc_address": "127.0.0.1:0", "admin_address": "127.0.0.1:0", "drain_seconds": 0},
+        identity=dev_identity(tmp_path),
+    )
+    srv = Server(settings, Runtime(build_snapshot(settings)))
+    await srv.start()
+    try:
+        status, body = await _readyz_body(srv.admin_port)
+        assert (status, body) == (200, {"status": "serving", "identity": "jwt"})
+        assert not [r for r in caplog.records if r.getMessage() == "identity_none"]
+    finally:
+        await srv.stop(drain=False)

@@ -38,6 +38,7 @@ class Serve:
             env={
                 "EXTPROC_SERVER__DRAIN_SECONDS": "0",
                 "EXTPROC_DETECT__CACHE_DIR": os.environ["EXTPROC_DETECT__CACHE_DIR"],
+                "EXTPROC_IDENTITY__MODE": "none",
                 "PATH": "/usr/bin:/bin",
                 **env,
             },
@@ -233,6 +234,7 @@ def test_an_unexpected_failure_is_logged_with_its_traceback_and_the_record_close
     record = tmp_path / "session.jsonl"
     for name, value in audited_env(record, keys).items():
         monkeypatch.setenv(name, value)
+    monkeypatch.setenv("EXTPROC_IDENTITY__MODE", "none")
     monkeypatch.setattr(Server, "start", start_then_fail)
     root = logging.getLogger()
     monkeypatch.setattr(root, "handlers", list(root.handlers))
