@@ -137,7 +137,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
         upstream=Upstream.parse(args.upstream) if args.upstream else None,
         settings_file=args.config,
         envoy_config=Path(args.envoy_config) if args.envoy_config else REPO_ENVOY_CONFIG,
-        dev_identity=None if args.no_auth or args.config else dev_dir,
+        # The dev identity unless --no-auth, or the settings file chooses another mode itself.
+        dev_identity=None if args.no_auth else dev_dir,
         otlp_endpoint=args.otlp,
         extra_env={"EXTPROC_IDENTITY__MODE": "none"} if args.no_auth else {},
     )

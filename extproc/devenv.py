@@ -215,7 +215,9 @@ class Stack:
     log_path: Path | None = None  # component output goes here; the terminal when None
     extra_env: dict[str, str] = field(default_factory=dict)
     demo_key: bool = True  # the demo model requires a key of its own, which extproc injects
-    dev_identity: Path | None = None  # verify callers' tokens against the dev key in this folder
+    # Verify callers' tokens against the dev key in this folder, unless settings_file chooses an identity
+    # mode itself (then None once started). Without either, the settings must choose (serve refuses).
+    dev_identity: Path | None = None
     otlp_endpoint: str | None = None  # Envoy's and extproc's spans go to this OTLP/gRPC collector
     processes: dict[str, Process] = field(default_factory=dict)
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="extproc-dev-")))
@@ -255,12 +257,7 @@ class Stack:
         if self.with_extproc:
             args = ["serve", "--grpc-address", f"127.0.0.1:{self.extproc_port}"]
             args += ["--admin-address", f"127.0.0.1:{self.admin_port}"]
-            settings_file = self.settings_file
-            if settings_file is None and self.dev_identity is not None:
-                # Callers must bring a token of the dev issuer (`extproc token`).
-                settings_file = str(self.workdir / "dev-settings.yaml")
-                identity = {"identity": dev_identity(self.dev_identity)}
-                Path(settings_file).write_text(yaml.safe_dump(identity), encoding="utf-8")
+            settings_file = self.extproc_settings_file()
             if settings_file:
                 args += ["--config", settings_file]
             ready = self._python("extproc", args).wait_ready(timeout)
@@ -290,6 +287,31 @@ class Stack:
         ]  # fmt: skip
         self.processes["envoy"] = Process("envoy", argv, self._sink)
         self._wait_envoy(admin_path, timeout)
+
+    def extproc_settings_file(self) -> str | None:
+        """The settings extproc starts with: ``settings_file``, with the dev identity (callers must bring
+        a token of the dev issuer, `extproc token`) unless that file chooses an identity mode itself."""
+        if self.dev_identity is None:
+            return self.settings_file
+        data: dict[str, Any] = {}
+        if self.settings_file is not None:
+            try:
+                loaded = yaml.safe_load(Path(self.settings_file).read_text(encoding="utf-8"))
+            except (OSError, yaml.YAMLError):
+                return self.settings_file  # extproc serve names the problem
+            if loaded is not None and not isinstance(loaded, dict):
+                return self.settings_file  # extproc serve names the problem
+            data = loaded or {}
+        identity = data.get("identity")
+        if identity is not None and not isinstance(identity, dict):
+            return self.settings_file
+        if identity is not None and identity.get("mode") is not None:
+            self.dev_identity = None  # the file chose: jwt with its own issuers, envoy, or none
+            return self.settings_file
+        data["identity"] = {**(identity or {}), **dev_identity(self.dev_identity)}
+        merged = self.workdir / "dev-settings.yaml"
+        merged.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+        return str(merged)
 
     def _wait_envoy(self, admin_path: Path, timeout: float) -> None:
         deadline = time.monotonic() + timeout

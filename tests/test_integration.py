@@ -14,6 +14,7 @@ import pytest
 from openai.types.chat import ChatCompletionChunk
 
 from extproc.devenv import Stack
+from extproc.identity.dev import mint_dev_token
 
 from .conftest import Demo, chat, start_stack
 
@@ -198,6 +199,45 @@ def test_make_run_prints_a_working_curl_line_and_stops_on_ctrl_c(tmp_path: Path)
     assert process.returncode == 0
     leftovers = subprocess.run(["pgrep", "-f", f"--parent {process.pid}"], capture_output=True, check=False)
     assert leftovers.stdout == b""
+
+
+def test_dev_with_a_settings_file_keeps_the_dev_identity(tmp_path: Path) -> None:
+    """`extproc dev --config F` used to drop the dev identity: a request without a token got 200."""
+    settings = tmp_path / "settings.yaml"
+    settings.write_text("limits:\n  max_request_bytes: 4096\n")  # a file that says nothing of identity
+    ports = ["--port", "0", "--envoy-admin-port", "0", "--extproc-port", "0", "--admin-port", "0"]
+    dev = ["dev", *ports, "--demo-port", "0", "--dev-dir", str(tmp_path), "--config", str(settings)]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "extproc", *dev],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    assert process.stderr is not None
+    lines: list[str] = []
+    try:
+        for line in process.stderr:
+            lines.append(line)
+            if line.strip().startswith("curl -s "):
+                break
+        curl = "".join(lines[-1:]) + process.stderr.readline()
+        url = curl.split()[2]
+        data = curl.split("-d '", 1)[1].rsplit("'", 1)[0].encode()
+        assert "-H 'authorization: " in curl  # the curl line carries a dev token
+        headers = {"content-type": "application/json"}
+        anonymous = httpx.post(url, content=data, headers=headers, timeout=30)
+        assert anonymous.status_code == 401
+        assert anonymous.json()["error"] == "jwt_missing"
+        token = mint_dev_token(tmp_path, "dev-user", [], 600)
+        signed = {**headers, "authorization": f"Bearer {token}"}
+        assert httpx.post(url, content=data, headers=signed, timeout=30).status_code == 200
+        # The file's own settings still apply.
+        large = chat("x" * 5000)
+        assert httpx.post(url, content=large, headers=signed, timeout=30).status_code == 413
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=30)
+    assert process.returncode == 0
 
 
 @pytest.mark.parametrize("path", ["/healthz", "/nothing-here"])
