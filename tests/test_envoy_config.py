@@ -168,3 +168,47 @@ def test_rendering_points_the_collector_or_turns_tracing_off() -> None:
     quiet = render_envoy_config(base, **common)
     assert "tracing" not in _hcms(quiet)[0]
     assert all(c["name"] != "otel_collector" for c in quiet["static_resources"]["clusters"])
+
+
+def _percent(value: dict[str, Any] | None) -> float:
+    return 100.0 if value is None else float(value["value"])
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_the_caller_cannot_decide_whether_a_request_is_traced(path: Path) -> None:
+    config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    for hcm in _hcms(config):
+        if "tracing" not in hcm:
+            continue
+        # Envoy's defaults read the sampling decision from the caller's x-request-id (and rewrite it):
+        # `x-request-id: job-42` meant no trace at all.
+        extension = hcm["request_id_extension"]["typed_config"]
+        assert extension["@type"].endswith("UuidRequestIdConfig")
+        assert extension["use_request_id_for_trace_sampling"] is False
+        assert extension["pack_trace_reason"] is False  # the caller's id is kept as sent
+        # The tracer's sampler decides from the trace id, whatever sampled flag a caller's traceparent
+        # has; the connection manager's percentages, no longer consulted, must not sample a second time.
+        tracing = hcm["tracing"]
+        sampler = tracing["provider"]["typed_config"]["sampler"]
+        assert sampler["name"] == "envoy.tracers.opentelemetry.samplers.trace_id_ratio_based"
+        assert _percent(tracing.get("random_sampling")) == 100
+        assert _percent(tracing.get("overall_sampling")) == 100
+
+
+def test_rendering_keeps_the_request_id_settings() -> None:
+    base = yaml.safe_load((ROOT / "envoy" / "envoy.yaml").read_text(encoding="utf-8"))
+    common: dict[str, Any] = {
+        "listen_port": 1,
+        "admin_port": 2,
+        "extproc_port": 3,
+        "upstream": Upstream("127.0.0.1", 4),
+    }
+    for config in (
+        render_envoy_config(base, **common, otlp=Upstream.parse("http://jaeger:4317")),
+        render_envoy_config(base, **common),
+        render_envoy_config(base, **common, with_extproc=False),
+    ):
+        [hcm] = _hcms(config)
+        assert hcm["request_id_extension"] == _hcms(base)[0]["request_id_extension"]
+    [traced] = _hcms(render_envoy_config(base, **common, otlp=Upstream.parse("http://jaeger:4317")))
+    assert traced["tracing"] == _hcms(base)[0]["tracing"]

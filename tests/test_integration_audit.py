@@ -86,13 +86,19 @@ def audited(
     running.stop()
 
 
-def call(stack: Stack, dev_dir: Path, content: str, groups: list[str] | None = None) -> httpx.Response:
+def call(
+    stack: Stack,
+    dev_dir: Path,
+    content: str,
+    groups: list[str] | None = None,
+    headers: dict[str, str] | None = None,
+) -> httpx.Response:
     token = mint_dev_token(dev_dir, "alice", groups or [], 600)
     body = {"model": "demo-small", "messages": [{"role": "user", "content": content}]}
     return httpx.post(
         f"{stack.url}/v1/chat/completions",
         json=body,
-        headers={"authorization": f"Bearer {token}"},
+        headers={"authorization": f"Bearer {token}", **(headers or {})},
         timeout=30,
     )
 
@@ -164,6 +170,55 @@ def test_a_blocked_request_shows_its_policy_and_code_in_the_trace(
     assert span.attributes[spans.ERROR_CODE] == answer.json()["error"]
     assert span.attributes[spans.POLICY] == "no-credentials-in-prompts"
     assert AWS_KEY not in json.dumps(span.attributes)
+
+
+# What a caller may send that Envoy's defaults read as a sampling decision. The UUID extension reads one
+# from the 14th hex digit of a UUID ('9' sampled, 'a' forced, 'b' client-forced, '4' none yet), rewrites
+# the UUID to say it, and takes an id it cannot read as "not traceable": with `job-42`, nothing at all was
+# traced. A traceparent's sampled flag ('00' at the end) was followed the same way.
+CALLER_HEADERS = {
+    "request-id-not-a-uuid": {"x-request-id": "job-42"},
+    "request-id-uuid-without-decision": {"x-request-id": "0b4e2f3c-5d6e-4f70-8a9b-0c1d2e3f4a5b"},
+    "request-id-uuid-digit-not-a-decision": {"x-request-id": "0b4e2f3c-5d6e-0f70-8a9b-0c1d2e3f4a5b"},
+    "traceparent-not-sampled": {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"},
+}
+
+
+@pytest.mark.parametrize("headers", CALLER_HEADERS.values(), ids=CALLER_HEADERS.keys())
+@pytest.mark.parametrize(
+    ("content", "groups", "status", "decision"),
+    [(f"my card is {CARD}", [], 200, "masked"), (f"deploy with {AWS_KEY}", ["engineering"], 403, "refused")],
+    ids=["masked", "refused"],
+)
+def test_what_the_caller_sends_does_not_decide_whether_the_exchange_is_traced(
+    audited: Stack,
+    receiver: Receiver,
+    record_path: Path,
+    dev_dir: Path,
+    headers: dict[str, str],
+    content: str,
+    groups: list[str],
+    status: int,
+    decision: str,
+) -> None:
+    answer = call(audited, dev_dir, content, groups=groups, headers=headers)
+    assert answer.status_code == status, answer.text
+    decision_id = answer.headers["x-dlp-decision-id"]
+    # The whole trace: Envoy's ingress, its client span of the ext_proc stream, extproc's decision.
+    exchange = exchange_span(receiver, decision_id)
+    assert exchange.attributes[spans.DECISION] == decision
+    client = by_id(receiver, exchange.trace_id, exchange.parent_span_id)
+    assert client.service == "envoy"
+    assert "ExternalProcessor.Process" in client.name
+    ingress = by_id(receiver, exchange.trace_id, client.parent_span_id)
+    assert ingress.name == "ingress"
+    if "traceparent" in headers:  # the caller's trace is continued, not restarted
+        assert exchange.trace_id == headers["traceparent"].split("-")[1]
+    # The caller's id is kept as sent, and recorded where Envoy's own would be.
+    request_id = headers.get("x-request-id") or ingress.attributes["guid:x-request-id"]
+    assert ingress.attributes.get("guid:x-request-id") == request_id
+    assert exchange.attributes[spans.REQUEST_ID] == request_id
+    assert records(record_path, decision_id)["request_id"] == request_id
 
 
 def test_metrics_reach_the_collector(audited: Stack, receiver: Receiver, dev_dir: Path) -> None:
