@@ -220,7 +220,7 @@ def _scan_values(
                 start, end = _canonical(starts, shift, start, False), _canonical(starts, shift, end, True)
                 key = (finding.rule_id, start, end)
                 if end > start and key not in found:
-                    raw = Finding(finding.rule_id, finding.entity, start, end)
+                    raw = finding.at(start, end)
                     found[key] = (raw, text[finding.start : finding.end])
     if not found:
         return

@@ -146,7 +146,7 @@ class _JsonTextChannel(_Channel):
         start = limit - len(text)
         found = [
             (
-                Finding(f.rule_id, f.entity, view.origin(f.start), view.origin(f.end)),
+                f.at(view.origin(f.start), view.origin(f.end)),
                 text[f.start - start : f.end - start],
             )
             for f in findings
@@ -251,9 +251,7 @@ class Router:
         self._seen.add(where)
         self.findings.append(finding)
         try:
-            replacement = self._inspector.masker.apply(
-                value, [Finding(finding.rule_id, finding.entity, 0, len(value))]
-            )
+            replacement = self._inspector.masker.apply(value, [finding.at(0, len(value))])
         except BaseException:
             self._refused = True
             raise
