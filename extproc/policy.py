@@ -7,7 +7,8 @@ order; the first whose every condition holds is the exchange's policy, and the d
 
 A policy says, per direction, what happens to findings: the first ``actions`` entry whose ``when``
 selects a finding (by rule id, entity, category or minimum severity) decides its action, and
-``default`` decides for the rest. Actions:
+``default`` decides for the rest. A value several rules found (``Finding.also_matched``) is decided for
+each of its rules and gets the strictest of those actions. Actions:
 
 - ``mask``: the value is masked, with the rule's own strategy or the entry's ``strategy``;
 - ``allow``: the value passes unchanged (it is still recorded);
