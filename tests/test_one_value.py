@@ -207,3 +207,26 @@ def test_the_strictest_action_wins_whichever_rule_reports_the_value(tmp_path: Pa
         json.loads(reply.data)["messages"][0]["content"] == "my credit card is [REDACTED:CREDIT_CARD], thanks"
     )
     assert ex.outcome().actions == {"request": (("credit-card", "CREDIT_CARD", "mask"),)}
+
+
+def test_a_rule_only_the_joined_strings_reveal_still_reaches_the_policy(tmp_path: Path) -> None:
+    """Read alone, the second message's card is found by credit-card only (and let through); read joined
+    with the first, by credit-card-keyword too. The joined finding has the same span and reporting rule as
+    the one found alone, but the policy blocking the keyword rule must still hear of it."""
+    policy = (
+        "policies:\n  - id: base\n    default: true\n    request:\n      actions:\n"
+        "        - when: { rules: [credit-card] }\n          do: allow\n"
+        "        - when: { rules: [credit-card-keyword] }\n          do: block\n"
+    )
+    (tmp_path / "p.yaml").write_text(policy, encoding="utf-8")
+    snapshot = build_snapshot(
+        load_settings(None, detect={"rules": [str(REPO_RULES)]}, policy={"paths": [str(tmp_path)]})
+    )
+    ex = Exchange(snapshot, ProtocolConfig(BodyMode.BUFFERED, BodyMode.FULL_DUPLEX_STREAMED), "d")
+    items = ((":path", "/v1/chat/completions"), ("content-type", "application/json"))
+    list(ex.handle(Headers(REQ, items, False)))
+    messages = [{"role": "user", "content": "here is my debit card"}, {"role": "user", "content": CARD}]
+    body = json.dumps({"model": "m", "messages": messages}).encode()
+    [reply] = ex.handle(Body(REQ, body, True))
+    assert isinstance(reply, Reject)
+    assert json.loads(reply.body)["error"] == "policy_blocked"
