@@ -532,7 +532,7 @@ class Exchange:
             actions=actions,
             findings=findings,
             entities=entities,
-            rules=tuple(dict.fromkeys(f.rule_id for found in findings.values() for f in found)),
+            rules=tuple(dict.fromkeys(r for found in findings.values() for f in found for r in f.rule_ids)),
             would_refuse=tuple(self.would_refuse),
             shadow=shadow,
             subject=principal.subject if principal is not None else None,

@@ -25,12 +25,27 @@ class ProtocolConfig:
 
 @dataclass(frozen=True, slots=True)
 class Finding:
-    """One detected value: which rule, what kind of data, where in the decoded text (character offsets)."""
+    """One detected value: which rule, what kind of data, where in the decoded text (character offsets).
+
+    Several rules may find one value (a card by ``credit-card`` and ``credit-card-keyword``); the detector
+    reports it once, as the most specific of them (``extproc.detect.engine.merge``), over the span they
+    cover together, and names the others, by rule id, in ``also_matched``. A policy weighs every one of
+    them (``extproc.policy``)."""
 
     rule_id: str
     entity: str
     start: int
     end: int
+    also_matched: tuple[str, ...] = ()
+
+    @property
+    def rule_ids(self) -> tuple[str, ...]:
+        """The rule that reports the value, then every other rule that found it."""
+        return (self.rule_id, *self.also_matched)
+
+    def at(self, start: int, end: int) -> Finding:
+        """The same finding at another span (offsets mapped to another text)."""
+        return Finding(self.rule_id, self.entity, start, end, self.also_matched)
 
 
 # Messages from Envoy, decoded by envoy.py.

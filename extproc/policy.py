@@ -7,7 +7,8 @@ order; the first whose every condition holds is the exchange's policy, and the d
 
 A policy says, per direction, what happens to findings: the first ``actions`` entry whose ``when``
 selects a finding (by rule id, entity, category or minimum severity) decides its action, and
-``default`` decides for the rest. Actions:
+``default`` decides for the rest. A value several rules found (``Finding.also_matched``) is decided for
+each of its rules and gets the strictest of those actions. Actions:
 
 - ``mask``: the value is masked, with the rule's own strategy or the entry's ``strategy``;
 - ``allow``: the value passes unchanged (it is still recorded);
@@ -42,6 +43,7 @@ from extproc.model import Finding
 
 Action = Literal["mask", "allow", "block", "approve"]
 SEVERITIES = ("low", "medium", "high", "critical")
+STRICTNESS: tuple[Action, ...] = ("allow", "mask", "approve", "block")  # the last is the strictest
 
 
 class _Model(BaseModel):
@@ -368,17 +370,27 @@ class FindingActions:
         return verdict
 
     def decide(self, finding: Finding) -> Verdict:
-        """The policy's verdict on ``finding``, recorded; nothing is enforced here."""
-        category, severity = self._info.get(finding.rule_id, ("pii", "medium"))
-        verdict = Verdict(self._direction.default)
-        for entry in self._direction.actions:
-            if entry.when.selects(finding, category, severity):
-                verdict = Verdict(entry.do, entry.strategy)
-                break
+        """The policy's verdict on ``finding``, recorded; nothing is enforced here. A value several rules
+        found (``finding.also_matched``) gets the strictest verdict any of them is given (block, then
+        approve, then mask, then allow): a policy that blocks ``credit-card-keyword`` blocks a card that
+        ``credit-card`` reports. Among equals, the reporting rule's verdict (its strategy) comes first."""
+        verdict = max(
+            (self._rule_verdict(finding, rule_id) for rule_id in finding.rule_ids),
+            key=lambda v: STRICTNESS.index(v.action),
+        )
         if verdict.action == "mask" and self.unmasked:
             verdict = Verdict("allow")
         self.decisions.made.append((finding.rule_id, verdict.action))
         return verdict
+
+    def _rule_verdict(self, finding: Finding, rule_id: str) -> Verdict:
+        """The verdict the first matching ``actions`` entry (or the default) gives ``rule_id``'s finding."""
+        category, severity = self._info.get(rule_id, ("pii", "medium"))
+        one = Finding(rule_id, finding.entity, finding.start, finding.end)
+        for entry in self._direction.actions:
+            if entry.when.selects(one, category, severity):
+                return Verdict(entry.do, entry.strategy)
+        return Verdict(self._direction.default)
 
 
 def estimate_tokens(texts: Iterable[str]) -> int:

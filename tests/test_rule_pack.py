@@ -54,7 +54,7 @@ def detector() -> Detector:
 
 
 def _found(detector: Detector, rule_id: str, text: str) -> list[str]:
-    return [text[f.start : f.end] for f in detector.scan(text) if f.rule_id == rule_id]
+    return [text[f.start : f.end] for f in detector.scan(text, merged=False) if f.rule_id == rule_id]
 
 
 @pytest.mark.parametrize(("rule_id", "text"), _cases("match"))

@@ -25,7 +25,7 @@ from extproc.audit.keys import load_sealing_key, load_signing_key
 from extproc.audit.record import seal
 from extproc.audit.spans import Instruments
 from extproc.audit.writer import RecordWriter, iso_time
-from extproc.model import Outcome, Recorded, RecordedBody
+from extproc.model import Finding, Outcome, Recorded, RecordedBody
 from extproc.settings import AuditSettings
 
 log = logging.getLogger("extproc.audit")
@@ -119,10 +119,7 @@ def build_record(
         "unmasked": outcome.unmasked,
         "unmasked_requested": outcome.unmasked_requested,
         "actions": {d: [list(a) for a in made] for d, made in outcome.actions.items()},
-        "findings": {
-            d: [{"rule": f.rule_id, "entity": f.entity, "start": f.start, "end": f.end} for f in found]
-            for d, found in outcome.findings.items()
-        },
+        "findings": {d: [_finding(f) for f in found] for d, found in outcome.findings.items()},
         "would_refuse": list(outcome.would_refuse),
         "shadow": {
             policy: {
@@ -257,3 +254,16 @@ class SessionRecorder:
     def close(self) -> None:
         """Writes what is queued and a last checkpoint. Blocking."""
         self._writer.close()
+
+
+def _finding(finding: Finding) -> dict[str, Any]:
+    """One value found: the rule that reports it, and the other rules that found it too (if any)."""
+    entry: dict[str, Any] = {
+        "rule": finding.rule_id,
+        "entity": finding.entity,
+        "start": finding.start,
+        "end": finding.end,
+    }
+    if finding.also_matched:
+        entry["also_matched"] = list(finding.also_matched)
+    return entry

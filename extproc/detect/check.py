@@ -53,7 +53,7 @@ def _check_samples(ruleset: RuleSet, detector: Detector, report: CheckReport) ->
             continue
         for sample in loaded.rule.samples.match:
             report.samples += 1
-            found = [f for f in detector.scan(sample) if f.rule_id == loaded.id]
+            found = [f for f in detector.scan(sample, merged=False) if f.rule_id == loaded.id]
             if not found:
                 report.problems.append(f"{loaded.where}: samples.match not matched: {sample!r}")
             elif loaded.regex is not None:
@@ -64,6 +64,8 @@ def _check_samples(ruleset: RuleSet, detector: Detector, report: CheckReport) ->
                     report.problems.append(f"{loaded.where}: {what} missed {value!r} in {sample!r}")
         for sample in loaded.rule.samples.no_match:
             report.samples += 1
-            hits = [sample[f.start : f.end] for f in detector.scan(sample) if f.rule_id == loaded.id]
+            hits = [
+                sample[f.start : f.end] for f in detector.scan(sample, merged=False) if f.rule_id == loaded.id
+            ]
             if hits:
                 report.problems.append(f"{loaded.where}: samples.no_match matched {hits[0]!r} in {sample!r}")

@@ -142,6 +142,11 @@ class Detector:
                 )
         self.width = widest
         self._severity = {r.id: _SEVERITY[r.rule.severity] for r in self.rules}
+        # Which of several rules finding one value reports it (merge): the most specific first.
+        self._rank = {
+            r.id: (-_SEVERITY[r.rule.severity], bool(r.rule.keywords), index)
+            for index, r in enumerate(self.rules)
+        }
         self._run_db = _compile(
             hyperscan.HS_MODE_BLOCK, [encoded.RUN_START], [0], [hyperscan.HS_FLAG_SINGLEMATCH]
         )
@@ -346,16 +351,54 @@ class Detector:
 
         return on_regex, on_literal
 
-    def scan(self, text: str) -> list[Finding]:
-        """Every finding in ``text``, sorted by position; offsets are character offsets in ``text``. The
+    def scan(self, text: str, *, merged: bool = True) -> list[Finding]:
+        """Every value found in ``text``, sorted by position; offsets are character offsets in ``text``. The
         rules read its normalised view (normalize.py); each finding covers the original characters its view
-        span comes from."""
+        span comes from. One value found by several rules is one finding (``merge``); ``merged=False``
+        gives each rule's own findings (what a rule's samples are checked against)."""
         view = normalize(text)
         findings = self._scan_view(view.text)
-        if view.offsets is None or not findings:
+        if view.offsets is not None and findings:
+            mapped = {f.at(*view.span(f.start, f.end)) for f in findings}
+            findings = sorted(mapped, key=lambda f: (f.start, f.end, f.rule_id))
+        return self.merge(findings) if merged else findings
+
+    def merge(self, findings: list[Finding]) -> list[Finding]:
+        """One finding per value: findings of one entity whose spans overlap (directly or through others)
+        become one, over the span they cover together, reported as the most specific of their rules: the
+        higher severity, then a rule without keywords over one that needs them (keyword rules are the wide
+        nets, ``credit-card-keyword`` takes any Luhn-valid 12-19 digits), then the longer span, then the
+        earlier rule in file order. The other rules are named in ``also_matched``, in that order too.
+        Findings of different entities are kept apart (the masker still masks their union once). Sorted
+        by position, like ``scan``."""
+        if len(findings) < 2:
             return findings
-        mapped = {Finding(f.rule_id, f.entity, *view.span(f.start, f.end)) for f in findings}
-        return sorted(mapped, key=lambda f: (f.start, f.end, f.rule_id))
+        rank, unknown = self._rank, (0, True, len(self._rank))
+
+        def specific(f: Finding) -> tuple[int, bool, int, int]:
+            severity, keywords, order = rank.get(f.rule_id, unknown)
+            return severity, keywords, f.start - f.end, order
+
+        clusters: list[tuple[list[Finding], int]] = []  # overlapping findings of one entity, where they end
+        for finding in sorted(findings, key=lambda f: (f.entity, f.start, f.end)):
+            if clusters and clusters[-1][0][0].entity == finding.entity and finding.start < clusters[-1][1]:
+                cluster, end = clusters[-1]
+                cluster.append(finding)
+                clusters[-1] = (cluster, max(end, finding.end))
+            else:
+                clusters.append(([finding], finding.end))
+        merged = []
+        for cluster, end in clusters:
+            if len(cluster) == 1:
+                merged.append(cluster[0])
+                continue
+            ordered = sorted(cluster, key=specific)
+            winner = ordered[0]
+            others = dict.fromkeys(r for f in ordered for r in f.rule_ids)
+            del others[winner.rule_id]
+            start = min(f.start for f in cluster)
+            merged.append(Finding(winner.rule_id, winner.entity, start, end, tuple(others)))
+        return sorted(merged, key=lambda f: (f.start, f.end, f.rule_id))
 
     def _scan_view(self, text: str, decode: bool = True) -> list[Finding]:
         findings = self._scan_plain(text)
@@ -769,11 +812,15 @@ class StreamScanner:
             continued = self._continues(self._released)
             hidden = detector.encoded(self._buffer, low, limit - base, continued)
             spans += [(f.start + base, f.end + base, f) for f in hidden]
-        released = [
-            Finding(f.rule_id, f.entity, self._offsets.origin(start), self._offsets.origin(stop - 1) + 1)
-            for start, stop, f in spans
-            if self._released <= start and stop <= limit
-        ]
+        # Findings of one value overlap, so they are released together (a finding across the limit holds
+        # back every one overlapping it) and merge as they do in block mode.
+        released = detector.merge(
+            [
+                f.at(self._offsets.origin(start), self._offsets.origin(stop - 1) + 1)
+                for start, stop, f in spans
+                if self._released <= start and stop <= limit
+            ]
+        )
         original_limit = self._offsets.origin(limit)
         out = self._original[self._oreleased - self._obase : original_limit - self._obase]
         self._released, self._oreleased = limit, original_limit

@@ -197,5 +197,5 @@ class StreamMasker:
         offset = self._offset
         self._offset += len(text)
         self.findings.extend(findings)
-        local = [Finding(f.rule_id, f.entity, f.start - offset, f.end - offset) for f in findings]
+        local = [f.at(f.start - offset, f.end - offset) for f in findings]
         return self._masker.apply(text, local)

@@ -448,7 +448,7 @@ def _mask_joined(leaves: list[tuple[Any, Any]], inspector: Inspector, findings: 
     # What the strings read alone do not hold: values across strings, and values inside one string that
     # only its neighbours' words reveal (a keyword in the message before). A value its own string holds
     # was found there already (and is masked, or let through and counted once).
-    alone: dict[int, set[tuple[str, int, int]]] = {}
+    alone: dict[int, dict[tuple[int, int], set[str]]] = {}  # per string: its findings' spans and rules
     crossing = []
     for f in inspector.detector.scan(joined):
         first = bisect.bisect_right(starts, f.start) - 1
@@ -456,8 +456,13 @@ def _mask_joined(leaves: list[tuple[Any, Any]], inspector: Inspector, findings: 
             crossing.append(f)
             continue
         if first not in alone:
-            alone[first] = {(g.rule_id, g.start, g.end) for g in inspector.detector.scan(texts[first])}
-        if (f.rule_id, f.start - starts[first], f.end - starts[first]) not in alone[first]:
+            alone[first] = {}
+            for g in inspector.detector.scan(texts[first]):
+                alone[first].setdefault((g.start, g.end), set()).update(g.rule_ids)
+        # Found alone already, unless the joined text adds a rule (a keyword in the message before): a
+        # policy acting on that rule must hear of the value.
+        rules = alone[first].get((f.start - starts[first], f.end - starts[first]), set())
+        if not rules.issuperset(f.rule_ids):
             crossing.append(f)
     edits: dict[int, list[tuple[int, int, str]]] = {}
     cursor = 0

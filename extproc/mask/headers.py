@@ -203,7 +203,9 @@ def _scan_values(
     name: str, values: list[str], detector: Detector, masker: Masker, verdicts: Verdicts, scan: HeaderScan
 ) -> None:
     url = name in URLS
-    found: dict[tuple[str, int, int], tuple[Finding, str]] = {}  # raw span -> finding, value as read
+    # (rules, raw span) -> finding, value as read. One value read in several views is decided once per
+    # set of rules that found it: a view that adds a rule puts the value to the policy under it too.
+    found: dict[tuple[tuple[str, ...], int, int], tuple[Finding, str]] = {}
     for separator in (JOIN, "", " ") if len(values) > 1 else (JOIN,):
         starts = []
         offset = 0
@@ -218,9 +220,9 @@ def _scan_values(
                 start = finding.start if positions is None else positions[finding.start]
                 end = finding.end if positions is None else positions[finding.end]
                 start, end = _canonical(starts, shift, start, False), _canonical(starts, shift, end, True)
-                key = (finding.rule_id, start, end)
+                key = (finding.rule_ids, start, end)
                 if end > start and key not in found:
-                    raw = Finding(finding.rule_id, finding.entity, start, end)
+                    raw = finding.at(start, end)
                     found[key] = (raw, text[finding.start : finding.end])
     if not found:
         return

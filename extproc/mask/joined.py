@@ -146,7 +146,7 @@ class _JsonTextChannel(_Channel):
         start = limit - len(text)
         found = [
             (
-                Finding(f.rule_id, f.entity, view.origin(f.start), view.origin(f.end)),
+                f.at(view.origin(f.start), view.origin(f.end)),
                 text[f.start - start : f.end - start],
             )
             for f in findings
@@ -165,7 +165,8 @@ class Router:
         self._channels: dict[Hashable, _Channel] = {}
         self._queue: deque[HeldEvent] = deque()
         self._serial = itertools.count()
-        self._seen: set[tuple[str, tuple[tuple[int, int, int], ...]]] = set()
+        # Where findings landed, and the rules that found them there.
+        self._seen: dict[tuple[tuple[int, int, int], ...], set[str]] = {}
         self.findings: list[Finding] = []
         self.held = 0  # characters of pieces not final yet
         # A verdict refused a finding (it raised): the stream ends, and nothing it held goes out. Findings
@@ -245,15 +246,17 @@ class Router:
             end = offset + len(piece.text)
             if end > finding.start:
                 spans.append((piece, max(finding.start, offset) - offset, min(finding.end, end) - offset))
-        where = (finding.rule_id, tuple((p.serial, s, e) for p, s, e in spans))
-        if where in self._seen:
+        # A value another channel landed here already is counted and decided once, unless this channel
+        # found it by a rule that one did not (a keyword only the joined text holds): a policy acting on
+        # that rule must hear of it.
+        where = tuple((p.serial, s, e) for p, s, e in spans)
+        seen = self._seen.setdefault(where, set())
+        if seen.issuperset(finding.rule_ids):
             return
-        self._seen.add(where)
+        seen.update(finding.rule_ids)
         self.findings.append(finding)
         try:
-            replacement = self._inspector.masker.apply(
-                value, [Finding(finding.rule_id, finding.entity, 0, len(value))]
-            )
+            replacement = self._inspector.masker.apply(value, [finding.at(0, len(value))])
         except BaseException:
             self._refused = True
             raise
