@@ -168,13 +168,11 @@ class BodyProcessor(Protocol):
     @property
     def held(self) -> int:
         """Characters a streamed body holds back right now (0 for bodies masked whole)."""
-        ...
 
     @property
     def streaming(self) -> bool | None:
         """Whether the body is released as it is masked (True) or held whole until its end (False);
         None while its first bytes have not said which yet (``extproc.mask.sse.SniffedStream``)."""
-        ...
 
     def feed(self, data: bytes) -> bytes: ...
 
@@ -183,13 +181,11 @@ class BodyProcessor(Protocol):
     def cut(self) -> bytes:
         """The body ends here, early, after its headers went out: what is incomplete is dropped, and what
         may still go out (masked) is returned. Nothing is fed after a cut."""
-        ...
 
     def terminal(self, error: Mapping[str, str]) -> bytes | None:
         """The last bytes of a body cut early, telling ``error`` in band as its format does (an SSE
         ``event: error``, an NDJSON line with ``"done": true``); None when the format has no way to say
         so (text, a JSON document): the stream is then reset."""
-        ...
 
 
 def error_event(error: Mapping[str, str]) -> bytes:
