@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 import tempfile
@@ -6,8 +7,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import pytest
+from anthropic.lib.streaming import MessageStream
 
 from extproc.devenv import Stack
 
@@ -67,3 +70,20 @@ def chat(content: str, **extra: Any) -> bytes:
     return json.dumps(
         {"model": "demo-small", "messages": [{"role": "user", "content": content}], **extra}
     ).encode()
+
+
+@contextlib.contextmanager
+def anthropic_stream(stack: Stack, reply: str) -> Iterator[MessageStream]:
+    """The demo model's scripted ``reply`` streamed through the stack, as the official anthropic client
+    reads a Messages stream."""
+    client = anthropic.Anthropic(base_url=stack.url, api_key="unused", max_retries=0)
+    with (
+        client,
+        client.messages.stream(
+            model="demo-small",
+            max_tokens=100,
+            messages=[{"role": "user", "content": "hi"}],
+            extra_headers={"x-demo-reply": reply},
+        ) as stream,
+    ):
+        yield stream

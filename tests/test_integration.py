@@ -1,11 +1,13 @@
 """The whole path through real Envoy 1.40, the extproc server and the demo model, on free ports."""
 
 import base64
+import contextlib
 import json
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -165,34 +167,27 @@ def test_a_dead_extproc_server_fails_closed(tmp_path: Path) -> None:
         stack.stop()
 
 
-def test_make_run_prints_a_working_curl_line_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def dev_running(tmp_path: Path, *extra: str) -> Iterator[tuple[str, bytes, str]]:
+    """`extproc dev` on free ports, until the curl line it prints: (url, body, authorization header) of
+    that line. Stopped with Ctrl-C (SIGINT) afterwards, which must end it cleanly."""
     ports = ["--port", "0", "--envoy-admin-port", "0", "--extproc-port", "0", "--admin-port", "0"]
+    dev = ["dev", *ports, "--demo-port", "0", "--dev-dir", str(tmp_path), *extra]
     process = subprocess.Popen(
-        [sys.executable, "-m", "extproc", "dev", *ports, "--demo-port", "0", "--dev-dir", str(tmp_path)],
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
+        [sys.executable, "-m", "extproc", *dev], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
     )
     assert process.stderr is not None
-    lines: list[str] = []
     try:
+        lines: list[str] = []
         for line in process.stderr:
             lines.append(line)
             if line.strip().startswith("curl -s "):
                 break
         curl = "".join(lines[-1:]) + process.stderr.readline()
         url = curl.split()[2]
-        data = curl.split("-d '", 1)[1].rsplit("'", 1)[0]
+        data = curl.split("-d '", 1)[1].rsplit("'", 1)[0].encode()
         authorization = curl.split("-H 'authorization: ", 1)[1].split("'", 1)[0]
-        headers = {"content-type": "application/json"}
-        assert httpx.post(url, content=data.encode(), headers=headers, timeout=30).status_code == 401
-        answer = httpx.post(
-            url, content=data.encode(), headers={**headers, "authorization": authorization}, timeout=30
-        )
-        assert answer.status_code == 200
-        content = answer.json()["choices"][0]["message"]["content"]
-        assert CARD_MASKED in content
-        assert "[REDACTED:EMAIL_ADDRESS]" in content
+        yield url, data, authorization
     finally:
         process.send_signal(signal.SIGINT)
         process.communicate(timeout=30)
@@ -201,29 +196,25 @@ def test_make_run_prints_a_working_curl_line_and_stops_on_ctrl_c(tmp_path: Path)
     assert leftovers.stdout == b""
 
 
+def test_make_run_prints_a_working_curl_line_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    with dev_running(tmp_path) as (url, data, authorization):
+        headers = {"content-type": "application/json"}
+        assert httpx.post(url, content=data, headers=headers, timeout=30).status_code == 401
+        answer = httpx.post(
+            url, content=data, headers={**headers, "authorization": authorization}, timeout=30
+        )
+        assert answer.status_code == 200
+        content = answer.json()["choices"][0]["message"]["content"]
+        assert CARD_MASKED in content
+        assert "[REDACTED:EMAIL_ADDRESS]" in content
+
+
 def test_dev_with_a_settings_file_keeps_the_dev_identity(tmp_path: Path) -> None:
     """`extproc dev --config F` used to drop the dev identity: a request without a token got 200."""
     settings = tmp_path / "settings.yaml"
     settings.write_text("limits:\n  max_request_bytes: 4096\n")  # a file that says nothing of identity
-    ports = ["--port", "0", "--envoy-admin-port", "0", "--extproc-port", "0", "--admin-port", "0"]
-    dev = ["dev", *ports, "--demo-port", "0", "--dev-dir", str(tmp_path), "--config", str(settings)]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "extproc", *dev],
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-    )
-    assert process.stderr is not None
-    lines: list[str] = []
-    try:
-        for line in process.stderr:
-            lines.append(line)
-            if line.strip().startswith("curl -s "):
-                break
-        curl = "".join(lines[-1:]) + process.stderr.readline()
-        url = curl.split()[2]
-        data = curl.split("-d '", 1)[1].rsplit("'", 1)[0].encode()
-        assert "-H 'authorization: " in curl  # the curl line carries a dev token
+    with dev_running(tmp_path, "--config", str(settings)) as (url, data, authorization):
+        assert authorization.startswith("Bearer ")  # the curl line carries a dev token
         headers = {"content-type": "application/json"}
         anonymous = httpx.post(url, content=data, headers=headers, timeout=30)
         assert anonymous.status_code == 401
@@ -234,10 +225,6 @@ def test_dev_with_a_settings_file_keeps_the_dev_identity(tmp_path: Path) -> None
         # The file's own settings still apply.
         large = chat("x" * 5000)
         assert httpx.post(url, content=large, headers=signed, timeout=30).status_code == 413
-    finally:
-        process.send_signal(signal.SIGINT)
-        process.communicate(timeout=30)
-    assert process.returncode == 0
 
 
 @pytest.mark.parametrize("path", ["/healthz", "/nothing-here"])

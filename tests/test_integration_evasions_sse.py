@@ -6,14 +6,13 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-import anthropic
 import httpx
 import openai
 import pytest
 
 from extproc.devenv import Stack
 
-from .conftest import Demo
+from .conftest import Demo, anthropic_stream
 from .test_sse import escaped
 
 HALVES = ("Your card 4111 1111", " 1111 1111 is on file.")
@@ -125,16 +124,7 @@ def test_regression_extra_fields_of_an_anthropic_signature_delta_are_scanned(
         body += event("content_block_delta", index=0, delta=delta)
     body += event("content_block_stop", index=0) + event("message_stop")
     reply = demo.script(raw_b64=base64.b64encode(body.encode()).decode(), content_type="text/event-stream")
-    client = anthropic.Anthropic(base_url=stack.url, api_key="unused", max_retries=0)
-    with (
-        client,
-        client.messages.stream(
-            model="demo-small",
-            max_tokens=100,
-            messages=[{"role": "user", "content": "hi"}],
-            extra_headers={"x-demo-reply": reply},
-        ) as stream,
-    ):
+    with anthropic_stream(stack, reply) as stream:
         parsed = json.dumps([e.model_dump() for e in stream])
     assert_masked(parsed)
 
@@ -257,16 +247,7 @@ def test_regression_anthropic_partial_json_with_json_escapes_is_read_decoded(
     body += event("message_delta", delta={"stop_reason": "tool_use"}, usage={"output_tokens": 9})
     body += event("message_stop")
     reply = demo.script(raw_b64=base64.b64encode(body.encode()).decode(), content_type="text/event-stream")
-    client = anthropic.Anthropic(base_url=stack.url, api_key="unused", max_retries=0)
-    with (
-        client,
-        client.messages.stream(
-            model="demo-small",
-            max_tokens=100,
-            messages=[{"role": "user", "content": "hi"}],
-            extra_headers={"x-demo-reply": reply},
-        ) as stream,
-    ):
+    with anthropic_stream(stack, reply) as stream:
         final = stream.get_final_message()
     [tool_use] = [b for b in final.content if b.type == "tool_use"]
     assert isinstance(tool_use.input, dict)

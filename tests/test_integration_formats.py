@@ -8,7 +8,6 @@ import json
 import time
 from collections.abc import Iterator
 
-import anthropic
 import httpx
 import openai
 import pytest
@@ -16,7 +15,7 @@ from openai.types.chat import ChatCompletionChunk
 
 from extproc.devenv import Stack
 
-from .conftest import Demo, start_stack
+from .conftest import Demo, anthropic_stream, start_stack
 
 CARD = "4111 1111 1111 1111"
 CARD_MASKED = "**** **** **** 1111"
@@ -72,16 +71,7 @@ def test_the_openai_client_streams_a_masked_responses_api_answer(
 
 def test_the_anthropic_client_streams_a_masked_answer(stack: Stack, demo: Demo) -> None:
     reply = demo.script(content=ANSWER, chunk_chars=3)
-    client = anthropic.Anthropic(base_url=stack.url, api_key="unused", max_retries=0)
-    with (
-        client,
-        client.messages.stream(
-            model="demo-small",
-            max_tokens=100,
-            messages=[{"role": "user", "content": "hi"}],
-            extra_headers={"x-demo-reply": reply},
-        ) as stream,
-    ):
+    with anthropic_stream(stack, reply) as stream:
         text = "".join(stream.text_stream)
         final = stream.get_final_message()
     assert text == MASKED
