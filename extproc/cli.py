@@ -1,4 +1,4 @@
-"""Command line: ``extproc serve | dev | envoy | demo | token | rules | scan | audit``."""
+"""Command line: ``extproc serve | dev | envoy | demo | token | rules | scan | policy | audit``."""
 
 from __future__ import annotations
 
@@ -495,6 +495,36 @@ def cmd_scan(args: argparse.Namespace) -> int:
     return 1 if findings else 0
 
 
+def cmd_policy_show(args: argparse.Namespace) -> int:
+    import yaml
+
+    from extproc.detect.rules import RuleError, load_rules
+    from extproc.policy import Facts, KnownNames, PolicyError, describe, load_policies
+
+    settings = load_settings(args.config)
+    try:
+        pack = load_rules(settings.detect.rules, settings.detect.max_match_chars)
+    except RuleError as exc:
+        raise ConfigError("invalid rules:\n" + "\n".join(exc.problems)) from exc
+    known = KnownNames(frozenset(r.id for r in pack.rules), frozenset(r.rule.entity for r in pack.rules))
+    try:
+        policies = load_policies(args.policies or settings.policy.paths, known)
+    except PolicyError as exc:
+        raise ConfigError("invalid policies:\n" + "\n".join(exc.problems)) from exc
+    for warning in policies.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    groups = frozenset(g.strip() for g in (args.groups or "").split(",") if g.strip())
+    shown = describe(policies, Facts(groups, args.route or "", args.model))
+    if args.json:
+        print(json.dumps(shown, indent=2))
+    else:
+        print(
+            yaml.safe_dump(shown, sort_keys=False, allow_unicode=True, width=110, default_flow_style=None),
+            end="",
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="extproc", description="DLP sidecar for model servers (Envoy ext_proc)"
@@ -574,6 +604,21 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--mask", action="store_true", help="print the text, masked")
     scan.add_argument("--values", action="store_true", help="include the matched values in the output")
     scan.set_defaults(func=cmd_scan)
+
+    policy = sub.add_parser("policy", help="what the policies decide for a caller")
+    policy_sub = policy.add_subparsers(dest="policy_command", required=True)
+    show_policy = policy_sub.add_parser(
+        "show", help="print the effective policy (base included) for a caller's groups, route and model"
+    )
+    show_policy.add_argument("--groups", help="the caller's groups, comma-separated (default: none)")
+    show_policy.add_argument("--route", help="the request path, e.g. /v1/chat/completions")
+    show_policy.add_argument("--model", help="the model the request names")
+    show_policy.add_argument(
+        "--policies", action="append", help="policy file or folder (default: policy.paths)"
+    )
+    show_policy.add_argument("--config", help="settings YAML file")
+    show_policy.add_argument("--json", action="store_true", help="JSON instead of YAML")
+    show_policy.set_defaults(func=cmd_policy_show)
 
     audit = sub.add_parser("audit", help="keys, verification, views and replay of the session record")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)

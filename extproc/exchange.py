@@ -280,9 +280,9 @@ class Exchange:
         self.shadowed = {shadow.id: [] for shadow in shadows}
         self._request_actions = FindingActions(
             loaded,
-            loaded.policy.request,
+            "request",
             info,
-            shadows=[FindingActions(s, s.policy.request, info) for s in shadows],
+            shadows=[FindingActions(s, "request", info) for s in shadows],
         )
         # Only what never reaches the model goes unscanned: the caller's credential headers when the
         # model server's own credential replaces them (without one they are forwarded as sent), and the
@@ -351,9 +351,9 @@ class Exchange:
 
     def _request_limit(self) -> int:
         limit = self._snapshot.settings.limits.max_request_bytes
-        policy = self.policy.policy if self.policy is not None else None
-        if policy is not None and policy.enforce and policy.limits.max_request_bytes is not None:
-            limit = min(limit, policy.limits.max_request_bytes)
+        loaded = self.policy
+        if loaded is not None and loaded.policy.enforce and loaded.limits.max_request_bytes is not None:
+            limit = min(limit, loaded.limits.max_request_bytes)
         return limit
 
     def _admit(self, document: Any, size: int) -> tuple[Inspector, bool]:
@@ -382,16 +382,16 @@ class Exchange:
         unmasked = self.unmasked_requested and bool(self.groups & set(loaded.policy.unmasked.groups))
         self._request_actions = FindingActions(
             loaded,
-            loaded.policy.request,
+            "request",
             info,
-            shadows=[FindingActions(s, s.policy.request, info) for s in shadows],
+            shadows=[FindingActions(s, "request", info) for s in shadows],
         )
         self._response_actions = FindingActions(
             loaded,
-            loaded.policy.response,
+            "response",
             info,
             unmasked=unmasked,
-            shadows=[FindingActions(s, s.policy.response, info) for s in shadows],
+            shadows=[FindingActions(s, "response", info) for s in shadows],
         )
         self._redecide_headers()
         return self._snapshot.inspector.scoped(self._request_actions), rewritten
@@ -410,7 +410,7 @@ class Exchange:
         if self.unmasked_requested and not self.groups & set(policy.unmasked.groups):
             message = f"unmasked answers are not allowed for you (policy {loaded.id!r})"
             violations.append(ClientError(message, code="unmasked_not_allowed"))
-        limits = policy.limits
+        limits = loaded.limits
         if limits.max_request_bytes is not None and size > limits.max_request_bytes:
             message = f"request body exceeds {limits.max_request_bytes} bytes (policy {loaded.id!r})"
             violations.append(ClientError(message, code="body_too_large"))
@@ -449,7 +449,7 @@ class Exchange:
         limits = self._snapshot.settings.limits
         if self.policy is None or not self.policy.policy.enforce:
             return limits
-        own = self.policy.policy.limits
+        own = self.policy.limits
         lowered: dict[str, float] = {}
         for name in ("max_response_bytes", "max_stream_bytes", "max_stream_seconds"):
             value = getattr(own, name)

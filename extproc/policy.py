@@ -17,6 +17,13 @@ each of its rules and gets the strictest of those actions. Actions:
 - ``approve``: the request needs a human approval; until the approval service decides it, it is
   refused like ``block`` with the code ``approval_required``.
 
+A policy file may also hold the ``base``: the guardrails every policy inherits (blocked prompts, floors
+for actions, limits) unless it says otherwise in so many words (``inherit: {blocked_prompts: false}``).
+Inherited blocked prompts are added to the policy's own; a base action is a floor (a finding it selects
+is handled at least that strictly, whatever the policy's own entries say); a base limit is a ceiling
+(the policy's own may be lower, never higher). A policy's *effective* policy is what it wrote plus what
+it inherits; that is what decides, in shadow mode too, and what ``extproc policy show`` prints.
+
 With ``enforce: false`` (shadow mode) a policy decides and records everything and acts on nothing: it is
 asked beside the policy that acts (the first enforced one that matches, or the default), whose
 protection stays in place, so a stricter policy can be rolled out by watching what it would do.
@@ -32,6 +39,7 @@ import fnmatch
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -110,6 +118,63 @@ class PolicyLimits(_Model):
     max_stream_seconds: float | None = Field(None, gt=0)
 
 
+class Inherit(_Model):
+    """What a policy keeps of the base: every part, unless it sets that part to false."""
+
+    blocked_prompts: bool = True
+    request: bool = True
+    response: bool = True
+    limits: bool = True
+
+
+class BaseDirection(_Model):
+    """The base's floors for one direction: a finding an entry selects is handled at least as strictly
+    as the entry says. Allow would never be stricter than anything, so a floor is mask or stricter."""
+
+    actions: list[ActionEntry] = Field(default_factory=list)
+
+    @field_validator("actions")
+    @classmethod
+    def _no_allow(cls, value: list[ActionEntry]) -> list[ActionEntry]:
+        if any(entry.do == "allow" for entry in value):
+            raise ValueError("a base action is a floor; `allow` is never stricter than anything, drop it")
+        return value
+
+
+class Base(_Model):
+    """The guardrails every policy inherits unless its ``inherit`` says otherwise."""
+
+    description: str = ""
+    request: BaseDirection = BaseDirection()
+    response: BaseDirection = BaseDirection()
+    blocked_prompts: list[BlockedPrompt] = Field(default_factory=list)
+    limits: PolicyLimits = PolicyLimits()
+
+    def kept(self, inherit: Inherit) -> Base:
+        """The parts of the base a policy with ``inherit`` keeps."""
+        return Base(
+            description=self.description,
+            request=self.request if inherit.request else BaseDirection(),
+            response=self.response if inherit.response else BaseDirection(),
+            blocked_prompts=self.blocked_prompts if inherit.blocked_prompts else [],
+            limits=self.limits if inherit.limits else PolicyLimits(),
+        )
+
+
+def lowest_limits(own: PolicyLimits, base: PolicyLimits) -> PolicyLimits:
+    """The limits of a policy under ``base``: each the lower of the two where both set one, and
+    ``refuse`` over ``cap`` when either says so."""
+    merged: dict[str, Any] = {}
+    for name in PolicyLimits.model_fields:
+        if name == "max_tokens_over":
+            continue
+        values = [v for v in (getattr(own, name), getattr(base, name)) if v is not None]
+        merged[name] = min(values) if values else None
+    refuse = "refuse" in (own.max_tokens_over, base.max_tokens_over)
+    merged["max_tokens_over"] = "refuse" if refuse else "cap"
+    return PolicyLimits(**merged)
+
+
 class Match(_Model):
     groups: list[str] = Field(default_factory=list)
     routes: list[str] = Field(default_factory=list)  # path globs: /v1/chat/*
@@ -135,6 +200,7 @@ class Policy(_Model):
     blocked_prompts: list[BlockedPrompt] = Field(default_factory=list)
     limits: PolicyLimits = PolicyLimits()
     unmasked: Unmasked = Unmasked()
+    inherit: Inherit = Inherit()
 
     @model_validator(mode="after")
     def _default_or_match(self) -> Policy:
@@ -155,14 +221,36 @@ class PolicyError(Exception):
 
 @dataclass(frozen=True)
 class LoadedPolicy:
+    """A policy as written (``policy``) with the parts of the base it inherits (``base``): together its
+    effective policy."""
+
     policy: Policy
     where: str
     order: int
-    blocked: tuple[tuple[str, re.Pattern[str]], ...] = ()
+    base: Base = field(default_factory=Base)
 
     @property
     def id(self) -> str:
         return self.policy.id
+
+    @cached_property
+    def blocked(self) -> tuple[tuple[str, re.Pattern[str]], ...]:
+        """The blocked prompts, inherited ones first, compiled."""
+        prompts = (*self.base.blocked_prompts, *self.policy.blocked_prompts)
+        return tuple((b.id, re.compile(b.pattern)) for b in prompts)
+
+    @cached_property
+    def limits(self) -> PolicyLimits:
+        """The effective limits: the policy's own, each lowered to the base's where that is lower."""
+        return lowest_limits(self.policy.limits, self.base.limits)
+
+    def direction(self, name: Literal["request", "response"]) -> DirectionPolicy:
+        """The policy's own actions for one direction."""
+        return self.policy.request if name == "request" else self.policy.response
+
+    def floor(self, name: Literal["request", "response"]) -> tuple[ActionEntry, ...]:
+        """The inherited floors for one direction."""
+        return tuple((self.base.request if name == "request" else self.base.response).actions)
 
 
 @dataclass(frozen=True)
@@ -182,6 +270,8 @@ def glob_match(value: str | None, patterns: Iterable[str]) -> bool:
 class PolicySet:
     default: LoadedPolicy
     ordered: tuple[LoadedPolicy, ...]  # the policies with a match, in the order they are tried
+    base: Base = field(default_factory=Base)
+    warnings: tuple[str, ...] = ()  # valid but suspicious: logged at start-up
 
     def select(self, facts: Facts) -> LoadedPolicy:
         """The policy that acts: the first enforced one that matches, or the default."""
@@ -216,62 +306,107 @@ class KnownNames:
 
 
 def load_policies(paths: Iterable[str | Path], known: KnownNames | None = None) -> PolicySet:
-    """Every policy in ``paths`` (files, or folders of ``*.yaml``). Raises PolicyError listing every
-    problem with its file, line and policy id. With ``known``, a selector naming a rule id or an entity
-    the rule pack does not have is a problem too: a typo there would make an action never apply."""
+    """Every policy in ``paths`` (files, or folders of ``*.yaml``), each with the parts of the base it
+    inherits. Raises PolicyError listing every problem with its file, line and policy id. With ``known``,
+    a selector naming a rule id or an entity the rule pack does not have is a problem too: a typo there
+    would make an action never apply. What is suspicious but valid is in ``PolicySet.warnings``."""
     problems: list[str] = []
-    loaded: list[LoadedPolicy] = []
+    warnings: list[str] = []
+    written: list[tuple[Policy, str]] = []
+    bases: list[tuple[Base, str]] = []
     seen: dict[str, str] = {}
     files = rule_files(paths)
     if not files:
         problems.append(f"no policy files in {', '.join(str(p) for p in paths)}")
     for path in files:
-        for item in _load_file(path, problems, known):
-            if item.id in seen:
-                problems.append(f"{item.where}: duplicate policy id, first defined at {seen[item.id]}")
+        policies, found = _load_file(path, problems, known)
+        if found is not None:
+            bases.append(found)
+        for policy, where in policies:
+            if policy.id in seen:
+                problems.append(f"{where}: duplicate policy id, first defined at {seen[policy.id]}")
                 continue
-            seen[item.id] = item.where.rsplit(":", 1)[0]
-            loaded.append(LoadedPolicy(item.policy, item.where, len(loaded), item.blocked))
+            seen[policy.id] = where.rsplit(":", 1)[0]
+            written.append((policy, where))
+            warnings.extend(_model_warnings(policy, where))
+    if len(bases) > 1:
+        problems.append(f"{bases[1][1]}: a second base; the first is at {bases[0][1]} (there is one base)")
+    base = bases[0][0] if bases else Base()
+    loaded = [
+        LoadedPolicy(policy, where, order, base.kept(policy.inherit))
+        for order, (policy, where) in enumerate(written)
+    ]
     defaults = [p for p in loaded if p.policy.default]
     if loaded and len(defaults) != 1:
-        found = ", ".join(p.where for p in defaults) or "none"
+        named = ", ".join(p.where for p in defaults) or "none"
         where = ", ".join(str(f) for f in files)
-        problems.append(f"{where}: exactly one policy must be the default (default: true); found {found}")
+        problems.append(f"{where}: exactly one policy must be the default (default: true); found {named}")
     if problems:
         raise PolicyError(problems)
     ordered = sorted((p for p in loaded if not p.policy.default), key=lambda p: (-p.policy.priority, p.order))
-    return PolicySet(defaults[0], tuple(ordered))
+    return PolicySet(defaults[0], tuple(ordered), base, tuple(warnings))
 
 
-def _load_file(path: Path, problems: list[str], known: KnownNames | None = None) -> list[LoadedPolicy]:
+FILE_KEYS = frozenset({"policies", "base"})
+
+
+def _load_file(
+    path: Path, problems: list[str], known: KnownNames | None = None
+) -> tuple[list[tuple[Policy, str]], tuple[Base, str] | None]:
+    """The policies of one file with their ``file:line: policy 'id'``, and its base if it has one."""
     document = read_yaml(path, problems)
     if document is None:
-        return []
-    if not isinstance(document, dict) or not isinstance(document.get("policies"), list):
-        problems.append(f"{path}: a policy file is a mapping with a `policies` list")
-        return []
-    items: list[LoadedPolicy] = []
-    for entry in document["policies"]:
+        return [], None
+    if not isinstance(document, dict) or not (
+        isinstance(document.get("policies"), list) or isinstance(document.get("base"), dict)
+    ):
+        problems.append(f"{path}: a policy file is a mapping with a `policies` list, a `base`, or both")
+        return [], None
+    # A misspelt `base:` would drop every guardrail without a word: unknown keys are refused.
+    for key in sorted(set(document) - FILE_KEYS - {"__line__"}):
+        close = difflib.get_close_matches(str(key), sorted(FILE_KEYS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        problems.append(f"{path}: unknown key {key!r}{hint}; a policy file holds `policies` and `base`")
+    base: tuple[Base, str] | None = None
+    raw_base = document.get("base")
+    if raw_base is not None:
+        where = f"{path}:{raw_base.get('__line__', 0) if isinstance(raw_base, dict) else 0}: base"
+        parsed = _validate(Base, raw_base, where, problems)
+        if isinstance(parsed, Base):
+            if known is not None:
+                problems.extend(_unknown_names(path, raw_base, parsed, "base", known))
+            base = (parsed, where)
+    items: list[tuple[Policy, str]] = []
+    for entry in document.get("policies") or []:
         if not isinstance(entry, dict):
             problems.append(f"{path}: every entry of `policies` is a mapping")
             continue
         where = f"{path}:{entry.get('__line__', 0)}: policy {str(entry.get('id', '?'))!r}"
-        try:
-            policy = Policy.model_validate(strip_lines(entry))
-        except ValidationError as exc:
-            for error in exc.errors():
-                location = ".".join(str(p) for p in error["loc"])
-                message = str(error["msg"]).removeprefix("Value error, ")
-                problems.append(f"{where}: {location + ': ' if location else ''}{message}")
+        policy = _validate(Policy, entry, where, problems)
+        if not isinstance(policy, Policy):
             continue
         if known is not None:
-            problems.extend(_unknown_names(path, entry, policy, known))
-        blocked = tuple((b.id, re.compile(b.pattern)) for b in policy.blocked_prompts)
-        items.append(LoadedPolicy(policy, where, 0, blocked))
-    return items
+            problems.extend(_unknown_names(path, entry, policy, f"policy {policy.id!r}", known))
+        items.append((policy, where))
+    return items, base
 
 
-def _unknown_names(path: Path, entry: dict[str, Any], policy: Policy, known: KnownNames) -> list[str]:
+def _validate(
+    model: type[Policy] | type[Base], raw: Any, where: str, problems: list[str]
+) -> Policy | Base | None:
+    try:
+        return model.model_validate(strip_lines(raw))
+    except ValidationError as exc:
+        for error in exc.errors():
+            location = ".".join(str(p) for p in error["loc"])
+            message = str(error["msg"]).removeprefix("Value error, ")
+            problems.append(f"{where}: {location + ': ' if location else ''}{message}")
+        return None
+
+
+def _unknown_names(
+    path: Path, entry: dict[str, Any], parsed: Policy | Base, label: str, known: KnownNames
+) -> list[str]:
     """A problem, at the line of its ``when``, for every rule id or entity a selector names that the rule
     pack does not have, with the closest known name when there is one."""
     problems = []
@@ -280,7 +415,7 @@ def _unknown_names(path: Path, entry: dict[str, Any], policy: Policy, known: Kno
         raw_actions = raw.get("actions") if isinstance(raw, dict) else None
         if not isinstance(raw_actions, list):
             continue
-        actions = getattr(policy, direction).actions
+        actions = getattr(parsed, direction).actions
         for index, (raw_action, action) in enumerate(zip(raw_actions, actions, strict=False)):
             when = raw_action.get("when") if isinstance(raw_action, dict) else None
             line = when.get("__line__") if isinstance(when, dict) else None
@@ -297,10 +432,132 @@ def _unknown_names(path: Path, entry: dict[str, Any], policy: Policy, known: Kno
                     kind = "a rule id" if field_name == "rules" else "an entity"
                     selector = f"{direction}.actions[{index}].when.{field_name}"
                     problems.append(
-                        f"{path}:{line}: policy {policy.id!r}: {selector}: "
-                        f"{name!r} is not {kind} of the rule pack{hint}"
+                        f"{path}:{line}: {label}: {selector}: {name!r} is not {kind} of the rule pack{hint}"
                     )
     return problems
+
+
+def _model_warnings(policy: Policy, where: str) -> list[str]:
+    """Model globs that can match nothing: an empty allow-list refuses every model, and a ``match.models``
+    glob the policy's own ``models`` can never allow makes the policy refuse every request it matches."""
+    warnings = []
+    if not policy.models:
+        warnings.append(f"{where}: models: the list is empty, every model is refused")
+    for glob in [*policy.models, *(policy.match.models if policy.match else [])]:
+        if not glob.strip() or glob != glob.strip():
+            warnings.append(f"{where}: model glob {glob!r} has blanks a model name never has")
+    if policy.match is not None and policy.models:
+        for glob in policy.match.models:
+            if not _may_overlap(glob, policy.models):
+                warnings.append(
+                    f"{where}: match.models: {glob!r} selects only models this policy's models "
+                    f"({', '.join(policy.models)}) refuse"
+                )
+    return warnings
+
+
+def _may_overlap(glob: str, allowed: Sequence[str]) -> bool:
+    """Whether some model name could match ``glob`` and one of ``allowed``. Exact for literal names
+    on either side; two wildcard globs are assumed to overlap."""
+    for other in allowed:
+        if not _is_glob(glob):
+            if fnmatch.fnmatchcase(glob, other):
+                return True
+        elif not _is_glob(other):
+            if fnmatch.fnmatchcase(other, glob):
+                return True
+        else:
+            return True
+    return False
+
+
+def _is_glob(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
+
+
+# -- what applies ------------------------------------------------------------------------------------
+
+
+def describe(policies: PolicySet, facts: Facts) -> dict[str, Any]:
+    """The effective policy for ``facts`` as a reviewer reads it: which policy acts, what it inherits
+    from the base and from where, its actions with the inherited floors, blocked prompts and limits each
+    with its origin, the policies in shadow mode beside it, and the policies the facts left undecided (a
+    route or model condition when no route or model was given)."""
+    acting = policies.select(facts)
+    shown: dict[str, Any] = {
+        "caller": {
+            "groups": sorted(facts.groups),
+            "route": facts.route or None,
+            "model": facts.model,
+        },
+        **_effective(acting, facts.model),
+    }
+    shown["shadows"] = [_effective(s) for s in policies.shadows(facts)]
+    open_conditions = []
+    for loaded in policies.ordered:
+        match = loaded.policy.match
+        assert match is not None
+        if match.groups and not facts.groups & set(match.groups):
+            continue
+        if (match.routes and not facts.route) or (match.models and facts.model is None):
+            open_conditions.append(loaded.id)
+    if open_conditions:
+        shown["undecided"] = {
+            "note": "these match the groups; whether they apply depends on the route or model, not given",
+            "policies": open_conditions,
+        }
+    return shown
+
+
+def _effective(loaded: LoadedPolicy, model: str | None = None) -> dict[str, Any]:
+    policy = loaded.policy
+    inherited = [name for name, kept in policy.inherit.model_dump().items() if kept]
+    dropped = [name for name, kept in policy.inherit.model_dump().items() if not kept]
+
+    def direction(name: Literal["request", "response"]) -> dict[str, Any]:
+        own = loaded.direction(name)
+        shown: dict[str, Any] = {
+            "actions": [_entry(e) for e in own.actions],
+            "default": own.default,
+        }
+        floors = loaded.floor(name)
+        if floors:
+            shown["floors_from_base"] = [_entry(e) for e in floors]
+        return shown
+
+    limits: dict[str, Any] = {}
+    for name in PolicyLimits.model_fields:
+        value = getattr(loaded.limits, name)
+        if value is None or (name == "max_tokens_over" and loaded.limits.max_tokens is None):
+            continue
+        limits[name] = {
+            "value": value,
+            "from": policy.id if getattr(policy.limits, name) == value else "base",
+        }
+    return {
+        "policy": loaded.id,
+        "defined_at": loaded.where.rsplit(": policy", 1)[0],
+        "enforce": policy.enforce,
+        "inherits_from_base": inherited,
+        "does_not_inherit": dropped,
+        "models": list(policy.models),
+        **({"model_allowed": glob_match(model, policy.models)} if model is not None else {}),
+        "unmasked_groups": list(policy.unmasked.groups),
+        "request": direction("request"),
+        "response": direction("response"),
+        "blocked_prompts": [
+            {"id": b.id, "pattern": b.pattern, "from": "base"} for b in loaded.base.blocked_prompts
+        ]
+        + [{"id": b.id, "pattern": b.pattern, "from": policy.id} for b in policy.blocked_prompts],
+        "limits": limits,
+    }
+
+
+def _entry(entry: ActionEntry) -> dict[str, Any]:
+    shown: dict[str, Any] = {"when": entry.when.model_dump(exclude_defaults=True), "do": entry.do}
+    if entry.strategy is not None:
+        shown["strategy"] = entry.strategy.model_dump(exclude_defaults=True)
+    return shown
 
 
 # -- decisions ----------------------------------------------------------------------------------------
@@ -343,13 +600,14 @@ class FindingActions:
     def __init__(
         self,
         policy: LoadedPolicy,
-        direction: DirectionPolicy,
+        direction: Literal["request", "response"],
         rule_info: dict[str, tuple[str, str]],
         *,
         unmasked: bool = False,
         shadows: Sequence[FindingActions] = (),
     ) -> None:
-        self._direction = direction
+        self._direction = policy.direction(direction)
+        self._floor = policy.floor(direction)
         self._info = rule_info  # rule id -> (category, severity)
         self.unmasked = unmasked
         self.shadows = tuple(shadows)  # policies in shadow mode: asked too, only recorded
@@ -384,13 +642,22 @@ class FindingActions:
         return verdict
 
     def _rule_verdict(self, finding: Finding, rule_id: str) -> Verdict:
-        """The verdict the first matching ``actions`` entry (or the default) gives ``rule_id``'s finding."""
+        """The verdict the first matching ``actions`` entry (or the default) gives ``rule_id``'s finding,
+        raised to the first inherited floor that selects it when that is stricter."""
         category, severity = self._info.get(rule_id, ("pii", "medium"))
         one = Finding(rule_id, finding.entity, finding.start, finding.end)
-        for entry in self._direction.actions:
-            if entry.when.selects(one, category, severity):
-                return Verdict(entry.do, entry.strategy)
-        return Verdict(self._direction.default)
+        own = next(
+            (
+                Verdict(e.do, e.strategy)
+                for e in self._direction.actions
+                if e.when.selects(one, category, severity)
+            ),
+            Verdict(self._direction.default),
+        )
+        floor = next((e for e in self._floor if e.when.selects(one, category, severity)), None)
+        if floor is not None and STRICTNESS.index(floor.do) > STRICTNESS.index(own.action):
+            return Verdict(floor.do, floor.strategy)
+        return own
 
 
 def estimate_tokens(texts: Iterable[str]) -> int:

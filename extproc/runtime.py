@@ -80,6 +80,8 @@ def build_snapshot(settings: Settings) -> Snapshot:
         policies = load_policies(settings.policy.paths, known)
     except PolicyError as exc:
         raise ConfigError("invalid policies:\n" + "\n".join(exc.problems)) from exc
+    for warning in policies.warnings:
+        log.warning("policy_warning", extra={"detail": warning})
     rule_info: dict[str, tuple[str, str]] = {
         r.id: (r.rule.category, r.rule.severity) for r in inspector.detector.rules
     }

@@ -119,12 +119,20 @@ def test_a_disguised_card_in_a_streamed_answer_reaches_the_client_masked(
 
 
 @pytest.mark.parametrize(("value", "secret"), list(CREDENTIALS.values()), ids=list(CREDENTIALS))
-def test_a_disguised_credential_in_a_prompt_reaches_the_model_masked(
+def test_a_disguised_credential_in_a_prompt_never_reaches_the_model(
     stack: Stack, demo: Demo, tag: str, value: str, secret: str
 ) -> None:
-    received = prompt_as_received(stack, demo, tag, f"use {value} now")
-    assert secret not in ascii_view(received)
-    assert "[REDACTED:" in received
+    """Both keys are critical credentials, which the shipped base refuses in any prompt: only a value
+    found through its disguise can be refused, and the model sees nothing of it."""
+    sent = httpx.post(
+        f"{stack.url}/v1/chat/completions",
+        content=chat(f"use {value} now"),
+        headers={"content-type": "application/json", "x-test-tag": tag},
+        timeout=30,
+    )
+    assert (sent.status_code, sent.json()["error"]) == (403, "policy_blocked"), sent.text
+    assert secret not in sent.text
+    assert demo.received(tag) == []
 
 
 @pytest.mark.parametrize(("value", "secret"), list(CREDENTIALS.values()), ids=list(CREDENTIALS))
