@@ -5,6 +5,9 @@ on another machine quietly differs. `make lock` rewrites all of them together.""
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -144,3 +147,22 @@ def test_each_exported_file_is_the_lock_for_its_extras(export: str) -> None:
         files = locked.get("wheels", []) + ([locked["sdist"]] if "sdist" in locked else [])
         assert hashes, f"requirements/{export}: {name} has no hashes"
         assert hashes == {f["hash"] for f in files}, f"requirements/{export}: {name} hashes != uv.lock"
+
+
+def test_an_install_says_what_is_coming_and_shows_pip_progress_on_a_terminal() -> None:
+    """Regression: `make run` installed for half a minute with no output. The locked tools are already in
+    this environment, so pip only confirms them: the lines it prints are what a terminal shows."""
+    lock = "requirements/tools.txt"
+    packages = sum(1 for line in (ROOT / lock).read_text().splitlines() if re.match(r"[A-Za-z0-9]", line))
+    command = f"PYTHON={sys.executable} sh requirements/install.sh {lock}"
+    in_log = subprocess.run(["sh", "-c", command], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert in_log.stdout.splitlines() == [
+        f"install.sh: {packages} locked packages from {lock} into {sys.prefix}"
+    ]
+    script = shutil.which("script")  # util-linux: gives the install a terminal
+    assert script is not None
+    on_terminal = subprocess.run(
+        [script, "-qec", command, "/dev/null"], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert f"install.sh: {packages} locked packages" in on_terminal.stdout
+    assert on_terminal.stdout.count("Requirement already satisfied") == packages
