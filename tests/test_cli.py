@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from .rules_fixture import EDM_KEY_FILE, RULES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,7 +80,7 @@ def test_scan_keeps_the_compiled_pack_in_the_users_cache_folder(tmp_path: Path) 
     the compiled databases go to ~/.cache/extproc/hyperscan, keyed by the pack and Hyperscan's version."""
     import os
 
-    env = {k: v for k, v in os.environ.items() if k != "EXTPROC_DETECT__CACHE_DIR"}
+    env = {k: v for k, v in os.environ.items() if k not in ("EXTPROC_DETECT__CACHE_DIR", "XDG_CACHE_HOME")}
     env["HOME"] = str(tmp_path)
     first = extproc("scan", stdin="card 4111 1111 1111 1111", env=env)
     cached = sorted(p.name for p in (tmp_path / ".cache" / "extproc" / "hyperscan").iterdir())
@@ -86,6 +88,18 @@ def test_scan_keeps_the_compiled_pack_in_the_users_cache_folder(tmp_path: Path) 
     again = extproc("scan", stdin="card 4111 1111 1111 1111", env=env)
     assert (again.returncode, again.stdout) == (first.returncode, first.stdout) == (1, first.stdout)
     assert sorted(p.name for p in (tmp_path / ".cache" / "extproc" / "hyperscan").iterdir()) == cached
+
+
+def test_the_cache_folder_follows_xdg_cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from extproc.identity.dev import default_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_dir() == tmp_path / "xdg" / "extproc"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/ignored")  # the spec: a relative path is invalid
+    assert default_dir() == tmp_path / "home" / ".cache" / "extproc"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_dir() == tmp_path / "home" / ".cache" / "extproc"
 
 
 def test_hash_list_feeds_a_hashed_rule(tmp_path: Path) -> None:

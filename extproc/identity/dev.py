@@ -24,7 +24,9 @@ JWKS_NAME = "dev-jwks.json"
 
 
 def default_dir() -> Path:
-    return Path.home() / ".cache" / "extproc"
+    """The user's cache folder for extproc: ``$XDG_CACHE_HOME/extproc``, or ``~/.cache/extproc``."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "extproc"
 
 
 def ensure_dev_key(folder: Path) -> Path:
