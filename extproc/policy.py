@@ -52,6 +52,7 @@ from extproc.model import Finding
 Action = Literal["mask", "allow", "block", "approve"]
 SEVERITIES = ("low", "medium", "high", "critical")
 STRICTNESS: tuple[Action, ...] = ("allow", "mask", "approve", "block")  # the last is the strictest
+REFUSING: frozenset[Action] = frozenset({"approve", "block"})
 
 
 class _Model(BaseModel):
@@ -632,14 +633,26 @@ class FindingActions:
         found (``finding.also_matched``) gets the strictest verdict any of them is given (block, then
         approve, then mask, then allow): a policy that blocks ``credit-card-keyword`` blocks a card that
         ``credit-card`` reports. Among equals, the reporting rule's verdict (its strategy) comes first."""
+        verdict = self._strictest(finding)
+        self.decisions.made.append((finding.rule_id, verdict.action))
+        return verdict
+
+    def refuses(self, finding: Finding) -> bool:
+        """Whether ``verdict(finding)`` would refuse (block or approve, enforced); nothing is recorded."""
+        return self.decisions.enforce and self._strictest(finding).action in REFUSING
+
+    @cached_property
+    def may_refuse(self) -> bool:
+        """Whether any finding could be refused: some entry, floor or default blocks or approves."""
+        actions = [self._direction.default, *(e.do for e in (*self._direction.actions, *self._floor))]
+        return self.decisions.enforce and any(action in REFUSING for action in actions)
+
+    def _strictest(self, finding: Finding) -> Verdict:
         verdict = max(
             (self._rule_verdict(finding, rule_id) for rule_id in finding.rule_ids),
             key=lambda v: STRICTNESS.index(v.action),
         )
-        if verdict.action == "mask" and self.unmasked:
-            verdict = Verdict("allow")
-        self.decisions.made.append((finding.rule_id, verdict.action))
-        return verdict
+        return Verdict("allow") if verdict.action == "mask" and self.unmasked else verdict
 
     def _rule_verdict(self, finding: Finding, rule_id: str) -> Verdict:
         """The verdict the first matching ``actions`` entry (or the default) gives ``rule_id``'s finding,

@@ -230,3 +230,37 @@ def test_a_rule_only_the_joined_strings_reveal_still_reaches_the_policy(tmp_path
     [reply] = ex.handle(Body(REQ, body, True))
     assert isinstance(reply, Reject)
     assert json.loads(reply.body)["error"] == "policy_blocked"
+
+
+@pytest.mark.parametrize("alone", ["mask", "allow"])
+def test_a_refusal_only_the_joined_strings_reveal_holds_when_the_value_was_masked_alone(
+    tmp_path: Path, alone: str
+) -> None:
+    """Regression: masked alone (credit-card: mask), the card was gone from the joined reading, so the
+    keyword rule's block never fired and a refusal became a mask."""
+    policy = (
+        "policies:\n  - id: base\n    default: true\n    request:\n      actions:\n"
+        f"        - when: {{ rules: [credit-card] }}\n          do: {alone}\n"
+        "        - when: { rules: [credit-card-keyword] }\n          do: block\n"
+    )
+    (tmp_path / "p.yaml").write_text(policy, encoding="utf-8")
+    snapshot = build_snapshot(
+        load_settings(None, detect={"rules": [str(REPO_RULES)]}, policy={"paths": [str(tmp_path)]})
+    )
+    for messages in (
+        [{"role": "user", "content": "here is my debit card"}, {"role": "user", "content": CARD}],
+        [
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "credit card:"}, {"type": "text", "text": CARD}],
+            }
+        ],
+    ):
+        ex = Exchange(snapshot, ProtocolConfig(BodyMode.BUFFERED, BodyMode.FULL_DUPLEX_STREAMED), "d")
+        items = ((":path", "/v1/chat/completions"), ("content-type", "application/json"))
+        list(ex.handle(Headers(REQ, items, False)))
+        body = json.dumps({"model": "m", "messages": messages}).encode()
+        [reply] = ex.handle(Body(REQ, body, True))
+        assert isinstance(reply, Reject), messages
+        assert json.loads(reply.body)["error"] == "policy_blocked"
+        assert [a for _, _, a in ex.outcome().actions["request"]][-1] == "block"

@@ -42,6 +42,15 @@ class Verdicts(Protocol):
 
     def verdict(self, finding: Finding) -> Verdict: ...
 
+    def refuses(self, finding: Finding) -> bool:
+        """Whether ``verdict(finding)`` would refuse; nothing is recorded."""
+        ...
+
+    @property
+    def may_refuse(self) -> bool:
+        """Whether any finding at all could be refused."""
+        ...
+
 
 class Verdict(Protocol):
     @property
@@ -85,6 +94,14 @@ class Masker:
         if verdict.action != "mask":
             return None
         return verdict.strategy or self._specs.get(finding.rule_id, REDACT)
+
+    def refuses(self, finding: Finding) -> bool:
+        """Whether ``decide(finding)`` would raise; nothing is recorded."""
+        return self._verdicts is not None and self._verdicts.refuses(finding)
+
+    @property
+    def may_refuse(self) -> bool:
+        return self._verdicts is not None and self._verdicts.may_refuse
 
     def apply(self, text: str, findings: list[Finding]) -> str:
         """``text`` with ``findings`` masked. With verdicts, only the findings the policy masks are, each

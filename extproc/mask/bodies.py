@@ -342,6 +342,7 @@ class BufferedJson(_Buffered):
         inspector, rewritten = self._inspector, False
         if self._admit is not None:
             inspector, rewritten = self._admit(document, len(body))
+        refuse_across_strings(document, inspector, self.findings)
         masker = JsonMasker(inspector, self.findings)
         try:
             masked = masker.value(document)
@@ -416,6 +417,29 @@ def mask_across_strings(document: Any, inspector: Inspector, findings: list[Find
         if len(group) < len(leaves):  # a group of every string was read already
             changed = _mask_joined(group, inspector, findings) or changed
     return changed
+
+
+def refuse_across_strings(document: Any, inspector: Inspector, findings: list[Finding]) -> None:
+    """Raises what the policy refuses in the strings of ``document`` read together, before anything is
+    masked. ``mask_across_strings`` reads them after each string was masked alone, and a value masked
+    there is gone from its reading: a rule only the joined text adds (the keyword in the message before)
+    would never be heard, and a policy that blocks that rule would mask instead. Only a finding the
+    policy refuses matters here; it is added to ``findings`` (offsets in the joined text) and nothing is
+    recorded otherwise. Both readings of ``mask_across_strings`` are made; none when the policy refuses
+    nothing at all."""
+    if not inspector.masker.may_refuse:
+        return
+    leaves = _string_leaves(document)
+    groups: dict[Any, list[tuple[Any, Any]]] = {}
+    for node, key in leaves:
+        groups.setdefault(key if isinstance(key, str) else None, []).append((node, key))
+    for group in [leaves, *(g for g in groups.values() if len(g) < len(leaves))]:
+        if len(group) < 2:
+            continue
+        for finding in inspector.detector.scan("".join(node[key] for node, key in group)):
+            if inspector.masker.refuses(finding):
+                findings.append(finding)
+                inspector.masker.decide(finding)  # raises, with the decision recorded
 
 
 def _string_leaves(document: Any) -> list[tuple[Any, Any]]:
