@@ -609,6 +609,9 @@ class FindingActions:
     ) -> None:
         self._direction = policy.direction(direction)
         self._floor = policy.floor(direction)
+        # A verdict depends on the rules and the entity only, never the span: a body with a thousand
+        # e-mail addresses asks once.
+        self._known: dict[tuple[tuple[str, ...], str], Verdict] = {}
         self._info = rule_info  # rule id -> (category, severity)
         self.unmasked = unmasked
         self.shadows = tuple(shadows)  # policies in shadow mode: asked too, only recorded
@@ -648,11 +651,17 @@ class FindingActions:
         return self.decisions.enforce and any(action in REFUSING for action in actions)
 
     def _strictest(self, finding: Finding) -> Verdict:
+        key = (tuple(finding.rule_ids), finding.entity)
+        known = self._known.get(key)
+        if known is not None:
+            return known
         verdict = max(
             (self._rule_verdict(finding, rule_id) for rule_id in finding.rule_ids),
             key=lambda v: STRICTNESS.index(v.action),
         )
-        return Verdict("allow") if verdict.action == "mask" and self.unmasked else verdict
+        verdict = Verdict("allow") if verdict.action == "mask" and self.unmasked else verdict
+        self._known[key] = verdict
+        return verdict
 
     def _rule_verdict(self, finding: Finding, rule_id: str) -> Verdict:
         """The verdict the first matching ``actions`` entry (or the default) gives ``rule_id``'s finding,

@@ -342,12 +342,13 @@ class BufferedJson(_Buffered):
         inspector, rewritten = self._inspector, False
         if self._admit is not None:
             inspector, rewritten = self._admit(document, len(body))
-        refuse_across_strings(document, inspector, self.findings)
         masker = JsonMasker(inspector, self.findings)
         try:
             masked = masker.value(document)
         except JsonRejected as exc:  # in JSON held in a string (tool arguments)
             raise self._refused(exc) from exc
+        if masker.changed:  # what was masked alone is gone from the joined reading below
+            refuse_across_strings(document, inspector, self.findings)
         # After each string is masked on its own: a false match across strings then meets replacement
         # tokens, never a value of one string it could cut short.
         joined = mask_across_strings(masked, inspector, self.findings)
@@ -420,13 +421,13 @@ def mask_across_strings(document: Any, inspector: Inspector, findings: list[Find
 
 
 def refuse_across_strings(document: Any, inspector: Inspector, findings: list[Finding]) -> None:
-    """Raises what the policy refuses in the strings of ``document`` read together, before anything is
-    masked. ``mask_across_strings`` reads them after each string was masked alone, and a value masked
+    """Raises what the policy refuses in the strings of ``document`` (as it came, unmasked) read
+    together. ``mask_across_strings`` reads them after each string was masked alone, and a value masked
     there is gone from its reading: a rule only the joined text adds (the keyword in the message before)
-    would never be heard, and a policy that blocks that rule would mask instead. Only a finding the
-    policy refuses matters here; it is added to ``findings`` (offsets in the joined text) and nothing is
-    recorded otherwise. Both readings of ``mask_across_strings`` are made; none when the policy refuses
-    nothing at all."""
+    would never be heard, and a policy that blocks that rule would mask instead. Needed only when
+    something was masked alone. Only a finding the policy refuses matters here; it is added to
+    ``findings`` (offsets in the joined text) and nothing is recorded otherwise. Both readings of
+    ``mask_across_strings`` are made; none when the policy refuses nothing at all."""
     if not inspector.masker.may_refuse:
         return
     leaves = _string_leaves(document)
