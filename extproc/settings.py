@@ -122,6 +122,40 @@ class PolicySettings(_Section):
     )
 
 
+class WebhookSettings(_Section):
+    url: str = Field("", description="POSTed to when an approval starts waiting; empty: no notifications")
+    format: Literal["generic", "slack"] = Field(
+        "generic", description="generic: the approval as JSON; slack: a Slack-compatible {text, blocks} body"
+    )
+    timeout_seconds: float = Field(5.0, gt=0, description="per attempt")
+    attempts: int = Field(5, ge=1, le=20, description="tries per notification, with exponential backoff")
+    queue_size: int = Field(
+        1000, ge=1, description="notifications waiting to be sent; beyond it they are dropped"
+    )
+
+
+class ApprovalSettings(_Section):
+    store: Literal["memory", "redis"] = Field(
+        "memory", description="memory: one replica; redis: approvals shared by every replica"
+    )
+    redis_url: str = Field("", description="redis://host:port/db, for store: redis")
+    key_prefix: str = Field("extproc:approvals:", description="prefix of every Redis key and channel")
+    public_url: str = Field(
+        "",
+        description="the approval page's base URL as approvers reach it (tickets and notifications link it)",
+    )
+    sweep_seconds: float = Field(
+        30.0, gt=0, description="how often pending approvals past their ttl are expired"
+    )
+    webhook: WebhookSettings = WebhookSettings()
+
+    @model_validator(mode="after")
+    def _redis_needs_url(self) -> ApprovalSettings:
+        if self.store == "redis" and not self.redis_url:
+            raise ValueError("store: redis needs redis_url")
+        return self
+
+
 PLACEHOLDER = "CHANGE-ME"
 """Marks a value the shipped settings leave for the operator to set (deploy/kubernetes): refused at load."""
 
@@ -345,6 +379,7 @@ class Settings(_Section):
     identity: IdentitySettings = IdentitySettings()
     telemetry: TelemetrySettings = TelemetrySettings()
     audit: AuditSettings = AuditSettings()
+    approvals: ApprovalSettings = ApprovalSettings()
 
 
 def require_identity_choice(settings: Settings) -> None:
