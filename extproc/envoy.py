@@ -12,7 +12,7 @@ from typing import Any
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
-from google.protobuf import json_format, struct_pb2, wrappers_pb2
+from google.protobuf import duration_pb2, json_format, struct_pb2, wrappers_pb2
 
 from extproc.errors import ProtocolError
 from extproc.model import (
@@ -22,6 +22,7 @@ from extproc.model import (
     ContinueTrailers,
     Direction,
     Event,
+    ExtendTimeout,
     HeaderChanges,
     Headers,
     ProtocolConfig,
@@ -167,6 +168,11 @@ def encode(reply: Reply) -> pb.ProcessingResponse:
                 details=reply.details,
             )
         )
+    if isinstance(reply, ExtendTimeout):
+        # Envoy reads this field first and ignores every other field of the message.
+        timeout = duration_pb2.Duration()
+        timeout.FromMilliseconds(max(1, round(reply.seconds * 1000)))
+        return pb.ProcessingResponse(override_message_timeout=timeout)
     raise TypeError(f"not a reply: {reply!r}")
 
 

@@ -12,13 +12,18 @@ lets the part over its limit through unscanned, the third is not HTTP.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import time
+import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 from urllib.parse import unquote
 
+from extproc.approvals.model import Approval, ApprovalError, ApprovalRequest, Person
 from extproc.audit.spans import ExchangeTrace, Instruments
 from extproc.errors import AuthError, ClientError, ExtProcError, ProtocolError, UpstreamError
 from extproc.identity import Principal, bearer_token, principal_from_metadata
@@ -29,6 +34,7 @@ from extproc.mask.headers import HeaderNotMaskable, HeaderScan, HeadersTooLarge,
 from extproc.mask.registry import BodyLimits, Reading, Refused, Scope, choose, media_type
 from extproc.model import (
     Actions,
+    AwaitApproval,
     Body,
     BodyMode,
     ContinueHeaders,
@@ -49,12 +55,22 @@ from extproc.model import (
     StreamChunk,
     Trailers,
 )
-from extproc.policy import Facts, FindingActions, LoadedPolicy, estimate_tokens, glob_match, prompt_texts
+from extproc.policy import (
+    Facts,
+    FindingActions,
+    LoadedPolicy,
+    PolicyDenied,
+    estimate_tokens,
+    glob_match,
+    prompt_texts,
+)
 from extproc.runtime import Snapshot
 from extproc.settings import LimitSettings
 
 DECISION_HEADER = "x-dlp-decision-id"
 UNMASKED_HEADER = "x-dlp-unmasked"
+APPROVAL_HEADER = "x-approval-id"  # a caller's retry under an approval granted to a ticket
+APPROVAL_PROMPT_BYTES = 16384  # of the masked request body, shown to approvers
 METADATA_NAMESPACE = "llm.extproc"
 SUPPORTED_BODY_MODES = frozenset({BodyMode.NONE, BodyMode.BUFFERED, BodyMode.FULL_DUPLEX_STREAMED})
 _UNTRACED = Instruments()
@@ -111,10 +127,13 @@ class Exchange:
         trace: ExchangeTrace | None = None,
         unavailable: ExtProcError | None = None,
         caller: Principal | None = None,
+        approvals: bool = False,
     ) -> None:
         """``unavailable``: the sidecar cannot serve now (its session record cannot be written); requests
         are answered with this error once their caller is known. ``caller``: a caller verified before
-        (an exchange replayed from the session record); no token is then looked for."""
+        (an exchange replayed from the session record); no token is then looked for. ``approvals``: the
+        server can ask for approvals (``AwaitApproval``) and hand the result to ``resume``; without it an
+        ``approve`` refuses with ``approval_required``."""
         for direction, mode in (
             (Direction.REQUEST, protocol.request_body_mode),
             (Direction.RESPONSE, protocol.response_body_mode),
@@ -144,6 +163,12 @@ class Exchange:
         self.would_refuse: list[str] = []  # what the acting policy, itself in shadow mode, would refuse
         self.refused: str | None = None  # the error code the exchange was refused with
         self.principal: Principal | None = None
+        self._approvals = approvals
+        self.approval_presented: str | None = None  # the caller's x-approval-id
+        self.approval: Approval | None = None  # the approval this request asked for, or used
+        self._approved = False
+        self._request_event: Headers | None = None
+        self._held_body: bytes | None = None  # a request body waiting for an approval, as it came
         self._request_actions: FindingActions | None = None
         self._response_actions: FindingActions | None = None
         self._header_scans = {Direction.REQUEST: HeaderScan(), Direction.RESPONSE: HeaderScan()}
@@ -228,6 +253,8 @@ class Exchange:
         if self._unavailable is not None:
             return self._reject(self._unavailable)
         self.unmasked_requested = (event.get(UNMASKED_HEADER) or "").strip().lower() in ("1", "true", "yes")
+        self.approval_presented = (event.get(APPROVAL_HEADER) or "").strip()[:64] or None
+        self._request_event = event
         try:
             scanned = self._scan_request_headers(event)
         except ExtProcError as error:
@@ -244,21 +271,23 @@ class Exchange:
                 return self._reject(error)
             return [ContinueHeaders(Direction.REQUEST, changes, metadata)]
         state.media = media_type(event)
+        try:
+            self._read(state, choose(event, state.mode, self._request_scope()))
+            changes = self._header_changes(state, scanned)
+        except ExtProcError as error:
+            return self._reject(error)
+        return [ContinueHeaders(Direction.REQUEST, changes, metadata)]
+
+    def _request_scope(self) -> Scope:
         limit = self._snapshot.settings.limits.max_request_bytes
         # The policy the headers chose (_admit with no document chooses the same one) sets how long one
         # line of a streamed request may be; a body held whole is checked against it by _admit.
-        scope = Scope(
+        return Scope(
             self._snapshot.inspector,
             BodyLimits(body=limit, stream=limit, event=self._request_limit()),
             admit=self._admit,
             json_as_text=self._json_as_text,
         )
-        try:
-            self._read(state, choose(event, state.mode, scope))
-            changes = self._header_changes(state, scanned)
-        except ExtProcError as error:
-            return self._reject(error)
-        return [ContinueHeaders(Direction.REQUEST, changes, metadata)]
 
     @staticmethod
     def _read(state: _Direction, chosen: Reading | Refused) -> None:
@@ -287,7 +316,7 @@ class Exchange:
         # Only what never reaches the model goes unscanned: the caller's credential headers when the
         # model server's own credential replaces them (without one they are forwarded as sent), and the
         # bearer token identity verified (the caller's own, not data).
-        skip = {UNMASKED_HEADER}
+        skip = {UNMASKED_HEADER, APPROVAL_HEADER}
         credential = self._snapshot.credential
         if credential.configured:
             skip |= {self._snapshot.settings.upstream.header, *credential.strip}
@@ -326,7 +355,15 @@ class Exchange:
         actions = self._request_actions
         assert actions is not None
         for finding, applied in self._header_scans[Direction.REQUEST].applied:
-            if actions.verdict(finding).action == "mask" and applied != "mask":
+            held = len(actions.awaiting)
+            verdict = actions.verdict(finding)
+            if len(actions.awaiting) > held:
+                message = (
+                    f"policy {actions.decisions.policy_id!r} needs an approval for {finding.entity} (rule "
+                    f"{finding.rule_id}) in a request header, which cannot wait for one"
+                )
+                raise PolicyDenied(message, code="approval_required")
+            if verdict.action == "mask" and applied != "mask":
                 message = (
                     f"policy {actions.decisions.policy_id!r} masks {finding.entity} (rule {finding.rule_id}),"
                     " found in a request header that was let through before the model was known"
@@ -385,6 +422,9 @@ class Exchange:
             "request",
             info,
             shadows=[FindingActions(s, "request", info) for s in shadows],
+            hold=self._approvals and self._dirs[Direction.REQUEST].mode is BodyMode.BUFFERED,
+            approved=self._approved,
+            groups=self.groups,
         )
         self._response_actions = FindingActions(
             loaded,
@@ -546,6 +586,8 @@ class Exchange:
             route=self._clean(self.route),
             method=self._clean(self.method),
             model=self._clean(self.model) if self.model is not None else None,
+            approval_id=self.approval.id if self.approval is not None else None,
+            approval_status=self.approval.status if self.approval is not None else None,
         )
 
     def recorded(self) -> Recorded:
@@ -583,7 +625,7 @@ class Exchange:
         changes: tuple[tuple[str, str], ...] = ((DECISION_HEADER, self.decision_id),)
         remove: tuple[str, ...] = ()
         if state is self._dirs[Direction.REQUEST]:
-            remove += (UNMASKED_HEADER,)
+            remove += (UNMASKED_HEADER, APPROVAL_HEADER)
             credential = self._snapshot.credential
             if credential.configured:
                 changes += (credential.header(),)
@@ -664,6 +706,10 @@ class Exchange:
             return self._body_failed(event.direction, error)
         if last:
             self._end(event.direction)
+        if buffered and event.direction is Direction.REQUEST:
+            waiting = self._awaiting_approval(event.data, out)
+            if waiting is not None:
+                return waiting
         if buffered:
             if out == event.data and (state.decoder is None or not state.decoder.codings):
                 return [ReplaceBody(event.direction, None)]
@@ -734,6 +780,103 @@ class Exchange:
         replies.append(ContinueTrailers(event.direction))
         return replies
 
+    # -- approvals ------------------------------------------------------------------------------------
+
+    def _awaiting_approval(self, data: bytes, masked: bytes) -> list[Reply] | None:
+        """When the policy held values of the request body for an approval: what the server must do
+        (ask for a new approval, or use the one the caller presented), or a refusal. None otherwise."""
+        actions = self._request_actions
+        if actions is None or not actions.awaiting:
+            return None
+        principal = self.principal
+        if principal is None:
+            error = PolicyDenied(
+                "this request needs an approval, and approvals are granted to authenticated callers only",
+                code="approval_needs_identity",
+            )
+            return self._reject(error)
+        self._held_body = data
+        caller = Person(principal.subject, principal.issuer, tuple(sorted(principal.groups)))
+        digest = hashlib.sha256(data).hexdigest()
+        if self.approval_presented is not None:
+            return [AwaitApproval(redeem=self.approval_presented, caller=caller, body_digest=digest)]
+        spec = actions.awaiting[0][1]  # the first value held decides who approves, and how it waits
+        request = ApprovalRequest(
+            id=uuid.uuid4().hex,
+            created=time.time(),
+            requester=caller,
+            route=self._clean(self.route),
+            model=self._clean(self.model) if self.model is not None else None,
+            prompt=masked[:APPROVAL_PROMPT_BYTES].decode("utf-8", "replace"),
+            rule_ids=tuple(dict.fromkeys(r for finding, _ in actions.awaiting for r in finding.rule_ids)),
+            body_digest=digest,
+            policy_id=actions.decisions.policy_id,
+            approver_groups=tuple(spec.approver_groups),
+            min_approvals=spec.min_approvals,
+            require_all_groups=spec.require_all_groups,
+            mode=spec.mode,
+            ttl_seconds=spec.ttl_seconds,
+            decision_id=self.decision_id,
+        )
+        hold = spec.mode == "hold"
+        return [AwaitApproval(request, None, caller, digest, hold, spec.hold_seconds if hold else 0.0)]
+
+    def resume(self, result: Approval | ApprovalError, approve_url: str = "") -> list[Reply]:
+        """The request held by ``AwaitApproval`` goes on, now that ``result`` is known: approved (or a
+        grant used), it is masked again with the approved values let through and sent to the model;
+        otherwise refused, with the approval's id, status and ``approve_url`` in the error body."""
+        if isinstance(result, ApprovalError):
+            self._held_body = None
+            extra = {"approval_id": self.approval_presented} if self.approval_presented else {}
+            return self._reject(result, body=extra)
+        self.approval = result
+        if result.status in ("approved", "used"):
+            return self._send_approved()
+        self._held_body = None
+        code, message = {
+            "denied": ("approval_denied", f"the approval was denied: {result.reason}"),
+            "expired": ("approval_expired", "the approval expired before anyone decided it"),
+        }.get(
+            result.status,
+            (
+                "approval_required",
+                "this request needs an approval; once approved, send it again with header "
+                f"{APPROVAL_HEADER}: {result.id}",
+            ),
+        )
+        body = {"approval_id": result.id, "status": result.status, "approve_url": approve_url}
+        return self._reject(PolicyDenied(message, code=code), body=body)
+
+    def _send_approved(self) -> list[Reply]:
+        """The held request body read again from the start, with the approval: a fresh reading, so that
+        nothing of the first (its findings, its masked output) is counted twice."""
+        data, event = self._held_body, self._request_event
+        assert data is not None
+        assert event is not None
+        self._held_body = None
+        self._approved = True
+        state = self._dirs[Direction.REQUEST]
+        state.ended = False
+        state.original_size = state.masked_size = 0
+        for kept in (state.original, state.masked):
+            if kept is not None:
+                del kept[:]
+        try:
+            self._read(state, choose(event, state.mode, self._request_scope()))
+        except ExtProcError as error:
+            return self._reject(error)
+        return self._body(Body(Direction.REQUEST, data, True))
+
+    def close(self) -> None:
+        """Releases what the exchange holds: a request body waiting for an approval, and the scanners of
+        a body still streaming (the stream ended early or was cancelled). Safe to call more than once."""
+        self._held_body = None
+        for state in self._dirs.values():
+            if not state.ended and state.processor.streaming:
+                with contextlib.suppress(Exception):
+                    state.processor.cut()
+            state.ended = True
+
     def expire(self) -> list[Reply]:
         """The stream ran past ``limits.max_stream_seconds``: end the answer here."""
         self.deadline = None
@@ -790,12 +933,19 @@ class Exchange:
     def error_body(self, error: ExtProcError) -> dict[str, str]:
         return {"error": error.code, "message": error.message, "request_id": self.request_id}
 
-    def _reject(self, error: ExtProcError, extra: tuple[tuple[str, str], ...] = ()) -> list[Reply]:
+    def _reject(
+        self,
+        error: ExtProcError,
+        extra: tuple[tuple[str, str], ...] = (),
+        body: Mapping[str, str] | None = None,
+    ) -> list[Reply]:
         self.finished = True
         self.refused = error.code
-        body = json.dumps(self.error_body(error), separators=(",", ":")).encode()
+        payload = json.dumps({**self.error_body(error), **(body or {})}, separators=(",", ":")).encode()
         headers = (("content-type", "application/json"), (DECISION_HEADER, self.decision_id), *extra)
-        return [Reject(status=error.http_status, body=body, headers=headers, details=f"extproc_{error.code}")]
+        return [
+            Reject(status=error.http_status, body=payload, headers=headers, details=f"extproc_{error.code}")
+        ]
 
 
 def _actions(

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from extproc.approvals.model import ApprovalRequest, Person
+
 
 class BodyMode(Enum):
     """How Envoy sends a body to the processor (mirrors ext_proc's ProcessingMode.BodySendMode)."""
@@ -141,7 +143,33 @@ class Reject:
     details: str = ""
 
 
-Reply = ContinueHeaders | ReplaceBody | StreamChunk | ContinueTrailers | Reject
+@dataclass(frozen=True, slots=True)
+class ExtendTimeout:
+    """Tell Envoy to wait up to ``seconds`` for the answer to the message it sent last (ext_proc's
+    ``override_message_timeout``, bounded by the filter's ``max_message_timeout``): a request held for
+    approval."""
+
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class AwaitApproval:
+    """Not for Envoy: the exchange needs an approval decided before it can answer. With ``request`` it
+    asks for a new one (``hold`` set: wait up to ``hold_seconds`` for it); with ``redeem`` the caller
+    presented an approval id (header ``x-approval-id``) to use for this body. The server does the
+    asynchronous part and hands the result to ``Exchange.resume``."""
+
+    request: ApprovalRequest | None = None
+    redeem: str | None = None
+    caller: Person | None = None
+    body_digest: str = ""
+    hold: bool = False
+    hold_seconds: float = 0.0
+
+
+Reply = (
+    ContinueHeaders | ReplaceBody | StreamChunk | ContinueTrailers | Reject | ExtendTimeout | AwaitApproval
+)
 
 
 Actions = dict[str, tuple[tuple[str, str, str], ...]]  # direction -> (rule id, entity, action) per finding
@@ -181,6 +209,8 @@ class Outcome:
     route: str = ""
     method: str = ""
     model: str | None = None
+    approval_id: str | None = None  # the approval this request asked for, or used
+    approval_status: str | None = None  # pending (a ticket), approved, used, denied, expired
 
 
 @dataclass(frozen=True, slots=True)

@@ -77,10 +77,31 @@ class Selector(_Model):
         return self.min_severity is None or SEVERITIES.index(severity) >= SEVERITIES.index(self.min_severity)
 
 
+class ApprovalSpec(_Model):
+    """Who approves a request an ``approve`` action holds, and how it waits. ``hold``: the request waits
+    up to ``hold_seconds`` and goes on to the model once approved; ``ticket``: it is refused at once with
+    an approval id the caller retries with (header ``x-approval-id``) once approved."""
+
+    approver_groups: list[str] = Field(min_length=1)
+    mode: Literal["hold", "ticket"] = "ticket"
+    hold_seconds: float = Field(120.0, gt=0, le=570)  # within envoy.yaml's max_message_timeout (600 s)
+    min_approvals: int = Field(1, ge=1, le=10)
+    require_all_groups: bool = False  # at least one approver of every listed group
+    exempt_groups: list[str] = Field(default_factory=list)  # callers who never need approval
+    ttl_seconds: float = Field(3600.0, gt=0, le=7 * 86400)  # to decide a request, and to use a grant
+
+
 class ActionEntry(_Model):
     when: Selector = Selector()
     do: Action
     strategy: MaskSpec | None = None
+    approval: ApprovalSpec | None = None  # for do: approve; else the policy's `approval`
+
+    @model_validator(mode="after")
+    def _approval_for_approve(self) -> ActionEntry:
+        if self.approval is not None and self.do != "approve":
+            raise ValueError("`approval` goes with `do: approve`")
+        return self
 
     @field_validator("strategy", mode="before")
     @classmethod
@@ -202,6 +223,7 @@ class Policy(_Model):
     limits: PolicyLimits = PolicyLimits()
     unmasked: Unmasked = Unmasked()
     inherit: Inherit = Inherit()
+    approval: ApprovalSpec | None = None  # for every `approve` of this policy without its own
 
     @model_validator(mode="after")
     def _default_or_match(self) -> Policy:
@@ -337,6 +359,8 @@ def load_policies(paths: Iterable[str | Path], known: KnownNames | None = None) 
         LoadedPolicy(policy, where, order, base.kept(policy.inherit))
         for order, (policy, where) in enumerate(written)
     ]
+    for item in loaded:
+        warnings.extend(_approval_warnings(item))
     defaults = [p for p in loaded if p.policy.default]
     if loaded and len(defaults) != 1:
         named = ", ".join(p.where for p in defaults) or "none"
@@ -457,6 +481,20 @@ def _model_warnings(policy: Policy, where: str) -> list[str]:
     return warnings
 
 
+def _approval_warnings(loaded: LoadedPolicy) -> list[str]:
+    """An ``approve`` in a request without an ``approval`` saying who approves: nobody can, and every
+    request it selects is refused with ``approval_required``."""
+    own = loaded.direction("request")
+    entries = [*own.actions, *loaded.floor("request")]
+    unanswered = [e for e in entries if e.do == "approve" and e.approval is None]
+    if (own.default == "approve" or unanswered) and loaded.policy.approval is None:
+        return [
+            f"{loaded.where}: request: `approve` without an `approval` (approver_groups): nobody can "
+            "approve, so the requests it selects are refused with approval_required"
+        ]
+    return []
+
+
 def _may_overlap(glob: str, allowed: Sequence[str]) -> bool:
     """Whether some model name could match ``glob`` and one of ``allowed``. Exact for literal names
     on either side; two wildcard globs are assumed to overlap."""
@@ -570,6 +608,7 @@ class Verdict:
 
     action: Action
     strategy: MaskSpec | None = None  # for mask: overrides the rule's own
+    approval: ApprovalSpec | None = None  # for approve: who approves, and how the request waits
 
 
 @dataclass
@@ -596,7 +635,13 @@ class FindingActions:
     """A policy's actions for one direction, as the masker asks for them, finding by finding.
 
     ``unmasked`` (an allowed request for an unmasked answer) turns every mask into allow; block and
-    approve still hold. In shadow mode every finding is allowed and the decision only recorded."""
+    approve still hold. In shadow mode every finding is allowed and the decision only recorded.
+
+    Approve: a caller of the approval's ``exempt_groups`` is let through; with ``approved`` (a person
+    approved this very request) the value passes unmasked; with ``hold`` (the exchange can wait for a
+    decision) the value is masked for now and listed in ``awaiting``, and the exchange asks for approval
+    once the body is read; otherwise (no ``approval`` says who approves, or nothing can wait: a
+    response) the request is refused with ``approval_required``."""
 
     def __init__(
         self,
@@ -606,9 +651,17 @@ class FindingActions:
         *,
         unmasked: bool = False,
         shadows: Sequence[FindingActions] = (),
+        hold: bool = False,
+        approved: bool = False,
+        groups: frozenset[str] = frozenset(),
     ) -> None:
         self._direction = policy.direction(direction)
         self._floor = policy.floor(direction)
+        self._approval = policy.policy.approval
+        self.hold = hold
+        self.approved = approved
+        self._groups = groups
+        self.awaiting: list[tuple[Finding, ApprovalSpec]] = []  # held for approval, in order
         # A verdict depends on the rules and the entity only, never the span: a body with a thousand
         # e-mail addresses asks once.
         self._known: dict[tuple[tuple[str, ...], str], Verdict] = {}
@@ -623,6 +676,13 @@ class FindingActions:
         verdict = self.decide(finding)
         if not self.decisions.enforce:
             return Verdict("allow")
+        if verdict.action == "approve":
+            held = self._approval_verdict(verdict)
+            if held is not None:
+                if held.action == "mask":
+                    assert verdict.approval is not None
+                    self.awaiting.append((finding, verdict.approval))
+                return held
         if verdict.action in ("block", "approve"):
             code = "policy_blocked" if verdict.action == "block" else "approval_required"
             raise PolicyDenied(
@@ -630,6 +690,16 @@ class FindingActions:
                 code=code,
             )
         return verdict
+
+    def _approval_verdict(self, verdict: Verdict) -> Verdict | None:
+        """What an approve verdict comes to here: allow (exempt caller, or approved), mask (held for an
+        approval), or None (refused: nobody can approve, or nothing can wait)."""
+        spec = verdict.approval
+        if spec is None:
+            return None
+        if self._groups & set(spec.exempt_groups) or self.approved:
+            return Verdict("allow")
+        return Verdict("mask") if self.hold else None
 
     def decide(self, finding: Finding) -> Verdict:
         """The policy's verdict on ``finding``, recorded; nothing is enforced here. A value several rules
@@ -641,8 +711,12 @@ class FindingActions:
         return verdict
 
     def refuses(self, finding: Finding) -> bool:
-        """Whether ``verdict(finding)`` would refuse (block or approve, enforced); nothing is recorded."""
-        return self.decisions.enforce and self._strictest(finding).action in REFUSING
+        """Whether ``verdict(finding)`` would refuse (block, or an approve nobody can wait for, enforced);
+        nothing is recorded."""
+        verdict = self._strictest(finding)
+        if not self.decisions.enforce or verdict.action not in REFUSING:
+            return False
+        return verdict.action == "block" or self._approval_verdict(verdict) is None
 
     @cached_property
     def may_refuse(self) -> bool:
@@ -670,16 +744,25 @@ class FindingActions:
         one = Finding(rule_id, finding.entity, finding.start, finding.end)
         own = next(
             (
-                Verdict(e.do, e.strategy)
+                self._entry_verdict(e)
                 for e in self._direction.actions
                 if e.when.selects(one, category, severity)
             ),
-            Verdict(self._direction.default),
+            self._entry_verdict(None),
         )
         floor = next((e for e in self._floor if e.when.selects(one, category, severity)), None)
         if floor is not None and STRICTNESS.index(floor.do) > STRICTNESS.index(own.action):
-            return Verdict(floor.do, floor.strategy)
+            return self._entry_verdict(floor)
         return own
+
+    def _entry_verdict(self, entry: ActionEntry | None) -> Verdict:
+        """The verdict of an ``actions`` entry, or of the direction's ``default`` (None)."""
+        action = entry.do if entry is not None else self._direction.default
+        strategy = entry.strategy if entry is not None else None
+        approval = None
+        if action == "approve":
+            approval = (entry.approval if entry is not None else None) or self._approval
+        return Verdict(action, strategy, approval)
 
 
 def estimate_tokens(texts: Iterable[str]) -> int:

@@ -19,11 +19,14 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc import envoy
+from extproc.approvals.model import Approval, ApprovalError, Event
+from extproc.approvals.service import ApprovalService
+from extproc.approvals.store import open_store
 from extproc.audit.session import SessionRecorder
 from extproc.audit.spans import ExchangeTrace, Instruments
 from extproc.errors import ExtProcError
 from extproc.exchange import Exchange
-from extproc.model import Actions, Outcome, ProtocolConfig
+from extproc.model import Actions, AwaitApproval, ExtendTimeout, Outcome, ProtocolConfig, Reply
 from extproc.runtime import Runtime
 from extproc.settings import Settings, require_identity_choice
 from extproc.telemetry import Telemetry
@@ -32,17 +35,23 @@ log = logging.getLogger("extproc.server")
 
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
 SWITCH_INTERVAL_SECONDS = 0.0005
+HOLD_MARGIN_SECONDS = 5.0  # Envoy waits this much longer than a hold, to get the answer after it
 
 
 class ExternalProcessor:
     """Moves messages between Envoy and one Exchange per stream; never decides anything itself."""
 
     def __init__(
-        self, runtime: Runtime, instruments: Instruments, recorder: SessionRecorder | None = None
+        self,
+        runtime: Runtime,
+        instruments: Instruments,
+        recorder: SessionRecorder | None = None,
+        approvals: ApprovalService | None = None,
     ) -> None:
         self._runtime = runtime
         self._instruments = instruments
         self._recorder = recorder
+        self._approvals = approvals
 
     async def Process(
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
@@ -68,10 +77,19 @@ class ExternalProcessor:
                 if exchange is None:
                     protocol = envoy.protocol_config(message) or ProtocolConfig()
                     exchange = Exchange(
-                        snapshot, protocol, uuid.uuid4().hex, trace, unavailable=self._unavailable()
+                        snapshot,
+                        protocol,
+                        uuid.uuid4().hex,
+                        trace,
+                        unavailable=self._unavailable(),
+                        approvals=self._approvals is not None,
                     )
                 for reply in exchange.handle(envoy.decode(message)):
-                    yield envoy.encode(reply)
+                    if isinstance(reply, AwaitApproval):
+                        async for decided in self._approval(exchange, reply):
+                            yield envoy.encode(decided)
+                    else:
+                        yield envoy.encode(reply)
         except ExtProcError as error:
             # Never end the stream cleanly here: a clean close makes Envoy forward the request unprocessed.
             failure = error.code
@@ -87,7 +105,42 @@ class ExternalProcessor:
         finally:
             # Also when the stream is cancelled: the exchange's span and record are never lost.
             messages.close()
+            if exchange is not None:
+                exchange.close()
             self._finish(exchange, trace, failure, metadata)
+
+    async def _approval(self, exchange: Exchange, waiting: AwaitApproval) -> AsyncIterator[Reply]:
+        """Asks for the approval ``waiting`` describes, or uses the one the caller presented, and yields
+        what the exchange answers then. A hold first tells Envoy to wait longer for this answer; a client
+        that leaves meanwhile cancels the stream, and the wait with it."""
+        service = self._approvals
+        assert service is not None
+        trace = exchange.trace
+        result: Approval | ApprovalError
+        try:
+            if waiting.redeem is not None:
+                assert waiting.caller is not None
+                result = await service.redeem(waiting.redeem, waiting.caller, waiting.body_digest)
+                trace.event("approval.used", {"approval.id": result.id})
+            else:
+                assert waiting.request is not None
+                result = await service.request(waiting.request)
+                trace.event(
+                    "approval.requested", {"approval.id": result.id, "approval.mode": result.request.mode}
+                )
+                if waiting.hold:
+                    yield ExtendTimeout(waiting.hold_seconds + HOLD_MARGIN_SECONDS)
+                    result = await service.wait(result.id, waiting.hold_seconds)
+                    trace.event(f"approval.{result.status}", {"approval.id": result.id})
+                    if result.status == "approved":  # sent on now: the grant cannot be used again
+                        assert waiting.caller is not None
+                        result = await service.redeem(result.id, waiting.caller, waiting.body_digest)
+        except ApprovalError as error:
+            trace.event("approval.refused", {"error.code": error.code})
+            result = error
+        url = service.approve_url(result.id) if isinstance(result, Approval) else ""
+        for reply in exchange.resume(result, url):
+            yield reply
 
     def _unavailable(self) -> ExtProcError | None:
         if self._recorder is not None and not self._recorder.serving:
@@ -263,6 +316,11 @@ class Server:
         self._admin_runner: web.AppRunner | None = None
         self.grpc_port = 0
         self.admin_port = 0
+        # One service for the exchange and every approver interface; its listeners get every step.
+        self.approvals = ApprovalService(
+            open_store(settings.approvals), [log_approval], public_url=settings.approvals.public_url
+        )
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         verifier = self._runtime.snapshot.verifier
@@ -271,6 +329,7 @@ class Server:
         if self._settings.audit.record_path:
             self.recorder = SessionRecorder(self._settings.audit, self._instruments)
             await asyncio.to_thread(self.recorder.start)
+            self.approvals.listeners.append(self.recorder.approval)
         if self.recorder is not None or self._instruments.enabled:
             # The record writer's thread seals and serialises records, the span exporter's encodes spans.
             # Python hands the GIL from a busy thread to a waiting one only every switch interval (5 ms
@@ -286,7 +345,8 @@ class Server:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        envoy.add_servicer(ExternalProcessor(self._runtime, self._instruments, self.recorder), self._grpc)
+        processor = ExternalProcessor(self._runtime, self._instruments, self.recorder, self.approvals)
+        envoy.add_servicer(processor, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         host, _, port = self._settings.server.grpc_address.rpartition(":")
         try:
@@ -299,6 +359,7 @@ class Server:
             raise OSError(f"cannot bind the gRPC address {self._settings.server.grpc_address}")
         await self._grpc.start()
         self.admin_port = await self._start_admin()
+        self._sweeper = asyncio.create_task(self._sweep(), name="extproc-approval-sweep")
         for service in ("", SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._serving = True
@@ -308,6 +369,16 @@ class Server:
             "ready",
             extra={"grpc": f"{host}:{self.grpc_port}", "admin": f"{self._admin_host()}:{self.admin_port}"},
         )
+
+    async def _sweep(self) -> None:
+        """Marks approvals nobody decided in time as expired, so that the record says so even when no
+        caller comes back for them."""
+        while True:
+            await asyncio.sleep(self._settings.approvals.sweep_seconds)
+            try:
+                await self.approvals.sweep()
+            except Exception:  # the store may be down for a while: try again next time
+                log.warning("approval_sweep_failed", exc_info=True)
 
     def _admin_host(self) -> str:
         return self._settings.server.admin_address.rpartition(":")[0]
@@ -353,6 +424,11 @@ class Server:
             await self._grpc.stop(server.grace_seconds if drain else 0)
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        await self.approvals.store.close()
         verifier = self._runtime.snapshot.verifier
         if verifier is not None:
             await verifier.close()
@@ -397,6 +473,24 @@ class Server:
             raise
         log.info("signal_received", extra={"signal": received[0]})
         await self.stop()
+
+
+def log_approval(event: Event) -> None:
+    """Every approval step as one log line: ids, people and codes, never the prompt."""
+    approval = event.approval
+    extra: dict[str, Any] = {
+        "approval_id": approval.id,
+        "event": event.kind,
+        "status": approval.status,
+        "policy": approval.request.policy_id,
+        "decision_id": approval.request.decision_id,
+        "requester": approval.request.requester.subject,
+    }
+    if event.actor is not None:
+        extra["actor"] = event.actor.subject
+    if event.detail.get("reason"):
+        extra["reason"] = event.detail["reason"]
+    log.info("approval", extra=extra)
 
 
 def reload_not_supported() -> None:

@@ -15,12 +15,14 @@ import json
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
+from extproc.approvals.model import Event, Person
 from extproc.audit.keys import load_sealing_key, load_signing_key
 from extproc.audit.record import seal
 from extproc.audit.spans import Instruments
@@ -31,6 +33,7 @@ from extproc.settings import AuditSettings
 log = logging.getLogger("extproc.audit")
 
 RECORD_TYPE = "exchange"
+APPROVAL_RECORD_TYPE = "approval"  # one step of an approval: requested, voted, approved, denied...
 DIRECTIONS = ("request", "response")
 # After a record is lost, fail_closed keeps refusing requests this long, even once writes succeed again.
 LOSS_COOLDOWN_SECONDS = 5.0
@@ -131,6 +134,8 @@ def build_record(
         "request": _body(recorded.request),
         "response": _body(recorded.response),
     }
+    if outcome.approval_id is not None:
+        record["approval"] = {"id": outcome.approval_id, "status": outcome.approval_status}
     kept = [b for b in (recorded.request, recorded.response) if b is not None and b.original is not None]
     if sealing_key is not None and kept:
         plaintext = seal_originals(recorded.request, recorded.response)
@@ -239,6 +244,14 @@ class SessionRecorder:
             self._lost_log(outcome.decision_id, "queue full")
         self._note_losses()
 
+    def approval(self, event: Event) -> None:
+        """One approval step as an ``approval`` record in the chain (a listener of the approval service):
+        who asked and who decided, the rules, the body's digest, never the prompt. Never blocks."""
+        record = approval_record(event)
+        if not self._writer.submit(record):
+            self._lost_log(str(record["id"]), "queue full")
+        self._note_losses()
+
     def lost(self, decision_id: str, reason: str) -> None:
         """An exchange whose record could not even be queued: the file gets a gap naming it."""
         self._writer.mark_lost(decision_id, reason)
@@ -267,3 +280,38 @@ def _finding(finding: Finding) -> dict[str, Any]:
     if finding.also_matched:
         entry["also_matched"] = list(finding.also_matched)
     return entry
+
+
+def _person(person: Person | None) -> dict[str, Any] | None:
+    if person is None:
+        return None
+    return {"subject": person.subject, "issuer": person.issuer, "groups": list(person.groups)}
+
+
+def approval_record(event: Event) -> dict[str, Any]:
+    """The ``approval`` record of one step (without its chain fields)."""
+    approval = event.approval
+    request = approval.request
+    record: dict[str, Any] = {
+        "type": APPROVAL_RECORD_TYPE,
+        "id": uuid.uuid4().hex,
+        "time": iso_time(event.at or time.time()),
+        "event": event.kind,
+        "approval_id": approval.id,
+        "status": approval.status,
+        "decision_id": request.decision_id,
+        "policy": request.policy_id,
+        "mode": request.mode,
+        "requester": _person(request.requester),
+        "actor": _person(event.actor),
+        "route": request.route,
+        "model": request.model,
+        "rule_ids": list(request.rule_ids),
+        "body_sha256": request.body_digest,
+        "approver_groups": list(request.approver_groups),
+        "min_approvals": request.min_approvals,
+        "approvals": sum(1 for vote in approval.votes if vote.approve),
+    }
+    if event.detail.get("reason"):
+        record["reason"] = str(event.detail["reason"])
+    return record

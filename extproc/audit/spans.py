@@ -194,6 +194,11 @@ class ExchangeTrace:
             scan.size += size
             scan.chunks += 1
 
+    def event(self, name: str, attributes: dict[str, str]) -> None:
+        """A step of the exchange worth a point in time on its span (an approval asked for, decided)."""
+        if self.span.is_recording():
+            self.span.add_event(name, attributes)
+
     def held(self, direction: Direction, characters: int) -> None:
         scan = self._scans.get(direction)
         if scan is not None and characters > scan.held_max:
@@ -253,6 +258,9 @@ def span_attributes(outcome: Outcome) -> dict[str, str | bool | int | list[str]]
         DECISION_ID: outcome.decision_id,
         FINDINGS_TOTAL: sum(outcome.entities.values()),
     }
+    if outcome.approval_id:
+        attributes["extproc.approval.id"] = outcome.approval_id
+        attributes["extproc.approval.status"] = outcome.approval_status or ""
     if outcome.request_id:
         attributes[REQUEST_ID] = outcome.request_id
     if outcome.error_code:
