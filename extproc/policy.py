@@ -589,6 +589,7 @@ def _effective(loaded: LoadedPolicy, model: str | None = None) -> dict[str, Any]
         ]
         + [{"id": b.id, "pattern": b.pattern, "from": policy.id} for b in policy.blocked_prompts],
         "limits": limits,
+        **({"approval": policy.approval.model_dump()} if policy.approval is not None else {}),
     }
 
 
@@ -596,6 +597,8 @@ def _entry(entry: ActionEntry) -> dict[str, Any]:
     shown: dict[str, Any] = {"when": entry.when.model_dump(exclude_defaults=True), "do": entry.do}
     if entry.strategy is not None:
         shown["strategy"] = entry.strategy.model_dump(exclude_defaults=True)
+    if entry.approval is not None:
+        shown["approval"] = entry.approval.model_dump()
     return shown
 
 
