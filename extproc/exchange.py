@@ -505,12 +505,16 @@ class Exchange:
         return self._snapshot.inspector.scoped(self._response_actions)
 
     def _let_through(self, direction: Direction) -> bool:
-        """Whether a finding went out unmasked in ``direction``: allowed (also an unmasked answer), or
-        decided by a policy that does not act (shadow mode). Block and approve send nothing on."""
+        """Whether a finding went out unmasked in ``direction``: allowed (also an unmasked answer),
+        approved, or decided by a policy that does not act (shadow mode). Block sends nothing on."""
         actions = self._request_actions if direction is Direction.REQUEST else self._response_actions
         if actions is None or not actions.decisions.made:
             return False
-        return not actions.decisions.enforce or any(a == "allow" for _, a in actions.decisions.made)
+        if not actions.decisions.enforce or any(a == "allow" for _, a in actions.decisions.made):
+            return True
+        # An approved value (or one of an exempt caller) is recorded as the approve decision it was, and
+        # went out as written.
+        return actions.approved_through
 
     def _clean(self, text: str) -> str:
         """A client-chosen string (model, path, request id) as it may be shown: percent-decoded, then

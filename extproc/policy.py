@@ -665,6 +665,7 @@ class FindingActions:
         self.approved = approved
         self._groups = groups
         self.awaiting: list[tuple[Finding, ApprovalSpec]] = []  # held for approval, in order
+        self.approved_through = False  # an approve let a value through (approved, or an exempt caller)
         # A verdict depends on the rules and the entity only, never the span: a body with a thousand
         # e-mail addresses asks once.
         self._known: dict[tuple[tuple[str, ...], str], Verdict] = {}
@@ -685,6 +686,8 @@ class FindingActions:
                 if held.action == "mask":
                     assert verdict.approval is not None
                     self.awaiting.append((finding, verdict.approval))
+                else:
+                    self.approved_through = True
                 return held
         if verdict.action in ("block", "approve"):
             code = "policy_blocked" if verdict.action == "block" else "approval_required"

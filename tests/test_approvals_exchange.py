@@ -247,3 +247,30 @@ def test_through_the_service_a_hold_then_a_single_use_grant(tmp_path: Path) -> N
         assert refused(again.resume(raised.value))["error"] == "approval_used"
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("path", ["approved", "exempt"])
+def test_a_value_let_through_by_an_approval_is_not_kept_in_the_clear_in_the_record(
+    tmp_path: Path, path: str
+) -> None:
+    """Regression: an approved value went out as written, and the record kept the body sent on in the
+    clear, since only ``allow`` decisions counted as let through."""
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "p.yaml").write_text(POLICY.format(mode="hold"), encoding="utf-8")
+    snap = build_snapshot(
+        load_settings(
+            None,
+            detect={"rules": [str(RULES)], "edm_key_file": str(EDM_KEY_FILE)},
+            policy={"paths": [str(tmp_path / "p")]},
+            audit={"record_path": str(tmp_path / "session.jsonl")},
+        )
+    )
+    ex, replies = start(snap, who=caller("hr") if path == "exempt" else caller("eng"))
+    if path == "approved":
+        request = waiting(replies).request
+        assert request is not None
+        approver = Person("bob", "https://issuer.test", ("security",))
+        assert sent(ex.resume(Approval(request).vote(approver, True, request.created))) == EMPLOYEE
+    recorded = ex.recorded().request
+    assert recorded is not None
+    assert recorded.masked is None  # withheld: the value is only in the sealed original, when one is kept
