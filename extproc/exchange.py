@@ -169,6 +169,7 @@ class Exchange:
         self._approved = False
         self._request_event: Headers | None = None
         self._held_body: bytes | None = None  # a request body waiting for an approval, as it came
+        self._closed = False
         self._request_actions: FindingActions | None = None
         self._response_actions: FindingActions | None = None
         self._header_scans = {Direction.REQUEST: HeaderScan(), Direction.RESPONSE: HeaderScan()}
@@ -875,11 +876,14 @@ class Exchange:
         """Releases what the exchange holds: a request body waiting for an approval, and the scanners of
         a body still streaming (the stream ended early or was cancelled). Safe to call more than once."""
         self._held_body = None
+        self._request_event = None
+        if self._closed:
+            return
+        self._closed = True
         for state in self._dirs.values():
-            if not state.ended and state.processor.streaming:
+            if not state.ended:
                 with contextlib.suppress(Exception):
                     state.processor.cut()
-            state.ended = True
 
     def expire(self) -> list[Reply]:
         """The stream ran past ``limits.max_stream_seconds``: end the answer here."""

@@ -274,3 +274,28 @@ def test_a_value_let_through_by_an_approval_is_not_kept_in_the_clear_in_the_reco
     recorded = ex.recorded().request
     assert recorded is not None
     assert recorded.masked is None  # withheld: the value is only in the sealed original, when one is kept
+
+
+def test_close_releases_a_held_body_and_a_streaming_scanner(tmp_path: Path) -> None:
+    snap = snapshot(tmp_path)
+    ex, replies = start(snap)
+    waiting(replies)
+    stream = Exchange(
+        snap, ProtocolConfig(BodyMode.BUFFERED, BodyMode.FULL_DUPLEX_STREAMED), "d2", caller=caller()
+    )
+    stream.handle(
+        Headers(REQ, ((":path", "/v1/chat/completions"), ("content-type", "application/json")), False)
+    )
+    stream.handle(Body(REQ, body_of("hi"), True))
+    stream.handle(Headers(Direction.RESPONSE, ((":status", "200"), ("content-type", "text/plain")), False))
+    stream.handle(Body(Direction.RESPONSE, b"employee E12", False))  # part of a value: held back
+    processor = stream._dirs[Direction.RESPONSE].processor
+    assert processor.held > 0
+    cuts: list[bytes] = []
+    cut = processor.cut
+    processor.cut = lambda: cuts.append(cut()) or b""  # type: ignore[method-assign]
+    for exchange in (ex, stream, stream):  # twice is harmless
+        exchange.close()
+    assert cuts == [b""]  # the open answer's scanners were cut (freed) once, and released nothing
+    assert ex._held_body is None
+    assert stream.outcome().decision == "incomplete"
