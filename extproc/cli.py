@@ -27,7 +27,10 @@ def _settings(args: argparse.Namespace) -> Settings:
         server["grpc_address"] = args.grpc_address
     if getattr(args, "admin_address", None):
         server["admin_address"] = args.admin_address
-    return load_settings(args.config, **({"server": server} if server else {}))
+    overrides: dict[str, Any] = {"server": server} if server else {}
+    if getattr(args, "approvals_address", None) is not None:  # empty: not served
+        overrides["approvals"] = {"api_address": args.approvals_address}
+    return load_settings(args.config, **overrides)
 
 
 class _StopRequested(Exception):
@@ -536,6 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="settings YAML file (default: $EXTPROC_CONFIG)")
     serve.add_argument("--grpc-address", help="HOST:PORT for the ext_proc gRPC server")
     serve.add_argument("--admin-address", help="HOST:PORT for the admin HTTP endpoints")
+    serve.add_argument(
+        "--approvals-address", help="HOST:PORT for the approvers' gRPC API (empty: not served)"
+    )
     serve.set_defaults(func=cmd_serve)
 
     dev = sub.add_parser("dev", help="run Envoy + extproc + the demo model server together")
