@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint typecheck pytest bench eval clean lock
+.PHONY: install run test lint typecheck pytest bench eval clean lock proto
 
 # Every install comes from the lock (uv.lock, exported to requirements/*.txt with hashes), through
 # requirements/install.sh, which also repairs the opentelemetry-proto files that xds-protos overwrites.
@@ -51,6 +51,11 @@ $(BENCH_STAMP): $(STAMP) requirements/bench.txt
 
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench $(ARGS)
+
+# The Python modules of proto/*.proto, committed beside the code that uses them (the runtime needs no
+# compiler); tests/test_proto.py fails when they differ from what this writes.
+proto: $(STAMP)
+	$(BIN)/python proto/generate.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

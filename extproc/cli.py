@@ -1,4 +1,5 @@
-"""Command line: ``extproc serve | dev | envoy | demo | token | rules | scan | policy | audit``."""
+"""Command line: ``extproc serve | dev | envoy | demo | token | rules | scan | policy | audit |
+approvals``."""
 
 from __future__ import annotations
 
@@ -12,11 +13,15 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from extproc import __version__
 from extproc.errors import ConfigError
-from extproc.settings import LogSettings, Settings, load_settings, require_identity_choice
+from extproc.settings import LogSettings, Settings, approver_token, load_settings, require_identity_choice
+
+if TYPE_CHECKING:
+    from extproc.approvals.client import ApprovalsClient
+    from extproc.approvals.v1.approvals_pb2 import Approval as ApprovalMessage
 
 log = logging.getLogger("extproc.cli")
 
@@ -27,7 +32,10 @@ def _settings(args: argparse.Namespace) -> Settings:
         server["grpc_address"] = args.grpc_address
     if getattr(args, "admin_address", None):
         server["admin_address"] = args.admin_address
-    return load_settings(args.config, **({"server": server} if server else {}))
+    overrides: dict[str, Any] = {"server": server} if server else {}
+    if getattr(args, "approvals_address", None) is not None:  # empty: not served
+        overrides["approvals"] = {"api_address": args.approvals_address}
+    return load_settings(args.config, **overrides)
 
 
 class _StopRequested(Exception):
@@ -133,6 +141,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
         envoy_admin_port=args.envoy_admin_port,
         extproc_port=args.extproc_port,
         admin_port=args.admin_port,
+        approvals_port=args.approvals_port,
         demo_port=args.demo_port,
         upstream=Upstream.parse(args.upstream) if args.upstream else None,
         settings_file=args.config,
@@ -158,12 +167,18 @@ def cmd_dev(args: argparse.Namespace) -> int:
         return 1
     model = "demo-small" if args.upstream is None else "<your model>"
     auth = tokens = ""
+    approvals = f"127.0.0.1:{stack.approvals_port}"
     if stack.dev_identity is not None:
         token = mint_dev_token(stack.dev_identity, "dev-user", [], 12 * 3600)
         auth = f" -H 'authorization: Bearer {token}'"
         tokens = f"""
 Callers need a token of the dev issuer; mint one per group to try the policies:
   .venv/bin/extproc token --dev-dir {stack.dev_identity} --groups fraud-investigators
+
+Approvers use the approvers' API with a token of their own, in a group the policy names as approvers:
+  export EXTPROC_APPROVER_TOKEN=$(.venv/bin/extproc token --dev-dir {stack.dev_identity} \\
+    --subject approver --groups GROUP)
+  .venv/bin/extproc approvals watch --address {approvals}
 """
     traces = f"Spans from Envoy and extproc go to {args.otlp}.\n" if args.otlp else ""
     print(
@@ -171,6 +186,7 @@ Callers need a token of the dev issuer; mint one per group to try the policies:
 extproc dev is up:
   Envoy        {stack.url}   (admin {stack.envoy_admin_url})
   extproc      gRPC 127.0.0.1:{stack.extproc_port}, admin http://127.0.0.1:{stack.admin_port}/readyz
+  approvals    gRPC {approvals}   (the approvers' API: extproc approvals --help)
   model        {stack.upstream.host if stack.upstream else ""}:{stack.upstream.port if stack.upstream else ""}
 
 Try it (the card number and the address come back masked):
@@ -458,14 +474,14 @@ def cmd_rules_hash_list(args: argparse.Namespace) -> int:
 
 def cmd_scan(args: argparse.Namespace) -> int:
     from extproc import logs
-    from extproc.runtime import build_snapshot
+    from extproc.runtime import build_inspector
 
     overrides = {"detect": {"rules": list(args.rules)}} if args.rules else {}
     settings = load_settings(args.config, **overrides)
     detect = settings.detect.model_copy(update={"cache_dir": _cache_dir(settings)})
     settings = settings.model_copy(update={"detect": detect})
     logs.configure(LogSettings(level="warning", format="text"))
-    inspector = build_snapshot(settings).inspector
+    inspector = build_inspector(settings)
     data = sys.stdin.buffer.read() if args.file in (None, "-") else Path(args.file).read_bytes()
     text = data.decode("utf-8", "surrogateescape")
     if args.mask:
@@ -525,6 +541,131 @@ def cmd_policy_show(args: argparse.Namespace) -> int:
     return 0
 
 
+APPROVALS_EXIT_CODES = """exit status:
+  0  done
+  1  refused by the approval rules; the code says why (approval_self, approval_not_approver,
+     approval_closed, approval_already_voted, approval_not_found)
+  2  bad arguments or settings, no token or one the server does not accept, no server at the address,
+     the approval store unavailable"""
+
+
+def _approvals_address(args: argparse.Namespace) -> str:
+    """--address, or ``approvals.api_address`` from the settings, as an address to connect to."""
+    address: str = args.address or load_settings(args.config).approvals.api_address
+    if not address:
+        raise ConfigError("approvals.api_address is empty (the approvers' API is not served): give --address")
+    host, _, port = address.rpartition(":")
+    if port == "0":
+        raise ConfigError(
+            f"{address}: port 0 lets the server choose; give --address with the port its ready line names"
+        )
+    wildcard = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "[::]": "[::1]"}  # listens everywhere: this host
+    return f"{wildcard.get(host, host)}:{port}"
+
+
+def cmd_approvals(args: argparse.Namespace) -> int:
+    """Every approvals command: one call (or one stream) to the approvers' API as the token's holder."""
+    from extproc.approvals.client import ApiError, ApprovalsClient
+
+    token = args.token or approver_token()
+    if not token:
+        raise ConfigError("no approver token: give --token, or set $EXTPROC_APPROVER_TOKEN")
+    address = _approvals_address(args)
+    try:
+        with ApprovalsClient(address, token) as client:
+            result: int = args.approvals(client, args)
+            return result
+    except ApiError as exc:
+        where = "" if exc.code else f" (the approvers' API at {address})"
+        print(f"extproc approvals: {exc}{where}", file=sys.stderr)
+        return 1 if exc.refused else 2
+
+
+def _shown(approval: ApprovalMessage, args: argparse.Namespace, brief: bool) -> str:
+    """An approval as a command prints it: --json's object, or one line (brief), or every detail."""
+    from extproc.approvals.client import as_json, details, line
+
+    if args.json:
+        return json.dumps(as_json(approval), ensure_ascii=False)
+    return line(approval) if brief else details(approval)
+
+
+def _approvals_list(client: ApprovalsClient, args: argparse.Namespace) -> int:
+    pending = client.list_pending()
+    for approval in pending:
+        print(_shown(approval, args, brief=True))
+    if not pending and not args.json:
+        print("no pending approvals of your approver groups", file=sys.stderr)
+    return 0
+
+
+def _approvals_show(client: ApprovalsClient, args: argparse.Namespace) -> int:
+    print(_shown(client.get(args.id), args, brief=False))
+    return 0
+
+
+def _approvals_vote(client: ApprovalsClient, args: argparse.Namespace) -> int:
+    from extproc.approvals.client import status_name
+
+    if args.approvals_command == "approve":
+        decided = client.approve(args.id, args.reason or "")
+    else:
+        decided = client.deny(args.id, args.reason)
+    if args.json:
+        print(_shown(decided, args, brief=False))
+        return 0
+    approving = sum(1 for v in decided.votes if v.approve)
+    waiting = f", {approving} of {decided.request.min_approvals} approvals" if approving else ""
+    print(f"{args.id}: {status_name(decided)}{waiting}")
+    return 0
+
+
+def _approvals_watch(client: ApprovalsClient, args: argparse.Namespace) -> int:
+    try:
+        for approval in client.watch():
+            print(_shown(approval, args, brief=True), flush=True)
+    except KeyboardInterrupt:
+        return 0
+    print("extproc approvals watch: the server ended the stream", file=sys.stderr)
+    return 0
+
+
+def _add_approvals(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--address", help="HOST:PORT of the approvers' API (default: approvals.api_address of the settings)"
+    )
+    common.add_argument("--token", help="your own JWT, as an approver (default: $EXTPROC_APPROVER_TOKEN)")
+    common.add_argument("--config", help="settings YAML file (for approvals.api_address)")
+    common.add_argument("--json", action="store_true", help="JSON: one object per approval per line")
+    approvals = sub.add_parser(
+        "approvals",
+        help="list, show, approve, deny and watch approvals (the approvers' gRPC API)",
+        description="Call the approvers' gRPC API as the approver the token names. You see, and decide, "
+        "the approvals of the approver groups you belong to.",
+        epilog=APPROVALS_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    approvals_sub = approvals.add_subparsers(dest="approvals_command", required=True)
+    listed = approvals_sub.add_parser("list", parents=[common], help="the pending approvals you may see")
+    listed.set_defaults(func=cmd_approvals, approvals=_approvals_list)
+    show = approvals_sub.add_parser("show", parents=[common], help="one approval, with its masked prompt")
+    show.add_argument("id", help="the approval id")
+    show.set_defaults(func=cmd_approvals, approvals=_approvals_show)
+    approve = approvals_sub.add_parser("approve", parents=[common], help="vote to approve")
+    approve.add_argument("id", help="the approval id")
+    approve.add_argument("--reason", help="why, for the record (optional)")
+    approve.set_defaults(func=cmd_approvals, approvals=_approvals_vote)
+    deny = approvals_sub.add_parser("deny", parents=[common], help="deny: one denial closes the approval")
+    deny.add_argument("id", help="the approval id")
+    deny.add_argument("--reason", required=True, help="why: recorded, and shown to the requester")
+    deny.set_defaults(func=cmd_approvals, approvals=_approvals_vote)
+    watch = approvals_sub.add_parser(
+        "watch", parents=[common], help="the pending approvals, then every change (Ctrl-C ends)"
+    )
+    watch.set_defaults(func=cmd_approvals, approvals=_approvals_watch)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="extproc", description="DLP sidecar for model servers (Envoy ext_proc)"
@@ -536,6 +677,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="settings YAML file (default: $EXTPROC_CONFIG)")
     serve.add_argument("--grpc-address", help="HOST:PORT for the ext_proc gRPC server")
     serve.add_argument("--admin-address", help="HOST:PORT for the admin HTTP endpoints")
+    serve.add_argument(
+        "--approvals-address", help="HOST:PORT for the approvers' gRPC API (empty: not served)"
+    )
     serve.set_defaults(func=cmd_serve)
 
     dev = sub.add_parser("dev", help="run Envoy + extproc + the demo model server together")
@@ -544,6 +688,9 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--envoy-admin-port", type=int, default=9901, help="Envoy admin port (default 9901)")
     dev.add_argument("--extproc-port", type=int, default=50051, help="extproc gRPC port (default 50051)")
     dev.add_argument("--admin-port", type=int, default=9090, help="extproc admin port (default 9090)")
+    dev.add_argument(
+        "--approvals-port", type=int, default=50052, help="the approvers' gRPC API port (default 50052)"
+    )
     dev.add_argument("--demo-port", type=int, default=9000, help="demo model port (default 9000)")
     dev.add_argument("--upstream", help="front this model server (http://HOST:PORT) instead of the demo")
     dev.add_argument("--envoy-config", help="Envoy config to run (default: envoy/envoy.yaml)")
@@ -678,6 +825,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="replay a file whose chain is not checked (or does not verify), with a warning",
     )
     replay.set_defaults(func=cmd_audit_replay)
+
+    _add_approvals(sub)
 
     demo = sub.add_parser("demo", help="run the OpenAI-compatible demo model server")
     demo.add_argument("--host", default="127.0.0.1")

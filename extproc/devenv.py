@@ -206,6 +206,7 @@ class Stack:
     envoy_admin_port: int = 0
     extproc_port: int = 0
     admin_port: int = 0
+    approvals_port: int = 0  # extproc's approvers' gRPC API
     demo_port: int = 0
     upstream: Upstream | None = None
     settings_file: str | None = None
@@ -257,12 +258,14 @@ class Stack:
         if self.with_extproc:
             args = ["serve", "--grpc-address", f"127.0.0.1:{self.extproc_port}"]
             args += ["--admin-address", f"127.0.0.1:{self.admin_port}"]
+            args += ["--approvals-address", f"127.0.0.1:{self.approvals_port}"]
             settings_file = self.extproc_settings_file()
             if settings_file:
                 args += ["--config", settings_file]
             ready = self._python("extproc", args).wait_ready(timeout)
             self.extproc_port = _port_of(ready["grpc"])
             self.admin_port = _port_of(ready["admin"])
+            self.approvals_port = _port_of(ready["approvals"])
         base = yaml.safe_load(self.envoy_config.read_text(encoding="utf-8"))
         config = render_envoy_config(
             base,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from extproc.credential import Credential
 from extproc.detect.engine import DetectorError
-from extproc.detect.rules import RuleError, load_rules
+from extproc.detect.rules import RuleError, RuleSet, load_rules
 from extproc.errors import ConfigError
 from extproc.identity import Verifier
 from extproc.mask import Inspector
@@ -53,6 +53,17 @@ def read_key(path: str, purpose: str) -> bytes:
 
 def build_snapshot(settings: Settings) -> Snapshot:
     """Load and compile everything the settings name. Raises ConfigError with every problem found."""
+    ruleset, inspector, hash_key = _detection(settings)
+    return _snapshot(settings, ruleset, inspector, hash_key)
+
+
+def build_inspector(settings: Settings) -> Inspector:
+    """The rules the settings name, compiled, masking with their own strategies: what ``extproc scan``
+    needs, without the policies (which may name the entities of another pack). Raises ConfigError."""
+    return _detection(settings)[1]
+
+
+def _detection(settings: Settings) -> tuple[RuleSet, Inspector, bytes]:
     detect = settings.detect
     try:
         ruleset = load_rules(detect.rules, detect.max_match_chars)
@@ -73,6 +84,10 @@ def build_snapshot(settings: Settings) -> Snapshot:
         inspector = Inspector.build(ruleset, hash_key=hash_key, edm_key=edm_key, cache_dir=cache_dir)
     except DetectorError as exc:
         raise ConfigError("invalid rules:\n" + "\n".join(exc.problems)) from exc
+    return ruleset, inspector, hash_key
+
+
+def _snapshot(settings: Settings, ruleset: RuleSet, inspector: Inspector, hash_key: bytes) -> Snapshot:
     try:
         known = KnownNames(
             frozenset(r.id for r in ruleset.rules), frozenset(r.rule.entity for r in ruleset.rules)

@@ -1,4 +1,5 @@
-"""The grpc.aio server: the Process loop, health, admin endpoints and graceful shutdown. Thin on purpose:
+"""The grpc.aio servers: the Process loop, health, the approvers' API, admin endpoints and graceful
+shutdown. Thin on purpose:
 per-request state and decisions live in the Exchange."""
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc import envoy
+from extproc.approvals.grpc_api import ApprovalsApi, add_approvals_api
 from extproc.approvals.model import Approval, ApprovalError, Event
 from extproc.approvals.service import ApprovalService
 from extproc.approvals.store import open_store
@@ -294,8 +296,27 @@ NO_IDENTITY = (
 """Logged at start-up and shown by /readyz when the settings choose no identity (still ready)."""
 
 
+APPROVERS_UNAUTHENTICATED = (
+    "the approvers' API verifies approvers' tokens with identity.mode jwt only: with this mode it refuses "
+    "every call"
+)
+
+
+def _bind(server: grpc.aio.Server, address: str, what: str) -> int:
+    """Binds ``server`` to ``address`` (HOST:PORT, port 0 for any free one); returns the bound port.
+    Raises OSError naming the address, as for every address the settings give."""
+    try:
+        port: int = server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpc's own word for a failed bind
+        raise OSError(f"cannot bind the {what} address {address} (in use, or not local)") from exc
+    if port == 0:
+        raise OSError(f"cannot bind the {what} address {address}")
+    return port
+
+
 class Server:
-    """The ext_proc gRPC server plus the admin HTTP endpoints, with a graceful stop."""
+    """The ext_proc gRPC server, the approvers' gRPC API and the admin HTTP endpoints, with a graceful
+    stop."""
 
     def __init__(self, settings: Settings, runtime: Runtime, instruments: Instruments | None = None) -> None:
         """``instruments``: given by tests that read spans in memory; otherwise built from the telemetry
@@ -314,13 +335,17 @@ class Server:
         self._grpc: grpc.aio.Server | None = None
         self._serving = False
         self._admin_runner: web.AppRunner | None = None
-        self.grpc_port = 0
-        self.admin_port = 0
-        # One service for the exchange and every approver interface; its listeners get every step.
+        # One approval service per server: the exchange, the approvers' API and every listener (record,
+        # logs, notifications) share it, so a step taken through one is seen by all.
         self.approvals = ApprovalService(
             open_store(settings.approvals), [log_approval], public_url=settings.approvals.public_url
         )
         self._sweeper: asyncio.Task[None] | None = None
+        self._approvals_grpc: grpc.aio.Server | None = None
+        self._approvals_api: ApprovalsApi | None = None
+        self.grpc_port = 0
+        self.admin_port = 0
+        self.approvals_port = 0  # the approvers' API, once started; 0 while not served
 
     async def start(self) -> None:
         verifier = self._runtime.snapshot.verifier
@@ -348,16 +373,10 @@ class Server:
         processor = ExternalProcessor(self._runtime, self._instruments, self.recorder, self.approvals)
         envoy.add_servicer(processor, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
-        host, _, port = self._settings.server.grpc_address.rpartition(":")
-        try:
-            self.grpc_port = self._grpc.add_insecure_port(f"{host}:{port}")
-        except RuntimeError as exc:  # grpc's own word for a failed bind
-            raise OSError(
-                f"cannot bind the gRPC address {self._settings.server.grpc_address} (in use, or not local)"
-            ) from exc
-        if self.grpc_port == 0:
-            raise OSError(f"cannot bind the gRPC address {self._settings.server.grpc_address}")
+        host = self._settings.server.grpc_address.rpartition(":")[0]
+        self.grpc_port = _bind(self._grpc, self._settings.server.grpc_address, "gRPC")
         await self._grpc.start()
+        approvals = await self._start_approvals_api()
         self.admin_port = await self._start_admin()
         self._sweeper = asyncio.create_task(self._sweep(), name="extproc-approval-sweep")
         for service in ("", SERVICE_NAME):
@@ -365,10 +384,28 @@ class Server:
         self._serving = True
         if self._settings.identity.mode == "none":
             log.warning("identity_none", extra={"detail": NO_IDENTITY})
-        log.info(
-            "ready",
-            extra={"grpc": f"{host}:{self.grpc_port}", "admin": f"{self._admin_host()}:{self.admin_port}"},
+        if approvals and self._settings.identity.mode != "jwt":
+            log.warning("approvals_api_unauthenticated", extra={"detail": APPROVERS_UNAUTHENTICATED})
+        ports = {"grpc": f"{host}:{self.grpc_port}", "admin": f"{self._admin_host()}:{self.admin_port}"}
+        if approvals:
+            ports["approvals"] = approvals
+        log.info("ready", extra=ports)
+
+    async def _start_approvals_api(self) -> str:
+        """The approvers' API on its own gRPC server, apart from the ext_proc one: it is reached by
+        people's tools, may listen on another interface than the one Envoy uses, and must keep serving
+        while ext_proc streams drain (a held request waits for an approver's vote). Returns HOST:PORT, or
+        an empty string when ``approvals.api_address`` is empty."""
+        address = self._settings.approvals.api_address
+        if not address:
+            return ""
+        self._approvals_grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        self._approvals_api = add_approvals_api(
+            self._approvals_grpc, self.approvals, lambda: self._runtime.snapshot.verifier
         )
+        self.approvals_port = _bind(self._approvals_grpc, address, "approvals API")
+        await self._approvals_grpc.start()
+        return f"{address.rpartition(':')[0]}:{self.approvals_port}"
 
     async def _sweep(self) -> None:
         """Marks approvals nobody decided in time as expired, so that the record says so even when no
@@ -422,13 +459,19 @@ class Server:
             await asyncio.sleep(server.drain_seconds)
         if self._grpc is not None:
             await self._grpc.stop(server.grace_seconds if drain else 0)
+        # Approvers could still decide while the streams above drained; now their watches end (they never
+        # end by themselves) and their calls get the same grace.
+        if self._approvals_api is not None:
+            self._approvals_api.close()
+        if self._approvals_grpc is not None:
+            await self._approvals_grpc.stop(server.grace_seconds if drain else 0)
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
-        await self.approvals.store.close()
+        await self.approvals.store.close()  # last: every interface that used it has stopped
         verifier = self._runtime.snapshot.verifier
         if verifier is not None:
             await verifier.close()

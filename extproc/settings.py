@@ -17,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from extproc.errors import ConfigError
 
 CONFIG_ENV = "EXTPROC_CONFIG"
+APPROVER_TOKEN_ENV = "EXTPROC_APPROVER_TOKEN"  # noqa: S105 (the variable's name, not a token)
+"""The approver's own token for `extproc approvals ...`: a credential of the person at the terminal,
+not a setting of the sidecar, so it is read here but never part of ``Settings``."""
 MiB = 1024 * 1024
 REPO_RULES = Path(__file__).resolve().parent.parent / "rules"
 REPO_POLICIES = REPO_RULES / "policies"
@@ -147,7 +150,17 @@ class ApprovalSettings(_Section):
     sweep_seconds: float = Field(
         30.0, gt=0, description="how often pending approvals past their ttl are expired"
     )
+    api_address: str = Field(
+        "127.0.0.1:50052",
+        description="the approvers' gRPC API (proto/extproc/approvals/v1); port 0: any free port; empty: "
+        "not served",
+    )
     webhook: WebhookSettings = WebhookSettings()
+
+    @field_validator("api_address")
+    @classmethod
+    def _address_or_empty(cls, value: str) -> str:
+        return value if value == "" else _check_address(value)
 
     @model_validator(mode="after")
     def _redis_needs_url(self) -> ApprovalSettings:
@@ -393,6 +406,11 @@ def require_identity_choice(settings: Settings) -> None:
         )
 
 
+def approver_token() -> str | None:
+    """``$EXTPROC_APPROVER_TOKEN``, the default of ``extproc approvals --token``; None when unset or empty."""
+    return os.environ.get(APPROVER_TOKEN_ENV) or None
+
+
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in top.items():
@@ -477,7 +495,7 @@ def _env_layer() -> dict[str, Any]:
     """``EXTPROC_SECTION__FIELD=value`` environment variables as a nested dict."""
     layer: dict[str, Any] = {}
     for name, value in os.environ.items():
-        if not name.startswith("EXTPROC_") or name == CONFIG_ENV:
+        if not name.startswith("EXTPROC_") or name in (CONFIG_ENV, APPROVER_TOKEN_ENV):
             continue
         parts = name[len("EXTPROC_") :].lower().split("__")
         node = layer

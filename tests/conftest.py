@@ -18,6 +18,8 @@ from extproc.devenv import Stack
 def pytest_configure(config: pytest.Config) -> None:
     # One Hyperscan compile of the default pack per test session, shared by every server the tests start.
     os.environ.setdefault("EXTPROC_DETECT__CACHE_DIR", tempfile.mkdtemp(prefix="extproc-hs-cache-"))
+    # Every server a test starts serves the approvers' API on a free port, never the fixed default.
+    os.environ.setdefault("EXTPROC_APPROVALS__API_ADDRESS", "127.0.0.1:0")
 
 
 def start_stack(log_path: Path, **options: Any) -> Stack:

@@ -10,6 +10,7 @@ from extproc.mask import Inspector
 DATA = Path(__file__).resolve().parent / "data"
 RULES = DATA / "rules"
 EDM_KEY_FILE = DATA / "edm.key"
+PLAIN_POLICIES = DATA / "policies-plain"  # the shipped base and default, without group policies
 EDM_KEY = EDM_KEY_FILE.read_bytes()
 HASH_KEY = b"test-hash-key-0123456789"
 

@@ -24,7 +24,7 @@ from extproc.model import (
 from extproc.runtime import build_snapshot
 from extproc.settings import load_settings
 
-from .rules_fixture import EDM_KEY_FILE, RULES
+from .rules_fixture import EDM_KEY_FILE, PLAIN_POLICIES, RULES
 
 REQ, RESP = Direction.REQUEST, Direction.RESPONSE
 FDS, BUFFERED, NONE = BodyMode.FULL_DUPLEX_STREAMED, BodyMode.BUFFERED, BodyMode.NONE
@@ -33,6 +33,7 @@ SNAPSHOT = build_snapshot(
         None,
         limits={"max_response_bytes": 4096, "max_event_bytes": 1024},
         detect={"rules": [str(RULES)], "edm_key_file": str(EDM_KEY_FILE)},
+        policy={"paths": [str(PLAIN_POLICIES)]},
     )
 )
 CHAT = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
@@ -322,7 +323,9 @@ def test_a_compression_bomb_stops_at_the_response_limit() -> None:
 
 def test_a_json_body_that_does_not_parse_is_masked_as_text_when_configured() -> None:
     settings = load_settings(
-        None, detect={"rules": [str(RULES)], "edm_key_file": str(EDM_KEY_FILE), "unparseable": "text"}
+        None,
+        detect={"rules": [str(RULES)], "edm_key_file": str(EDM_KEY_FILE), "unparseable": "text"},
+        policy={"paths": [str(PLAIN_POLICIES)]},
     )
     ex = Exchange(build_snapshot(settings), ProtocolConfig(BUFFERED, FDS), "d-2")
     ex.handle(headers(REQ, ("content-type", "application/json")))
@@ -376,6 +379,7 @@ def test_an_ndjson_stream_over_its_size_limit_ends_with_an_error_line() -> None:
         None,
         limits={"max_stream_bytes": 64},
         detect={"rules": [str(RULES)], "edm_key_file": str(EDM_KEY_FILE)},
+        policy={"paths": [str(PLAIN_POLICIES)]},
     )
     ex = Exchange(build_snapshot(settings), ProtocolConfig(BUFFERED, FDS), "d-3")
     json_request(ex)

@@ -21,12 +21,16 @@ from extproc.model import (
 from extproc.runtime import build_snapshot
 from extproc.settings import load_settings
 
-from .rules_fixture import EDM_KEY_FILE, RULES
+from .rules_fixture import EDM_KEY_FILE, PLAIN_POLICIES, RULES
 
 REQ, RESP = Direction.REQUEST, Direction.RESPONSE
 BUFFERED, FDS = BodyMode.BUFFERED, BodyMode.FULL_DUPLEX_STREAMED
 SNAPSHOT = build_snapshot(
-    load_settings(None, detect={"rules": [str(RULES)], "edm_key_file": str(EDM_KEY_FILE)})
+    load_settings(
+        None,
+        detect={"rules": [str(RULES)], "edm_key_file": str(EDM_KEY_FILE)},
+        policy={"paths": [str(PLAIN_POLICIES)]},
+    )
 )
 CARD = "4111 1111 1111 1111"
 CARD_DIGITS = "4111111111111111"
@@ -154,6 +158,7 @@ def test_the_callers_credential_is_not_scanned_when_it_is_removed(tmp_path: Path
             None,
             detect={"rules": [str(RULES)], "edm_key_file": str(EDM_KEY_FILE)},
             upstream={"credential_file": str(key)},
+            policy={"paths": [str(PLAIN_POLICIES)]},
         )
     )
     ex = exchange(snapshot)

@@ -168,10 +168,14 @@ def test_a_dead_extproc_server_fails_closed(tmp_path: Path) -> None:
 
 
 @contextlib.contextmanager
-def dev_running(tmp_path: Path, *extra: str) -> Iterator[tuple[str, bytes, str]]:
+def dev_running(
+    tmp_path: Path, *extra: str, printed: list[str] | None = None
+) -> Iterator[tuple[str, bytes, str]]:
     """`extproc dev` on free ports, until the curl line it prints: (url, body, authorization header) of
-    that line. Stopped with Ctrl-C (SIGINT) afterwards, which must end it cleanly."""
+    that line; the lines before it go to ``printed``. Stopped with Ctrl-C (SIGINT) afterwards, which must
+    end it cleanly."""
     ports = ["--port", "0", "--envoy-admin-port", "0", "--extproc-port", "0", "--admin-port", "0"]
+    ports += ["--approvals-port", "0"]
     dev = ["dev", *ports, "--demo-port", "0", "--dev-dir", str(tmp_path), *extra]
     process = subprocess.Popen(
         [sys.executable, "-m", "extproc", *dev], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
@@ -184,6 +188,8 @@ def dev_running(tmp_path: Path, *extra: str) -> Iterator[tuple[str, bytes, str]]
             if line.strip().startswith("curl -s "):
                 break
         curl = "".join(lines[-1:]) + process.stderr.readline()
+        if printed is not None:
+            printed.extend(lines)
         url = curl.split()[2]
         data = curl.split("-d '", 1)[1].rsplit("'", 1)[0].encode()
         authorization = curl.split("-H 'authorization: ", 1)[1].split("'", 1)[0]
@@ -197,7 +203,20 @@ def dev_running(tmp_path: Path, *extra: str) -> Iterator[tuple[str, bytes, str]]
 
 
 def test_make_run_prints_a_working_curl_line_and_stops_on_ctrl_c(tmp_path: Path) -> None:
-    with dev_running(tmp_path) as (url, data, authorization):
+    printed: list[str] = []
+    with dev_running(tmp_path, printed=printed) as (url, data, authorization):
+        # The approvers' API is where it says, and answers an approver of the dev issuer.
+        [approvals] = [line.split() for line in printed if line.strip().startswith("approvals ")]
+        token = mint_dev_token(tmp_path, "approver", ["approvers"], 600)
+        command = ["approvals", "list", "--address", approvals[2], "--token", token]
+        listed = subprocess.run(
+            [sys.executable, "-m", "extproc", *command],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert listed.returncode == 0, listed.stderr
         headers = {"content-type": "application/json"}
         assert httpx.post(url, content=data, headers=headers, timeout=30).status_code == 401
         answer = httpx.post(

@@ -133,6 +133,8 @@ def test_serve_stops_cleanly_on_sigterm() -> None:
             "127.0.0.1:0",
             "--admin-address",
             "127.0.0.1:0",
+            "--approvals-address",
+            "127.0.0.1:0",
         ],
         stderr=subprocess.PIPE,
         text=True,
@@ -144,10 +146,13 @@ def test_serve_stops_cleanly_on_sigterm() -> None:
         },
     )
     assert process.stderr is not None
-    ready = process.stderr.readline()
-    assert '"event": "identity_none"' in ready  # the settings chose no identity: said before serving
-    ready = process.stderr.readline()
-    assert '"event": "ready"' in ready
+    events: list[str] = []
+    while not events or events[-1] != "ready":
+        text = process.stderr.readline()
+        assert text, f"the server ended before it was ready: {events}"
+        if text.startswith("{"):  # grpc's own C-level messages are not JSON
+            events.append(json.loads(text)["event"])
+    assert "identity_none" in events  # the settings chose no identity: said before serving
     process.send_signal(signal.SIGTERM)
     _, rest = process.communicate(timeout=20)
     assert process.returncode == 0

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from extproc.errors import ConfigError
-from extproc.settings import load_settings
+from extproc.settings import approver_token, load_settings
 
 
 def test_defaults_without_file(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -66,3 +66,22 @@ def test_invalid_yaml_and_missing_file(tmp_path: Path) -> None:
         load_settings(broken)
     with pytest.raises(ConfigError, match="cannot read"):
         load_settings(tmp_path / "absent.yaml")
+
+
+def test_the_approvers_api_address_defaults_next_to_the_grpc_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("EXTPROC_CONFIG", raising=False)
+    monkeypatch.delenv("EXTPROC_APPROVALS__API_ADDRESS", raising=False)  # conftest: port 0 for the tests
+    assert load_settings().approvals.api_address == "127.0.0.1:50052"
+    assert load_settings(approvals={"api_address": ""}).approvals.api_address == ""  # not served
+    with pytest.raises(ConfigError, match=r"approvals\.api_address: .*expected HOST:PORT"):
+        load_settings(approvals={"api_address": "50052"})
+
+
+def test_the_approver_token_in_the_environment_is_no_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """$EXTPROC_APPROVER_TOKEN is the person's credential for `extproc approvals`: it must not be read as
+    a settings section (every EXTPROC_* variable is one), which unknown keys would refuse."""
+    monkeypatch.setenv("EXTPROC_APPROVER_TOKEN", "eyJ.token.here")
+    load_settings()
+    assert approver_token() == "eyJ.token.here"
+    monkeypatch.setenv("EXTPROC_APPROVER_TOKEN", "")
+    assert approver_token() is None

@@ -102,7 +102,14 @@ def audited_env(record: Path, keys: dict[str, Path]) -> dict[str, str]:
     }
 
 
-FREE_PORTS = ("--grpc-address", "127.0.0.1:0", "--admin-address", "127.0.0.1:0")
+FREE_PORTS = (
+    "--grpc-address",
+    "127.0.0.1:0",
+    "--admin-address",
+    "127.0.0.1:0",
+    "--approvals-address",
+    "127.0.0.1:0",
+)
 
 
 async def exchange(port: int, text: bytes) -> bytes:
@@ -195,7 +202,8 @@ def test_a_port_in_use_is_logged_as_the_reason_and_the_record_is_still_closed(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         address = f"127.0.0.1:{taken.getsockname()[1]}"
-        server = Serve(audited_env(record, keys), "--grpc-address", address, "--admin-address", "127.0.0.1:0")
+        ports = ("--admin-address", "127.0.0.1:0", "--approvals-address", "127.0.0.1:0")
+        server = Serve(audited_env(record, keys), "--grpc-address", address, *ports)
         serve.append(server)
         assert server.finish() == 2
     [failed] = [line for line in server.lines if line["event"] == "serve_failed"]
