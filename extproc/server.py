@@ -19,6 +19,9 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc import envoy
+from extproc.approvals.page import add_approval_routes
+from extproc.approvals.service import ApprovalService
+from extproc.approvals.store import open_store
 from extproc.audit.session import SessionRecorder
 from extproc.audit.spans import ExchangeTrace, Instruments
 from extproc.errors import ExtProcError
@@ -256,6 +259,10 @@ class Server:
             self._telemetry = Telemetry(settings.telemetry)
             instruments = self._telemetry.instruments
         self._instruments = instruments
+        # One approval service per server: the exchange, the approval page and every listener share it.
+        self.approvals = ApprovalService(
+            open_store(settings.approvals), public_url=settings.approvals.public_url
+        )
         self.recorder: SessionRecorder | None = None
         self._health = health.aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None
@@ -316,6 +323,7 @@ class Server:
         app = web.Application()
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
+        add_approval_routes(app, self.approvals, lambda: self._runtime.snapshot.verifier)
         self._admin_runner = web.AppRunner(app, access_log=None)
         await self._admin_runner.setup()
         port = int(self._settings.server.admin_address.rpartition(":")[2])
