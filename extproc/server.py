@@ -19,6 +19,7 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc import envoy
+from extproc.approvals.notify import Notifier
 from extproc.approvals.page import add_approval_routes
 from extproc.approvals.service import ApprovalService
 from extproc.approvals.store import open_store
@@ -263,6 +264,10 @@ class Server:
         self.approvals = ApprovalService(
             open_store(settings.approvals), public_url=settings.approvals.public_url
         )
+        self.notifier: Notifier | None = None
+        if settings.approvals.webhook.url:
+            self.notifier = Notifier(settings.approvals.webhook, self.approvals.approve_url)
+            self.approvals.listeners.append(self.notifier.listener)
         self.recorder: SessionRecorder | None = None
         self._health = health.aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None
@@ -278,6 +283,8 @@ class Server:
         if self._settings.audit.record_path:
             self.recorder = SessionRecorder(self._settings.audit, self._instruments)
             await asyncio.to_thread(self.recorder.start)
+        if self.notifier is not None:
+            self.notifier.start()  # before the first stream: an approval asked for is announced at once
         if self.recorder is not None or self._instruments.enabled:
             # The record writer's thread seals and serialises records, the span exporter's encodes spans.
             # Python hands the GIL from a busy thread to a waiting one only every switch interval (5 ms
@@ -361,6 +368,8 @@ class Server:
             await self._grpc.stop(server.grace_seconds if drain else 0)
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
+        if self.notifier is not None:
+            await self.notifier.stop()  # the approvals asked for until now are announced if they can be
         verifier = self._runtime.snapshot.verifier
         if verifier is not None:
             await verifier.close()
