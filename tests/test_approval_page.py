@@ -183,6 +183,19 @@ async def test_the_page_s_own_origin_is_accepted(
     assert (status, body["approval"]["status"]) == (200, "approved")
 
 
+async def test_the_public_url_s_origin_is_accepted_whatever_host_the_proxy_passes(
+    dev_dir: Path, http: aiohttp.ClientSession
+) -> None:
+    async with approval_server(dev_dir, approvals={"public_url": "https://approvals.example/"}) as server:
+        approval = await requested(server)
+        url = f"{base(server)}/approvals/api/{approval.id}/approve"
+        headers = {"Origin": "https://approvals.example", **bearer(token(dev_dir, "bob", APPROVERS))}
+        async with http.post(url, json={}, headers=headers) as response:
+            status, body = await answer(response)
+        assert (status, body["approval"]["status"]) == (200, "approved")
+        assert body["approval"]["approve_url"] == f"https://approvals.example/approvals/{approval.id}"
+
+
 async def test_bad_bodies_and_unknown_ids(server: Server, http: aiohttp.ClientSession, dev_dir: Path) -> None:
     approval = await requested(server)
     bob = bearer(token(dev_dir, "bob", APPROVERS))

@@ -73,6 +73,9 @@ class _Api:
     def __init__(self, service: ApprovalService, verifier: Callable[[], Verifier | None]) -> None:
         self._service = service
         self._verifier = verifier
+        # The page is reached through approvals.public_url: a proxy in front may pass another Host on.
+        public = urlsplit(service.public_url).netloc.lower()
+        self._origins = frozenset({public} if public else ())
 
     def handler(self, step: Step) -> Handler:
         """Authenticates the approver, runs ``step`` and answers JSON; every refusal is
@@ -81,7 +84,7 @@ class _Api:
         async def handle(request: web.Request) -> web.StreamResponse:
             try:
                 if request.method == "POST":
-                    _same_site_json(request)
+                    _same_site_json(request, self._origins)
                 approver = approver_from(self._verifier(), request.headers.get("Authorization"))
                 return _json(await step(request, approver))
             except AuthError as error:
@@ -122,11 +125,12 @@ class _Api:
         return _view(approval, self._service.approve_url(approval.id), approver)
 
 
-def _same_site_json(request: web.Request) -> None:
+def _same_site_json(request: web.Request, public: frozenset[str]) -> None:
     """Refuses a POST a page of another site could make the browser send.
 
     A cross-site form or a "simple" fetch can only send form or text content types, and a browser names
-    the page's origin in ``Origin``; a script of this page sends JSON from this very host."""
+    the page's origin in ``Origin``; a script of this page sends JSON from this very host (``Host``, or
+    the host of ``approvals.public_url``, in ``public``)."""
     if request.content_type != "application/json":
         raise _Refused(
             "send the vote as JSON (Content-Type: application/json)", code="unsupported_media_type"
@@ -134,7 +138,8 @@ def _same_site_json(request: web.Request) -> None:
     origin = request.headers.get("Origin")
     if origin is not None:
         parts = urlsplit(origin)
-        if parts.scheme not in ("http", "https") or parts.netloc.lower() != request.host.lower():
+        host = parts.netloc.lower()
+        if parts.scheme not in ("http", "https") or (host != request.host.lower() and host not in public):
             raise _Refused("a vote must come from the approval page itself", code="approval_cross_site")
     if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
         raise _Refused("a vote must come from the approval page itself", code="approval_cross_site")
