@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint typecheck pytest bench eval clean lock proto
+.PHONY: install run test lint typecheck pytest browser bench eval clean lock proto
 
 # Every install comes from the lock (uv.lock, exported to requirements/*.txt with hashes), through
 # requirements/install.sh, which also repairs the opentelemetry-proto files that xds-protos overwrites.
@@ -39,8 +39,20 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy extproc
 
-pytest: $(STAMP)
+pytest: $(STAMP) browser
 	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+# The approval page's tests drive a real headless Chromium over the DevTools protocol: Debian's package,
+# installed once when it is missing (as root directly, otherwise through sudo).
+browser:
+	@if command -v chromium >/dev/null 2>&1; then \
+	  echo "chromium: $$(command -v chromium)"; \
+	else \
+	  sudo=""; [ "$$(id -u)" = 0 ] || sudo="sudo "; \
+	  echo "chromium is missing; installing it: $${sudo}apt-get update -q &&" \
+	    "$${sudo}apt-get install -y --no-install-recommends chromium"; \
+	  $$sudo apt-get update -q && $$sudo apt-get install -y --no-install-recommends chromium; \
+	fi
 
 test: lint typecheck pytest
 

@@ -28,6 +28,7 @@ HTTP_STATUS: Final[dict[str, int]] = {
     "approval_not_approver": 403,
     "approval_already_voted": 409,
     "approval_closed": 409,
+    "approval_cross_site": 403,  # a vote to the approval page's API that its own page would not send
     "prompt_blocked": 403,
     "unmasked_not_allowed": 403,
     "prompt_too_long": 400,

@@ -22,6 +22,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from extproc import envoy
 from extproc.approvals.grpc_api import ApprovalsApi, add_approvals_api
 from extproc.approvals.model import Approval, ApprovalError, Event
+from extproc.approvals.notify import Notifier
+from extproc.approvals.page import add_approval_routes
 from extproc.approvals.service import ApprovalService
 from extproc.approvals.store import open_store
 from extproc.audit.session import SessionRecorder
@@ -330,16 +332,20 @@ class Server:
             self._telemetry = Telemetry(settings.telemetry)
             instruments = self._telemetry.instruments
         self._instruments = instruments
+        # One approval service per server: the exchange, the approvers' API, the page and every listener
+        # (record, logs, notifications) share it, so a step taken through one is seen by all.
+        self.approvals = ApprovalService(
+            open_store(settings.approvals), [log_approval], public_url=settings.approvals.public_url
+        )
+        self.notifier: Notifier | None = None
+        if settings.approvals.webhook.url:
+            self.notifier = Notifier(settings.approvals.webhook, self.approvals.approve_url)
+            self.approvals.listeners.append(self.notifier.listener)
         self.recorder: SessionRecorder | None = None
         self._health = health.aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None
         self._serving = False
         self._admin_runner: web.AppRunner | None = None
-        # One approval service per server: the exchange, the approvers' API and every listener (record,
-        # logs, notifications) share it, so a step taken through one is seen by all.
-        self.approvals = ApprovalService(
-            open_store(settings.approvals), [log_approval], public_url=settings.approvals.public_url
-        )
         self._sweeper: asyncio.Task[None] | None = None
         self._approvals_grpc: grpc.aio.Server | None = None
         self._approvals_api: ApprovalsApi | None = None
@@ -355,6 +361,8 @@ class Server:
             self.recorder = SessionRecorder(self._settings.audit, self._instruments)
             await asyncio.to_thread(self.recorder.start)
             self.approvals.listeners.append(self.recorder.approval)
+        if self.notifier is not None:
+            self.notifier.start()  # before the first stream: an approval asked for is announced at once
         if self.recorder is not None or self._instruments.enabled:
             # The record writer's thread seals and serialises records, the span exporter's encodes spans.
             # Python hands the GIL from a busy thread to a waiting one only every switch interval (5 ms
@@ -424,6 +432,7 @@ class Server:
         app = web.Application()
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
+        add_approval_routes(app, self.approvals, lambda: self._runtime.snapshot.verifier)
         self._admin_runner = web.AppRunner(app, access_log=None)
         await self._admin_runner.setup()
         port = int(self._settings.server.admin_address.rpartition(":")[2])
@@ -471,6 +480,8 @@ class Server:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+        if self.notifier is not None:
+            await self.notifier.stop()  # the approvals asked for until now are announced if they can be
         await self.approvals.store.close()  # last: every interface that used it has stopped
         verifier = self._runtime.snapshot.verifier
         if verifier is not None:
