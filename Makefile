@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint typecheck pytest bench eval clean lock
+.PHONY: install run test lint typecheck pytest bench eval clean lock redis-server
 
 # Every install comes from the lock (uv.lock, exported to requirements/*.txt with hashes), through
 # requirements/install.sh, which also repairs the opentelemetry-proto files that xds-protos overwrites.
@@ -39,7 +39,19 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy extproc
 
-pytest: $(STAMP)
+# The approval store tests run a real redis-server (tests/redis_fixture.py starts one per test session
+# on a free port). When it is not on PATH, Debian's package is installed, once, showing the commands; apt
+# waits up to five minutes for another install holding its lock instead of failing at once.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_GET = $(strip $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300)
+redis-server:
+	@command -v redis-server >/dev/null || { \
+	  command -v apt-get >/dev/null || { echo "The tests need redis-server on PATH (Debian: apt-get \
+	    install redis-server; macOS: brew install redis)"; exit 1; }; \
+	  echo "redis-server is not on PATH; the approval store tests need it. Installing Debian's package:"; \
+	  set -x; $(APT_GET) update -qq && $(APT_GET) install -y -qq --no-install-recommends redis-server; }
+
+pytest: $(STAMP) redis-server
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 test: lint typecheck pytest
