@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint typecheck pytest browser bench eval clean lock proto
+.PHONY: install run test lint typecheck pytest browser redis-server bench eval clean lock proto
 
 # Every install comes from the lock (uv.lock, exported to requirements/*.txt with hashes), through
 # requirements/install.sh, which also repairs the opentelemetry-proto files that xds-protos overwrites.
@@ -39,20 +39,29 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy extproc
 
-pytest: $(STAMP) browser
+# The approval store tests run a real redis-server (tests/redis_fixture.py starts one per test session
+# on a free port). When it is not on PATH, Debian's package is installed, once, showing the commands; apt
+# waits up to five minutes for another install holding its lock instead of failing at once.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_GET = $(strip $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300)
+redis-server:
+	@command -v redis-server >/dev/null || { \
+	  command -v apt-get >/dev/null || { echo "The tests need redis-server on PATH (Debian: apt-get \
+	    install redis-server; macOS: brew install redis)"; exit 1; }; \
+	  echo "redis-server is not on PATH; the approval store tests need it. Installing Debian's package:"; \
+	  set -x; $(APT_GET) update -qq && $(APT_GET) install -y -qq --no-install-recommends redis-server; }
+
+pytest: $(STAMP) redis-server browser
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 # The approval page's tests drive a real headless Chromium over the DevTools protocol: Debian's package,
 # installed once when it is missing (as root directly, otherwise through sudo).
 browser:
-	@if command -v chromium >/dev/null 2>&1; then \
-	  echo "chromium: $$(command -v chromium)"; \
-	else \
-	  sudo=""; [ "$$(id -u)" = 0 ] || sudo="sudo "; \
-	  echo "chromium is missing; installing it: $${sudo}apt-get update -q &&" \
-	    "$${sudo}apt-get install -y --no-install-recommends chromium"; \
-	  $$sudo apt-get update -q && $$sudo apt-get install -y --no-install-recommends chromium; \
-	fi
+	@command -v chromium >/dev/null || { \
+	  command -v apt-get >/dev/null || { echo "The tests need chromium on PATH (Debian: apt-get install \
+	    chromium)"; exit 1; }; \
+	  echo "chromium is not on PATH; the approval page tests need it. Installing Debian's package:"; \
+	  set -x; $(APT_GET) update -qq && $(APT_GET) install -y -qq --no-install-recommends chromium; }
 
 test: lint typecheck pytest
 

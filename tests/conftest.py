@@ -14,6 +14,8 @@ from anthropic.lib.streaming import MessageStream
 
 from extproc.devenv import Stack
 
+from .redis_fixture import RedisServer
+
 
 def pytest_configure(config: pytest.Config) -> None:
     # One Hyperscan compile of the default pack per test session, shared by every server the tests start.
@@ -38,6 +40,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     running = start_stack(log)
     yield running
     running.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for the approval store tests; each test keeps to a key prefix of its own."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
 
 
 class Demo:

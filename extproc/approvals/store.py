@@ -125,7 +125,12 @@ class MemoryStore:
 
 
 def open_store(settings: ApprovalSettings) -> ApprovalStore:
-    """The store ``settings`` choose."""
-    if settings.store != "memory":
-        raise ConfigError(f"approvals.store {settings.store!r} is not available")
-    return MemoryStore()
+    """The store ``settings`` choose. The Redis client is imported only for ``store: redis``, so a
+    single replica never loads it."""
+    if settings.store == "memory":
+        return MemoryStore()
+    if settings.store == "redis":
+        from extproc.approvals.redis_store import RedisStore
+
+        return RedisStore(settings.redis_url, prefix=settings.key_prefix)
+    raise ConfigError(f"approvals.store {settings.store!r} is not available")
