@@ -492,7 +492,9 @@ def _holds(layer: dict[str, Any], location: list[str]) -> bool:
 
 
 def _env_layer() -> dict[str, Any]:
-    """``EXTPROC_SECTION__FIELD=value`` environment variables as a nested dict."""
+    """``EXTPROC_SECTION__FIELD=value`` environment variables as a nested dict. A value in brackets or
+    braces is a list or a mapping in YAML flow style (JSON too): ``EXTPROC_POLICY__PATHS='["/p"]'``;
+    anything else is the string itself, read by each field's own type."""
     layer: dict[str, Any] = {}
     for name, value in os.environ.items():
         if not name.startswith("EXTPROC_") or name in (CONFIG_ENV, APPROVER_TOKEN_ENV):
@@ -501,5 +503,14 @@ def _env_layer() -> dict[str, Any]:
         node = layer
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = value
+        node[parts[-1]] = _env_value(name, value)
     return layer
+
+
+def _env_value(name: str, value: str) -> Any:
+    if not value.lstrip().startswith(("[", "{")):
+        return value
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"${name}: not a YAML (or JSON) list or mapping: {exc}") from exc

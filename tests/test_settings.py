@@ -85,3 +85,14 @@ def test_the_approver_token_in_the_environment_is_no_setting(monkeypatch: pytest
     assert approver_token() == "eyJ.token.here"
     monkeypatch.setenv("EXTPROC_APPROVER_TOKEN", "")
     assert approver_token() is None
+
+
+def test_lists_and_mappings_come_from_the_environment_in_flow_style(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EXTPROC_POLICY__PATHS", '["/etc/extproc/policies", "/etc/extproc/more.yaml"]')
+    monkeypatch.setenv("EXTPROC_UPSTREAM__STRIP_HEADERS", "[authorization, x-api-key]")
+    settings = load_settings(None)
+    assert settings.policy.paths == ["/etc/extproc/policies", "/etc/extproc/more.yaml"]
+    assert settings.upstream.strip_headers == ["authorization", "x-api-key"]
+    monkeypatch.setenv("EXTPROC_POLICY__PATHS", "[unclosed")
+    with pytest.raises(ConfigError, match=r"\$EXTPROC_POLICY__PATHS: not a YAML"):
+        load_settings(None)
