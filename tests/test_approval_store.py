@@ -231,3 +231,17 @@ async def test_watch_yields_creates_and_changes_from_any_store(stores: Pair) -> 
         (approval.id, "pending", 1),
         (approval.id, "approved", 2),
     ]
+
+
+async def test_follow_returns_once_every_later_change_is_kept(stores: Pair) -> None:
+    """What a listing made after ``follow`` returns could miss is in the iterator: a change made through
+    another store right after the call is delivered, with no probe and no wait for a round trip."""
+    one, two = stores
+    updates = await one.follow()
+    approval = new_approval()
+    await two.create(approval)
+    delivered = await asyncio.wait_for(anext(updates), 5)
+    assert delivered.id == approval.id
+    await two.update(approval.id, vote(Person("bob", "https://issuer.test", ("security",))))
+    assert (await asyncio.wait_for(anext(updates), 5)).status == "approved"
+    await updates.aclose()  # type: ignore[attr-defined]

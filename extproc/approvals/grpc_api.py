@@ -194,11 +194,16 @@ class ApprovalsApi:
         if failure is not None:
             await context.abort(*failure)
             return
-        updates = self._service.watch()
+        try:
+            updates = await self._service.follow()  # changes are kept for this stream from here on
+        except ExtProcError as error:
+            failure = self._refused("Watch", error)
+        if failure is not None:
+            await context.abort(*failure)
+            return
         following: asyncio.Future[Approval] = asyncio.ensure_future(anext(updates))
         closing = asyncio.ensure_future(self._closing.wait())
         try:
-            await asyncio.sleep(0)  # the first read has begun: the store now keeps changes for this stream
             try:
                 pending = await self._service.pending()
             except ExtProcError as error:

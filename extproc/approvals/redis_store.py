@@ -186,10 +186,21 @@ class RedisStore:
                     self._waiting.pop(approval_id, None)
 
     async def watch(self) -> AsyncIterator[Approval]:
+        async for approval in await self.follow():
+            yield approval
+
+    async def follow(self) -> AsyncIterator[Approval]:
         queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=1000)
         self._watchers.add(queue)
         try:
-            await self._listening()
+            await self._listening()  # subscribed: every change published from now on reaches the queue
+        except BaseException:
+            self._watchers.discard(queue)
+            raise
+        return self._drain(queue)
+
+    async def _drain(self, queue: asyncio.Queue[_Item]) -> AsyncIterator[Approval]:
+        try:
             while (item := await queue.get()) is not None:
                 if isinstance(item, StoreUnavailable):
                     raise item

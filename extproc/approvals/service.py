@@ -89,6 +89,11 @@ class ApprovalService:
     def watch(self) -> AsyncIterator[Approval]:
         return self.store.watch()
 
+    async def follow(self) -> AsyncIterator[Approval]:
+        """Changes from the moment this returns (see ``ApprovalStore.follow``); ``approval_unavailable``
+        when the store cannot be reached."""
+        return await self._call(self.store.follow())
+
     async def sweep(self) -> int:
         """Marks every pending approval past its time to live expired; returns how many."""
         now = self._clock()

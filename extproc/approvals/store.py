@@ -46,6 +46,12 @@ class ApprovalStore(Protocol):
         """Every approval created or changed from now on, until the consumer stops."""
         ...
 
+    async def follow(self) -> AsyncIterator[Approval]:
+        """Like ``watch``, but returns only once changes are being kept for the consumer: what is
+        created or changed after the call returns is in the iterator (a listing made then misses
+        nothing). Raises StoreUnavailable."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -98,8 +104,15 @@ class MemoryStore:
         return self._items.get(approval_id)
 
     async def watch(self) -> AsyncIterator[Approval]:
+        async for approval in await self.follow():
+            yield approval
+
+    async def follow(self) -> AsyncIterator[Approval]:
         queue: asyncio.Queue[Approval] = asyncio.Queue(maxsize=1000)
         self._watchers.add(queue)
+        return self._drain(queue)
+
+    async def _drain(self, queue: asyncio.Queue[Approval]) -> AsyncIterator[Approval]:
         try:
             while True:
                 yield await queue.get()
