@@ -18,6 +18,7 @@ from extproc.devenv import Stack
 from extproc.identity.dev import mint_dev_token
 
 from .conftest import Demo, start_stack
+from .redis_fixture import RedisServer
 
 SSN = "594-74-3681"
 POLICIES = """\
@@ -203,3 +204,90 @@ def test_every_approval_step_is_in_the_verified_record(
     ]
     assert [e["approval"]["status"] for e in exchanges] == ["pending", "used"]
     assert verify(record).first_break is None
+
+
+# -- several replicas: one Redis ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shared_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def replicas(
+    tmp_path_factory: pytest.TempPathFactory, dev_dir: Path, shared_redis: RedisServer
+) -> Iterator[tuple[Stack, Stack]]:
+    """Two sidecars (each its own Envoy, extproc and model), sharing approvals through one Redis."""
+    folder = tmp_path_factory.mktemp("replicas")
+    (folder / "policies").mkdir()
+    (folder / "policies" / "p.yaml").write_text(POLICIES, encoding="utf-8")
+    env = {
+        "EXTPROC_POLICY__PATHS": json.dumps([str(folder / "policies")]),
+        "EXTPROC_APPROVALS__STORE": "redis",
+        "EXTPROC_APPROVALS__REDIS_URL": shared_redis.url,
+    }
+    one = start_stack(folder / "one.log", dev_identity=dev_dir, extra_env=dict(env))
+    try:
+        two = start_stack(folder / "two.log", dev_identity=dev_dir, extra_env=dict(env))
+    except BaseException:
+        one.stop()
+        raise
+    yield one, two
+    two.stop()
+    one.stop()
+
+
+def test_a_hold_on_one_replica_is_approved_through_another_and_wakes_at_once(
+    replicas: tuple[Stack, Stack], dev_dir: Path, tag: str
+) -> None:
+    one, two = replicas
+    reviewer = token(dev_dir, "bob", "security-reviewers")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(ask, one, token(dev_dir, "alice", "support"), f"SSN {SSN} please", tag)
+        approval = pending_of(two, reviewer, "alice")  # listed by the other replica
+        decided_at = time.monotonic()
+        assert approvals_api(two, reviewer, "POST", f"/{approval['id']}/approve").status_code == 200
+        answer = waiting.result(timeout=30)
+        woke_after = time.monotonic() - decided_at
+    assert answer.status_code == 200, answer.text
+    assert woke_after < 5.0  # woken by the decision, not by a poll or the end of the 30 s hold
+    [seen] = Demo(one.demo_url).received(tag)
+    assert SSN in seen["body"]
+
+
+def test_a_ticket_from_one_replica_is_used_through_another(
+    replicas: tuple[Stack, Stack], dev_dir: Path, tag: str
+) -> None:
+    one, two = replicas
+    caller = token(dev_dir, "carl", "contractors")
+    approval_id = ask(one, caller, f"SSN {SSN}").json()["approval_id"]
+    assert (
+        approvals_api(
+            one, token(dev_dir, "bob", "security-reviewers"), "POST", f"/{approval_id}/approve"
+        ).status_code
+        == 200
+    )
+    assert ask(two, caller, f"SSN {SSN}", tag, **{"x-approval-id": approval_id}).status_code == 200
+    again = ask(one, caller, f"SSN {SSN}", tag, **{"x-approval-id": approval_id})
+    assert (again.status_code, again.json()["error"]) == (403, "approval_used")  # used is used everywhere
+
+
+def test_with_redis_down_only_approval_needing_requests_are_refused(
+    replicas: tuple[Stack, Stack], dev_dir: Path, shared_redis: RedisServer, tag: str
+) -> None:
+    one, _ = replicas
+    caller = token(dev_dir, "alice", "support")
+    port = shared_redis.port
+    shared_redis.stop()
+    try:
+        refused = ask(one, caller, f"SSN {SSN}", tag)
+        assert (refused.status_code, refused.json()["error"]) == (503, "approval_unavailable")
+        fine = ask(one, caller, "card 4111 1111 1111 1111 and nothing needing approval", tag)
+        assert fine.status_code == 200, fine.text
+        [seen] = Demo(one.demo_url).received(tag)
+        assert "4111 1111 1111 1111" not in seen["body"]  # masked as ever
+    finally:
+        shared_redis.start(port)
