@@ -175,9 +175,12 @@ def cmd_dev(args: argparse.Namespace) -> int:
 Callers need a token of the dev issuer; mint one per group to try the policies:
   .venv/bin/extproc token --dev-dir {stack.dev_identity} --groups fraud-investigators
 
-Approvers use the approvers' API with a token of their own, in a group the policy names as approvers:
+A support agent's prompt with an SSN waits for a security reviewer (policy support-ssn-approval):
+  .venv/bin/extproc token --dev-dir {stack.dev_identity} --groups support
+Reviewers decide on the page http://127.0.0.1:{stack.admin_port}/approvals with a token of their own,
+or through the approvers' API:
   export EXTPROC_APPROVER_TOKEN=$(.venv/bin/extproc token --dev-dir {stack.dev_identity} \\
-    --subject approver --groups GROUP)
+    --subject reviewer --groups security-reviewers)
   .venv/bin/extproc approvals watch --address {approvals}
 """
     traces = f"Spans from Envoy and extproc go to {args.otlp}.\n" if args.otlp else ""
