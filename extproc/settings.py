@@ -162,6 +162,11 @@ class ApprovalSettings(_Section):
     def _address_or_empty(cls, value: str) -> str:
         return value if value == "" else _check_address(value)
 
+    @field_validator("redis_url", "public_url")
+    @classmethod
+    def _set_by_the_operator(cls, value: str) -> str:
+        return _no_placeholder(value, "it")
+
     @model_validator(mode="after")
     def _redis_needs_url(self) -> ApprovalSettings:
         if self.store == "redis" and not self.redis_url:

@@ -43,6 +43,8 @@ def _operator_settings(tmp_path: Path) -> Path:
     text = _shipped_settings()
     text = text.replace(f"https://{PLACEHOLDER}.example", "https://login.example.com")
     text = text.replace(f"[{PLACEHOLDER}]", "[llm-gateway]")
+    text = text.replace(f"redis.{PLACEHOLDER}.svc", "redis.ai.svc")
+    text = text.replace(f"approvals.{PLACEHOLDER}.example", "approvals.example.com")
     assert PLACEHOLDER not in json.dumps(yaml.safe_load(text))  # (comments may still name it)
     path = tmp_path / "settings.yaml"
     path.write_text(text)
@@ -69,6 +71,8 @@ def test_the_shipped_settings_authenticate_callers(tmp_path: Path) -> None:
             f"issuer: https://{PLACEHOLDER}.example",
         ),
         ("identity.issuers.0.audiences", "[llm-gateway]", f"[{PLACEHOLDER}]"),
+        ("approvals.redis_url", "redis.ai.svc", f"redis.{PLACEHOLDER}.svc"),
+        ("approvals.public_url", "approvals.example.com", f"approvals.{PLACEHOLDER}.example"),
         (
             "identity.issuers.0.jwks_url",
             "jwks_url: https://login.example.com",
