@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -17,7 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 from extproc import __version__
 from extproc.errors import ConfigError
-from extproc.settings import LogSettings, Settings, approver_token, load_settings, require_identity_choice
+from extproc.settings import (
+    CONFIG_ENV,
+    LogSettings,
+    Settings,
+    approver_token,
+    load_settings,
+    require_identity_choice,
+)
 
 if TYPE_CHECKING:
     from extproc.approvals.client import ApprovalsClient
@@ -55,7 +63,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     used (exit 2, as for other commands), or any other failure at start-up or while serving (exit 1, with
     its traceback), each as one structured line."""
     from extproc import logs
-    from extproc.server import reload_not_supported
+    from extproc.server import sighup_before_serving
 
     # The defaults until the settings are read, so that a failure to read them is a log line too.
     logs.configure(LogSettings())
@@ -63,7 +71,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     previous = {
         signal.SIGTERM: signal.signal(signal.SIGTERM, _stop_requested),
         signal.SIGINT: signal.signal(signal.SIGINT, _stop_requested),
-        signal.SIGHUP: signal.signal(signal.SIGHUP, lambda _signum, _frame: reload_not_supported()),
+        signal.SIGHUP: signal.signal(signal.SIGHUP, lambda _signum, _frame: sighup_before_serving()),
     }
     try:
         return _serve(args)
@@ -74,14 +82,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from extproc import logs
-    from extproc.runtime import Runtime, build_snapshot
+    from extproc.runtime import Runtime, build_snapshot, fingerprint
     from extproc.server import Server
 
     try:
         settings = _settings(args)
         logs.configure(settings.log)
         require_identity_choice(settings)  # before the rules compile: a missing choice fails at once
-        server = Server(settings, Runtime(build_snapshot(settings)))
+        config_path = args.config or os.environ.get(CONFIG_ENV) or None
+        snapshot = build_snapshot(settings, fingerprint(settings, config_path))
+        server = Server(
+            settings, Runtime(snapshot), load_settings=lambda: _settings(args), config_path=config_path
+        )
         asyncio.run(server.run_until_signal())
     except _StopRequested as stopped:
         log.info("signal_received", extra={"signal": stopped.signal, "detail": "before serving began"})

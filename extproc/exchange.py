@@ -593,6 +593,7 @@ class Exchange:
             model=self._clean(self.model) if self.model is not None else None,
             approval_id=self.approval.id if self.approval is not None else None,
             approval_status=self.approval.status if self.approval is not None else None,
+            snapshot=self._snapshot.version,
         )
 
     def recorded(self) -> Recorded:

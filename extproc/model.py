@@ -211,6 +211,7 @@ class Outcome:
     model: str | None = None
     approval_id: str | None = None  # the approval this request asked for, or used
     approval_status: str | None = None  # pending (a ticket), approved, used, denied, expired
+    snapshot: str = ""  # the version of the rules, policies and settings that decided (runtime.fingerprint)
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,8 +7,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import os
 import secrets
-from dataclasses import dataclass
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from extproc.credential import Credential
@@ -31,8 +34,21 @@ class Snapshot:
     policies: PolicySet
     rule_info: dict[str, tuple[str, str]]  # rule id -> (category, severity), for policy selectors
     credential: Credential  # the model server's own; set upstream when configured
-    verifier: Verifier | None = None  # identity mode jwt: started and closed by the server
+    verifier: Verifier | None = None  # identity mode jwt: started and closed with the snapshot
     subject_key: bytes = b""  # keys the subject hash on spans (derived from the hash key)
+    version: str = ""  # the fingerprint of its inputs (fingerprint()): spans and records name it
+    loaded_at: float = field(default_factory=time.time)
+
+    async def start(self) -> None:
+        """Starts what the snapshot owns: the verifier loads every JWKS (and refreshes them from now)."""
+        if self.verifier is not None:
+            await self.verifier.start()
+
+    async def close(self) -> None:
+        """Stops what ``start`` started. Exchanges still running on this snapshot keep working with what
+        was loaded."""
+        if self.verifier is not None:
+            await self.verifier.close()
 
     def subject_hash(self, issuer: str, subject: str) -> str:
         """A short keyed hash of a caller: the same caller gives the same value while the key stays,
@@ -51,10 +67,13 @@ def read_key(path: str, purpose: str) -> bytes:
     return key
 
 
-def build_snapshot(settings: Settings) -> Snapshot:
-    """Load and compile everything the settings name. Raises ConfigError with every problem found."""
+def build_snapshot(settings: Settings, version: str | None = None) -> Snapshot:
+    """Load and compile everything the settings name. Raises ConfigError with every problem found.
+    ``version``: the fingerprint of the inputs, taken before they were read (computed here without the
+    settings file when not given)."""
+    version = version if version is not None else fingerprint(settings)
     ruleset, inspector, hash_key = _detection(settings)
-    return _snapshot(settings, ruleset, inspector, hash_key)
+    return replace(_snapshot(settings, ruleset, inspector, hash_key), version=version)
 
 
 def build_inspector(settings: Settings) -> Inspector:
@@ -113,6 +132,56 @@ def _snapshot(settings: Settings, ruleset: RuleSet, inspector: Inspector, hash_k
     )
 
 
+def inputs(settings: Settings, config_path: str | None = None) -> list[Path]:
+    """Every file a snapshot of ``settings`` is built from: the settings file, every file under the rule
+    and policy folders (exact-match lists sit beside their rules), the JWKS files and the keys. Names
+    starting with ``..`` (a ConfigMap's ``..data`` and its timestamped folders) are skipped: the files are
+    read through the names mounted beside them."""
+    found: list[Path] = []
+    if config_path:
+        found.append(Path(config_path))
+    for raw in (*settings.detect.rules, *settings.policy.paths):
+        path = Path(raw)
+        if path.is_dir():
+            found.extend(_files_under(path))
+        else:
+            found.append(path)
+    for issuer in settings.identity.issuers:
+        if issuer.jwks_file:
+            found.append(Path(issuer.jwks_file))
+    for key in (settings.detect.edm_key_file, settings.mask.hash_key_file):
+        if key:
+            found.append(Path(key))
+    return list(dict.fromkeys(found))
+
+
+def _files_under(folder: Path) -> Iterable[Path]:
+    for root, folders, files in os.walk(folder, followlinks=False):
+        folders[:] = sorted(name for name in folders if not name.startswith(".."))
+        for name in sorted(files):
+            if not name.startswith(".."):
+                yield Path(root) / name
+        # a symlinked folder (os.walk lists it among the folders, and does not follow it) is read too
+        for name in list(folders):
+            linked = Path(root) / name
+            if linked.is_symlink():
+                folders.remove(name)
+                yield from _files_under(linked.resolve())
+
+
+def fingerprint(settings: Settings, config_path: str | None = None) -> str:
+    """The version of the inputs: a hash of every input's name and content (a missing or unreadable file
+    counts as such), 16 hex digits."""
+    digest = hashlib.sha256()
+    for path in sorted(inputs(settings, config_path)):
+        digest.update(str(path).encode("utf-8", "surrogateescape") + b"\0")
+        try:
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+        except OSError as exc:
+            digest.update(f"unreadable:{exc.errno}".encode())
+    return digest.hexdigest()[:16]
+
+
 class Runtime:
     """Holds the current snapshot; each exchange reads it once, when its stream opens."""
 
@@ -122,3 +191,9 @@ class Runtime:
     @property
     def snapshot(self) -> Snapshot:
         return self._snapshot
+
+    def swap(self, snapshot: Snapshot) -> Snapshot:
+        """Makes ``snapshot`` the one new exchanges read; returns the one it replaces (exchanges under way
+        keep it until they end). One assignment: an exchange sees the old or the new, never a mix."""
+        old, self._snapshot = self._snapshot, snapshot
+        return old

@@ -12,7 +12,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -31,6 +31,7 @@ from extproc.audit.spans import ExchangeTrace, Instruments
 from extproc.errors import ExtProcError
 from extproc.exchange import Exchange
 from extproc.model import Actions, AwaitApproval, ExtendTimeout, Outcome, ProtocolConfig, Reply
+from extproc.reload import Reloader
 from extproc.runtime import Runtime
 from extproc.settings import Settings, require_identity_choice
 from extproc.telemetry import Telemetry
@@ -39,6 +40,7 @@ log = logging.getLogger("extproc.server")
 
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
 SWITCH_INTERVAL_SECONDS = 0.0005
+LOOPBACK = frozenset({"127.0.0.1", "::1"})
 HOLD_MARGIN_SECONDS = 5.0  # Envoy waits this much longer than a hold, to get the answer after it
 
 
@@ -320,13 +322,27 @@ class Server:
     """The ext_proc gRPC server, the approvers' gRPC API and the admin HTTP endpoints, with a graceful
     stop."""
 
-    def __init__(self, settings: Settings, runtime: Runtime, instruments: Instruments | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        runtime: Runtime,
+        instruments: Instruments | None = None,
+        *,
+        load_settings: Callable[[], Settings] | None = None,
+        config_path: str | None = None,
+    ) -> None:
         """``instruments``: given by tests that read spans in memory; otherwise built from the telemetry
-        settings (no-op ones when no OTLP endpoint is set). Raises ConfigError when the settings choose
-        no identity mode: a server authenticates callers, or is told in so many words not to."""
+        settings (no-op ones when no OTLP endpoint is set). ``load_settings`` reads the settings again
+        for a reload, as they were read for this start (file, environment, flags; the same ``settings``
+        when not given); ``config_path`` is the settings file, an input of the snapshot's version.
+        Raises ConfigError when the settings choose no identity mode: a server authenticates callers, or
+        is told in so many words not to."""
         require_identity_choice(settings)
         self._settings = settings
         self._runtime = runtime
+        self.reloader = Reloader(runtime, load_settings or (lambda: settings), config_path)
+        self._watcher: asyncio.Task[None] | None = None
+        self._reloads: set[asyncio.Task[dict[str, Any]]] = set()
         self._telemetry: Telemetry | None = None
         if instruments is None:
             self._telemetry = Telemetry(settings.telemetry)
@@ -354,9 +370,8 @@ class Server:
         self.approvals_port = 0  # the approvers' API, once started; 0 while not served
 
     async def start(self) -> None:
-        verifier = self._runtime.snapshot.verifier
-        if verifier is not None:
-            await verifier.start()  # every JWKS loaded before the first stream; refreshed from now on
+        # Every JWKS loaded before the first stream, refreshed from now on; a reload starts its own.
+        await self._runtime.snapshot.start()
         if self._settings.audit.record_path:
             self.recorder = SessionRecorder(self._settings.audit, self._instruments)
             await asyncio.to_thread(self.recorder.start)
@@ -387,6 +402,9 @@ class Server:
         approvals = await self._start_approvals_api()
         self.admin_port = await self._start_admin()
         self._sweeper = asyncio.create_task(self._sweep(), name="extproc-approval-sweep")
+        if self._settings.server.reload_watch_seconds > 0:
+            watching = self.reloader.watch(self._settings.server.reload_watch_seconds)
+            self._watcher = asyncio.create_task(watching, name="extproc-reload-watch")
         for service in ("", SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._serving = True
@@ -432,6 +450,8 @@ class Server:
         app = web.Application()
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/snapshot", self._snapshot_status)
+        app.router.add_post("/reload", self._reload)
         add_approval_routes(app, self.approvals, lambda: self._runtime.snapshot.verifier)
         self._admin_runner = web.AppRunner(app, access_log=None)
         await self._admin_runner.setup()
@@ -439,6 +459,28 @@ class Server:
         site = web.TCPSite(self._admin_runner, self._admin_host(), port)
         await site.start()
         return int(self._admin_runner.addresses[0][1])
+
+    def _sighup(self) -> None:
+        log.info("signal_received", extra={"signal": "SIGHUP", "detail": "reloading"})
+        task = asyncio.get_running_loop().create_task(self.reloader.reload("SIGHUP"))
+        self._reloads.add(task)  # kept until done: a task nobody holds may be collected mid-reload
+        task.add_done_callback(self._reloads.discard)
+
+    async def _snapshot_status(self, _request: web.Request) -> web.Response:
+        """The active snapshot (version, when loaded, rule and policy ids and counts; never a pattern or a
+        key) and the last refused reload, until one succeeds."""
+        return web.json_response(self.reloader.status())
+
+    async def _reload(self, request: web.Request) -> web.Response:
+        """Reloads now (``extproc reload``). Only from this host: the admin port may be reachable by the
+        cluster's probes and scrapers, which must not be able to make the sidecar reload."""
+        if request.remote not in LOOPBACK:
+            return web.json_response(
+                {"error": "reload_not_allowed", "message": "POST /reload is accepted from loopback only"},
+                status=403,
+            )
+        result = await self.reloader.reload("admin")
+        return web.json_response(result, status=200 if result["result"] != "refused" else 422)
 
     async def _healthz(self, _request: web.Request) -> web.Response:
         return web.json_response({"status": "alive"})
@@ -483,9 +525,11 @@ class Server:
         if self.notifier is not None:
             await self.notifier.stop()  # the approvals asked for until now are announced if they can be
         await self.approvals.store.close()  # last: every interface that used it has stopped
-        verifier = self._runtime.snapshot.verifier
-        if verifier is not None:
-            await verifier.close()
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        await self._runtime.snapshot.close()
         # Every exchange has finished: its record and its spans go out before the process ends.
         if self.recorder is not None:
             await asyncio.to_thread(self.recorder.close)
@@ -513,7 +557,7 @@ class Server:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping, sig)
-        loop.add_signal_handler(signal.SIGHUP, reload_not_supported)
+        loop.add_signal_handler(signal.SIGHUP, self._sighup)
         try:
             await self.start()
             await stop.wait()
@@ -547,14 +591,7 @@ def log_approval(event: Event) -> None:
     log.info("approval", extra=extra)
 
 
-def reload_not_supported() -> None:
-    """SIGHUP: the conventional reload signal. Until settings and rules can be swapped while serving, it is
-    acknowledged in the log and otherwise ignored (its default action would end the process)."""
-    log.warning(
-        "reload_not_supported",
-        extra={
-            "signal": "SIGHUP",
-            "detail": "hot reload is not supported yet: nothing was reloaded, the server keeps serving "
-            "with the settings, rules and policies it started with; restart it to apply changes",
-        },
-    )
+def sighup_before_serving() -> None:
+    """SIGHUP while the rules compile at start: nothing to reload yet (what is being loaded is read
+    now), and the default action would end the process."""
+    log.info("signal_received", extra={"signal": "SIGHUP", "detail": "starting: the files are being read"})

@@ -46,6 +46,12 @@ class ServerSettings(_Section):
         3.0, ge=0, description="after SIGTERM: NOT_SERVING is reported this long before the listener closes"
     )
     grace_seconds: float = Field(20.0, ge=0, description="after draining: time open streams get to finish")
+    reload_watch_seconds: float = Field(
+        2.0,
+        ge=0,
+        description="how often the rule, policy, key and settings files are checked for changes "
+        "(a change reloads them); 0: only SIGHUP and POST /reload reload",
+    )
 
     _addr = field_validator("grpc_address", "admin_address")(_check_address)
 

@@ -152,17 +152,18 @@ def last_record(record: Path) -> dict[str, Any]:
     return [entry for _, entry in iter_records(record)][-1]
 
 
-async def test_sighup_is_logged_and_the_server_keeps_serving(
+async def test_sighup_reloads_and_the_server_keeps_serving(
     serve: list[Serve], tmp_path: Path, keys: dict[str, Path]
 ) -> None:
+    """Regression: SIGHUP ended the process with no log line and no final checkpoint. It reloads now."""
     record = tmp_path / "session.jsonl"
     server = Serve(audited_env(record, keys), *FREE_PORTS)
     serve.append(server)
     grpc_port, admin_port = server.ports()
     server.process.send_signal(signal.SIGHUP)
-    warning = server.wait_for("reload_not_supported")
-    assert warning["level"] == "warning"
-    assert "nothing was reloaded" in warning["detail"]
+    reloaded = server.wait_for("reloaded")
+    assert reloaded["reason"] == "SIGHUP"
+    assert reloaded["version"] == reloaded["previous"]  # nothing changed: the same inputs, the same version
     assert server.process.poll() is None
     assert await readyz(admin_port) == 200
     assert await exchange(grpc_port, b"to a@b.io") == b"to [REDACTED:EMAIL_ADDRESS]"

@@ -116,6 +116,7 @@ def build_record(
         "route": outcome.route,
         "model": outcome.model,
         "policy": outcome.policy,
+        "snapshot": outcome.snapshot,
         "enforce": outcome.enforce,
         "decision": outcome.decision,
         "error_code": outcome.error_code,

@@ -258,6 +258,8 @@ def span_attributes(outcome: Outcome) -> dict[str, str | bool | int | list[str]]
         DECISION_ID: outcome.decision_id,
         FINDINGS_TOTAL: sum(outcome.entities.values()),
     }
+    if outcome.snapshot:
+        attributes["extproc.snapshot.version"] = outcome.snapshot
     if outcome.approval_id:
         attributes["extproc.approval.id"] = outcome.approval_id
         attributes["extproc.approval.status"] = outcome.approval_status or ""

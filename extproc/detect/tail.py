@@ -582,6 +582,8 @@ class _List:
             chars += "\\x80-\\U0010ffff"
         # (?<![^\W_]): not after a letter or digit as str.isalnum() sees them, which is what the engine
         # checks before accepting a listed value. Case folding here is Unicode's: a superset of ASCII's.
+        if not chars:  # an empty list: nothing can be in progress
+            return cls((), caseless, re.compile(r"(?!)"), 0, rule)
         starts = re.compile(rf"(?<![^\W_])(?=[{chars}])", re.IGNORECASE if caseless else 0)
         return cls(tuple(folded), caseless, starts, max((len(v) for v in folded), default=0), rule)
 
