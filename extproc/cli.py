@@ -1,4 +1,4 @@
-"""Command line: ``extproc serve | dev | envoy | demo | token | rules | scan | policy | audit |
+"""Command line: ``extproc serve | dev | envoy | demo | token | rules | scan | policy | reload | audit |
 approvals``."""
 
 from __future__ import annotations
@@ -526,6 +526,40 @@ def cmd_scan(args: argparse.Namespace) -> int:
     return 1 if findings else 0
 
 
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Asks the running sidecar to reload (POST /reload on its admin address, from this host). Exit 0
+    when it reloaded (or nothing changed), 1 when it refused the change (the problems are printed, the
+    old rules keep serving), 2 when it cannot be reached."""
+    import urllib.error
+    import urllib.request
+
+    address = args.admin_address or load_settings(args.config).server.admin_address
+    host, _, port = address.rpartition(":")
+    if host in ("0.0.0.0", "", "::", "[::]"):  # a wildcard listener is reached on loopback
+        host = "127.0.0.1"
+    request = urllib.request.Request(f"http://{host}:{port}/reload", method="POST", data=b"")
+    try:
+        with urllib.request.urlopen(request, timeout=args.timeout) as answer:  # noqa: S310
+            result = json.loads(answer.read())
+    except urllib.error.HTTPError as refused:
+        result = json.loads(refused.read() or b"{}")
+        if refused.code != 422:
+            print(f"reload: {refused.code} {result.get('message', '')}".rstrip(), file=sys.stderr)
+            return 2
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"reload: cannot reach the sidecar's admin address {address}: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result))
+    elif result.get("result") == "refused":
+        print(f"reload refused; snapshot {result.get('version')} keeps serving:", file=sys.stderr)
+        for problem in result.get("problems", []):
+            print(f"  {problem}", file=sys.stderr)
+    else:
+        print(f"reload: {result.get('result')}, snapshot {result.get('version')}")
+    return 1 if result.get("result") == "refused" else 0
+
+
 def cmd_policy_show(args: argparse.Namespace) -> int:
     import yaml
 
@@ -766,6 +800,13 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--mask", action="store_true", help="print the text, masked")
     scan.add_argument("--values", action="store_true", help="include the matched values in the output")
     scan.set_defaults(func=cmd_scan)
+
+    reload = sub.add_parser("reload", help="make the running sidecar reload its rules, policies and settings")
+    reload.add_argument("--admin-address", help="the sidecar's admin address (default: server.admin_address)")
+    reload.add_argument("--config", help="settings YAML file (for server.admin_address)")
+    reload.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the reload")
+    reload.add_argument("--json", action="store_true", help="the sidecar's answer as JSON")
+    reload.set_defaults(func=cmd_reload)
 
     policy = sub.add_parser("policy", help="what the policies decide for a caller")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True)

@@ -6,6 +6,8 @@ import asyncio
 import json
 import os
 import shutil
+import sys
+from asyncio.subprocess import PIPE
 from collections.abc import AsyncIterator
 from pathlib import Path
 from unittest import mock
@@ -23,6 +25,7 @@ from extproc.runtime import Runtime, build_snapshot, fingerprint, inputs
 from extproc.server import Server
 from extproc.settings import load_settings
 
+from .redis_fixture import free_port
 from .rules_fixture import EDM_KEY_FILE, PLAIN_POLICIES, RULES
 from .test_server import request_headers
 
@@ -257,3 +260,27 @@ def test_a_rule_whose_list_is_missing_or_empty_is_a_clear_error_not_a_crash(tmp_
     (tmp_path / "rules" / "projects.txt").write_text("# no values yet\n")
     snapshot = build_snapshot(settings)  # an empty list matches nothing
     assert snapshot.inspector.detector.scan("falcon") == []
+
+
+async def run_reload(*args: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "extproc", "reload", *args, stdout=PIPE, stderr=PIPE
+    )
+    out, err = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_the_reload_command_says_what_happened(server: Server, tmp_path: Path) -> None:
+    address = f"127.0.0.1:{server.admin_port}"
+    code, out, _ = await run_reload("--admin-address", address)
+    assert code == 0
+    assert out.startswith("reload: ok, snapshot ")
+    (tmp_path / "rules" / "broken.yaml").write_text("rules: [\n", encoding="utf-8")
+    code, _, err = await run_reload("--admin-address", address)
+    assert code == 1
+    assert "reload refused; snapshot" in err
+    assert f"{tmp_path / 'rules' / 'broken.yaml'}" in err
+    code, _, err = await run_reload("--admin-address", f"127.0.0.1:{free_port()}")
+    assert code == 2
+    assert "cannot reach" in err
