@@ -1,0 +1,162 @@
+"""Hot reload through real Envoy under steady load: a rule change and a policy change take effect while
+requests keep flowing, with not one failed request; a broken change is refused while the old rules keep
+masking."""
+
+import asyncio
+import json
+import shutil
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from extproc.devenv import Stack
+from extproc.settings import REPO_RULES
+
+from .conftest import start_stack
+
+PROMPT = "ticket PRJ-1234 from jane@example.com"
+PROJECT_RULE = """\
+rules:
+- id: project-codename
+  entity: PROJECT
+  category: confidential
+  severity: high
+  pattern: '\\bPRJ-[0-9]{4}\\b'
+  samples:
+    match: ["see PRJ-1234 now"]
+    no_match: ["PRJ-12"]
+"""
+ALLOW_EMAIL = """\
+  - id: allow-email
+    priority: 1
+    match: { routes: ["/v1/*"] }
+    request:
+      actions:
+        - when: { entities: [EMAIL_ADDRESS] }
+          do: allow
+    response:
+      actions:
+        - when: { entities: [EMAIL_ADDRESS] }
+          do: allow
+"""
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("reload")
+    shutil.copytree(REPO_RULES, path / "rules", ignore=shutil.ignore_patterns("policies"))
+    shutil.copytree(REPO_RULES / "policies", path / "policies")
+    return path
+
+
+@pytest.fixture(scope="module")
+def reloading(folder: Path) -> Iterator[Stack]:
+    env = {
+        "EXTPROC_DETECT__RULES": json.dumps([str(folder / "rules")]),
+        "EXTPROC_POLICY__PATHS": json.dumps([str(folder / "policies")]),
+        "EXTPROC_SERVER__RELOAD_WATCH_SECONDS": "0.5",
+    }
+    running = start_stack(folder / "stack.log", extra_env=env)
+    yield running
+    running.stop()
+
+
+def snapshot(stack: Stack) -> dict[str, object]:
+    answer = httpx.get(f"http://127.0.0.1:{stack.admin_port}/snapshot", timeout=10)
+    answer.raise_for_status()
+    shown: dict[str, object] = answer.json()
+    return shown
+
+
+async def load(
+    stack: Stack, seconds: float, changes: list[tuple[float, object]]
+) -> list[tuple[float, int, str]]:
+    """Requests from 24 concurrent clients for ``seconds``; at each (offset, change) the change is made.
+    Returns (time, status, the answer's text) per request."""
+    results: list[tuple[float, int, str]] = []
+    started = time.monotonic()
+    body = {"model": "demo-small", "messages": [{"role": "user", "content": PROMPT}]}
+    limits = httpx.Limits(max_connections=24, max_keepalive_connections=24)
+
+    async def client(http: httpx.AsyncClient) -> None:
+        while (now := time.monotonic() - started) < seconds:
+            try:
+                answer = await http.post(f"{stack.url}/v1/chat/completions", json=body, timeout=30)
+                text = (
+                    answer.json()["choices"][0]["message"]["content"]
+                    if answer.status_code == 200
+                    else answer.text
+                )
+                results.append((now, answer.status_code, text))
+            except httpx.HTTPError as exc:
+                results.append((now, 0, repr(exc)))
+
+    async def changer() -> None:
+        for offset, change in changes:
+            await asyncio.sleep(max(0.0, offset - (time.monotonic() - started)))
+            await asyncio.to_thread(change)  # type: ignore[arg-type]
+
+    async with httpx.AsyncClient(limits=limits) as http:
+        await asyncio.gather(*(client(http) for _ in range(24)), changer())
+    return results
+
+
+def test_rule_and_policy_changes_under_load_fail_no_request(reloading: Stack, folder: Path) -> None:
+    first = snapshot(reloading)["version"]
+    marks: dict[str, float] = {}
+
+    def add_rule() -> None:
+        marks["rule"] = time.monotonic()
+        (folder / "rules" / "projects.yaml").write_text(PROJECT_RULE, encoding="utf-8")
+
+    def change_policy() -> None:
+        marks["policy"] = time.monotonic()
+        policies = folder / "policies" / "default.yaml"
+        policies.write_text(policies.read_text() + ALLOW_EMAIL, encoding="utf-8")
+
+    started = time.monotonic()
+    results = asyncio.run(load(reloading, 30, [(8, add_rule), (18, change_policy)]))
+    statuses = Counter(status for _, status, _ in results)
+    assert statuses == {200: len(results)}, statuses.most_common(5)
+    rate = len(results) / 30
+    rule_at, policy_at = marks["rule"] - started, marks["policy"] - started
+    # Before each change the old behaviour; within a few seconds after it, the new one, for good.
+    before = [text for at, _, text in results if at < rule_at]
+    assert before
+    assert all("PRJ-1234" in text and "jane@example.com" not in text for text in before)
+    masked_project = [at for at, _, text in results if "PRJ-1234" not in text]
+    assert masked_project
+    assert min(masked_project) - rule_at < 10  # the rule file was seen and compiled while serving
+    after_rule = [text for at, _, text in results if min(masked_project) + 1 < at < policy_at]
+    assert after_rule
+    assert all("[REDACTED:PROJECT]" in text for text in after_rule)
+    email_allowed = [at for at, _, text in results if "jane@example.com" in text]
+    assert email_allowed
+    assert min(email_allowed) - policy_at < 10
+    assert all("jane@example.com" in text for at, _, text in results if at > min(email_allowed) + 1)
+    shown = snapshot(reloading)
+    assert shown["version"] != first
+    assert shown["reloads"] == 2  # type: ignore[comparison-overlap]
+    assert rate > 50, f"{rate:.0f} requests a second: too few to call it load"
+
+
+def test_a_broken_change_is_refused_while_the_old_rules_keep_masking(reloading: Stack, folder: Path) -> None:
+    before = snapshot(reloading)
+
+    def break_rules() -> None:
+        (folder / "rules" / "broken.yaml").write_text(
+            PROJECT_RULE.replace("id: project-codename", "id: broken\n  pattern2: x"), encoding="utf-8"
+        )
+
+    results = asyncio.run(load(reloading, 6, [(1, break_rules)]))
+    assert Counter(status for _, status, _ in results) == {200: len(results)}
+    assert all("[REDACTED:PROJECT]" in text for _, _, text in results)
+    shown = snapshot(reloading)
+    assert shown["version"] == before["version"]
+    problems = shown["last_error"]["problems"]  # type: ignore[index]
+    assert any("broken.yaml" in p for p in problems), problems
+    (folder / "rules" / "broken.yaml").unlink()
