@@ -32,25 +32,20 @@ class ApprovalStore(Protocol):
     async def update(self, approval_id: str, step: Callable[[Approval], Approval]) -> Approval:
         """Applies ``step`` atomically and returns the new state. Raises ApprovalError
         (``approval_not_found``, or what ``step`` raises) and StoreUnavailable."""
-        ...
 
     async def pending(self) -> list[Approval]:
         """Every approval still pending, oldest first."""
-        ...
 
     async def wait(self, approval_id: str, seconds: float) -> Approval | None:
         """The approval once it is no longer pending, or as it is after ``seconds``."""
-        ...
 
     def watch(self) -> AsyncIterator[Approval]:
         """Every approval created or changed from now on, until the consumer stops."""
-        ...
 
     async def follow(self) -> AsyncIterator[Approval]:
         """Like ``watch``, but returns only once changes are being kept for the consumer: what is
         created or changed after the call returns is in the iterator (a listing made then misses
         nothing). Raises StoreUnavailable."""
-        ...
 
     async def close(self) -> None: ...
 

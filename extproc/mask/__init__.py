@@ -44,12 +44,10 @@ class Verdicts(Protocol):
 
     def refuses(self, finding: Finding) -> bool:
         """Whether ``verdict(finding)`` would refuse; nothing is recorded."""
-        ...
 
     @property
     def may_refuse(self) -> bool:
         """Whether any finding at all could be refused."""
-        ...
 
 
 class Verdict(Protocol):
