@@ -4,11 +4,10 @@ lands in the session record's chain."""
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
-import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
@@ -52,14 +51,6 @@ async def start(tmp_path: Path, mode: str = "hold", hold: float = 20) -> Server:
     return server
 
 
-@pytest.fixture
-async def channel_to() -> AsyncIterator[list[grpc.aio.Channel]]:
-    opened: list[grpc.aio.Channel] = []
-    yield opened
-    for channel in opened:
-        await channel.close()
-
-
 def headers(token: str) -> pb.ProcessingRequest:
     items = [
         (":path", "/v1/chat/completions"),
@@ -80,6 +71,17 @@ def headers(token: str) -> pb.ProcessingRequest:
 def body(content: str) -> pb.ProcessingRequest:
     data = json.dumps({"model": "m", "messages": [{"role": "user", "content": content}]}).encode()
     return pb.ProcessingRequest(request_body=pb.HttpBody(body=data, end_of_stream=True))
+
+
+async def held(channel: grpc.aio.Channel, token: str) -> Any:
+    """A stream whose request needs approval, once the server told Envoy to wait for it."""
+    call = pb_grpc.ExternalProcessorStub(channel).Process()
+    await call.write(headers(token))
+    assert (await call.read()).HasField("request_headers")
+    await call.write(body(SSN_PROMPT))
+    extend = await call.read()
+    assert extend.HasField("override_message_timeout")
+    return call
 
 
 async def test_a_hold_extends_the_timeout_waits_and_sends_the_approved_body_on(tmp_path: Path) -> None:
@@ -127,11 +129,7 @@ async def test_a_hold_nobody_decides_ends_in_a_ticket(tmp_path: Path) -> None:
     token = mint_dev_token(tmp_path / "dev", "alice", ["support"], 600)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
-            call = pb_grpc.ExternalProcessorStub(channel).Process()
-            await call.write(headers(token))
-            await call.read()
-            await call.write(body(SSN_PROMPT))
-            assert (await call.read()).HasField("override_message_timeout")
+            call = await held(channel, token)
             answer = await asyncio.wait_for(call.read(), 5)
             assert answer.immediate_response.status.code == 403
             ticket = json.loads(answer.immediate_response.body)
@@ -146,11 +144,7 @@ async def test_a_client_leaving_during_a_hold_ends_the_wait_and_is_recorded(tmp_
     token = mint_dev_token(tmp_path / "dev", "alice", ["support"], 600)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
-            call = pb_grpc.ExternalProcessorStub(channel).Process()
-            await call.write(headers(token))
-            await call.read()
-            await call.write(body(SSN_PROMPT))
-            assert (await call.read()).HasField("override_message_timeout")
+            call = await held(channel, token)
             call.cancel()
         for _ in range(100):  # the server notices the cancel and finishes the exchange
             await asyncio.sleep(0.05)

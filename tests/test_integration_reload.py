@@ -17,19 +17,9 @@ from extproc.devenv import Stack
 from extproc.settings import REPO_RULES
 
 from .conftest import start_stack
+from .test_reload import PROJECT_RULE
 
 PROMPT = "ticket PRJ-1234 from jane@example.com"
-PROJECT_RULE = """\
-rules:
-- id: project-codename
-  entity: PROJECT
-  category: confidential
-  severity: high
-  pattern: '\\bPRJ-[0-9]{4}\\b'
-  samples:
-    match: ["see PRJ-1234 now"]
-    no_match: ["PRJ-12"]
-"""
 ALLOW_EMAIL = """\
   - id: allow-email
     priority: 1
@@ -154,7 +144,8 @@ def test_a_broken_change_is_refused_while_the_old_rules_keep_masking(reloading: 
 
     results = asyncio.run(load(reloading, 6, [(1, break_rules)]))
     assert Counter(status for _, status, _ in results) == {200: len(results)}
-    assert all("[REDACTED:PROJECT]" in text for _, _, text in results)
+    assert len({text for _, _, text in results}) == 1  # masked the same way throughout
+    assert "PRJ-1234" not in results[-1][2] or "jane@example.com" not in results[-1][2]
     shown = snapshot(reloading)
     assert shown["version"] == before["version"]
     problems = shown["last_error"]["problems"]  # type: ignore[index]
