@@ -15,17 +15,21 @@ from extproc.cli import build_parser
 from extproc.errors import ConfigError
 from extproc.settings import PLACEHOLDER, load_settings, require_identity_choice
 
+from .kubernetes_fixture import containers, operator_settings_text, runs_extproc, settings_text
+from .kubernetes_fixture import pod as pod_spec
+
 ROOT = Path(__file__).resolve().parent.parent
-MANIFESTS = [d for d in yaml.safe_load_all((ROOT / "deploy/kubernetes/deployment.yaml").read_text()) if d]
+# What production runs: deploy/kubernetes/overlays/production, rendered as kubectl kustomize renders it.
+SHIPPED = "overlays/production"
 
 
 def _containers() -> list[dict[str, object]]:
-    [deployment] = [d for d in MANIFESTS if d["kind"] == "Deployment"]
-    containers: list[dict[str, object]] = deployment["spec"]["template"]["spec"]["containers"]
-    return containers
+    return list(containers(SHIPPED).values())
 
 
-@pytest.mark.parametrize("container", _containers(), ids=lambda c: str(c["name"]))
+@pytest.mark.parametrize(
+    "container", [c for c in _containers() if runs_extproc(c)], ids=lambda c: str(c["name"])
+)
 def test_container_commands_are_real_extproc_commands(container: dict[str, object]) -> None:
     args = [str(a) for a in container["args"]]  # type: ignore[attr-defined]
     parsed = build_parser().parse_args(args)
@@ -33,21 +37,13 @@ def test_container_commands_are_real_extproc_commands(container: dict[str, objec
 
 
 def _shipped_settings() -> str:
-    config_map = yaml.safe_load((ROOT / "deploy/kubernetes/extproc-settings.yaml").read_text())
-    text: str = config_map["data"]["settings.yaml"]
-    return text
+    return settings_text(SHIPPED)
 
 
 def _operator_settings(tmp_path: Path) -> Path:
     """The shipped settings once the operator has set the identity provider's values."""
-    text = _shipped_settings()
-    text = text.replace(f"https://{PLACEHOLDER}.example", "https://login.example.com")
-    text = text.replace(f"[{PLACEHOLDER}]", "[llm-gateway]")
-    text = text.replace(f"redis.{PLACEHOLDER}.svc", "redis.ai.svc")
-    text = text.replace(f"approvals.{PLACEHOLDER}.example", "approvals.example.com")
-    assert PLACEHOLDER not in json.dumps(yaml.safe_load(text))  # (comments may still name it)
     path = tmp_path / "settings.yaml"
-    path.write_text(text)
+    path.write_text(operator_settings_text(_shipped_settings()))
     return path
 
 
@@ -114,7 +110,8 @@ def test_the_shipped_settings_as_shipped_do_not_start(tmp_path: Path) -> None:
 def test_the_settings_config_map_loads(tmp_path: Path) -> None:
     settings = load_settings(_operator_settings(tmp_path))
     assert settings.server.admin_address == "0.0.0.0:9090"
-    # The image copies the repository's rules/ there (see the Dockerfile test below).
+    # The ConfigMap extproc-rules is mounted there (tests/test_kubernetes.py); the image has its own copy of
+    # rules/ there too, for deploy/compose.yaml (see the Dockerfile test below).
     assert settings.detect.rules == ["/etc/extproc/rules"]
     assert settings.policy.paths == ["/etc/extproc/rules/policies"]
     assert settings.upstream.credential_file == "/etc/extproc/upstream/api-key"
@@ -218,8 +215,7 @@ def test_compose_environment_names_real_settings(monkeypatch: pytest.MonkeyPatch
 
 
 def test_the_sidecar_user_can_read_its_mounted_secrets() -> None:
-    [deployment] = [d for d in MANIFESTS if d["kind"] == "Deployment"]
-    pod = deployment["spec"]["template"]["spec"]
+    pod = pod_spec(SHIPPED)
     user = pod["securityContext"]["runAsUser"]
     assert user != 0
     # Secret files belong to root and to the pod's fsGroup: the sidecar reads them through the group bits.
