@@ -155,6 +155,23 @@ def test_findings_are_counted_by_entity_and_action(telemetry: Telemetry) -> None
     assert [c for _, c in telemetry.points(spans.DURATION_METRIC)] == [1]
 
 
+def test_durations_are_bucketed_in_seconds_not_the_sdks_millisecond_defaults(telemetry: Telemetry) -> None:
+    ex = traced(telemetry)
+    run(ex, chat(f"card {CARD}"), sse("ok"))
+    ex.trace.finish(ex.outcome())
+    data = telemetry.reader.get_metrics_data()
+    assert data is not None
+    bounds = {
+        metric.name: tuple(point.explicit_bounds)
+        for resource in data.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        for point in metric.data.data_points
+        if hasattr(point, "explicit_bounds")
+    }
+    assert bounds == {spans.DURATION_METRIC: spans.EXCHANGE_BUCKETS, spans.SCAN_METRIC: spans.WORK_BUCKETS}
+
+
 def test_a_trace_envoy_did_not_sample_is_not_recorded(telemetry: Telemetry) -> None:
     # emit_client_span: false, or Envoy's own sampling, propagates flags 00: follow that decision.
     ex = traced(telemetry, {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-00"})

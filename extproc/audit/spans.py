@@ -71,6 +71,15 @@ SCAN_METRIC = "extproc.scan.duration"
 VERIFY_METRIC = "extproc.verify.duration"
 RECORDS_LOST_METRIC = "extproc.audit.records_lost"
 
+# Histogram bucket bounds, in seconds. The SDK's default bounds (0, 5, 10, 25, ... 10000) are meant for
+# milliseconds: every duration here would fall into the first bucket and no percentile could be read.
+# Scanning one body and verifying one token are the sidecar's own work: tens of microseconds, up to
+# seconds for a body at limits.max_request_bytes.
+WORK_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+# An exchange lasts from its first message to its last, so it includes the model's answer: milliseconds
+# for a refusal, up to limits.max_stream_seconds (600 by default) for a long stream.
+EXCHANGE_BUCKETS = (*WORK_BUCKETS[3:], 5, 10, 30, 60, 120, 300, 600)
+
 
 class Instruments:
     """The tracer and metric instruments every exchange uses."""
@@ -92,13 +101,22 @@ class Instruments:
             FINDINGS_METRIC, unit="{finding}", description="findings by entity, direction and action"
         )
         self.duration = meter.create_histogram(
-            DURATION_METRIC, unit="s", description="an exchange from its first message to its last"
+            DURATION_METRIC,
+            unit="s",
+            description="an exchange from its first message to its last",
+            explicit_bucket_boundaries_advisory=EXCHANGE_BUCKETS,
         )
         self.scan = meter.create_histogram(
-            SCAN_METRIC, unit="s", description="time spent scanning and masking one body"
+            SCAN_METRIC,
+            unit="s",
+            description="time spent scanning and masking one body",
+            explicit_bucket_boundaries_advisory=WORK_BUCKETS,
         )
         self.verify = meter.create_histogram(
-            VERIFY_METRIC, unit="s", description="time spent verifying one bearer token"
+            VERIFY_METRIC,
+            unit="s",
+            description="time spent verifying one bearer token",
+            explicit_bucket_boundaries_advisory=WORK_BUCKETS,
         )
         self.records_lost = meter.create_counter(
             RECORDS_LOST_METRIC, unit="{record}", description="session records that could not be written"
