@@ -139,6 +139,7 @@ def test_a_refusal_names_its_code_and_counts_in_the_metrics(telemetry: Telemetry
     assert scan.status.status_code is StatusCode.ERROR
     [(labels, count)] = telemetry.points(spans.EXCHANGES_METRIC)
     assert labels[spans.DECISION] == "refused"
+    assert labels[spans.ERROR_CODE] == "body_too_large"
     assert count == 1
 
 
@@ -150,7 +151,7 @@ def test_findings_are_counted_by_entity_and_action(telemetry: Telemetry) -> None
     counted = {(a["entity"], a[spans.DIRECTION], a["action"]): v for a, v in points}
     assert counted == {("CREDIT_CARD", "request", "mask"): 1, ("EMAIL_ADDRESS", "response", "mask"): 1}
     [(labels, count)] = telemetry.points(spans.EXCHANGES_METRIC)
-    assert labels == {spans.DECISION: "masked", spans.POLICY: "default"}
+    assert labels == {spans.DECISION: "masked", spans.POLICY: "default", spans.ERROR_CODE: ""}
     assert count == 1
     assert [c for _, c in telemetry.points(spans.DURATION_METRIC)] == [1]
 

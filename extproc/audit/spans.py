@@ -95,7 +95,7 @@ class Instruments:
             meter, metrics.NoOpMeter
         )
         self.exchanges = meter.create_counter(
-            EXCHANGES_METRIC, unit="{exchange}", description="exchanges by decision and policy"
+            EXCHANGES_METRIC, unit="{exchange}", description="exchanges by decision, policy and error code"
         )
         self.findings = meter.create_counter(
             FINDINGS_METRIC, unit="{finding}", description="findings by entity, direction and action"
@@ -259,7 +259,13 @@ class ExchangeTrace:
         self.span.end()
         if not self.instruments.enabled:
             return
-        labels = {DECISION: outcome.decision, POLICY: outcome.policy or ""}
+        # The error code is a code of errors.py or a policy's (policy_blocked, approval_required): a
+        # bounded set, like the decisions; "" when the exchange was not refused.
+        labels = {
+            DECISION: outcome.decision,
+            POLICY: outcome.policy or "",
+            ERROR_CODE: outcome.error_code or "",
+        }
         self.instruments.exchanges.add(1, labels)
         self.instruments.duration.record(time.perf_counter() - self._started, {DECISION: outcome.decision})
         for way, actions in outcome.actions.items():
