@@ -173,6 +173,17 @@ def test_durations_are_bucketed_in_seconds_not_the_sdks_millisecond_defaults(tel
     assert bounds == {spans.DURATION_METRIC: spans.EXCHANGE_BUCKETS, spans.SCAN_METRIC: spans.WORK_BUCKETS}
 
 
+def test_records_lost_and_reloads_are_counted_from_zero(telemetry: Telemetry) -> None:
+    # Series that exist before their first event: "none so far" is shown, and the first one is an increase.
+    assert telemetry.points(spans.RECORDS_LOST_METRIC) == [({}, 0)]
+    assert sorted(telemetry.points(spans.RELOADS_METRIC), key=str) == [
+        ({"result": "ok"}, 0),
+        ({"result": "refused"}, 0),
+    ]
+    telemetry.instruments.reloads.add(1, {"result": "ok"})
+    assert ({"result": "ok"}, 1) in telemetry.points(spans.RELOADS_METRIC)
+
+
 def test_a_trace_envoy_did_not_sample_is_not_recorded(telemetry: Telemetry) -> None:
     # emit_client_span: false, or Envoy's own sampling, propagates flags 00: follow that decision.
     ex = traced(telemetry, {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-00"})

@@ -70,6 +70,8 @@ DURATION_METRIC = "extproc.exchange.duration"
 SCAN_METRIC = "extproc.scan.duration"
 VERIFY_METRIC = "extproc.verify.duration"
 RECORDS_LOST_METRIC = "extproc.audit.records_lost"
+RELOADS_METRIC = "extproc.reloads"
+RELOAD_RESULTS = ("ok", "refused")  # the values of the reloads counter's "result" attribute
 
 # Histogram bucket bounds, in seconds. The SDK's default bounds (0, 5, 10, 25, ... 10000) are meant for
 # milliseconds: every duration here would fall into the first bucket and no percentile could be read.
@@ -121,6 +123,17 @@ class Instruments:
         self.records_lost = meter.create_counter(
             RECORDS_LOST_METRIC, unit="{record}", description="session records that could not be written"
         )
+        self.reloads = meter.create_counter(
+            RELOADS_METRIC,
+            unit="{reload}",
+            description='settings and rules reloads by "result": ok | refused',
+        )
+        # A counter has no series until its first point, and these two may never get one: started at
+        # zero, a scrape shows "no record lost, no reload" instead of nothing, and an alert on their
+        # increase() sees the first one (an increase from no series at all is not one).
+        self.records_lost.add(0)
+        for result in RELOAD_RESULTS:
+            self.reloads.add(0, {"result": result})
 
     def begin(self, metadata: Mapping[str, str]) -> ExchangeTrace:
         """The trace of a new exchange, joined to the context Envoy propagated in ``metadata`` (the
