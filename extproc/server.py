@@ -322,7 +322,7 @@ class Server:
 
     def __init__(self, settings: Settings, runtime: Runtime, instruments: Instruments | None = None) -> None:
         """``instruments``: given by tests that read spans in memory; otherwise built from the telemetry
-        settings (no-op ones when no OTLP endpoint is set). Raises ConfigError when the settings choose
+        settings (no-op ones when nothing is pushed or scraped). Raises ConfigError when the settings choose
         no identity mode: a server authenticates callers, or is told in so many words not to."""
         require_identity_choice(settings)
         self._settings = settings
@@ -433,6 +433,8 @@ class Server:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         add_approval_routes(app, self.approvals, lambda: self._runtime.snapshot.verifier)
+        if self._telemetry is not None:
+            self._telemetry.add_routes(app)  # GET /metrics, unless telemetry.prometheus is false
         self._admin_runner = web.AppRunner(app, access_log=None)
         await self._admin_runner.setup()
         port = int(self._settings.server.admin_address.rpartition(":")[2])

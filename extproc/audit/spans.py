@@ -93,14 +93,15 @@ class Instruments:
     ) -> None:
         self.tracer = tracer if tracer is not None else trace.NoOpTracer()
         meter = meter if meter is not None else metrics.NoOpMeter(SCOPE)
-        self.enabled = not isinstance(self.tracer, trace.NoOpTracer) or not isinstance(
-            meter, metrics.NoOpMeter
-        )
+        # Spans, metrics, or both are recorded. Metrics alone (a Prometheus scrape, no OTLP endpoint)
+        # still time scans and verifications; only spans need Envoy's trace context.
+        self.tracing = not isinstance(self.tracer, trace.NoOpTracer)
+        self.enabled = self.tracing or not isinstance(meter, metrics.NoOpMeter)
         self.exchanges = meter.create_counter(
             EXCHANGES_METRIC, unit="{exchange}", description="exchanges by decision, policy and error code"
         )
         self.findings = meter.create_counter(
-            FINDINGS_METRIC, unit="{finding}", description="findings by entity, direction and action"
+            FINDINGS_METRIC, unit="{finding}", description="findings by entity, direction, action and policy"
         )
         self.duration = meter.create_histogram(
             DURATION_METRIC,
@@ -140,7 +141,7 @@ class Instruments:
         gRPC stream's invocation metadata: ``traceparent`` and ``tracestate``). A malformed context is
         ignored (the propagator drops it): the exchange is traced as a root, never failed."""
         parent = otel_context.Context()
-        if self.enabled and metadata:
+        if self.tracing and metadata:
             parent = extract(metadata)
         return ExchangeTrace(self, parent)
 
