@@ -8,6 +8,7 @@ import json
 import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -23,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.audit import spans
 from extproc.devenv import Stack
+from extproc.identity.dev import DEV_ISSUER, dev_identity, mint_dev_token
 from extproc.runtime import Runtime, build_snapshot
 from extproc.server import Server
 from extproc.settings import load_settings
@@ -38,17 +40,18 @@ LABELS |= {"result", "le"}
 Samples = dict[frozenset[tuple[str, str]], float]
 
 
-def _settings(**telemetry: Any):  # type: ignore[no-untyped-def]
+def _settings(identity: dict[str, Any] | None, telemetry: dict[str, Any]):  # type: ignore[no-untyped-def]
     return load_settings(
         None,
         server={"grpc_address": "127.0.0.1:0", "admin_address": "127.0.0.1:0", "drain_seconds": 0},
-        identity={"mode": "none"},
+        identity=identity or {"mode": "none"},
         telemetry=telemetry,
     )
 
 
-async def start_server(**telemetry: Any) -> Server:
-    settings = _settings(**telemetry)
+async def start_server(identity: dict[str, Any] | None = None, **telemetry: Any) -> Server:
+    """A server on free ports: no identity unless ``identity`` is given, ``telemetry`` settings."""
+    settings = _settings(identity, telemetry)
     server = Server(settings, Runtime(build_snapshot(settings)))
     await server.start()
     return server
@@ -73,13 +76,19 @@ def _headers(*items: tuple[str, str]) -> base_pb2.HeaderMap:
     return base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in items])
 
 
-async def exchange(port: int, prompt: bytes, answer: bytes, content_type: str = "text/plain") -> None:
-    """One exchange as Envoy drives it: request headers and body, then the answer's headers and body."""
+async def exchange(
+    port: int, prompt: bytes, answer: bytes, content_type: str = "text/plain", token: str | None = None
+) -> None:
+    """One exchange as Envoy drives it: request headers (with ``token`` as the bearer) and body, then the
+    answer's headers and body."""
+    request = [("content-type", content_type)]
+    if token is not None:
+        request.append(("authorization", f"Bearer {token}"))
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         call = pb_grpc.ExternalProcessorStub(channel).Process()
         await call.write(
             pb.ProcessingRequest(
-                request_headers=pb.HttpHeaders(headers=_headers(("content-type", content_type))),
+                request_headers=pb.HttpHeaders(headers=_headers(*request)),
                 protocol_config=pb.ProtocolConfiguration(request_body_mode=2, response_body_mode=4),
             )
         )
@@ -189,10 +198,19 @@ async def test_an_exchange_moves_the_counters_and_histograms_without_an_otlp_end
     assert samples(text, "extproc_reloads_total") == {labels(result="ok"): 0, labels(result="refused"): 0}
 
 
-async def test_no_value_or_caller_reaches_a_label(server: Server) -> None:
-    await exchange(server.grpc_port, f"card {CARD} to {EMAIL}".encode(), f"mail {EMAIL}".encode())
-    text = await scraped(server.admin_port, counted("extproc_exchanges_total", **MASKED))
-    for value in (CARD, "4111", EMAIL, "jane"):
+async def test_no_value_or_caller_reaches_a_label(tmp_path: Path) -> None:
+    server = await start_server(identity=dev_identity(tmp_path))
+    try:
+        token = mint_dev_token(tmp_path, "subject-alice-7", ["group-q7"], 600)
+        prompt = f"card {CARD} to {EMAIL}".encode()
+        await exchange(server.grpc_port, prompt, f"mail {EMAIL}".encode(), token=token)
+        text = await scraped(
+            server.admin_port, counted("extproc_exchange_duration_seconds_count", extproc_decision="masked")
+        )
+    finally:
+        await server.stop()
+    assert samples(text, "extproc_verify_duration_seconds_count") == {labels(): 1}  # the token was checked
+    for value in (CARD, "4111", EMAIL, "jane", "alice", "group-q7", DEV_ISSUER):
         assert value not in text
     for family in text_string_to_metric_families(text):
         if family.name != "target_info":  # the resource: service name, version, SDK
