@@ -92,13 +92,14 @@ async def exchange(
                 protocol_config=pb.ProtocolConfiguration(request_body_mode=2, response_body_mode=4),
             )
         )
-        await call.read()
-        await call.write(pb.ProcessingRequest(request_body=pb.HttpBody(body=prompt, end_of_stream=True)))
-        reply = await call.read()
-        if not reply.HasField("immediate_response"):  # a refusal ends the exchange here
-            headers = _headers((":status", "200"), ("content-type", "text/plain"))
-            await call.write(pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=headers)))
-            await call.write(pb.ProcessingRequest(response_body=pb.HttpBody(body=answer, end_of_stream=True)))
+        # A refusal (an immediate response, to the headers or to the body) ends the exchange there.
+        if not (await call.read()).HasField("immediate_response"):
+            await call.write(pb.ProcessingRequest(request_body=pb.HttpBody(body=prompt, end_of_stream=True)))
+            if not (await call.read()).HasField("immediate_response"):
+                headers = _headers((":status", "200"), ("content-type", "text/plain"))
+                await call.write(pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=headers)))
+                body = pb.HttpBody(body=answer, end_of_stream=True)
+                await call.write(pb.ProcessingRequest(response_body=body))
         await call.done_writing()
         while await call.read() is not grpc.aio.EOF:
             pass
