@@ -44,7 +44,7 @@ class Telemetry:
     def __init__(self, settings: TelemetrySettings) -> None:
         self._tracer_provider: TracerProvider | None = None
         self._meter_provider: MeterProvider | None = None
-        # A registry of this process's own: prometheus_client's global one also collects the
+        # A registry of its own: prometheus_client's global one also collects the
         # interpreter's process and GC metrics, and two servers in one process (the tests) would mix.
         self._registry: CollectorRegistry | None = None
         # One scrape at a time: the reader hands each collection to its collector through a shared
