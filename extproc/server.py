@@ -332,15 +332,15 @@ class Server:
         config_path: str | None = None,
     ) -> None:
         """``instruments``: given by tests that read spans in memory; otherwise built from the telemetry
-        settings (no-op ones when no OTLP endpoint is set). ``load_settings`` reads the settings again
-        for a reload, as they were read for this start (file, environment, flags; the same ``settings``
-        when not given); ``config_path`` is the settings file, an input of the snapshot's version.
-        Raises ConfigError when the settings choose no identity mode: a server authenticates callers, or
-        is told in so many words not to."""
+        settings (no-op ones when nothing is pushed or scraped). ``load_settings`` reads the settings
+        again for a reload, as they were read for this start (file, environment, flags; the same
+        ``settings`` when not given); ``config_path`` is the settings file, an input of the snapshot's
+        version. Raises ConfigError when the settings choose no identity mode: a server authenticates
+        callers, or is told in so many words not to."""
         require_identity_choice(settings)
         self._settings = settings
         self._runtime = runtime
-        self.reloader = Reloader(runtime, load_settings or (lambda: settings), config_path)
+
         self._watcher: asyncio.Task[None] | None = None
         self._reloads: set[asyncio.Task[dict[str, Any]]] = set()
         self._telemetry: Telemetry | None = None
@@ -348,6 +348,12 @@ class Server:
             self._telemetry = Telemetry(settings.telemetry)
             instruments = self._telemetry.instruments
         self._instruments = instruments
+        self.reloader = Reloader(
+            runtime,
+            load_settings or (lambda: settings),
+            config_path,
+            on_result=lambda result: instruments.reloads.add(1, {"result": result}),
+        )
         # One approval service per server: the exchange, the approvers' API, the page and every listener
         # (record, logs, notifications) share it, so a step taken through one is seen by all.
         self.approvals = ApprovalService(
@@ -453,6 +459,8 @@ class Server:
         app.router.add_get("/snapshot", self._snapshot_status)
         app.router.add_post("/reload", self._reload)
         add_approval_routes(app, self.approvals, lambda: self._runtime.snapshot.verifier)
+        if self._telemetry is not None:
+            self._telemetry.add_routes(app)  # GET /metrics, unless telemetry.prometheus is false
         self._admin_runner = web.AppRunner(app, access_log=None)
         await self._admin_runner.setup()
         port = int(self._settings.server.admin_address.rpartition(":")[2])

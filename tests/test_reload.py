@@ -19,6 +19,7 @@ import yaml
 from aiohttp.test_utils import make_mocked_request
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.audit.record import iter_records
 from extproc.runtime import Runtime, build_snapshot, fingerprint, inputs
@@ -284,3 +285,22 @@ async def test_the_reload_command_says_what_happened(server: Server, tmp_path: P
     code, _, err = await run_reload("--admin-address", f"127.0.0.1:{free_port()}")
     assert code == 2
     assert "cannot reach" in err
+
+
+async def test_reloads_are_counted_by_result_in_the_metrics(server: Server, tmp_path: Path) -> None:
+    assert (await admin(server, "POST", "/reload"))[0] == 200
+    (tmp_path / "rules" / "broken.yaml").write_text("rules: [\n", encoding="utf-8")
+    assert (await admin(server, "POST", "/reload"))[0] == 422
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{server.admin_port}/metrics") as answer,
+    ):
+        scraped = await answer.text()
+    counted = {
+        sample.labels["result"]: sample.value
+        for family in text_string_to_metric_families(scraped)
+        for sample in family.samples
+        if sample.name == "extproc_reloads_total"
+    }
+    assert counted["ok"] >= 1
+    assert counted["refused"] >= 1

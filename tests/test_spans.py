@@ -139,6 +139,7 @@ def test_a_refusal_names_its_code_and_counts_in_the_metrics(telemetry: Telemetry
     assert scan.status.status_code is StatusCode.ERROR
     [(labels, count)] = telemetry.points(spans.EXCHANGES_METRIC)
     assert labels[spans.DECISION] == "refused"
+    assert labels[spans.ERROR_CODE] == "body_too_large"
     assert count == 1
 
 
@@ -150,9 +151,37 @@ def test_findings_are_counted_by_entity_and_action(telemetry: Telemetry) -> None
     counted = {(a["entity"], a[spans.DIRECTION], a["action"]): v for a, v in points}
     assert counted == {("CREDIT_CARD", "request", "mask"): 1, ("EMAIL_ADDRESS", "response", "mask"): 1}
     [(labels, count)] = telemetry.points(spans.EXCHANGES_METRIC)
-    assert labels == {spans.DECISION: "masked", spans.POLICY: "default"}
+    assert labels == {spans.DECISION: "masked", spans.POLICY: "default", spans.ERROR_CODE: ""}
     assert count == 1
     assert [c for _, c in telemetry.points(spans.DURATION_METRIC)] == [1]
+
+
+def test_durations_are_bucketed_in_seconds_not_the_sdks_millisecond_defaults(telemetry: Telemetry) -> None:
+    ex = traced(telemetry)
+    run(ex, chat(f"card {CARD}"), sse("ok"))
+    ex.trace.finish(ex.outcome())
+    data = telemetry.reader.get_metrics_data()
+    assert data is not None
+    bounds = {
+        metric.name: tuple(point.explicit_bounds)
+        for resource in data.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        for point in metric.data.data_points
+        if hasattr(point, "explicit_bounds")
+    }
+    assert bounds == {spans.DURATION_METRIC: spans.EXCHANGE_BUCKETS, spans.SCAN_METRIC: spans.WORK_BUCKETS}
+
+
+def test_records_lost_and_reloads_are_counted_from_zero(telemetry: Telemetry) -> None:
+    # Series that exist before their first event: "none so far" is shown, and the first one is an increase.
+    assert telemetry.points(spans.RECORDS_LOST_METRIC) == [({}, 0)]
+    assert sorted(telemetry.points(spans.RELOADS_METRIC), key=str) == [
+        ({"result": "ok"}, 0),
+        ({"result": "refused"}, 0),
+    ]
+    telemetry.instruments.reloads.add(1, {"result": "ok"})
+    assert ({"result": "ok"}, 1) in telemetry.points(spans.RELOADS_METRIC)
 
 
 def test_a_trace_envoy_did_not_sample_is_not_recorded(telemetry: Telemetry) -> None:

@@ -11,10 +11,23 @@ def test_opentelemetry_proto_is_the_current_one_not_xds_protos_copy() -> None:
     assert hasattr(common_pb2, "InstrumentationScope")  # the old copy has InstrumentationLibrary only
 
 
-def test_no_endpoint_builds_no_provider() -> None:
-    telemetry = Telemetry(TelemetrySettings())
+def test_nothing_pushed_or_scraped_builds_no_provider() -> None:
+    telemetry = Telemetry(TelemetrySettings(prometheus=False))
     assert not telemetry.instruments.enabled
     telemetry.shutdown()
+
+
+def test_without_an_endpoint_metrics_are_still_recorded_for_the_scrape() -> None:
+    telemetry = Telemetry(TelemetrySettings())
+    try:
+        assert telemetry.instruments.enabled
+        assert not telemetry.instruments.tracing  # spans need an endpoint
+        telemetry.instruments.exchanges.add(1, {"extproc.decision": "allowed"})
+        body, content_type = telemetry.exposition()
+        assert content_type.startswith("text/plain")
+        assert 'extproc_exchanges_total{extproc_decision="allowed"} 1.0' in body.decode()
+    finally:
+        telemetry.shutdown()
 
 
 def test_an_endpoint_builds_exporting_instruments() -> None:

@@ -70,6 +70,17 @@ DURATION_METRIC = "extproc.exchange.duration"
 SCAN_METRIC = "extproc.scan.duration"
 VERIFY_METRIC = "extproc.verify.duration"
 RECORDS_LOST_METRIC = "extproc.audit.records_lost"
+RELOADS_METRIC = "extproc.reloads"
+RELOAD_RESULTS = ("ok", "refused")  # the values of the reloads counter's "result" attribute
+
+# Histogram bucket bounds, in seconds. The SDK's default bounds (0, 5, 10, 25, ... 10000) are meant for
+# milliseconds: every duration here would fall into the first bucket and no percentile could be read.
+# Scanning one body and verifying one token are the sidecar's own work: tens of microseconds, up to
+# seconds for a body at limits.max_request_bytes.
+WORK_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+# An exchange lasts from its first message to its last, so it includes the model's answer: milliseconds
+# for a refusal, up to limits.max_stream_seconds (600 by default) for a long stream.
+EXCHANGE_BUCKETS = (*WORK_BUCKETS[3:], 5, 10, 30, 60, 120, 300, 600)
 
 
 class Instruments:
@@ -82,34 +93,55 @@ class Instruments:
     ) -> None:
         self.tracer = tracer if tracer is not None else trace.NoOpTracer()
         meter = meter if meter is not None else metrics.NoOpMeter(SCOPE)
-        self.enabled = not isinstance(self.tracer, trace.NoOpTracer) or not isinstance(
-            meter, metrics.NoOpMeter
-        )
+        # Spans, metrics, or both are recorded. Metrics alone (a Prometheus scrape, no OTLP endpoint)
+        # still time scans and verifications; only spans need Envoy's trace context.
+        self.tracing = not isinstance(self.tracer, trace.NoOpTracer)
+        self.enabled = self.tracing or not isinstance(meter, metrics.NoOpMeter)
         self.exchanges = meter.create_counter(
-            EXCHANGES_METRIC, unit="{exchange}", description="exchanges by decision and policy"
+            EXCHANGES_METRIC, unit="{exchange}", description="exchanges by decision, policy and error code"
         )
         self.findings = meter.create_counter(
-            FINDINGS_METRIC, unit="{finding}", description="findings by entity, direction and action"
+            FINDINGS_METRIC, unit="{finding}", description="findings by entity, direction, action and policy"
         )
         self.duration = meter.create_histogram(
-            DURATION_METRIC, unit="s", description="an exchange from its first message to its last"
+            DURATION_METRIC,
+            unit="s",
+            description="an exchange from its first message to its last",
+            explicit_bucket_boundaries_advisory=EXCHANGE_BUCKETS,
         )
         self.scan = meter.create_histogram(
-            SCAN_METRIC, unit="s", description="time spent scanning and masking one body"
+            SCAN_METRIC,
+            unit="s",
+            description="time spent scanning and masking one body",
+            explicit_bucket_boundaries_advisory=WORK_BUCKETS,
         )
         self.verify = meter.create_histogram(
-            VERIFY_METRIC, unit="s", description="time spent verifying one bearer token"
+            VERIFY_METRIC,
+            unit="s",
+            description="time spent verifying one bearer token",
+            explicit_bucket_boundaries_advisory=WORK_BUCKETS,
         )
         self.records_lost = meter.create_counter(
             RECORDS_LOST_METRIC, unit="{record}", description="session records that could not be written"
         )
+        self.reloads = meter.create_counter(
+            RELOADS_METRIC,
+            unit="{reload}",
+            description='settings and rules reloads by "result": ok | refused',
+        )
+        # A counter has no series until its first point, and these two may never get one: started at
+        # zero, a scrape shows "no record lost, no reload" instead of nothing, and an alert on their
+        # increase() sees the first one (an increase from no series at all is not one).
+        self.records_lost.add(0)
+        for result in RELOAD_RESULTS:
+            self.reloads.add(0, {"result": result})
 
     def begin(self, metadata: Mapping[str, str]) -> ExchangeTrace:
         """The trace of a new exchange, joined to the context Envoy propagated in ``metadata`` (the
         gRPC stream's invocation metadata: ``traceparent`` and ``tracestate``). A malformed context is
         ignored (the propagator drops it): the exchange is traced as a root, never failed."""
         parent = otel_context.Context()
-        if self.enabled and metadata:
+        if self.tracing and metadata:
             parent = extract(metadata)
         return ExchangeTrace(self, parent)
 
@@ -241,7 +273,13 @@ class ExchangeTrace:
         self.span.end()
         if not self.instruments.enabled:
             return
-        labels = {DECISION: outcome.decision, POLICY: outcome.policy or ""}
+        # The error code is a code of errors.py or a policy's (policy_blocked, approval_required): a
+        # bounded set, like the decisions; "" when the exchange was not refused.
+        labels = {
+            DECISION: outcome.decision,
+            POLICY: outcome.policy or "",
+            ERROR_CODE: outcome.error_code or "",
+        }
         self.instruments.exchanges.add(1, labels)
         self.instruments.duration.record(time.perf_counter() - self._started, {DECISION: outcome.decision})
         for way, actions in outcome.actions.items():
