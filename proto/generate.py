@@ -1,6 +1,7 @@
 """Compiles every .proto under proto/ into the Python modules committed beside the code that uses them
-(``proto/extproc/approvals/v1/approvals.proto`` -> ``extproc/approvals/v1/approvals_pb2.py``, ``.pyi``,
-``_pb2_grpc.py``).
+(``proto/extproc/approvals/v1/approvals.proto`` -> ``extproc/approvals/v1/approvals_pb2.py`` and
+``.pyi``). The service's stub and server registration are not generated: ``extproc/approvals/v1/rpc.py``
+reads them from the compiled service descriptor, typed.
 
 The generated modules are committed so that the sidecar needs only ``protobuf`` and ``grpcio`` at run
 time, not the compiler (``grpcio-tools``, a dev dependency). ``make proto`` runs this into the
@@ -28,7 +29,7 @@ def protos() -> list[Path]:
 def generated_names(proto: Path) -> list[Path]:
     """The modules one .proto compiles to, relative to the output folder."""
     stem = proto.with_suffix("")
-    return [stem.with_name(stem.name + suffix) for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")]
+    return [stem.with_name(stem.name + suffix) for suffix in ("_pb2.py", "_pb2.pyi")]
 
 
 def generate(out: Path) -> list[Path]:
@@ -44,7 +45,6 @@ def generate(out: Path) -> list[Path]:
         f"--proto_path={well_known}",
         f"--python_out={out}",
         f"--pyi_out={out}",
-        f"--grpc_python_out={out}",
         *(str(PROTO_DIR / source) for source in sources),
     ]
     if protoc.main(args) != 0:

@@ -18,7 +18,7 @@ from extproc.approvals.model import Approval, ApprovalRequest, Event, Person
 from extproc.approvals.service import ApprovalService
 from extproc.approvals.store import MemoryStore, StoreUnavailable
 from extproc.approvals.v1 import approvals_pb2 as pb
-from extproc.approvals.v1 import approvals_pb2_grpc as pb_grpc
+from extproc.approvals.v1 import rpc
 from extproc.identity.dev import DEV_ISSUER, dev_identity, mint_dev_token
 from extproc.identity.jwt import Verifier
 from extproc.settings import IdentitySettings
@@ -74,7 +74,7 @@ async def serving(
     await server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield servicer, pb_grpc.ApprovalsStub(channel)
+            yield servicer, rpc.ApprovalsStub(channel)
     finally:
         servicer.close()
         await server.stop(0)

@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from extproc.approvals.v1 import approvals_pb2 as pb
-from extproc.approvals.v1 import approvals_pb2_grpc as pb_grpc
+from extproc.approvals.v1 import rpc
 from extproc.identity.dev import dev_identity, mint_dev_token
 from extproc.runtime import Runtime, build_snapshot
 from extproc.server import Server
@@ -52,7 +52,7 @@ async def test_the_server_serves_the_api_on_its_own_port_and_says_where(
         approval = await srv.approvals.request(ask())
         token = mint(tmp_path, "bob", "approvers")
         async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.approvals_port}") as channel:
-            got = await pb_grpc.ApprovalsStub(channel).Get(
+            got = await rpc.ApprovalsStub(channel).Get(
                 pb.GetRequest(id=approval.id), metadata=(("authorization", f"Bearer {token}"),)
             )
         assert got.approve_url == f"{PUBLIC_URL}/approvals/{approval.id}"
@@ -96,7 +96,7 @@ async def test_a_stopping_server_ends_watch_streams_instead_of_waiting_its_grace
     await srv.start()
     token = mint(tmp_path, "bob", "approvers")
     async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.approvals_port}") as channel:
-        call = pb_grpc.ApprovalsStub(channel).Watch(
+        call = rpc.ApprovalsStub(channel).Watch(
             pb.WatchRequest(), metadata=(("authorization", f"Bearer {token}"),)
         )
         await asyncio.sleep(0.3)  # open, and waiting for changes

@@ -31,7 +31,7 @@ def test_no_generated_module_is_left_without_its_proto(tmp_path: Path) -> None:
     expected = {p.relative_to(tmp_path) for p in _generator().generate(tmp_path)}
     committed = {
         p.relative_to(ROOT)
-        for pattern in ("*_pb2.py", "*_pb2.pyi", "*_pb2_grpc.py")
+        for pattern in ("*_pb2.py", "*_pb2.pyi", "*_pb2_grpc.py")  # the last: none may be left
         for p in (ROOT / "extproc").rglob(pattern)
     }
     assert committed == expected
@@ -40,9 +40,25 @@ def test_no_generated_module_is_left_without_its_proto(tmp_path: Path) -> None:
 def test_the_generated_modules_need_no_compiler_at_run_time() -> None:
     """grpcio-tools is a dev dependency: the modules import protobuf and grpcio only (test_deploy.py
     imports every module of the package from the runtime lock alone)."""
-    from extproc.approvals.v1 import approvals_pb2, approvals_pb2_grpc
+    from extproc.approvals.v1 import approvals_pb2, rpc
 
     assert approvals_pb2.DESCRIPTOR.package == "extproc.approvals.v1"
-    assert hasattr(approvals_pb2_grpc, "add_ApprovalsServicer_to_server")
+    assert [m.name for m in rpc.methods()] == ["ListPending", "Get", "Approve", "Deny", "Watch"]
     for path in (ROOT / "extproc" / "approvals" / "v1").glob("*.py"):
         assert "grpc_tools" not in path.read_text(), path
+
+
+async def test_a_servicer_missing_a_method_of_the_proto_is_refused_at_registration() -> None:
+    import grpc
+    import pytest
+
+    from extproc.approvals.v1 import rpc
+
+    class Partial:
+        async def ListPending(self, request: object, context: object) -> object:
+            return request
+
+    server = grpc.aio.server()
+    with pytest.raises(TypeError, match=r"does not serve /extproc.approvals.v1.Approvals/Get"):
+        rpc.add_to_server(Partial(), server)
+    await server.stop(0)

@@ -13,7 +13,7 @@ import grpc
 from google.protobuf import json_format
 
 from extproc.approvals.v1 import approvals_pb2 as pb
-from extproc.approvals.v1 import approvals_pb2_grpc as pb_grpc
+from extproc.approvals.v1 import rpc
 
 CALL_SECONDS: Final = 10.0
 """How long one call may take: long enough for a store across the network, short enough that a server
@@ -65,7 +65,7 @@ class ApprovalsClient:
         self._channel = grpc.insecure_channel(
             address, options=[("grpc.max_receive_message_length", MAX_ANSWER_BYTES)]
         )
-        self._stub = pb_grpc.ApprovalsStub(self._channel)
+        self._stub = rpc.ApprovalsStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),)
         self._timeout = timeout
 

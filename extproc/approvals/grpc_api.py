@@ -27,7 +27,7 @@ from extproc.approvals.model import Approval, ApprovalError, Person
 from extproc.approvals.service import ApprovalService, approver_from, unavailable
 from extproc.approvals.store import StoreUnavailable
 from extproc.approvals.v1 import approvals_pb2 as pb
-from extproc.approvals.v1 import approvals_pb2_grpc as pb_grpc
+from extproc.approvals.v1 import rpc
 from extproc.errors import AuthError, ExtProcError
 from extproc.identity.jwt import Verifier
 
@@ -314,5 +314,5 @@ def add_approvals_api(
     """Registers the approvers' API on ``server``; returns the servicer, whose ``close()`` ends its Watch
     streams when the server stops."""
     api = ApprovalsApi(service, verifier)
-    pb_grpc.add_ApprovalsServicer_to_server(api, server)
+    rpc.add_to_server(api, server)
     return api
