@@ -329,3 +329,31 @@ async def test_readyz_names_the_identity_mode_and_warns_of_nothing_when_callers_
         assert not [r for r in caplog.records if r.getMessage() == "identity_none"]
     finally:
         await srv.stop(drain=False)
+
+
+async def test_a_read_past_its_deadline_loses_no_message_and_a_broken_stream_raises_in_order() -> None:
+    """The stream deadline (limits.max_stream_seconds) interrupts a wait, never a read: the message that
+    arrives after it is the next one read, and a stream that breaks raises where it broke."""
+    import time
+
+    from extproc.server import _EXPIRED, _Messages
+
+    arrive = asyncio.Event()
+
+    async def source() -> AsyncIterator[str]:
+        yield "headers"
+        await arrive.wait()
+        yield "late chunk"
+        yield "next chunk"
+        raise RuntimeError("stream reset")
+
+    messages = _Messages(source())
+    soon = time.monotonic() + 0.05
+    assert await messages.next(soon) == "headers"
+    assert await messages.next(soon) is _EXPIRED
+    arrive.set()
+    assert await messages.next(None) == "late chunk"
+    assert await messages.next(time.monotonic() + 5) == "next chunk"
+    with pytest.raises(RuntimeError, match="stream reset"):
+        await messages.next(time.monotonic() + 5)
+    messages.close()
