@@ -36,8 +36,6 @@ from extproc.model import (
 ProcessingRequest = pb.ProcessingRequest
 ProcessingResponse = pb.ProcessingResponse
 
-# The attribute map is keyed by the filter's name (verified on Envoy 1.40).
-_ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
 _BODY_MODES = {
     0: BodyMode.NONE,
     1: BodyMode.STREAMED,
@@ -77,7 +75,6 @@ def decode(message: pb.ProcessingRequest) -> Event:
             direction=direction,
             items=items,
             end_of_stream=http_headers.end_of_stream,
-            attributes=_attributes(message),
             metadata=_metadata(message),
         )
     if kind == "request_body" or kind == "response_body":
@@ -89,13 +86,6 @@ def decode(message: pb.ProcessingRequest) -> Event:
     if kind == "response_trailers":
         return Trailers(direction=Direction.RESPONSE)
     raise ProtocolError(f"processing request without a known phase ({kind!r})")
-
-
-def _attributes(message: pb.ProcessingRequest) -> dict[str, object]:
-    if _ATTRIBUTES_KEY not in message.attributes:
-        return {}
-    found: dict[str, object] = json_format.MessageToDict(message.attributes[_ATTRIBUTES_KEY])
-    return found
 
 
 def _metadata(message: pb.ProcessingRequest) -> dict[str, object]:

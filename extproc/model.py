@@ -65,7 +65,6 @@ class Headers:
     direction: Direction
     items: tuple[tuple[str, str], ...]
     end_of_stream: bool
-    attributes: dict[str, object] = field(default_factory=dict)
     metadata: dict[str, object] = field(default_factory=dict)
 
     def get(self, name: str) -> str | None:
