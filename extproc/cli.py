@@ -78,6 +78,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        logs.shutdown()  # every line logged reaches stderr before the process ends
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -87,7 +88,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         settings = _settings(args)
-        logs.configure(settings.log)
+        logs.configure(settings.log, background=True)
         require_identity_choice(settings)  # before the rules compile: a missing choice fails at once
         config_path = args.config or os.environ.get(CONFIG_ENV) or None
         snapshot = build_snapshot(settings, fingerprint(settings, config_path))
