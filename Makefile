@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint typecheck pytest browser redis-server bench eval clean lock proto
+.PHONY: install run test lint typecheck pytest browser redis-server wrk bench eval clean lock proto
 
 # Every install comes from the lock (uv.lock, exported to requirements/*.txt with hashes), through
 # requirements/install.sh, which also repairs the opentelemetry-proto files that xds-protos overwrites.
@@ -51,7 +51,7 @@ redis-server:
 	  echo "redis-server is not on PATH; the approval store tests need it. Installing Debian's package:"; \
 	  set -x; $(APT_GET) update -qq && $(APT_GET) install -y -qq --no-install-recommends redis-server; }
 
-pytest: $(STAMP) redis-server browser
+pytest: $(STAMP) redis-server browser wrk
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 # The approval page's tests drive a real headless Chromium over the DevTools protocol: Debian's package,
@@ -63,6 +63,15 @@ browser:
 	  echo "chromium is not on PATH; the approval page tests need it. Installing Debian's package:"; \
 	  set -x; $(APT_GET) update -qq && $(APT_GET) install -y -qq --no-install-recommends chromium; }
 
+# The proxy benchmark drives its load with wrk (a C load generator: a Python client on the same two CPUs
+# would measure itself), Debian's package, installed once when it is missing.
+wrk:
+	@command -v wrk >/dev/null || { \
+	  command -v apt-get >/dev/null || { echo "The proxy benchmark needs wrk on PATH (Debian: apt-get \
+	    install wrk; macOS: brew install wrk)"; exit 1; }; \
+	  echo "wrk is not on PATH; the proxy benchmark needs it. Installing Debian's package:"; \
+	  set -x; $(APT_GET) update -qq && $(APT_GET) install -y -qq --no-install-recommends wrk; }
+
 test: lint typecheck pytest
 
 BENCH_STAMP := $(VENV)/.bench-stamp
@@ -70,7 +79,7 @@ $(BENCH_STAMP): $(STAMP) requirements/bench.txt
 	$(INSTALL_LOCK) requirements/bench.txt
 	@touch $(BENCH_STAMP)
 
-bench: $(BENCH_STAMP)
+bench: $(BENCH_STAMP) wrk
 	$(BIN)/python -m bench $(ARGS)
 
 # The Python modules of proto/*.proto, committed beside the code that uses them (the runtime needs no

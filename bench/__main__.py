@@ -2,116 +2,86 @@
 
 Parts (``--only`` picks one; all three run by default):
   scan    the detection engine alone, against Python ``re`` and Presidio (see bench/scan.py)
-  proxy   throughput and latency of whole requests through five paths, all in front of the same demo
+  proxy   latency and throughput of whole requests through three paths, all in front of the same demo
           model server:
-            direct   client -> demo model
             envoy    client -> Envoy (no ext_proc filter) -> demo model
-            extproc  client -> Envoy -> ext_proc (all phases, bodies scanned) -> demo model
-            recorded extproc with the session record (originals sealed, checkpoints signed, fsync per batch)
-            traced   extproc exporting spans and metrics, and Envoy its trace, to a local OTLP collector
-          Each path gets a warm-up, then a sequential pass (latency) and a concurrent pass (throughput).
-  stream  streamed (SSE) answers through envoy and extproc: time to first token, delay added per
+            floor    client -> Envoy -> a do-nothing ext_proc server (bench/floor.py) -> demo model
+            extproc  client -> Envoy -> extproc (identity on, every phase, bodies scanned) -> demo model
+          and, with ``--record-and-trace``, two more: extproc with the session record (originals sealed,
+          checkpoints signed, fsync per batch), and extproc exporting spans and metrics, and Envoy its
+          trace, to a local OTLP collector. The load comes from wrk (bench/load.py): per path and round
+          a warm-up, a pass with one connection (latency) and one with ``--concurrency`` (throughput).
+  stream  streamed (SSE) answers through the same three paths: time to first token, delay added per
           event, characters held back, unpaced events/s (see bench/stream.py)
 
-Machines here are shared and noisy: read the ratios between paths of one run, not absolute numbers
-across runs. Results go to bench/results/<part>-<timestamp>.json and .md (and <part>-latest.*).
+The floor is what extproc would cost if it did nothing: extproc/floor is the price of scanning,
+masking and deciding, floor/envoy the price of being an ext_proc server in Python at all. Machines here
+are shared and noisy: read the ratios between paths of one run, not absolute numbers across runs.
+Results go to bench/results/<part>-<timestamp>.json and .md (and <part>-latest.*).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
+import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-import aiohttp
-
-from bench import scan, stream
+from bench import load, scan, stream
+from bench.stacks import FloorStack
 from extproc.audit.keys import generate_keys
 from extproc.devenv import Process, Stack, Upstream
+from extproc.identity.dev import mint_dev_token
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 PARTS = ("scan", "proxy", "stream")
+CARD, CARD_MASKED = "4111 1111 1111 1111", "**** **** **** 1111"
+EMAIL, EMAIL_MASKED = "jane.doe@example.com", "[REDACTED:EMAIL_ADDRESS]"
+_REPORT_TEXT = (
+    "Summarise the quarterly report for the support team: tickets are down, refunds are faster and "
+    "the new reports page is popular with the larger customers. "
+)
 PROMPT = json.dumps(
     {
         "model": "demo-small",
         "messages": [
             {"role": "system", "content": "You are a helpful assistant."},
-            {"role": "user", "content": "Summarise the quarterly report for the support team. " * 20},
+            {
+                "role": "user",
+                "content": _REPORT_TEXT * 3
+                + f"The refund went to the card {CARD}; the customer asked for the receipt at {EMAIL}. "
+                + _REPORT_TEXT * 3,
+            },
         ],
     }
 ).encode()
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
-    return ordered[index]
-
-
-async def _run(url: str, requests: int, concurrency: int) -> dict[str, Any]:
-    latencies: list[float] = []
-    errors = 0
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for index in range(requests):
-        queue.put_nowait(index)
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
-
-        async def worker() -> None:
-            nonlocal errors
-            while True:
-                try:
-                    queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    return
-                started = time.perf_counter()
-                async with session.post(
-                    url + "/v1/chat/completions", data=PROMPT, headers={"content-type": "application/json"}
-                ) as answer:
-                    await answer.read()
-                    if answer.status != 200:
-                        errors += 1
-                latencies.append(time.perf_counter() - started)
-
-        began = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - began
-    return {
-        "requests": requests,
-        "concurrency": concurrency,
-        "errors": errors,
-        "rps": requests / elapsed,
-        "p50_ms": statistics.median(latencies) * 1000,
-        "p99_ms": _percentile(latencies, 0.99) * 1000,
-    }
-
-
-def _measure(url: str, requests: int, concurrency: int) -> dict[str, Any]:
-    asyncio.run(_run(url, max(50, requests // 10), concurrency))  # warm-up
-    return {
-        "sequential": asyncio.run(_run(url, requests, 1)),
-        "concurrent": asyncio.run(_run(url, requests, concurrency)),
-    }
+PROXY_PATHS = ("envoy", "floor", "extproc")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--requests", type=int, default=1000, help="requests per pass (default 1000)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="proxy: seconds per wrk pass (default 5)")
     parser.add_argument(
         "--rounds", type=int, default=3, help="proxy: passes per path, interleaved; medians (default 3)"
     )
     parser.add_argument(
-        "--concurrency", type=int, default=8, help="clients in the concurrent pass (default 8)"
+        "--concurrency", type=int, default=16, help="proxy: connections in the throughput pass (default 16)"
+    )
+    parser.add_argument(
+        "--record-and-trace",
+        action="store_true",
+        help="proxy: also measure extproc with the session record, and with tracing",
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default bench/results)")
     parser.add_argument(
@@ -135,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         default=8192,
         help="length of the unpaced answer (default 8192)",
     )
+    streamed.add_argument(
+        "--stream-concurrency", type=int, default=8, help="unpaced streams read at once (default 8)"
+    )
     args = parser.parse_args(argv)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -145,15 +118,19 @@ def main(argv: list[str] | None = None) -> int:
     if "scan" in wanted:
         scan_report = {**header, **scan.run(rounds=args.scan_rounds)}
         _write(out, "scan", stamp, scan_report, scan.markdown(scan_report))
+    if "proxy" in wanted:
+        load.wrk_path()  # before any stack starts: say what is missing at once
     if "proxy" in wanted or "stream" in wanted:
-        with _stacks(out, audited="proxy" in wanted) as paths:
+        audited = "proxy" in wanted and args.record_and_trace
+        with _stacks(out, audited=audited) as paths:
             if "proxy" in wanted:
                 proxy_report = {**header, **_proxy(args, paths)}
                 _write(out, "proxy", stamp, proxy_report, _markdown(proxy_report))
+                status = 1 if _proxy_errors(proxy_report) else 0
             if "stream" in wanted:
                 stream_report = {**header, **_stream(args, paths)}
                 _write(out, "stream", stamp, stream_report, stream.markdown(stream_report))
-                status = 1 if stream_report["errors"] else 0
+                status = status or (1 if stream_report["errors"] else 0)
     return status
 
 
@@ -171,26 +148,35 @@ def _machine() -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _stacks(out: Path, audited: bool = False) -> Iterator[dict[str, str]]:
-    """Stacks in front of one demo model: Envoy + extproc, Envoy alone (no ext_proc filter) and, when
-    ``audited``, Envoy + extproc with the session record on (recorded), and with spans and metrics
-    exported (traced). Yields the URL of each path: direct (the demo model), envoy, extproc, recorded,
-    traced; and the record's path as ``record``."""
+    """Stacks in front of one demo model: Envoy + extproc, Envoy alone (no ext_proc filter), Envoy +
+    the floor and, when ``audited``, Envoy + extproc with the session record on (recorded), and with
+    spans and metrics exported (traced). Yields the URL of each path (direct: the demo model), the
+    record's path as ``record``, and as ``token`` a token of the dev issuer every extproc verifies."""
     log = out / "stack.log"
     log.write_text("")
     stacks: list[Stack] = []
     receiver: Process | None = None
     sink: IO[str] | None = None
+    identity = Path(tempfile.mkdtemp(prefix="extproc-bench-identity-"))
     try:
-        # The benchmark measures scanning, not token checks: no identity, said so.
-        anonymous = {"EXTPROC_IDENTITY__MODE": "none"}
-        # No upstream key: the paths without extproc could not pass the demo's check otherwise.
-        full = Stack(log_path=log, demo_key=False, extra_env=dict(anonymous)).start()
+        # Identity on, as `make run` has it: callers' tokens are verified on every request. The demo's
+        # own key is off, or the paths without extproc (which sets it) could not reach the model.
+        full = Stack(log_path=log, demo_key=False, dev_identity=identity).start()
         stacks.append(full)
         assert full.upstream is not None
         upstream = Upstream("127.0.0.1", full.upstream.port)
         bare = Stack(log_path=log, upstream=upstream, with_extproc=False).start()
         stacks.append(bare)
-        paths = {"direct": full.demo_url, "envoy": bare.url, "extproc": full.url}
+        floor = FloorStack(log_path=log, upstream=upstream).start()
+        stacks.append(floor)
+        token = mint_dev_token(identity, "bench", [], 6 * 3600)
+        paths = {
+            "direct": full.demo_url,
+            "envoy": bare.url,
+            "floor": floor.url,
+            "extproc": full.url,
+            "token": token,
+        }
         if audited:
             keys = generate_keys(bare.workdir / "audit-keys")
             record = bare.workdir / "session.jsonl"
@@ -198,20 +184,17 @@ def _stacks(out: Path, audited: bool = False) -> Iterator[dict[str, str]]:
                 "EXTPROC_AUDIT__RECORD_PATH": str(record),
                 "EXTPROC_AUDIT__SEALING_KEY_FILE": str(keys["auditor_pub"]),
                 "EXTPROC_AUDIT__SIGNING_KEY_FILE": str(keys["signing_key"]),
-                **anonymous,
             }
-            recorded = Stack(log_path=log, upstream=upstream, extra_env=env).start()
-            stacks.append(recorded)
+            recorded = Stack(log_path=log, upstream=upstream, extra_env=env, dev_identity=identity)
+            stacks.append(recorded.start())
             # An OTLP collector that accepts and discards, in a process of its own: a real one runs on
             # another machine, this one shares the CPUs with everything measured.
             sink = log.open("a", encoding="utf-8")
             python_path = {**os.environ, "PYTHONPATH": str(ROOT)}
             receiver = Process("otlp", [sys.executable, "-m", "tests.otlp"], sink, python_path)
             otlp = "http://" + receiver.wait_ready(60)["grpc"]
-            traced = Stack(
-                log_path=log, upstream=upstream, otlp_endpoint=otlp, extra_env=dict(anonymous)
-            ).start()
-            stacks.append(traced)
+            traced = Stack(log_path=log, upstream=upstream, otlp_endpoint=otlp, dev_identity=identity)
+            stacks.append(traced.start())
             paths.update(recorded=recorded.url, traced=traced.url, record=str(record))
         yield paths
     finally:
@@ -221,51 +204,113 @@ def _stacks(out: Path, audited: bool = False) -> Iterator[dict[str, str]]:
             receiver.stop()
         if sink is not None:
             sink.close()
+        shutil.rmtree(identity, ignore_errors=True)
 
 
 def _median_pass(passes: list[dict[str, Any]]) -> dict[str, Any]:
-    """One pass's figures from several: the median of each, the errors of all."""
+    """One pass's figures from several: the median of each, the requests and errors of all."""
     merged = {key: statistics.median(p[key] for p in passes) for key in ("rps", "p50_ms", "p99_ms")}
-    first = passes[0]
     return {
         **merged,
-        "requests": first["requests"] * len(passes),
-        "concurrency": first["concurrency"],
+        "connections": passes[0]["connections"],
+        "requests": sum(p["requests"] for p in passes),
         "errors": sum(p["errors"] for p in passes),
     }
+
+
+def _check_answers(urls: dict[str, str], headers: dict[str, str]) -> list[str]:
+    """One request per path before the load: each answers 200 with the prompt echoed, extproc with the
+    card and the address masked, the others with both as they were sent (the floor changes nothing)."""
+    problems: list[str] = []
+    for name, url in urls.items():
+        request = urllib.request.Request(url + "/v1/chat/completions", data=PROMPT, headers=headers)  # noqa: S310
+        try:
+            with urllib.request.urlopen(request, timeout=30) as answer:  # noqa: S310 (loopback)
+                content = json.load(answer)["choices"][0]["message"]["content"]
+        except (OSError, ValueError, KeyError, IndexError) as error:
+            problems.append(f"{name}: {type(error).__name__}: {error}")
+            continue
+        scanned = name not in ("envoy", "floor")
+        wanted, unwanted = ((CARD_MASKED, EMAIL_MASKED), (CARD, EMAIL)) if scanned else ((CARD, EMAIL), ())
+        if any(value not in content for value in wanted) or any(value in content for value in unwanted):
+            problems.append(f"{name}: unexpected answer {content[:200]!r}")
+    return problems
 
 
 def _proxy(args: argparse.Namespace, paths: dict[str, str]) -> dict[str, Any]:
     """Every path measured once per round, the rounds one after the other, so that a slow spell of a
     shared machine falls on every path alike; each figure is the median over the rounds."""
-    urls = {name: url for name, url in paths.items() if name != "record"}
-    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in urls}
-    for _ in range(args.rounds):
-        for name, url in urls.items():
-            rounds[name].append(_measure(url, args.requests, args.concurrency))
+    names = [*PROXY_PATHS, *(name for name in ("recorded", "traced") if name in paths)]
+    urls = {name: paths[name] for name in names}
+    headers = {"content-type": "application/json", "authorization": f"Bearer {paths['token']}"}
+    problems = _check_answers(urls, headers)
+    lua = load.write_script(PROMPT, headers)
+    rounds: dict[str, dict[str, list[dict[str, Any]]]] = {
+        n: {"sequential": [], "concurrent": []} for n in urls
+    }
+    try:
+        for _ in range(args.rounds):
+            for name, url in urls.items():
+                target = url + "/v1/chat/completions"
+                load.run(target, lua, connections=args.concurrency, seconds=min(2.0, args.seconds))
+                rounds[name]["sequential"].append(load.run(target, lua, connections=1, seconds=args.seconds))
+                rounds[name]["concurrent"].append(
+                    load.run(target, lua, connections=args.concurrency, seconds=args.seconds)
+                )
+    finally:
+        lua.unlink()
     results = {
-        name: {kind: _median_pass([r[kind] for r in measured]) for kind in ("sequential", "concurrent")}
+        name: {kind: _median_pass(passes) for kind, passes in measured.items()}
         for name, measured in rounds.items()
     }
-    report: dict[str, Any] = {"prompt_bytes": len(PROMPT), "rounds": args.rounds, "paths": results}
-    record = Path(paths["record"])
-    with record.open("rb") as lines:
-        exchanges = sum(1 for line in lines if b'"type":"exchange"' in line)
-    if exchanges:
-        report["record_bytes_per_exchange"] = round(record.stat().st_size / exchanges)
+    report: dict[str, Any] = {
+        "prompt_bytes": len(PROMPT),
+        "rounds": args.rounds,
+        "seconds": args.seconds,
+        "load": "wrk",
+        "paths": results,
+        "ratios": _ratios(results),
+        "answer_problems": problems,
+    }
+    if "record" in paths:
+        record = Path(paths["record"])
+        with record.open("rb") as lines:
+            exchanges = sum(1 for line in lines if b'"type":"exchange"' in line)
+        if exchanges:
+            report["record_bytes_per_exchange"] = round(record.stat().st_size / exchanges)
     return report
+
+
+def _ratios(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """The figures the project's targets are written in: extproc over the floor (the cost of the work
+    extproc does) and the floor over Envoy alone (the cost of an ext_proc server in Python at all)."""
+    ratios: dict[str, dict[str, float]] = {}
+    for label, top, bottom in (("extproc/floor", "extproc", "floor"), ("floor/envoy", "floor", "envoy")):
+        a, b = results[top], results[bottom]
+        ratios[label] = {
+            "p50_ms_c1": a["sequential"]["p50_ms"] / b["sequential"]["p50_ms"],
+            "p99_ms_c1": a["sequential"]["p99_ms"] / b["sequential"]["p99_ms"],
+            "rps_c": a["concurrent"]["rps"] / b["concurrent"]["rps"],
+        }
+    return ratios
+
+
+def _proxy_errors(report: dict[str, Any]) -> int:
+    failed = sum(r["sequential"]["errors"] + r["concurrent"]["errors"] for r in report["paths"].values())
+    return failed + len(report["answer_problems"])
 
 
 def _stream(args: argparse.Namespace, paths: dict[str, str]) -> dict[str, Any]:
     return stream.run(
         paths["direct"],
-        paths["envoy"],
-        paths["extproc"],
+        {name: paths[name] for name in PROXY_PATHS},
+        token=paths["token"],
         runs=args.stream_runs,
         chars=args.stream_chars,
         chunk_chars=args.stream_chunk_chars,
         delay_ms=args.stream_delay_ms,
         throughput_chars=args.stream_throughput_chars,
+        concurrency=args.stream_concurrency,
     )
 
 
@@ -273,45 +318,60 @@ def _cpus() -> int:
     return len(os.sched_getaffinity(0))
 
 
+_LABELS = {
+    "envoy": "Envoy alone",
+    "floor": "Envoy + floor",
+    "extproc": "Envoy + extproc",
+    "recorded": "... with the session record",
+    "traced": "... with tracing",
+}
+
+
 def _markdown(report: dict[str, Any]) -> str:
     paths = report["paths"]
-    envoy_seq = paths["envoy"]["sequential"]
-    envoy_con = paths["envoy"]["concurrent"]
-    c = envoy_con["concurrency"]
+    c = paths["envoy"]["concurrent"]["connections"]
     machine = report["machine"]
     lines = [
         f"Proxy overhead, {report['when']}, {machine['cpus']} CPUs, prompt {report['prompt_bytes']} B, "
-        f"medians of {report['rounds']} interleaved rounds",
+        f"wrk, {report['seconds']:g} s per pass, medians of {report['rounds']} interleaved rounds",
         "",
-        f"| path | p50 ms (seq) | p99 ms (seq) | rps (seq) | rps (c={c}) | p99 ms (c={c}) | rps vs envoy "
-        "| errors |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| path | p50 ms (c=1) | p99 ms (c=1) | rps (c=1) | rps (c={c}) | p99 ms (c={c}) | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, result in paths.items():
         seq, con = result["sequential"], result["concurrent"]
         lines.append(
-            f"| {name} | {seq['p50_ms']:.2f} | {seq['p99_ms']:.2f} | {seq['rps']:.0f} | {con['rps']:.0f} "
-            f"| {con['p99_ms']:.2f} | {con['rps'] / envoy_con['rps']:.2f}x "
-            f"| {seq['errors'] + con['errors']} |"
+            f"| {_LABELS[name]} | {seq['p50_ms']:.2f} | {seq['p99_ms']:.2f} | {seq['rps']:.0f} "
+            f"| {con['rps']:.0f} | {con['p99_ms']:.2f} | {seq['errors'] + con['errors']} |"
         )
-    extproc_seq = paths["extproc"]["sequential"]
     lines += [
         "",
-        f"extproc adds {extproc_seq['p50_ms'] - envoy_seq['p50_ms']:.2f} ms at p50 over Envoy alone "
-        f"({extproc_seq['p50_ms'] / envoy_seq['p50_ms']:.2f}x), sequential.",
+        f"| ratio | p50 (c=1) | p99 (c=1) | rps (c={c}) |",
+        "|---|---:|---:|---:|",
     ]
-    extproc_con = paths["extproc"]["concurrent"]
+    for label, r in report["ratios"].items():
+        lines.append(f"| {label} | {r['p50_ms_c1']:.2f}x | {r['p99_ms_c1']:.2f}x | {r['rps_c']:.2f}x |")
+    envoy, floor, extproc = (paths[n]["sequential"]["p50_ms"] for n in PROXY_PATHS)
+    lines += [
+        "",
+        f"The floor (ext_proc doing nothing) adds {floor - envoy:.2f} ms at p50 over Envoy alone; extproc "
+        f"adds {extproc - floor:.2f} ms over the floor.",
+    ]
+    extproc_seq, extproc_con = paths["extproc"]["sequential"], paths["extproc"]["concurrent"]
     doing = {"recorded": "The session record adds", "traced": "Spans and metrics (and Envoy's trace) add"}
     for name, what in doing.items():
         if name in paths:
             seq, con = paths[name]["sequential"], paths[name]["concurrent"]
             lines.append(
                 f"{what} {seq['p50_ms'] - extproc_seq['p50_ms']:.2f} ms at p50 over extproc "
-                f"({seq['p50_ms'] / extproc_seq['p50_ms']:.2f}x), sequential; throughput at c={c} is "
+                f"({seq['p50_ms'] / extproc_seq['p50_ms']:.2f}x); throughput at c={c} is "
                 f"{con['rps'] / extproc_con['rps']:.2f}x extproc's."
             )
     if "record_bytes_per_exchange" in report:
         lines.append(f"One exchange record: {report['record_bytes_per_exchange']:,} bytes.")
+    if report["answer_problems"]:
+        lines += ["", "Answers checked before the load:"]
+        lines += [f"- {problem}" for problem in report["answer_problems"]]
     lines.append("")
     return "\n".join(lines)
 

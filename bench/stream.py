@@ -2,10 +2,14 @@
 
 extproc masks a token stream on the assembled text and holds back only what a match still in progress
 could cover. That hold is invisible in a request/response benchmark but is exactly what a chat user
-feels, so the same scripted answer from the demo model is read through two paths in the same run:
+feels, so the same scripted answer from the demo model is read through three paths in the same run:
 
   envoy    (unscanned)  client -> Envoy (no ext_proc filter) -> demo model
+  floor    (unscanned)  client -> Envoy -> a do-nothing ext_proc server (bench/floor.py) -> demo model
   extproc  (scanned)    client -> Envoy -> ext_proc (answer scanned as it streams) -> demo model
+
+The floor echoes every streamed chunk as it comes: what it adds over Envoy alone is the price of a
+Python ext_proc server in the stream at all, and extproc over the floor the price of scanning.
 
 The client (aiohttp) parses the SSE body incrementally and timestamps every event on arrival, from
 the moment the request is sent. Per answer and path it measures:
@@ -20,16 +24,19 @@ the moment the request is sent. Per answer and path it measures:
                  the scanner keeping one event per model event (it does; the ``events`` column shows
                  if that ever changes). A mask changes the length of the text it replaces, so after a
                  masked value the lag of the scanned path is off by that difference;
-  added per event  scanned minus unscanned arrival time of the same event index, median and p95 over
-                 the events of a run: how much later each event reaches the client once the stream
-                 flows (the hold shows in first token and lag, not here).
+  added per event  one path's arrival time of an event index minus another's (extproc vs envoy,
+                 extproc vs floor, floor vs envoy), median and p95 over the events of a run: how much
+                 later each event reaches the client once the stream flows (the hold shows in first
+                 token and lag, not here).
 
 Answers: ``prose`` (~1500 characters of plain words), ``secrets`` (the same kind of prose with a card
 number and an e-mail address, each split across several events; the scanned text must come back with
 ``**** **** **** 1111`` and ``[REDACTED:EMAIL_ADDRESS]``, anything else is reported as an error),
 both paced by the demo model at a fixed delay per event (20 ms); and ``throughput``, an 8 KiB answer
 with no pacing, for events/s and MB/s (SSE body bytes; the scanned path re-serialises each event
-compactly, so its events are a few bytes shorter: events/s is the like-for-like figure).
+compactly, so its events are a few bytes shorter: events/s is the like-for-like figure), read as
+``concurrency`` streams at once per path (8 by default): events/s is every stream's events over the
+time from the first request to the last end.
 
 How paced answers are measured. The demo paces with ``asyncio.sleep``, whose overshoot on a shared
 machine drifts by tens to hundreds of milliseconds over a 375-event answer, differently in every
@@ -38,12 +45,12 @@ the scanner adds (a few ms). So a paced answer is read in two passes:
 
   start pass   the paths one after the other (alternating which goes first), each request stopped
                at its first token: first byte and first token, free of any other request's load;
-  stream pass  both paths at the same time, the same script: the demo's two handlers share one event
-               loop, so their sleeps wake together and the two streams are paced alike. Duration,
+  stream pass  all paths at the same time, the same script: the demo's handlers share one event
+               loop, so their sleeps wake together and the streams are paced alike. Duration,
                events, lag and added per event come from here. A control run of Envoy against Envoy
                this way differs by about 0.2 ms per event (which request the demo starts first).
 
-The unpaced answer is read one path after the other, whole (two streams at once would share CPUs).
+The unpaced answer is read one path after the other, whole (paths at once would share CPUs).
 Each measurement is repeated (5 runs by default) and the medians are reported, with scanned/unscanned
 ratios taken within the run: machines here are shared and noisy, so compare the ratios, not absolute
 numbers across runs.
@@ -62,7 +69,9 @@ from typing import Any
 
 import aiohttp
 
-UNSCANNED, SCANNED = "envoy", "extproc"
+UNSCANNED, FLOOR, SCANNED = "envoy", "floor", "extproc"
+# Added per event: the later path of each pair against the earlier.
+COMPARED = ((SCANNED, UNSCANNED), (SCANNED, FLOOR), (FLOOR, UNSCANNED))
 CARD = "4111 1111 1111 1111"
 CARD_MASKED = "**** **** **** 1111"  # the default pack keeps a card's last four digits
 EMAIL = "jane.doe@example.com"
@@ -320,14 +329,14 @@ def _path_summary(starts: list[Received], streams: list[Received], answer: Answe
 
 
 def _added_per_event(pairs: list[tuple[Received, Received]]) -> dict[str, float | None]:
-    """Scanned minus unscanned arrival (on one clock) of each event index of streams read together:
-    median and p95 over the events of each pair, then the median over the pairs."""
+    """The later path's minus the earlier path's arrival (on one clock) of each event index of streams
+    read together: median and p95 over the events of each pair, then the median over the pairs."""
     medians: list[float] = []
     p95s: list[float] = []
-    for unscanned, scanned in pairs:
+    for earlier, later in pairs:
         added = [
-            (scanned.started + s - unscanned.started - u) * 1000
-            for u, s in zip(unscanned.arrivals, scanned.arrivals, strict=False)
+            (later.started + s - earlier.started - u) * 1000
+            for u, s in zip(earlier.arrivals, later.arrivals, strict=False)
         ]
         if added:
             medians.append(statistics.median(added))
@@ -362,54 +371,73 @@ class _Runner:
             self.errors.append(f"{answer.name}/{name} {where}: {wrong}")
         return got if usable else None
 
-    async def measure(self, answer: Answer, runs: int) -> dict[str, Any]:
+    async def measure(self, answer: Answer, runs: int, concurrency: int) -> dict[str, Any]:
         starts: dict[str, list[Received]] = {name: [] for name in self.paths}
         streams: dict[str, list[Received]] = {name: [] for name in self.paths}
-        pairs: list[tuple[Received, Received]] = []
+        together: list[dict[str, Received]] = []
+        aggregate: dict[str, list[float]] = {name: [] for name in self.paths}
         for run in range(runs):
-            if answer.delay_ms == 0:  # unpaced: one path after the other, whole answers
+            if answer.delay_ms == 0:  # unpaced: one path after the other, ``concurrency`` streams each
                 for name in self.order(run):
-                    got = await self.read(answer, name, f"run {run + 1}")
-                    if got is not None:
-                        starts[name].append(got)
-                        streams[name].append(got)
+                    began = time.perf_counter()
+                    reads = [self.read(answer, name, f"run {run + 1}") for _ in range(concurrency)]
+                    got_all = [got for got in await asyncio.gather(*reads) if got is not None]
+                    elapsed = time.perf_counter() - began
+                    if len(got_all) == concurrency:
+                        aggregate[name].append(sum(len(got.arrivals) for got in got_all) / elapsed)
+                    starts[name].extend(got_all)
+                    streams[name].extend(got_all)
                 continue
             for name in self.order(run):  # start pass
                 got = await self.read(answer, name, f"start run {run + 1}", whole=False)
                 if got is not None:
                     starts[name].append(got)
                 await asyncio.sleep(2 * answer.delay_ms / 1000 + 0.05)  # the demo notices the hang-up
-            order = self.order(run)  # stream pass: both paths at once
+            order = self.order(run)  # stream pass: every path at once
             both = await asyncio.gather(*(self.read(answer, n, f"stream run {run + 1}") for n in order))
             read = {name: got for name, got in zip(order, both, strict=True) if got is not None}
             for name, got in read.items():
                 streams[name].append(got)
-            if len(read) == 2:
-                pairs.append((read[UNSCANNED], read[SCANNED]))
+            together.append(read)
         summaries = {name: _path_summary(starts[name], streams[name], answer) for name in self.paths}
-        unscanned, scanned = summaries[UNSCANNED], summaries[SCANNED]
         paced = answer.delay_ms > 0
+        for name, summary in summaries.items():
+            summary["events_per_s_all_streams"] = None if paced else _median(aggregate[name])
         start_pass = _ONE_BY_ONE + (", stopped at the first token" if paced else "")
+        compared = [(later, earlier) for later, earlier in COMPARED if {later, earlier} <= set(self.paths)]
+        added: dict[str, dict[str, float | None]] = {}
+        ratios: dict[str, dict[str, float | None]] = {}
+        for later, earlier in compared:
+            label = f"{later}/{earlier}"
+            pairs = [(r[earlier], r[later]) for r in together if earlier in r and later in r]
+            added[f"{later} vs {earlier}"] = _added_per_event(pairs)
+            keys = ("first_byte_ms", "first_token_ms", "duration_ms", "events_per_s", "mb_per_s")
+            ratios[label] = {k: _ratio(summaries[later][k], summaries[earlier][k]) for k in keys}
+            ratios[label]["events_per_s_all_streams"] = _ratio(
+                summaries[later]["events_per_s_all_streams"], summaries[earlier]["events_per_s_all_streams"]
+            )
         return {
             "chars": len(answer.content),
             "chunk_chars": answer.chunk_chars,
             "delay_ms": answer.delay_ms,
             "model_events": answer.model_events,
-            "passes": {"start": start_pass, "stream": "both paths at once" if paced else _ONE_BY_ONE},
+            "concurrency": 1 if paced else concurrency,
+            "passes": {"start": start_pass, "stream": "every path at once" if paced else _ONE_BY_ONE},
             "paths": summaries,
-            "added_per_event": _added_per_event(pairs) if paced else {"median_ms": None, "p95_ms": None},
-            "ratios": {
-                key: _ratio(scanned[key], unscanned[key])
-                for key in ("first_byte_ms", "first_token_ms", "duration_ms", "events_per_s", "mb_per_s")
-            },
+            "added_per_event": added if paced else {},
+            "ratios": ratios,
         }
 
 
-async def _run(demo_url: str, paths: dict[str, str], answers: list[Answer], runs: int) -> dict[str, Any]:
+async def _run(
+    demo_url: str, paths: dict[str, str], answers: list[Answer], runs: int, token: str, concurrency: int
+) -> dict[str, Any]:
     errors: list[str] = []
     longest = max(a.model_events * a.delay_ms / 1000 for a in answers)
     timeout = aiohttp.ClientTimeout(total=longest + 60)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    caller = {"authorization": f"Bearer {token}"} if token else {}
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(timeout=timeout, headers=caller, connector=connector) as session:
         warm_up = Answer("warm-up", prose(64, seed=4), 4, 0, masked="")
         for answer in [*answers, warm_up]:
             script = {"id": answer.name, "content": answer.content, "chunk_chars": answer.chunk_chars}
@@ -420,25 +448,26 @@ async def _run(demo_url: str, paths: dict[str, str], answers: list[Answer], runs
             for _ in range(3):
                 await fetch(session, url, warm_up.name)
         runner = _Runner(session, paths, errors)
-        measured = {answer.name: await runner.measure(answer, runs) for answer in answers}
+        measured = {answer.name: await runner.measure(answer, runs, concurrency) for answer in answers}
     return {"runs": runs, "answers": measured, "errors": errors}
 
 
 def run(
     demo_url: str,
-    unscanned_url: str,
-    scanned_url: str,
+    paths: dict[str, str],
     *,
+    token: str = "",
     runs: int = 5,
     chars: int = 1500,
     chunk_chars: int = 4,
     delay_ms: int = 20,
     throughput_chars: int = 8192,
+    concurrency: int = 8,
 ) -> dict[str, Any]:
-    """Measure the scripted answers through both paths; the report ``markdown`` renders."""
-    paths = {UNSCANNED: unscanned_url, SCANNED: scanned_url}
+    """Measure the scripted answers through ``paths`` (name to URL: envoy, floor, extproc), as the
+    caller holding ``token``; the report ``markdown`` renders."""
     scripted = answers(chars, chunk_chars, delay_ms, throughput_chars)
-    return asyncio.run(_run(demo_url, paths, scripted, runs))
+    return asyncio.run(_run(demo_url, paths, scripted, runs, token, concurrency))
 
 
 def _fmt(value: float | None, spec: str = ".1f", suffix: str = "") -> str:
@@ -452,7 +481,8 @@ def markdown(report: dict[str, Any]) -> str:
     unpaced = {name: a for name, a in answers.items() if a["delay_ms"] == 0}
     lines = [
         f"Streamed answers, {report['when']}, {machine['cpus']} CPUs, medians of {report['runs']} runs; "
-        f"{UNSCANNED} = Envoy alone (unscanned), {SCANNED} = Envoy + extproc (scanned)",
+        f"{UNSCANNED} = Envoy alone, {FLOOR} = Envoy + a do-nothing ext_proc server, "
+        f"{SCANNED} = Envoy + extproc (scanned)",
         "",
         "| answer | path | first byte ms | first token ms | duration ms | events | lag chars p50 "
         "| lag chars max |",
@@ -470,33 +500,38 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [
         "",
         "First byte and first token: one path after the other. Paced answers' duration, events, lag "
-        "and added per event: both paths read at once, so the demo paces them alike (see bench/stream.py).",
+        "and added per event: every path read at once, so the demo paces them alike (see bench/stream.py).",
         "",
-        "| answer | first token scanned/unscanned | added per event ms p50 | p95 "
-        "| duration scanned/unscanned |",
-        "|---|---:|---:|---:|---:|",
+        "| answer | compared | first token ratio | added per event ms p50 | p95 | duration ratio |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     for name, a in paced.items():
-        r, added = a["ratios"], a["added_per_event"]
-        lines.append(
-            f"| {name} | {_fmt(r['first_token_ms'], '.2f', 'x')} | {_fmt(added['median_ms'], '.2f')} "
-            f"| {_fmt(added['p95_ms'], '.2f')} | {_fmt(r['duration_ms'], '.2f', 'x')} |"
-        )
-    if unpaced:
+        label = name
+        for compared, added in a["added_per_event"].items():
+            r = a["ratios"][compared.replace(" vs ", "/")]
+            lines.append(
+                f"| {label} | {compared} | {_fmt(r['first_token_ms'], '.2f', 'x')} "
+                f"| {_fmt(added['median_ms'], '.2f')} | {_fmt(added['p95_ms'], '.2f')} "
+                f"| {_fmt(r['duration_ms'], '.2f', 'x')} |"
+            )
+            label = ""
+    for name, a in unpaced.items():
         lines += [
             "",
-            "| unpaced answer | path | events/s | MB/s (SSE body) | events/s scanned/unscanned |",
-            "|---|---|---:|---:|---:|",
+            f"Unpaced answer {name!r}: {a['model_events']} token events, {a['concurrency']} streams at once "
+            "per path, one path after the other.",
+            "",
+            "| path | events/s (all streams) | events/s (one stream) | MB/s (one stream, SSE body) |",
+            "|---|---:|---:|---:|",
         ]
-        for name, a in unpaced.items():
-            label = name
-            for path, p in a["paths"].items():
-                ratio = _fmt(a["ratios"]["events_per_s"], ".2f", "x") if path == SCANNED else ""
-                lines.append(
-                    f"| {label} | {path} | {_fmt(p['events_per_s'], '.0f')} | {_fmt(p['mb_per_s'], '.2f')} "
-                    f"| {ratio} |"
-                )
-                label = ""
+        for path, p in a["paths"].items():
+            lines.append(
+                f"| {path} | {_fmt(p['events_per_s_all_streams'], '.0f')} | {_fmt(p['events_per_s'], '.0f')} "
+                f"| {_fmt(p['mb_per_s'], '.2f')} |"
+            )
+        lines += ["", "| ratio | events/s (all streams) |", "|---|---:|"]
+        for label, r in a["ratios"].items():
+            lines.append(f"| {label} | {_fmt(r['events_per_s_all_streams'], '.2f', 'x')} |")
     lines += ["", f"errors: {len(report['errors'])}"]
     lines += [f"- {error}" for error in report["errors"]]
     return "\n".join(lines) + "\n"

@@ -127,54 +127,57 @@ def test_the_image_copies_files_that_exist() -> None:
 
 
 def test_proxy_bench_runs_and_writes_its_report(tmp_path: Path) -> None:
-    assert (
-        bench_main(
-            [
-                "--only",
-                "proxy",
-                "--requests",
-                "20",
-                "--rounds",
-                "2",
-                "--concurrency",
-                "2",
-                "--out",
-                str(tmp_path),
-            ]
-        )
-        == 0
-    )
+    argv = ["--only", "proxy", "--seconds", "1", "--rounds", "1", "--concurrency", "2"]
+    assert bench_main([*argv, "--record-and-trace", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "proxy-latest.json").read_text())
-    assert set(report["paths"]) == {"direct", "envoy", "extproc", "recorded", "traced"}
+    assert report["load"] == "wrk"
+    assert set(report["paths"]) == {"envoy", "floor", "extproc", "recorded", "traced"}
+    # Each path answered as it should before the load: masked through extproc, unchanged otherwise.
+    assert report["answer_problems"] == []
     # The masked prompt and answer, and the sealed originals: more than twice the prompt.
     assert report["record_bytes_per_exchange"] > 2 * report["prompt_bytes"]
     for result in report["paths"].values():
         assert result["sequential"]["errors"] == result["concurrent"]["errors"] == 0
-    assert "extproc adds" in (tmp_path / "proxy-latest.md").read_text()
+        assert result["sequential"]["requests"] > 0
+        assert result["concurrent"]["connections"] == 2
+    assert set(report["ratios"]) == {"extproc/floor", "floor/envoy"}
     markdown = (tmp_path / "proxy-latest.md").read_text()
+    assert "| extproc/floor |" in markdown
+    assert "| floor/envoy |" in markdown
     assert "The session record adds" in markdown
     assert "Spans and metrics (and Envoy's trace) add" in markdown
 
 
 def test_stream_bench_runs_and_writes_its_report(tmp_path: Path) -> None:
     tiny = ["--stream-runs", "1", "--stream-chars", "120", "--stream-delay-ms", "2"]
-    tiny += ["--stream-throughput-chars", "512"]
+    tiny += ["--stream-throughput-chars", "512", "--stream-concurrency", "2"]
     assert bench_main(["--only", "stream", *tiny, "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "stream-latest.json").read_text())
     assert report["errors"] == []
     assert set(report["answers"]) == {"prose", "secrets", "throughput"}
     for answer in report["answers"].values():
-        assert set(answer["paths"]) == {"envoy", "extproc"}
+        assert set(answer["paths"]) == {"envoy", "floor", "extproc"}
         for path in answer["paths"].values():
-            assert path["runs_ok"] == 1
+            assert path["runs_ok"] >= 1
             assert 0 < path["first_byte_ms"] <= path["first_token_ms"]
             assert path["duration_ms"] > 0
-        envoy = answer["paths"]["envoy"]
-        assert envoy["events"] == answer["model_events"] + 2  # plus the role and finish events
-        assert envoy["lag_chars_max"] == 0  # Envoy alone holds nothing back
-        assert set(answer["added_per_event"]) == {"median_ms", "p95_ms"}
-        assert answer["ratios"]["first_token_ms"] is not None
-    assert "first token scanned/unscanned" in (tmp_path / "stream-latest.md").read_text()
+        for name in ("envoy", "floor"):  # neither holds anything back
+            unscanned = answer["paths"][name]
+            assert unscanned["events"] == answer["model_events"] + 2  # plus the role and finish events
+            assert unscanned["lag_chars_max"] == 0
+        assert set(answer["ratios"]) == {"extproc/envoy", "extproc/floor", "floor/envoy"}
+        if answer["delay_ms"]:
+            assert set(answer["added_per_event"]) == {
+                "extproc vs envoy",
+                "extproc vs floor",
+                "floor vs envoy",
+            }
+            assert answer["ratios"]["extproc/floor"]["first_token_ms"] is not None
+        else:
+            assert answer["ratios"]["extproc/floor"]["events_per_s_all_streams"] is not None
+    markdown = (tmp_path / "stream-latest.md").read_text()
+    assert "| extproc vs floor |" in markdown
+    assert "events/s (all streams)" in markdown
 
 
 def test_the_settings_config_map_wires_telemetry_and_the_session_record(tmp_path: Path) -> None:
