@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from extproc.devenv import Process, Stack, envoy_binary, render_envoy_config
+from extproc.devenv import Process, Stack, render_envoy_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,17 +40,4 @@ class FloorStack(Stack):
             extproc_port=self.extproc_port,
             upstream=self.upstream,
         )
-        config_path = self.workdir / "envoy.yaml"
-        config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-        admin_path = self.workdir / "envoy-admin-address"
-        argv = [
-            envoy_binary(),
-            "-c", str(config_path),
-            "--use-dynamic-base-id",
-            "--admin-address-path", str(admin_path),
-            "--concurrency", str(self.envoy_concurrency),
-            "--log-level", "warning",
-            "--drain-time-s", "1",
-        ]  # fmt: skip
-        self.processes["envoy"] = Process("envoy", argv, self._sink)
-        self._wait_envoy(admin_path, timeout)
+        self.start_envoy(config, timeout)

@@ -276,6 +276,10 @@ class Stack:
             with_extproc=self.with_extproc,
             otlp=Upstream.parse(self.otlp_endpoint, "the OTLP endpoint") if self.otlp_endpoint else None,
         )
+        self.start_envoy(config, timeout)
+
+    def start_envoy(self, config: dict[str, Any], timeout: float) -> None:
+        """Writes the rendered ``config`` and runs Envoy from the wheel on it, until it is ready."""
         config_path = self.workdir / "envoy.yaml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
         admin_path = self.workdir / "envoy-admin-address"
