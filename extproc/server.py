@@ -581,8 +581,8 @@ class Server:
         log.info("stopped")
 
     async def run_until_signal(self) -> None:
-        """Serve until SIGTERM or SIGINT, then stop gracefully. SIGHUP is logged and changes nothing (there
-        is no hot reload yet), so a process manager's reload signal does not end the server.
+        """Serve until SIGTERM or SIGINT, then stop gracefully. SIGHUP reloads rules, policies and settings
+        (``Reloader``), as a process manager's reload signal means.
 
         Raises what made start-up or serving fail, after closing what had started: the session record then
         still ends with its final checkpoint."""
