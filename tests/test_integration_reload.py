@@ -66,7 +66,7 @@ def snapshot(stack: Stack) -> dict[str, object]:
 def replace_file(path: Path, text: str) -> None:
     """Writes ``path`` whole at once (a new file renamed over it), as an editor or kubelet does: the
     sidecar's watcher never reads it half written."""
-    staged = path.with_name(f".{path.name}.tmp")
+    staged = path.parent.parent / f".{path.name}.staged"  # beside the watched folder, not in it
     staged.write_text(text, encoding="utf-8")
     os.replace(staged, path)
 
