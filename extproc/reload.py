@@ -9,7 +9,8 @@ began. The old snapshot is closed once swapped out.
 A reload is asked for by SIGHUP, by ``POST /reload`` on the admin port (loopback only), by ``extproc
 reload``, and by the files themselves: every ``watch_seconds`` the inputs' fingerprint (the content of
 the settings file, every rule and policy file, the JWKS files and keys) is compared with the active
-snapshot's version, which is that fingerprint. A Kubernetes ConfigMap update (a swapped ``..data``
+snapshot's version, which is that fingerprint; a change is loaded once it has held still for one
+interval, so a file caught half-written is not. A Kubernetes ConfigMap update (a swapped ``..data``
 symlink) changes the content read through the mounted names, so it is seen like any edit.
 
 A change that does not load (a bad rule, a bad policy, a pack that does not compile, a JWKS that does
@@ -69,6 +70,7 @@ class Reloader:
         self._on_result = on_result
         self.state = ReloadState()
         self._refused_version: str | None = None  # a broken change is tried once, not every poll
+        self._seen_version: str | None = None  # the fingerprint at the watch's previous look
 
     async def reload(self, reason: str) -> dict[str, Any]:
         """Reloads now. Returns what ``POST /reload`` answers: ``{"result": "ok" | "unchanged" |
@@ -139,22 +141,32 @@ class Reloader:
         return {"result": "refused", "version": self._runtime.snapshot.version, "problems": problems}
 
     async def watch(self, seconds: float) -> None:
-        """Reloads whenever the inputs' fingerprint differs from the active snapshot's version (and from
-        a change already refused). Runs until cancelled."""
+        """Calls ``check`` every ``seconds`` until cancelled."""
         while True:
             await asyncio.sleep(seconds)
-            try:
-                settings = await asyncio.to_thread(self._load)
-                version = await asyncio.to_thread(fingerprint, settings, self._config_path)
-            except ConfigError as exc:  # the settings file itself is broken: refuse it once
-                if self.state.last_error is None or self.state.last_error.get("problems") != [str(exc)]:
-                    self._refuse("files changed", str(exc), None)
-                continue
-            except Exception:
-                log.warning("reload_watch_failed", exc_info=True)
-                continue
-            if version not in (self._runtime.snapshot.version, self._refused_version):
-                await self.reload("files changed")
+            await self.check()
+
+    async def check(self) -> None:
+        """One look at the files. Reloads when the inputs' fingerprint differs from the active
+        snapshot's version (and from a change already refused) and is the same as at the look before:
+        a file caught half-written by an in-place edit (a valid but shorter rule file is still valid)
+        changes again by the next look, so only content that has held still for a whole interval is
+        loaded."""
+        try:
+            settings = await asyncio.to_thread(self._load)
+            version = await asyncio.to_thread(fingerprint, settings, self._config_path)
+        except ConfigError as exc:  # the settings file itself is broken: refuse it once
+            self._seen_version = None
+            if self.state.last_error is None or self.state.last_error.get("problems") != [str(exc)]:
+                self._refuse("files changed", str(exc), None)
+            return
+        except Exception:
+            log.warning("reload_watch_failed", exc_info=True)
+            return
+        settled = version == self._seen_version
+        self._seen_version = version
+        if settled and version not in (self._runtime.snapshot.version, self._refused_version):
+            await self.reload("files changed")
 
     def status(self) -> dict[str, Any]:
         """The active snapshot as ``GET /snapshot`` shows it: ids and counts, never patterns or keys."""

@@ -22,6 +22,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.audit.record import iter_records
+from extproc.reload import Reloader
 from extproc.runtime import Runtime, build_snapshot, fingerprint, inputs
 from extproc.server import Server
 from extproc.settings import load_settings
@@ -242,6 +243,35 @@ def test_a_configmap_update_changes_the_fingerprint(tmp_path: Path) -> None:
     os.symlink("..2026_12_06_2", mounted / "..data_tmp")
     os.replace(mounted / "..data_tmp", mounted / "..data")  # the atomic swap kubelet makes
     assert fingerprint(settings) != before
+
+
+async def test_a_rule_file_caught_half_written_is_not_loaded(tmp_path: Path) -> None:
+    """An editor or ``cp`` writes a file in place: a look between two writes sees a valid but shorter
+    file (one rule of two). The watcher loads only content that held still from one look to the next,
+    so the half-written file never becomes the active snapshot."""
+    config = layout(tmp_path)
+    settings = load_settings(str(config))
+    runtime = Runtime(build_snapshot(settings, fingerprint(settings, str(config))))
+    reloader = Reloader(runtime, lambda: load_settings(str(config)), str(config))
+    start = runtime.snapshot.version
+    second_rule = PROJECT_RULE.replace("project-codename", "ticket-id").replace("PRJ", "TKT")
+    whole = PROJECT_RULE + second_rule[len("rules:\n") :]
+    target = tmp_path / "rules" / "projects.yaml"
+
+    with target.open("w", encoding="utf-8") as file:
+        file.write(PROJECT_RULE)  # the first write: the first rule only, a valid file on its own
+        file.flush()
+        await reloader.check()
+        assert runtime.snapshot.version == start
+        file.write(second_rule[len("rules:\n") :])  # the second write completes it
+    await reloader.check()
+    assert runtime.snapshot.version == start  # changed since the last look: not yet
+    await reloader.check()
+    assert runtime.snapshot.version == fingerprint(settings, str(config)) != start
+    assert target.read_text() == whole
+    ids = {rule.id for rule in runtime.snapshot.inspector.detector.rules}
+    assert {"project-codename", "ticket-id"} <= ids
+    assert reloader.state.reloads == 1  # the half-written content was never loaded
 
 
 def test_a_rule_whose_list_is_missing_or_empty_is_a_clear_error_not_a_crash(tmp_path: Path) -> None:
