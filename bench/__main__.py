@@ -11,6 +11,8 @@ Parts (``--only`` picks one; all three run by default):
           checkpoints signed, fsync per batch), and extproc exporting spans and metrics, and Envoy its
           trace, to a local OTLP collector. The load comes from wrk (bench/load.py): per path and round
           a warm-up, a pass with one connection (latency) and one with ``--concurrency`` (throughput).
+  exchange  what one exchange costs extproc's own code in-process, without gRPC's transport: CPU per
+          exchange and the profile's top entries (see bench/exchange.py)
   stream  streamed (SSE) answers through the same three paths: time to first token, delay added per
           event, characters held back, unpaced events/s (see bench/stream.py)
 
@@ -37,7 +39,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from bench import load, scan, stream
+from bench import exchange, load, scan, stream
 from bench.stacks import FloorStack
 from extproc.audit.keys import generate_keys
 from extproc.devenv import Process, Stack, Upstream
@@ -45,7 +47,7 @@ from extproc.identity.dev import mint_dev_token
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-PARTS = ("scan", "proxy", "stream")
+PARTS = ("scan", "exchange", "proxy", "stream")
 CARD, CARD_MASKED = "4111 1111 1111 1111", "**** **** **** 1111"
 EMAIL, EMAIL_MASKED = "jane.doe@example.com", "[REDACTED:EMAIL_ADDRESS]"
 _REPORT_TEXT = (
@@ -87,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--scan-rounds", type=int, default=3, help="passes over the scan messages (default 3)"
     )
+    parser.add_argument(
+        "--exchange-seconds", type=float, default=5.0, help="exchange: seconds of exchanges (default 5)"
+    )
     parser.add_argument("--only", choices=PARTS, help="run one of the benchmarks")
     streamed = parser.add_argument_group("stream", "the streamed-answer benchmark (--only stream)")
     streamed.add_argument("--stream-runs", type=int, default=5, help="runs per answer and path (default 5)")
@@ -118,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     if "scan" in wanted:
         scan_report = {**header, **scan.run(rounds=args.scan_rounds)}
         _write(out, "scan", stamp, scan_report, scan.markdown(scan_report))
+    if "exchange" in wanted:
+        measured = exchange.run(args.exchange_seconds, PROMPT, (CARD, EMAIL))
+        exchange_report = {**header, "prompt_bytes": len(PROMPT), **measured}
+        _write(out, "exchange", stamp, exchange_report, exchange.markdown(exchange_report))
     if "proxy" in wanted:
         load.wrk_path()  # before any stack starts: say what is missing at once
     if "proxy" in wanted or "stream" in wanted:

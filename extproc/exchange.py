@@ -173,6 +173,7 @@ class Exchange:
         self._request_actions: FindingActions | None = None
         self._response_actions: FindingActions | None = None
         self._header_scans = {Direction.REQUEST: HeaderScan(), Direction.RESPONSE: HeaderScan()}
+        self._shown: dict[str, str] = {}  # _clean's answers: the outcome and the trace show the same names
         self._phase = Phase.START
         self._dirs = {
             Direction.REQUEST: _Direction(protocol.request_body_mode),
@@ -520,7 +521,12 @@ class Exchange:
     def _clean(self, text: str) -> str:
         """A client-chosen string (model, path, request id) as it may be shown: percent-decoded, then
         masked. Envoy's own UUID request ids come out as they went in."""
-        return self._snapshot.inspector.mask_text(unquote(text))[0] if text else text
+        if not text:
+            return text
+        shown = self._shown.get(text)
+        if shown is None:
+            shown = self._shown[text] = self._snapshot.inspector.mask_text(unquote(text))[0]
+        return shown
 
     def outcome(self, error_code: str | None = None) -> Outcome:
         """What the exchange came to. ``error_code``: the stream was aborted with it. Header findings are

@@ -12,7 +12,7 @@ import logging.handlers
 import sys
 import time
 from queue import Full, Queue
-from typing import Any
+from typing import IO, Any
 
 from extproc.settings import LogSettings
 
@@ -95,12 +95,13 @@ STOP_SECONDS = 5.0
 _listener: _Listener | None = None
 
 
-def configure(settings: LogSettings, *, background: bool = False) -> None:
-    """Log to stderr as ``settings`` say. ``background`` (the server): records go through a bounded
-    queue to a writer thread, so logging never waits on stderr; ``shutdown`` writes what is queued."""
+def configure(settings: LogSettings, *, background: bool = False, stream: IO[str] | None = None) -> None:
+    """Log to ``stream`` (stderr) as ``settings`` say. ``background`` (the server): records go through a
+    bounded queue to a writer thread, so logging never waits on stderr; ``shutdown`` writes what is
+    queued."""
     global _listener
     shutdown()
-    handler: logging.Handler = logging.StreamHandler(sys.stderr)
+    handler: logging.Handler = logging.StreamHandler(sys.stderr if stream is None else stream)
     handler.setFormatter(JsonFormatter() if settings.format == "json" else TextFormatter())
     if background:
         queue: Queue[logging.LogRecord] = Queue(QUEUE_SIZE)

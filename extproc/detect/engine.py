@@ -24,7 +24,7 @@ import logging
 import os
 import re
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +53,12 @@ MASK_TOKEN = re.compile(r"\[(?:REDACTED:[A-Z][A-Z0-9_]{0,63}|[A-Z][A-Z0-9_]{0,63
 
 
 _SEVERITY = {"low": 0, "medium": 1, "high": 2, "critical": 3}
+# In a Hyperscan expression: an anchor at an end of the whole buffer, or an inline group that turns
+# MULTILINE off. Found conservatively: an escaped backslash before it counts as no escape.
+_BUFFER_ANCHOR = re.compile(r"\\[AzZ]|\(\?[a-zA-Z]*-[a-zA-Z]*m")
+# What ``clean`` puts between strings: a line break, for which `^` `$` (MULTILINE) and `\b` read as at
+# the start or end of a text, and which no value spans in a string read alone.
+_BATCH_SEPARATOR = "\n"
 
 
 class DetectorError(Exception):
@@ -176,12 +182,22 @@ class Detector:
         self.lookbehind = max((r.rule.keyword_window for r in self.rules), default=0) + widest + CONTEXT
         self._prefilter: set[int] = set()
         block = None
+        # The block database reads `^` and `$` at every line as well (MULTILINE): it only proposes
+        # candidates, which the rules' own patterns confirm as written, and so one pass over many strings
+        # joined with newlines finds every candidate each string has alone (``clean``).
+        block_flags = [flag | hyperscan.HS_FLAG_MULTILINE for flag in flags]
         if expressions:
-            block = self._compile_block(expressions, ids, flags, problems)
+            block = self._compile_block(expressions, ids, block_flags, problems)
         if problems:
             raise DetectorError(problems)
         self._block = block
+        flags = [f | (b & hyperscan.HS_FLAG_PREFILTER) for f, b in zip(flags, block_flags, strict=True)]
         self._stream_db = self._database(hyperscan.HS_MODE_STREAM, expressions, ids, flags)
+        # Anchors at the ends of the whole text (\A \z \Z), or a group turning MULTILINE off, would
+        # not see a string's ends inside the joined text: with one such rule, ``clean`` clears nothing.
+        self._batchable = not self._python_only and not any(
+            _BUFFER_ANCHOR.search(expression.decode("ascii")) for expression in expressions
+        )
         literal_ids = list(range(len(literal_expressions)))
         self._literal_block = self._database(
             hyperscan.HS_MODE_BLOCK, literal_expressions, literal_ids, literal_flags, literal=True
@@ -399,6 +415,38 @@ class Detector:
             start = min(f.start for f in cluster)
             merged.append(Finding(winner.rule_id, winner.entity, start, end, tuple(others)))
         return sorted(merged, key=lambda f: (f.start, f.end, f.rule_id))
+
+    def clean(self, texts: Sequence[str]) -> list[bool]:
+        """Which of ``texts`` ``scan`` would find nothing in, for all of them in one Hyperscan pass: their
+        normalised views joined by newlines. A string is clean when no candidate (regex, listed value,
+        base64 run) ends inside it; every candidate a string has alone is a candidate of the joined text
+        (MULTILINE anchors and ``\\b`` read the newline as the string's edge), so ``True`` is never wrong;
+        a candidate across the newline only costs the string a full scan. Rules Hyperscan does not run
+        (Python-only, hashed lists) or that anchor at the buffer's ends make every string unclean."""
+        if not texts:
+            return []
+        if not self._batchable or self._hashed:
+            return [False] * len(texts)
+        views = [normalize(text).text for text in texts]
+        starts: list[int] = []
+        offset = 0
+        for view in views:
+            starts.append(offset)
+            offset += len(view) + len(_BATCH_SEPARATOR)
+        data = _ascii(_BATCH_SEPARATOR.join(views))
+        ends: list[int] = []
+
+        def on_match(_id: int, _start: int, end: int, _flags: int, _context: object) -> bool:
+            ends.append(end)
+            return False
+
+        for database in (self._block, self._literal_block, self._run_db if self._decoded_ids else None):
+            if database is not None:
+                database.scan(data, match_event_handler=on_match)
+        result = [True] * len(texts)
+        for end in ends:
+            result[bisect.bisect_right(starts, end - 1) - 1] = False
+        return result
 
     def _scan_view(self, text: str, decode: bool = True) -> list[Finding]:
         findings = self._scan_plain(text)

@@ -343,6 +343,7 @@ class BufferedJson(_Buffered):
         if self._admit is not None:
             inspector, rewritten = self._admit(document, len(body))
         masker = JsonMasker(inspector, self.findings)
+        masker.prime(document)
         try:
             masked = masker.value(document)
         except JsonRejected as exc:  # in JSON held in a string (tool arguments)
@@ -544,6 +545,34 @@ class JsonMasker:
         self.findings: list[Finding] = [] if findings is None else findings
         self.changed = False  # something was masked (a finding a policy allows changes nothing)
         self._clean: set[str] = set()
+        self._primed: set[str] = set()  # the strings of the document ``prime`` found clean
+
+    def prime(self, node: Any) -> None:
+        """Finds, in one pass over all of them (``Detector.clean``), the keys and string values of
+        ``node`` that hold nothing, so that masking it scans only the others: a chat request has dozens
+        of short strings (roles, model, labels), each a whole scan otherwise. Long strings (the messages
+        themselves, which mostly hold something a rule looks at) are scanned alone only, not twice; a
+        string holding JSON with escapes is left to be decoded and read as it is today."""
+        texts: list[str] = []
+        stack = [node]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, str):
+                if (
+                    item
+                    and len(item) <= self._CLEAN_MAX_CHARS
+                    and not ("\\" in item and item.lstrip()[:1] in ("{", "["))
+                ):
+                    texts.append(item)
+            elif isinstance(item, list):
+                stack.extend(item)
+            elif isinstance(item, dict):
+                texts.extend(key for key in item if key and len(key) <= self._CLEAN_MAX_CHARS)
+                stack.extend(item.values())
+        unique = list(dict.fromkeys(texts))
+        for text, clean in zip(unique, self._inspector.detector.clean(unique), strict=True):
+            if clean:
+                self._primed.add(text)
 
     def value(self, node: Any, depth: int = 0) -> Any:
         """``node`` with every string value, key and long number masked. ``depth``: how deep ``node``
@@ -637,7 +666,7 @@ class JsonMasker:
         return number
 
     def _string(self, text: str, depth: int = 0) -> str:
-        if text in self._clean:
+        if text in self._clean or text in self._primed:
             return text
         masked, found = self._inspector.mask_text(text)
         if not found and len(text) <= self._CLEAN_MAX_CHARS and len(self._clean) < self._CLEAN_MAX_ENTRIES:

@@ -175,20 +175,55 @@ def scan_headers(
     if total > MAX_HEADER_CHARS:
         raise HeadersTooLarge(f"headers of {total} characters exceed {MAX_HEADER_CHARS}")
     scan = into if into is not None else HeaderScan()
-    for name, values in grouped.items():
-        if name in skip or name in NO_DATA:
-            continue
+    read = {name: _readings(name, values) for name, values in grouped.items() if name not in skip}
+    read = {name: readings for name, readings in read.items() if name not in NO_DATA}
+    texts = list(
+        dict.fromkeys(text for readings in read.values() for _, _, views in readings for text, _ in views)
+    )
+    names = [name for name in read if not name.startswith(":")]
+    reader = _Reader(detector, [*names, *texts])
+    for name, readings in read.items():
         if not name.startswith(":"):
-            _scan_name(name, detector, verdicts, scan)
+            _scan_name(name, reader, verdicts, scan)
             if name in scan.remove:
                 continue
-        _scan_values(name, values, detector, masker, verdicts, scan)
+        _scan_values(name, grouped[name], readings, reader, masker, verdicts, scan)
     return scan
 
 
-def _scan_name(name: str, detector: Detector, verdicts: Verdicts, scan: HeaderScan) -> None:
+class _Reader:
+    """``Detector.scan`` for the texts of one set of headers, skipping those one pass over all of them
+    found clean (``Detector.clean``): most header values hold nothing."""
+
+    def __init__(self, detector: Detector, texts: list[str]) -> None:
+        self._detector = detector
+        self._clean = {text for text, clean in zip(texts, detector.clean(texts), strict=True) if clean}
+
+    def scan(self, text: str) -> list[Finding]:
+        return [] if text in self._clean else self._detector.scan(text)
+
+
+# One reading of a header's values: the separator they are joined with, where each value starts in that
+# join, and the views of the join (as sent, percent-decoded once and twice), with their offset maps.
+_Reading = tuple[str, list[int], list[tuple[str, list[int] | None]]]
+
+
+def _readings(name: str, values: list[str]) -> list[_Reading]:
+    url = name in URLS
+    readings: list[_Reading] = []
+    for separator in (JOIN, "", " ") if len(values) > 1 else (JOIN,):
+        starts = []
+        offset = 0
+        for value in values:
+            starts.append(offset)
+            offset += len(value) + len(separator)
+        readings.append((separator, starts, _views(separator.join(values), url)))
+    return readings
+
+
+def _scan_name(name: str, reader: _Reader, verdicts: Verdicts, scan: HeaderScan) -> None:
     masked = False
-    for finding in detector.scan(name):
+    for finding in reader.scan(name):
         scan.findings.append(finding)
         action = verdicts.verdict(finding).action
         scan.applied.append((finding, action))
@@ -200,21 +235,22 @@ def _scan_name(name: str, detector: Detector, verdicts: Verdicts, scan: HeaderSc
 
 
 def _scan_values(
-    name: str, values: list[str], detector: Detector, masker: Masker, verdicts: Verdicts, scan: HeaderScan
+    name: str,
+    values: list[str],
+    readings: list[_Reading],
+    reader: _Reader,
+    masker: Masker,
+    verdicts: Verdicts,
+    scan: HeaderScan,
 ) -> None:
     url = name in URLS
     # (rules, raw span) -> finding, value as read. One value read in several views is decided once per
     # set of rules that found it: a view that adds a rule puts the value to the policy under it too.
     found: dict[tuple[tuple[str, ...], int, int], tuple[Finding, str]] = {}
-    for separator in (JOIN, "", " ") if len(values) > 1 else (JOIN,):
-        starts = []
-        offset = 0
-        for value in values:
-            starts.append(offset)
-            offset += len(value) + len(separator)
+    for separator, starts, views in readings:
         shift = len(JOIN) - len(separator)
-        for text, positions in _views(separator.join(values), url):
-            for finding in detector.scan(text):
+        for text, positions in views:
+            for finding in reader.scan(text):
                 if name in ADDRESS_HEADERS and finding.entity in ADDRESS_ENTITIES:
                     continue
                 start = finding.start if positions is None else positions[finding.start]

@@ -1,0 +1,162 @@
+"""``Detector.clean``: one Hyperscan pass over many strings says which of them hold nothing, so that
+only the others are scanned. A string it calls clean must be one ``scan`` finds nothing in; anything
+else would let a value through unmasked."""
+
+import json
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from unittest import mock
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from extproc.detect.engine import Detector
+from extproc.detect.rules import load_rules
+from extproc.errors import ExtProcError
+from extproc.mask import Inspector, MaskSpec
+from extproc.mask.bodies import BufferedJson
+from extproc.mask.headers import scan_headers
+from extproc.model import Finding
+
+from .test_joined_request import INSPECTOR
+
+PACK = INSPECTOR.detector
+SAMPLES = [
+    text for loaded in PACK.rules for text in (*loaded.rule.samples.match, *loaded.rule.samples.no_match)
+]
+FILLER = ["user", "assistant", "content", "You are a helpful assistant.", "demo-small", "", "\n", "x"]
+
+
+def test_every_sample_the_pack_finds_something_in_is_not_clean_among_the_others() -> None:
+    found = [text for text in SAMPLES if PACK.scan(text)]
+    assert len(found) > 100  # the shipped pack's samples, every rule's
+    texts = [*FILLER, *SAMPLES, *FILLER]
+    for text, clean in zip(texts, PACK.clean(texts), strict=True):
+        if clean:
+            assert PACK.scan(text) == [], text
+    assert not any(clean for text, clean in zip(texts, PACK.clean(texts), strict=True) if text in found)
+    assert all(PACK.clean(FILLER))  # and it does clear what holds nothing
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.sampled_from(SAMPLES),
+            st.text(alphabet="0123456789 -./:@abcdefAKIsk_=\n\t\u0661\uff14", max_size=40),
+        ),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_a_string_called_clean_holds_nothing_whatever_is_around_it(texts: list[str]) -> None:
+    for text, clean in zip(texts, PACK.clean(texts), strict=True):
+        if clean:
+            assert PACK.scan(text) == [], text
+
+
+def _pack(tmp_path: Path, pattern: str) -> Detector:
+    (tmp_path / "r.yaml").write_text(
+        textwrap.dedent(
+            f"""\
+            rules:
+            - id: project
+              entity: PROJECT
+              category: confidential
+              severity: high
+              pattern: '{pattern}'
+              samples:
+                match: ["PRJ-1234"]
+                no_match: ["a PRJ-12"]
+            """
+        ),
+        encoding="utf-8",
+    )
+    return Detector(load_rules([tmp_path]))
+
+
+def test_a_rule_anchored_at_a_string_start_and_end_is_seen_inside_the_joined_text(tmp_path: Path) -> None:
+    detector = _pack(tmp_path, r"^PRJ-\d{4}$")
+    texts = ["before", "PRJ-1234", "after PRJ-1234", "PRJ-1234 after"]
+    assert [bool(detector.scan(text)) for text in texts] == [False, True, False, False]
+    assert detector.clean(texts)[1] is False
+    assert detector.clean(texts)[0] is True
+
+
+def test_a_rule_anchored_at_the_buffer_ends_turns_the_pass_off(tmp_path: Path) -> None:
+    detector = _pack(tmp_path, r"\APRJ-\d{4}\Z")
+    texts = ["before", "PRJ-1234"]
+    assert detector.scan("PRJ-1234")
+    assert detector.clean(texts) == [False, False]
+
+
+def _counting(inspector: Inspector) -> tuple[Inspector, list[str]]:
+    scanned: list[str] = []
+    real = inspector.detector.scan
+
+    def scan(text: str, *, merged: bool = True) -> list[object]:
+        scanned.append(text)
+        return real(text, merged=merged)  # type: ignore[return-value]
+
+    detector = mock.Mock(wraps=inspector.detector)
+    detector.scan = scan
+    detector.clean = inspector.detector.clean
+    return Inspector(detector, inspector.masker), scanned
+
+
+def test_a_json_body_scans_alone_only_the_strings_that_may_hold_something() -> None:
+    inspector, scanned = _counting(INSPECTOR)
+    messages = [{"role": "user", "content": f"question number {n} about the weather"} for n in range(30)]
+    messages.append({"role": "user", "content": "the card is 4111 1111 1111 1111"})
+    body = json.dumps({"model": "demo-small", "messages": messages}).encode()
+    processor = BufferedJson(inspector, 1 << 20, ExtProcError("too large"), ExtProcError("invalid"))
+    processor.feed(body)
+    masked = json.loads(processor.finish())
+    assert masked["messages"][-1]["content"] == "the card is **** **** **** 1111"
+    alone = [text for text in scanned if "question number" in text and len(text) < 40]
+    assert alone == []  # none of the 30 clean strings was scanned on its own
+    assert "the card is 4111 1111 1111 1111" in scanned
+
+
+@dataclass(frozen=True)
+class _Mask:
+    action: str = "mask"
+    strategy: MaskSpec | None = None
+
+
+class _MaskAll:
+    may_refuse = False
+
+    def verdict(self, finding: Finding) -> _Mask:
+        return _Mask()
+
+    def refuses(self, finding: Finding) -> bool:
+        return False
+
+
+def test_headers_scan_alone_only_the_values_that_may_hold_something() -> None:
+    inspector, scanned = _counting(INSPECTOR)
+    headers = [
+        (":path", "/v1/chat/completions"),
+        ("content-type", "application/json"),
+        ("user-agent", "OpenAI/Python 1.0"),
+        ("x-note", "card 4111111111111111"),
+    ]
+    result = scan_headers(headers, inspector.detector, inspector.masker, _MaskAll())
+    assert [f.entity for f in result.findings] == ["CREDIT_CARD"]
+    assert "application/json" not in scanned
+    assert "user-agent" not in scanned
+    assert "card 4111111111111111" in scanned
+
+
+def test_json_with_escapes_in_a_short_string_is_still_decoded_and_read() -> None:
+    """A tool call's arguments (JSON in a string) hide an address behind an escape: the one pass must
+    not clear the string before it is decoded, leading blanks included."""
+    arguments = ' {"to": "jane\\u0040example.com"}'
+    document = {"model": "demo-small", "messages": [{"role": "assistant", "content": arguments}]}
+    processor = BufferedJson(INSPECTOR, 1 << 20, ExtProcError("too large"), ExtProcError("invalid"))
+    processor.feed(json.dumps(document).encode())
+    masked = json.loads(processor.finish())
+    assert "jane" not in masked["messages"][0]["content"]
+    assert "EMAIL_ADDRESS" in {f.entity for f in processor.findings}
