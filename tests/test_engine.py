@@ -293,3 +293,18 @@ def test_keyword_rules_are_skipped_when_no_keyword_is_anywhere() -> None:
     assert spans("code E123456 shipped") == []
     assert spans("code E123456 shipped to the employee") == []  # present, but not before the match
     assert spans("the employee code E123456 shipped") == [("employee-id", "E123456")]
+
+
+def test_a_listed_value_is_found_in_a_stream_longer_than_what_a_scanner_keeps() -> None:
+    """Regression: once a stream dropped its oldest text, the literal matches Hyperscan reported went
+    to a list the scanner no longer read, and every listed value after that was let through."""
+    det = detector()
+    text = "status of Bluebird-7 is green " + "more words here " * (det.lookbehind // 8) + "and Bluebird-7."
+    assert len(text) > 2 * det.lookbehind
+    found: list[tuple[str, int]] = []
+    scanner = det.stream()
+    for start in range(0, len(text), 4):
+        found += [(f.rule_id, f.start) for f in scanner.feed(text[start : start + 4])[1]]
+    found += [(f.rule_id, f.start) for f in scanner.finish()[1]]
+    assert found == [(f.rule_id, f.start) for f in det.scan(text)]
+    assert [rule for rule, _ in found] == ["project-names", "project-names"]

@@ -902,5 +902,6 @@ class StreamScanner:
             self._base = keep_from
             for rule in list(self._hits.ends):
                 self._hits.ends[rule] = [e for e in self._hits.ends[rule] if e > keep_from]
-            self._hits.literals = [h for h in self._hits.literals if h[1] >= keep_from]
+            # In place: the Hyperscan handlers hold this list, not the attribute.
+            self._hits.literals[:] = [h for h in self._hits.literals if h[1] >= keep_from]
             self._memo = {k: v for k, v in self._memo.items() if k[1] >= keep_from}
