@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         scan_report = {**header, **scan.run(rounds=args.scan_rounds)}
         _write(out, "scan", stamp, scan_report, scan.markdown(scan_report))
     if "exchange" in wanted:
-        measured = exchange.run(args.exchange_seconds, PROMPT, (CARD, EMAIL))
+        measured = exchange.run(args.exchange_seconds, PROMPT, (CARD, EMAIL), stream.answers()[1].content)
         exchange_report = {**header, "prompt_bytes": len(PROMPT), **measured}
         _write(out, "exchange", stamp, exchange_report, exchange.markdown(exchange_report))
     if "proxy" in wanted:
