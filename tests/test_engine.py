@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from extproc.detect.check import check_rules
 from extproc.detect.engine import Detector, DetectorError
 from extproc.detect.rules import RuleError, load_rules
+from extproc.model import Finding
 
 from .rules_fixture import EDM_KEY, RULES, detector
 
@@ -308,3 +309,43 @@ def test_a_listed_value_is_found_in_a_stream_longer_than_what_a_scanner_keeps() 
     found += [(f.rule_id, f.start) for f in scanner.finish()[1]]
     assert found == [(f.rule_id, f.start) for f in det.scan(text)]
     assert [rule for rule, _ in found] == ["project-names", "project-names"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.sampled_from(FRAGMENTS), max_size=40).map("".join),
+    st.lists(st.integers(min_value=1, max_value=25), min_size=1, max_size=60),
+    st.integers(min_value=0, max_value=60),
+    st.integers(min_value=0, max_value=3000),
+)
+def test_a_forked_scanner_goes_on_as_one_fed_the_same_text_from_the_start(
+    text: str, cuts: list[int], fork_at: int, padding: int
+) -> None:
+    """``fork`` (the answer channel leaving its twin): the copy, fed the rest, releases the same text
+    with the same findings as a scanner never forked, whatever it kept when forked (``padding`` makes
+    the scanner drop its oldest text first)."""
+    text = "filler words " * (padding // 13) + text
+    pieces, position = [], 0
+    for size in cuts:
+        pieces.append(text[position : position + size])
+        position += size
+    pieces.append(text[position:])
+    whole, forked = detector().stream(), detector().stream()
+    expected: list[tuple[str, list[tuple[str, int, int]]]] = []
+    got: list[tuple[str, list[tuple[str, int, int]]]] = []
+    cut = min(fork_at, len(pieces))
+
+    def out(result: tuple[str, list[Finding]]) -> tuple[str, list[tuple[str, int, int]]]:
+        return result[0], [(f.rule_id, f.start, f.end) for f in result[1]]
+
+    for piece in pieces[:cut]:
+        expected.append(out(whole.feed(piece)))
+        got.append(out(forked.feed(piece)))
+    twin = forked.fork()
+    forked.close()  # the original goes away: the twin owns streams of its own
+    for piece in pieces[cut:]:
+        expected.append(out(whole.feed(piece)))
+        got.append(out(twin.feed(piece)))
+    expected.append(out(whole.finish()))
+    got.append(out(twin.finish()))
+    assert got == expected

@@ -7,8 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from extproc.detect.engine import Detector
 from extproc.errors import UpstreamError
 from extproc.mask.bodies import StreamingText
+from extproc.mask.joined import Router
 from extproc.mask.ndjson import SniffedJson
 from extproc.mask.sse import EventStream, SniffedStream
 
@@ -652,3 +654,61 @@ def test_json_lines_among_text_lines_that_would_mask_more_are_refused() -> None:
     fine = b'{"response": "hello"}\n' + b"note 4111 1111 1111 1111\n"
     out, _ = sniff_all(fine, [])
     assert out == b'{"response": "hello"}\nnote [REDACTED:CREDIT_CARD]\n'
+
+
+def _without_twins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Router, "_untwinned", lambda self, keys: keys)
+
+
+def test_a_one_choice_stream_is_read_by_one_scanner(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The answer channel is the choice's own while the stream has one text: one scanner, not two."""
+    made: list[object] = []
+    real = Detector.stream
+
+    def stream(self: Detector) -> object:
+        made.append(self)
+        return real(self)
+
+    monkeypatch.setattr(Detector, "stream", stream)
+    chunks, processor = run(token_stream(ANSWER, size=2))
+    assert text_of(chunks) == MASKED
+    assert len(made) == 1
+    assert sorted(f.entity for f in processor.findings) == ["CREDIT_CARD", "EMAIL_ADDRESS"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["Card 4111 ", "1111 1111", " 1111 ok", "jane@", "example.com", " words ", "x"]),
+            st.sampled_from([0, 0, 0, 1, 2]),
+            st.booleans(),
+        ),
+        min_size=1,
+        max_size=25,
+    )
+)
+def test_twinned_channels_change_nothing_a_client_receives(
+    pieces: list[tuple[str, int, bool]],
+) -> None:
+    """The same stream through a router whose answer channel starts as its choice's twin, and through
+    one where every channel has its own scanner from the start: byte for byte the same output and the
+    same findings, whatever mix of choices and tool-call arguments the pieces come in."""
+    events = []
+    for text, index, tool in pieces:
+        if tool:
+            call = {"index": 0, "function": {"arguments": json.dumps({"note": text})[:-1]}}
+            chunk = {"id": "c1", "object": "chat.completion.chunk"}
+            chunk["choices"] = [{"index": index, "delta": {"tool_calls": [call]}, "finish_reason": None}]
+            events.append(raw(chunk))
+        else:
+            events.append(raw(chat(text, index=index)))
+    body = b"".join(events) + b"data: [DONE]\n\n"
+    twinned, first = feed_all(body)
+    with pytest.MonkeyPatch.context() as patch:
+        _without_twins(patch)
+        apart, second = feed_all(body)
+    assert twinned == apart
+    assert [(f.rule_id, f.start, f.end) for f in first.findings] == [
+        (f.rule_id, f.start, f.end) for f in second.findings
+    ]

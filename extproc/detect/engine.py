@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import copy
 import hashlib
 import hmac
 import importlib.metadata
@@ -351,10 +352,24 @@ class Detector:
 
     # -- scanning -------------------------------------------------------------------------------------
 
-    def _handlers(self, hits: _Hits) -> tuple[MatchHandler, MatchHandler]:
+    def _handlers(self, hits: _Hits, offset: int = 0) -> tuple[MatchHandler, MatchHandler]:
+        """Match handlers that add to ``hits``; ``offset``: where the scanned data starts in the stream
+        (a stream replayed from the middle, ``StreamScanner.fork``)."""
         ends = hits.ends
         literals = self._literals
         found = hits.literals
+        if offset:
+
+            def on_regex_at(rule: int, _start: int, end: int, _flags: int, _context: object) -> bool:
+                ends[rule].append(end + offset)
+                return False
+
+            def on_literal_at(literal: int, _start: int, end: int, _flags: int, _context: object) -> bool:
+                entry = literals[literal]
+                found.append((entry.rule, end + offset - entry.length, end + offset))
+                return False
+
+            return on_regex_at, on_literal_at
 
         def on_regex(rule: int, _start: int, end: int, _flags: int, _context: object) -> bool:
             ends[rule].append(end)
@@ -768,6 +783,39 @@ class StreamScanner:
     def held(self) -> int:
         """Characters received but not yet released."""
         return self._received - self._oreleased
+
+    def fork(self) -> StreamScanner:
+        """A second scanner in this one's state, as if it had been fed the same text: from now on the two
+        are fed apart. Hyperscan streams cannot be copied, so the twin's are new ones replaying the text
+        this scanner keeps (``lookbehind`` before what it has not released: no match still in progress
+        starts earlier); the matches the replay reports are this scanner's own, known already, and
+        dropped."""
+        if not self._open:
+            raise RuntimeError("the stream is finished")
+        twin = StreamScanner.__new__(StreamScanner)
+        twin.__dict__.update(self.__dict__)
+        twin._tail = copy.deepcopy(self._tail)
+        twin._offsets = copy.deepcopy(self._offsets)
+        twin._hits = _Hits()
+        twin._memo = {key: set(found) for key, found in self._memo.items()}
+        twin._handlers = self._detector._handlers(twin._hits, self._base)
+        detector = self._detector
+        databases = (detector._stream_db, detector._literal_stream)
+        twin._streams = [
+            database.stream(match_event_handler=handler)
+            for database, handler in zip(databases, twin._handlers, strict=True)
+            if database is not None
+        ]
+        data = _ascii(self._buffer)
+        for stream in twin._streams:
+            stream.__enter__()
+            stream.scan(data)
+        twin._hits.ends.clear()
+        twin._hits.literals.clear()
+        for rule, ends in self._hits.ends.items():
+            twin._hits.ends[rule].extend(ends)
+        twin._hits.literals.extend(self._hits.literals)
+        return twin
 
     def feed(self, text: str) -> tuple[str, list[Finding]]:
         if not self._open:

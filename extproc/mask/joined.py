@@ -121,6 +121,16 @@ class _Channel:
         start = limit - len(text)
         return limit, [(f, text[f.start - start : f.end - start]) for f in findings]
 
+    def fork(self) -> _Channel:
+        """A channel fed what this one was fed, from now on apart (``StreamScanner.fork``); the pieces
+        this one holds are held by both."""
+        twin = _Channel(self.scanner.fork())
+        twin.log = deque(self.log)
+        twin.fed = self.fed
+        for _, piece in twin.log:
+            piece.waiting += 1
+        return twin
+
 
 class _JsonTextChannel(_Channel):
     """The scanner reads the decoded view of the pieces; findings are mapped back to raw offsets."""
@@ -169,6 +179,11 @@ class Router:
         self._seen: dict[tuple[tuple[int, int, int], ...], set[str]] = {}
         self.findings: list[Finding] = []
         self.held = 0  # characters of pieces not final yet
+        # While every text delta belongs to one text, the answer channel reads exactly what that text's
+        # channel reads: it is that channel (same text, same findings, released together) until a piece
+        # goes to one and not the other, when it becomes a channel of its own (``_Channel.fork``). A
+        # one-choice token stream, by far the most common, is then scanned once instead of twice.
+        self._twin: Hashable | None = None
         # A verdict refused a finding (it raised): the stream ends, and nothing it held goes out. Findings
         # released with the refused one, and the refused value's own pieces, were never marked.
         self._refused = False
@@ -186,7 +201,7 @@ class Router:
             return
         piece = Piece(text, write, event, next(self._serial))
         event.pieces.append(piece)
-        keys = list(dict.fromkeys(channels))
+        keys = self._untwinned(list(dict.fromkeys(channels)))
         piece.waiting = len(keys)
         event.waiting += 1
         self.held += len(text)
@@ -199,6 +214,24 @@ class Router:
                 channel = self._channels[key] = kind(self._inspector.detector.stream())
             channel.log.append((channel.fed, piece))
             self._released(channel, *channel.feed(text))
+
+    def _untwinned(self, keys: list[Hashable]) -> list[Hashable]:
+        """The channels a piece for ``keys`` is fed to: the answer channel's twin stands for it; a piece
+        for one of the two and not the other gives the answer channel a scanner of its own first."""
+        twin = self._twin
+        if twin is None:
+            if ANSWER in keys and not self._channels and len(keys) == 2:
+                other = keys[0] if keys[1] == ANSWER else keys[1]
+                if not isinstance(other, JsonText):  # reads a decoded view: not the answer's text
+                    self._twin = other
+                    return [other]
+            return keys
+        if ANSWER in keys and twin in keys and len(keys) == 2:
+            return [twin]
+        if ANSWER in keys or twin in keys:
+            self._channels[ANSWER] = self._channels[twin].fork()
+            self._twin = None
+        return keys
 
     def seal(self, event: HeldEvent) -> list[HeldEvent]:
         """No more pieces for ``event``; returns the events now ready, in order."""
