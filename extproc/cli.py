@@ -40,10 +40,22 @@ def _settings(args: argparse.Namespace) -> Settings:
         server["grpc_address"] = args.grpc_address
     if getattr(args, "admin_address", None):
         server["admin_address"] = args.admin_address
+    if getattr(args, "workers", None) is not None:
+        server["workers"] = args.workers
     overrides: dict[str, Any] = {"server": server} if server else {}
     if getattr(args, "approvals_address", None) is not None:  # empty: not served
         overrides["approvals"] = {"api_address": args.approvals_address}
-    return load_settings(args.config, **overrides)
+    settings = load_settings(args.config, **overrides)
+    worker = getattr(args, "worker", None)
+    if worker is not None and settings.audit.record_path:
+        # A worker of `serve --workers N` keeps a session record of its own (its own hash chain).
+        from extproc.supervisor import worker_record_path
+
+        audit = settings.audit.model_copy(
+            update={"record_path": worker_record_path(settings.audit.record_path, worker)}
+        )
+        settings = settings.model_copy(update={"audit": audit})
+    return settings
 
 
 class _StopRequested(Exception):
@@ -85,17 +97,35 @@ def _serve(args: argparse.Namespace) -> int:
     from extproc import logs
     from extproc.runtime import Runtime, build_snapshot, fingerprint
     from extproc.server import Server
+    from extproc.supervisor import Supervisor, WorkerFailed, require_shared_approvals
 
     try:
         settings = _settings(args)
-        logs.configure(settings.log, background=True)
+        fields = {"worker": args.worker} if args.worker is not None else None
+        logs.configure(settings.log, background=True, fields=fields)
         require_identity_choice(settings)  # before the rules compile: a missing choice fails at once
+        require_shared_approvals(settings)
+        if settings.server.workers > 1 and args.worker is None:
+            _warn_cpus(settings.server.workers)
+            serve_args = ["--config", args.config] if args.config else []
+            return asyncio.run(Supervisor(settings, serve_args).run())
         config_path = args.config or os.environ.get(CONFIG_ENV) or None
         snapshot = build_snapshot(settings, fingerprint(settings, config_path))
         server = Server(
-            settings, Runtime(snapshot), load_settings=lambda: _settings(args), config_path=config_path
+            settings,
+            Runtime(snapshot),
+            load_settings=lambda: _settings(args),
+            config_path=config_path,
+            worker=args.worker,
+            admin_socket=args.worker_admin,
         )
-        asyncio.run(server.run_until_signal())
+        asyncio.run(server.run_until_signal(args.supervisor_fd))
+    except WorkerFailed as failed:  # logged by the supervisor as workers_failed, with the reason
+        log.error(
+            "serve_failed",
+            extra={"error": str(failed), "error_type": "WorkerFailed", "exit_code": failed.exit_code},
+        )
+        return failed.exit_code
     except _StopRequested as stopped:
         log.info("signal_received", extra={"signal": stopped.signal, "detail": "before serving began"})
         log.info("stopped")
@@ -111,6 +141,15 @@ def _serve(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def _warn_cpus(workers: int) -> None:
+    cpus = len(os.sched_getaffinity(0))
+    if workers > cpus:
+        log.warning(
+            "workers_above_cpus",
+            extra={"workers": workers, "cpus": cpus, "detail": "workers beyond the CPUs only add memory"},
+        )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -730,6 +769,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--approvals-address", help="HOST:PORT for the approvers' gRPC API (empty: not served)"
     )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes on the one gRPC address (server.workers; default 1)",
+    )
+    # Set by the supervisor of `serve --workers N` for each worker it starts; not for people.
+    serve.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-admin", help=argparse.SUPPRESS)
+    serve.add_argument("--supervisor-fd", type=int, help=argparse.SUPPRESS)
     serve.set_defaults(func=cmd_serve)
 
     dev = sub.add_parser("dev", help="run Envoy + extproc + the demo model server together")
