@@ -226,7 +226,8 @@ class Supervisor:
         if self._settings.detect.cache_dir:
             # The first worker compiles the rules into the cache; the others then load them from it.
             await self._start_all(first)
-            await self._start_all(rest)
+            if not self._stopping:
+                await self._start_all(rest)
         else:
             await self._start_all(self._workers)
         if self._stopping:
@@ -255,6 +256,7 @@ class Supervisor:
             sys.executable, "-m", "extproc", "serve", *self._serve_args,
             "--grpc-address", self._grpc_address,
             "--approvals-address", self._approvals_address,
+            "--workers", str(len(self._workers)),
             "--worker", str(worker.index),
             "--worker-admin", worker.socket_path,
             "--supervisor-fd", str(readable),
