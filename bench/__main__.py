@@ -7,6 +7,8 @@ Parts (``--only`` picks one; all three run by default):
             envoy    client -> Envoy (no ext_proc filter) -> demo model
             floor    client -> Envoy -> a do-nothing ext_proc server (bench/floor.py) -> demo model
             extproc  client -> Envoy -> extproc (identity on, every phase, bodies scanned) -> demo model
+            extproc-2w  the same with `serve --workers 2` (approvals in a local redis-server, as
+                     several workers need)
           and, with ``--record-and-trace``, two more: extproc with the session record (originals sealed,
           checkpoints signed, fsync per batch), and extproc exporting spans and metrics, and Envoy its
           trace, to a local OTLP collector. The load comes from wrk (bench/load.py): per path and round
@@ -42,6 +44,7 @@ from bench.stacks import FloorStack
 from extproc.audit.keys import generate_keys
 from extproc.devenv import Process, Stack, Upstream
 from extproc.identity.dev import mint_dev_token
+from tests.redis_fixture import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -67,6 +70,7 @@ PROMPT = json.dumps(
     }
 ).encode()
 PROXY_PATHS = ("envoy", "floor", "extproc")
+WORKER_PATHS = ("extproc-2w",)  # proxy only: extproc with `serve --workers 2`, against "extproc"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,6 +161,7 @@ def _stacks(out: Path, audited: bool = False) -> Iterator[dict[str, str]]:
     stacks: list[Stack] = []
     receiver: Process | None = None
     sink: IO[str] | None = None
+    redis: RedisServer | None = None
     identity = Path(tempfile.mkdtemp(prefix="extproc-bench-identity-"))
     try:
         # Identity on, as `make run` has it: callers' tokens are verified on every request. The demo's
@@ -169,12 +174,20 @@ def _stacks(out: Path, audited: bool = False) -> Iterator[dict[str, str]]:
         stacks.append(bare)
         floor = FloorStack(log_path=log, upstream=upstream).start()
         stacks.append(floor)
+        # Several workers share approvals through Redis (serve refuses the memory store with them).
+        redis = RedisServer(identity).start()
+        store = {"EXTPROC_APPROVALS__STORE": "redis", "EXTPROC_APPROVALS__REDIS_URL": redis.url}
+        two = Stack(
+            log_path=log, upstream=upstream, dev_identity=identity, extproc_workers=2, extra_env=store
+        )
+        stacks.append(two.start())
         token = mint_dev_token(identity, "bench", [], 6 * 3600)
         paths = {
             "direct": full.demo_url,
             "envoy": bare.url,
             "floor": floor.url,
             "extproc": full.url,
+            "extproc-2w": two.url,
             "token": token,
         }
         if audited:
@@ -202,6 +215,8 @@ def _stacks(out: Path, audited: bool = False) -> Iterator[dict[str, str]]:
             stack.stop()
         if receiver is not None:
             receiver.stop()
+        if redis is not None:
+            redis.stop()
         if sink is not None:
             sink.close()
         shutil.rmtree(identity, ignore_errors=True)
@@ -240,7 +255,7 @@ def _check_answers(urls: dict[str, str], headers: dict[str, str]) -> list[str]:
 def _proxy(args: argparse.Namespace, paths: dict[str, str]) -> dict[str, Any]:
     """Every path measured once per round, the rounds one after the other, so that a slow spell of a
     shared machine falls on every path alike; each figure is the median over the rounds."""
-    names = [*PROXY_PATHS, *(name for name in ("recorded", "traced") if name in paths)]
+    names = [*PROXY_PATHS, *WORKER_PATHS, *(name for name in ("recorded", "traced") if name in paths)]
     urls = {name: paths[name] for name in names}
     headers = {"content-type": "application/json", "authorization": f"Bearer {paths['token']}"}
     problems = _check_answers(urls, headers)
@@ -322,6 +337,7 @@ _LABELS = {
     "envoy": "Envoy alone",
     "floor": "Envoy + floor",
     "extproc": "Envoy + extproc",
+    "extproc-2w": "Envoy + extproc, 2 workers",
     "recorded": "... with the session record",
     "traced": "... with tracing",
 }
@@ -367,6 +383,12 @@ def _markdown(report: dict[str, Any]) -> str:
                 f"({seq['p50_ms'] / extproc_seq['p50_ms']:.2f}x); throughput at c={c} is "
                 f"{con['rps'] / extproc_con['rps']:.2f}x extproc's."
             )
+    if "extproc-2w" in paths:
+        two = paths["extproc-2w"]
+        lines.append(
+            f"Two workers: {two['concurrent']['rps'] / extproc_con['rps']:.2f}x one worker's throughput at "
+            f"c={c}, p50 at c=1 {two['sequential']['p50_ms']:.2f} ms vs {extproc_seq['p50_ms']:.2f} ms."
+        )
     if "record_bytes_per_exchange" in report:
         lines.append(f"One exchange record: {report['record_bytes_per_exchange']:,} bytes.")
     if report["answer_problems"]:
