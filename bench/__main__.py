@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         load.wrk_path()  # before any stack starts: say what is missing at once
     if "proxy" in wanted or "stream" in wanted:
         audited = "proxy" in wanted and args.record_and_trace
-        with _stacks(out, audited=audited) as paths:
+        with _stacks(out, audited=audited, workers="proxy" in wanted) as paths:
             if "proxy" in wanted:
                 proxy_report = {**header, **_proxy(args, paths)}
                 _write(out, "proxy", stamp, proxy_report, _markdown(proxy_report))
@@ -151,7 +151,7 @@ def _machine() -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _stacks(out: Path, audited: bool = False) -> Iterator[dict[str, str]]:
+def _stacks(out: Path, audited: bool = False, workers: bool = False) -> Iterator[dict[str, str]]:
     """Stacks in front of one demo model: Envoy + extproc, Envoy alone (no ext_proc filter), Envoy +
     the floor and, when ``audited``, Envoy + extproc with the session record on (recorded), and with
     spans and metrics exported (traced). Yields the URL of each path (direct: the demo model), the
@@ -174,22 +174,23 @@ def _stacks(out: Path, audited: bool = False) -> Iterator[dict[str, str]]:
         stacks.append(bare)
         floor = FloorStack(log_path=log, upstream=upstream).start()
         stacks.append(floor)
-        # Several workers share approvals through Redis (serve refuses the memory store with them).
-        redis = RedisServer(identity).start()
-        store = {"EXTPROC_APPROVALS__STORE": "redis", "EXTPROC_APPROVALS__REDIS_URL": redis.url}
-        two = Stack(
-            log_path=log, upstream=upstream, dev_identity=identity, extproc_workers=2, extra_env=store
-        )
-        stacks.append(two.start())
+        if workers:  # extproc-2w; several workers share approvals through Redis (memory is refused)
+            redis = RedisServer(identity).start()
+            store = {"EXTPROC_APPROVALS__STORE": "redis", "EXTPROC_APPROVALS__REDIS_URL": redis.url}
+            two = Stack(
+                log_path=log, upstream=upstream, dev_identity=identity, extproc_workers=2, extra_env=store
+            )
+            stacks.append(two.start())
         token = mint_dev_token(identity, "bench", [], 6 * 3600)
         paths = {
             "direct": full.demo_url,
             "envoy": bare.url,
             "floor": floor.url,
             "extproc": full.url,
-            "extproc-2w": two.url,
             "token": token,
         }
+        if workers:
+            paths["extproc-2w"] = two.url
         if audited:
             keys = generate_keys(bare.workdir / "audit-keys")
             record = bare.workdir / "session.jsonl"
@@ -255,7 +256,7 @@ def _check_answers(urls: dict[str, str], headers: dict[str, str]) -> list[str]:
 def _proxy(args: argparse.Namespace, paths: dict[str, str]) -> dict[str, Any]:
     """Every path measured once per round, the rounds one after the other, so that a slow spell of a
     shared machine falls on every path alike; each figure is the median over the rounds."""
-    names = [*PROXY_PATHS, *WORKER_PATHS, *(name for name in ("recorded", "traced") if name in paths)]
+    names = [*PROXY_PATHS, *(name for name in (*WORKER_PATHS, "recorded", "traced") if name in paths)]
     urls = {name: paths[name] for name in names}
     headers = {"content-type": "application/json", "authorization": f"Bearer {paths['token']}"}
     problems = _check_answers(urls, headers)
