@@ -79,7 +79,7 @@ $(BENCH_STAMP): $(STAMP) requirements/bench.txt
 	$(INSTALL_LOCK) requirements/bench.txt
 	@touch $(BENCH_STAMP)
 
-bench: $(BENCH_STAMP) wrk
+bench: $(BENCH_STAMP) wrk redis-server
 	$(BIN)/python -m bench $(ARGS)
 
 # The Python modules of proto/*.proto, committed beside the code that uses them (the runtime needs no

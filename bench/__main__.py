@@ -7,6 +7,8 @@ Parts (``--only`` picks one; all three run by default):
             envoy    client -> Envoy (no ext_proc filter) -> demo model
             floor    client -> Envoy -> a do-nothing ext_proc server (bench/floor.py) -> demo model
             extproc  client -> Envoy -> extproc (identity on, every phase, bodies scanned) -> demo model
+            extproc-2w  the same with `serve --workers 2` (approvals in a local redis-server, as
+                     several workers need)
           and, with ``--record-and-trace``, two more: extproc with the session record (originals sealed,
           checkpoints signed, fsync per batch), and extproc exporting spans and metrics, and Envoy its
           trace, to a local OTLP collector. The load comes from wrk (bench/load.py): per path and round
@@ -44,6 +46,7 @@ from bench.stacks import FloorStack
 from extproc.audit.keys import generate_keys
 from extproc.devenv import Process, Stack, Upstream
 from extproc.identity.dev import mint_dev_token
+from tests.redis_fixture import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -69,6 +72,7 @@ PROMPT = json.dumps(
     }
 ).encode()
 PROXY_PATHS = ("envoy", "floor", "extproc")
+WORKER_PATHS = ("extproc-2w",)  # proxy only: extproc with `serve --workers 2`, against "extproc"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         load.wrk_path()  # before any stack starts: say what is missing at once
     if "proxy" in wanted or "stream" in wanted:
         audited = "proxy" in wanted and args.record_and_trace
-        with _stacks(out, audited=audited) as paths:
+        with _stacks(out, audited=audited, workers="proxy" in wanted) as paths:
             if "proxy" in wanted:
                 proxy_report = {**header, **_proxy(args, paths)}
                 _write(out, "proxy", stamp, proxy_report, _markdown(proxy_report))
@@ -156,7 +160,7 @@ def _machine() -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _stacks(out: Path, audited: bool = False) -> Iterator[dict[str, str]]:
+def _stacks(out: Path, audited: bool = False, workers: bool = False) -> Iterator[dict[str, str]]:
     """Stacks in front of one demo model: Envoy + extproc, Envoy alone (no ext_proc filter), Envoy +
     the floor and, when ``audited``, Envoy + extproc with the session record on (recorded), and with
     spans and metrics exported (traced). Yields the URL of each path (direct: the demo model), the
@@ -166,6 +170,7 @@ def _stacks(out: Path, audited: bool = False) -> Iterator[dict[str, str]]:
     stacks: list[Stack] = []
     receiver: Process | None = None
     sink: IO[str] | None = None
+    redis: RedisServer | None = None
     identity = Path(tempfile.mkdtemp(prefix="extproc-bench-identity-"))
     try:
         # Identity on, as `make run` has it: callers' tokens are verified on every request. The demo's
@@ -178,6 +183,13 @@ def _stacks(out: Path, audited: bool = False) -> Iterator[dict[str, str]]:
         stacks.append(bare)
         floor = FloorStack(log_path=log, upstream=upstream).start()
         stacks.append(floor)
+        if workers:  # extproc-2w; several workers share approvals through Redis (memory is refused)
+            redis = RedisServer(identity).start()
+            store = {"EXTPROC_APPROVALS__STORE": "redis", "EXTPROC_APPROVALS__REDIS_URL": redis.url}
+            two = Stack(
+                log_path=log, upstream=upstream, dev_identity=identity, extproc_workers=2, extra_env=store
+            )
+            stacks.append(two.start())
         token = mint_dev_token(identity, "bench", [], 6 * 3600)
         paths = {
             "direct": full.demo_url,
@@ -186,6 +198,8 @@ def _stacks(out: Path, audited: bool = False) -> Iterator[dict[str, str]]:
             "extproc": full.url,
             "token": token,
         }
+        if workers:
+            paths["extproc-2w"] = two.url
         if audited:
             keys = generate_keys(bare.workdir / "audit-keys")
             record = bare.workdir / "session.jsonl"
@@ -211,6 +225,8 @@ def _stacks(out: Path, audited: bool = False) -> Iterator[dict[str, str]]:
             stack.stop()
         if receiver is not None:
             receiver.stop()
+        if redis is not None:
+            redis.stop()
         if sink is not None:
             sink.close()
         shutil.rmtree(identity, ignore_errors=True)
@@ -249,7 +265,7 @@ def _check_answers(urls: dict[str, str], headers: dict[str, str]) -> list[str]:
 def _proxy(args: argparse.Namespace, paths: dict[str, str]) -> dict[str, Any]:
     """Every path measured once per round, the rounds one after the other, so that a slow spell of a
     shared machine falls on every path alike; each figure is the median over the rounds."""
-    names = [*PROXY_PATHS, *(name for name in ("recorded", "traced") if name in paths)]
+    names = [*PROXY_PATHS, *(name for name in (*WORKER_PATHS, "recorded", "traced") if name in paths)]
     urls = {name: paths[name] for name in names}
     headers = {"content-type": "application/json", "authorization": f"Bearer {paths['token']}"}
     problems = _check_answers(urls, headers)
@@ -331,6 +347,7 @@ _LABELS = {
     "envoy": "Envoy alone",
     "floor": "Envoy + floor",
     "extproc": "Envoy + extproc",
+    "extproc-2w": "Envoy + extproc, 2 workers",
     "recorded": "... with the session record",
     "traced": "... with tracing",
 }
@@ -376,6 +393,12 @@ def _markdown(report: dict[str, Any]) -> str:
                 f"({seq['p50_ms'] / extproc_seq['p50_ms']:.2f}x); throughput at c={c} is "
                 f"{con['rps'] / extproc_con['rps']:.2f}x extproc's."
             )
+    if "extproc-2w" in paths:
+        two = paths["extproc-2w"]
+        lines.append(
+            f"Two workers: {two['concurrent']['rps'] / extproc_con['rps']:.2f}x one worker's throughput at "
+            f"c={c}, p50 at c=1 {two['sequential']['p50_ms']:.2f} ms vs {extproc_seq['p50_ms']:.2f} ms."
+        )
     if "record_bytes_per_exchange" in report:
         lines.append(f"One exchange record: {report['record_bytes_per_exchange']:,} bytes.")
     if report["answer_problems"]:

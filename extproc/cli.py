@@ -40,10 +40,22 @@ def _settings(args: argparse.Namespace) -> Settings:
         server["grpc_address"] = args.grpc_address
     if getattr(args, "admin_address", None):
         server["admin_address"] = args.admin_address
+    if getattr(args, "workers", None) is not None:
+        server["workers"] = args.workers
     overrides: dict[str, Any] = {"server": server} if server else {}
     if getattr(args, "approvals_address", None) is not None:  # empty: not served
         overrides["approvals"] = {"api_address": args.approvals_address}
-    return load_settings(args.config, **overrides)
+    settings = load_settings(args.config, **overrides)
+    worker = getattr(args, "worker", None)
+    if worker is not None and settings.audit.record_path:
+        # A worker of `serve --workers N` keeps a session record of its own (its own hash chain).
+        from extproc.supervisor import worker_record_path
+
+        audit = settings.audit.model_copy(
+            update={"record_path": worker_record_path(settings.audit.record_path, worker)}
+        )
+        settings = settings.model_copy(update={"audit": audit})
+    return settings
 
 
 class _StopRequested(Exception):
@@ -85,17 +97,35 @@ def _serve(args: argparse.Namespace) -> int:
     from extproc import logs
     from extproc.runtime import Runtime, build_snapshot, fingerprint
     from extproc.server import Server
+    from extproc.supervisor import Supervisor, WorkerFailed, require_shared_approvals
 
     try:
         settings = _settings(args)
-        logs.configure(settings.log, background=True)
+        fields = {"worker": args.worker} if args.worker is not None else None
+        logs.configure(settings.log, background=True, fields=fields)
         require_identity_choice(settings)  # before the rules compile: a missing choice fails at once
+        require_shared_approvals(settings)
+        if settings.server.workers > 1 and args.worker is None:
+            _warn_cpus(settings.server.workers)
+            serve_args = ["--config", args.config] if args.config else []
+            return asyncio.run(Supervisor(settings, serve_args).run())
         config_path = args.config or os.environ.get(CONFIG_ENV) or None
         snapshot = build_snapshot(settings, fingerprint(settings, config_path))
         server = Server(
-            settings, Runtime(snapshot), load_settings=lambda: _settings(args), config_path=config_path
+            settings,
+            Runtime(snapshot),
+            load_settings=lambda: _settings(args),
+            config_path=config_path,
+            worker=args.worker,
+            admin_socket=args.worker_admin,
         )
-        asyncio.run(server.run_until_signal())
+        asyncio.run(server.run_until_signal(args.supervisor_fd))
+    except WorkerFailed as failed:  # logged by the supervisor as workers_failed, with the reason
+        log.error(
+            "serve_failed",
+            extra={"error": str(failed), "error_type": "WorkerFailed", "exit_code": failed.exit_code},
+        )
+        return failed.exit_code
     except _StopRequested as stopped:
         log.info("signal_received", extra={"signal": stopped.signal, "detail": "before serving began"})
         log.info("stopped")
@@ -111,6 +141,15 @@ def _serve(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def _warn_cpus(workers: int) -> None:
+    cpus = len(os.sched_getaffinity(0))
+    if workers > cpus:
+        log.warning(
+            "workers_above_cpus",
+            extra={"workers": workers, "cpus": cpus, "detail": "workers beyond the CPUs only add memory"},
+        )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -245,7 +284,6 @@ Keep away from the sidecar:
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from extproc.audit.keys import load_verify_key
-    from extproc.audit.record import verify
 
     keys = [load_verify_key(Path(p)) for p in args.public_key or ()]
     anchors: dict[int, str] = {}
@@ -256,13 +294,26 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
                 f"--anchor {anchor!r}: expected SEQ:HASH (an audit_checkpoint log line's values)"
             )
         anchors[int(seq)] = digest.lower()
-    report = verify(Path(args.file), keys, strict=args.strict, anchors=anchors)
+    if anchors and len(args.file) > 1:
+        raise ConfigError("--anchor names a record of one file: verify the file it came from alone")
+    # Several files (one per worker of `serve --workers N`): each is a chain of its own, checked alone.
+    broken = 0
+    for file in args.file:
+        broken += _verify_one(file, keys, args.strict, anchors)
+    return 1 if broken else 0
+
+
+def _verify_one(file: str, keys: list[Any], strict: bool, anchors: dict[int, str]) -> int:
+    """Verifies one record file and prints its summary (or its first break); 1 when it does not verify."""
+    from extproc.audit.record import verify
+
+    report = verify(Path(file), keys, strict=strict, anchors=anchors)
     for warning in report.warnings:
-        print(f"{args.file}: warning: {warning}", file=sys.stderr)
+        print(f"{file}: warning: {warning}", file=sys.stderr)
     if report.first_break is not None:
-        print(f"{args.file}: {report.first_break.describe()}", file=sys.stderr)
+        print(f"{file}: {report.first_break.describe()}", file=sys.stderr)
         return 1
-    summary = f"{args.file}: {report.records} records, {report.checkpoints} checkpoints, hash chain intact"
+    summary = f"{file}: {report.records} records, {report.checkpoints} checkpoints, hash chain intact"
     if not keys:
         summary += "; signatures NOT checked (give --public-key): nothing is authenticated"
     else:
@@ -277,22 +328,31 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _record_path(args: argparse.Namespace) -> Path:
+def _record_paths(args: argparse.Namespace) -> list[Path]:
+    """--file, or the record files the settings write: ``audit.record_path``, or one per worker."""
+    from extproc.supervisor import record_files
+
     if args.file:
-        return Path(args.file)
-    path = load_settings(args.config).audit.record_path
-    if not path:
+        return [Path(args.file)]
+    paths = record_files(load_settings(args.config))
+    if not paths:
         raise ConfigError("no session record: give --file, or set audit.record_path")
-    return Path(path)
+    return paths
 
 
 def cmd_audit_show(args: argparse.Namespace) -> int:
     from extproc.audit.record import find
 
-    path = _record_path(args)
-    record = find(path, args.id)
-    if record is None:
-        print(f"extproc audit show: no record {args.id!r} in {path}", file=sys.stderr)
+    paths = _record_paths(args)
+    for path in paths:
+        if not path.exists() and len(paths) > 1:
+            continue  # a worker that has not written yet
+        record = find(path, args.id)
+        if record is not None:
+            break
+    else:
+        where = ", ".join(str(path) for path in paths)
+        print(f"extproc audit show: no record {args.id!r} in {where}", file=sys.stderr)
         return 1
     sealed = record.pop("sealed", None)
     if sealed is not None:  # the ciphertext means nothing to a reader: say what it is instead
@@ -321,26 +381,26 @@ class _Unverified(Exception):
     """The record does not verify; the message is its first break."""
 
 
-def _verified_lines(args: argparse.Namespace) -> tuple[int | None, str]:
-    """The chain check replay starts with: the last line verified (None: not checked) and what the summary
-    says about it. Raises _Unverified when the file does not verify."""
+def _verified_lines(args: argparse.Namespace, file: str) -> tuple[int | None, str]:
+    """The chain check replay starts with: the last line of ``file`` verified (None: not checked) and what
+    the summary says about it. Raises _Unverified when the file does not verify."""
     from extproc.audit.keys import load_verify_key
     from extproc.audit.record import RecordError, verify
 
     keys = [load_verify_key(Path(p)) for p in args.public_key or ()]
     if args.no_verify:
         print(
-            f"{args.file}: warning: hash chain NOT verified (--no-verify): the records replayed may have "
+            f"{file}: warning: hash chain NOT verified (--no-verify): the records replayed may have "
             "been altered, removed or added",
             file=sys.stderr,
         )
         return None, "hash chain NOT verified"
-    path = Path(args.file)
+    path = Path(file)
     if path.is_fifo():  # verify and replay each read the file; a pipe can be read once
         raise RecordError(f"{path}: a pipe: replay verifies the file, then reads it again (give a file)")
     report = verify(path, keys)
     for warning in report.warnings:
-        print(f"{args.file}: warning: {warning}", file=sys.stderr)
+        print(f"{file}: warning: {warning}", file=sys.stderr)
     if report.first_break is not None:
         raise _Unverified(report.first_break.describe())
     said = "hash chain verified"
@@ -357,34 +417,51 @@ def cmd_audit_replay(args: argparse.Namespace) -> int:
     from extproc.runtime import build_snapshot
 
     key = load_opening_key(Path(args.key))
-    try:
-        through_line, chain = _verified_lines(args)
-    except _Unverified as exc:
-        print(f"{args.file}: {exc}", file=sys.stderr)
-        print(
-            f"{args.file}: does not verify: nothing replayed (`extproc audit verify` says more; "
-            "--no-verify replays it anyway)",
-            file=sys.stderr,
-        )
-        return REPLAY_UNVERIFIED
+    files: list[str] = args.file
+    # Every file is verified before any is replayed (one per worker of `serve --workers N`, each its own
+    # chain): a gate that replays part of the traffic must not pass for one that replayed it all.
+    verified: dict[str, tuple[int | None, str]] = {}
+    for file in files:
+        try:
+            verified[file] = _verified_lines(args, file)
+        except _Unverified as exc:
+            print(f"{file}: {exc}", file=sys.stderr)
+            print(
+                f"{file}: does not verify: nothing replayed (`extproc audit verify` says more; "
+                "--no-verify replays it anyway)",
+                file=sys.stderr,
+            )
+            return REPLAY_UNVERIFIED
     overrides: dict[str, Any] = {"detect": {"rules": list(args.rules)}, "audit": {"record_path": None}}
     if args.policies:
         overrides["policy"] = {"paths": list(args.policies)}
     # The callers were verified when the exchanges happened: their recorded identity is used as is.
     overrides["identity"] = {"mode": "none"}
+    # One process replays: the settings' worker count is not this command's.
+    overrides["server"] = {"workers": 1}
     settings = load_settings(args.config, **overrides)
     snapshot = build_snapshot(settings)
     tally = Tally()
-    for result in replay(Path(args.file), key, snapshot, through_line=through_line):
-        tally.add(result)
-        if args.json:
-            print(json.dumps({**asdict(result), "changed": result.changed}, ensure_ascii=False))
-        elif result.changed or (result.after is None and result.bodies) or not result.comparable:
-            print(f"line {result.line}  {result.record_id}  {result.summary}")
-            for line in result.changes + [f"note: {n}" for n in result.notes]:
-                print(f"  {line}")
+    for file in files:
+        through_line = verified[file][0]
+        where = f"{file}: " if len(files) > 1 else ""
+        for result in replay(Path(file), key, snapshot, through_line=through_line):
+            tally.add(result)
+            if args.json:
+                shown = {**asdict(result), "changed": result.changed}
+                if len(files) > 1:
+                    shown["file"] = file
+                print(json.dumps(shown, ensure_ascii=False))
+            elif result.changed or (result.after is None and result.bodies) or not result.comparable:
+                print(f"{where}line {result.line}  {result.record_id}  {result.summary}")
+                for line in result.changes + [f"note: {n}" for n in result.notes]:
+                    print(f"  {line}")
+    chains = {said for _, said in verified.values()}
+    chain = (
+        chains.pop() if len(chains) == 1 else "; ".join(f"{f}: {said}" for f, (_, said) in verified.items())
+    )
     print(
-        f"{args.file}: {chain}; {tally.total} exchanges, replayed with {', '.join(args.rules)}: "
+        f"{', '.join(files)}: {chain}; {tally.total} exchanges, replayed with {', '.join(args.rules)}: "
         f"{tally.describe()}",
         file=sys.stderr,
     )
@@ -730,6 +807,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--approvals-address", help="HOST:PORT for the approvers' gRPC API (empty: not served)"
     )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes on the one gRPC address (server.workers; default 1)",
+    )
+    # Set by the supervisor of `serve --workers N` for each worker it starts; not for people.
+    serve.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-admin", help=argparse.SUPPRESS)
+    serve.add_argument("--supervisor-fd", type=int, help=argparse.SUPPRESS)
     serve.set_defaults(func=cmd_serve)
 
     dev = sub.add_parser("dev", help="run Envoy + extproc + the demo model server together")
@@ -830,7 +916,9 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("directory", help="folder for auditor.key/.pub and signing.key/.pub")
     keygen.set_defaults(func=cmd_audit_keygen)
     verify = audit_sub.add_parser("verify", help="check the hash chain and the signed checkpoints")
-    verify.add_argument("file", help="the session record (JSON Lines)")
+    verify.add_argument(
+        "file", nargs="+", help="the session record (JSON Lines); several: one per worker, each checked alone"
+    )
     verify.add_argument(
         "--public-key", action="append", help="signing.pub that checkpoints must verify with (repeatable)"
     )
@@ -857,7 +945,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=REPLAY_EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    replay.add_argument("file", help="the session record (JSON Lines)")
+    replay.add_argument(
+        "file", nargs="+", help="the session record (JSON Lines); several: one per worker, all verified first"
+    )
     replay.add_argument("--key", required=True, help="the auditor's private key (auditor.key)")
     replay.add_argument(
         "--rules", action="append", required=True, help="rule file or folder to decide with (repeatable)"

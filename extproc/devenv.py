@@ -212,6 +212,7 @@ class Stack:
     settings_file: str | None = None
     envoy_config: Path = REPO_ENVOY_CONFIG
     with_extproc: bool = True
+    extproc_workers: int = 1  # `serve --workers N`: a supervisor and N worker processes
     envoy_concurrency: int = 2
     log_path: Path | None = None  # component output goes here; the terminal when None
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -259,6 +260,8 @@ class Stack:
             args = ["serve", "--grpc-address", f"127.0.0.1:{self.extproc_port}"]
             args += ["--admin-address", f"127.0.0.1:{self.admin_port}"]
             args += ["--approvals-address", f"127.0.0.1:{self.approvals_port}"]
+            if self.extproc_workers != 1:
+                args += ["--workers", str(self.extproc_workers)]
             settings_file = self.extproc_settings_file()
             if settings_file:
                 args += ["--config", settings_file]

@@ -95,14 +95,36 @@ STOP_SECONDS = 5.0
 _listener: _Listener | None = None
 
 
-def configure(settings: LogSettings, *, background: bool = False, stream: IO[str] | None = None) -> None:
+class _Fields(logging.Filter):
+    """Adds the same fields to every record (a worker's index), unless the record has its own."""
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        super().__init__()
+        self._fields = fields
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for key, value in self._fields.items():
+            if key not in record.__dict__:
+                setattr(record, key, value)
+        return True
+
+
+def configure(
+    settings: LogSettings,
+    *,
+    background: bool = False,
+    fields: dict[str, Any] | None = None,
+    stream: IO[str] | None = None,
+) -> None:
     """Log to ``stream`` (stderr) as ``settings`` say. ``background`` (the server): records go through a
     bounded queue to a writer thread, so logging never waits on stderr; ``shutdown`` writes what is
-    queued."""
+    queued. ``fields`` go on every line (``{"worker": 1}`` in a worker process)."""
     global _listener
     shutdown()
     handler: logging.Handler = logging.StreamHandler(sys.stderr if stream is None else stream)
     handler.setFormatter(JsonFormatter() if settings.format == "json" else TextFormatter())
+    if fields:
+        handler.addFilter(_Fields(fields))
     if background:
         queue: Queue[logging.LogRecord] = Queue(QUEUE_SIZE)
         _listener = _Listener(queue, handler)

@@ -365,15 +365,26 @@ class Server:
         *,
         load_settings: Callable[[], Settings] | None = None,
         config_path: str | None = None,
+        worker: int | None = None,
+        admin_socket: str | None = None,
     ) -> None:
         """``instruments``: given by tests that read spans in memory; otherwise built from the telemetry
         settings (no-op ones when nothing is pushed or scraped). ``load_settings`` reads the settings
         again for a reload, as they were read for this start (file, environment, flags; the same
         ``settings`` when not given); ``config_path`` is the settings file, an input of the snapshot's
         version. Raises ConfigError when the settings choose no identity mode: a server authenticates
-        callers, or is told in so many words not to."""
+        callers, or is told in so many words not to.
+
+        ``worker`` and ``admin_socket``: set in a worker process of ``extproc serve --workers N``
+        (``extproc.supervisor``): the admin endpoints listen on that Unix socket, for the supervisor,
+        which owns the admin address, and the line saying the server serves is ``worker_ready``."""
         require_identity_choice(settings)
         self._settings = settings
+        self._worker = worker
+        self._admin_socket = admin_socket
+        # Several workers share the listen addresses; one server alone must hold them, so that a second
+        # sidecar started on the same port is an error rather than half of the traffic.
+        self._reuseport = 1 if settings.server.workers > 1 else 0
         self._runtime = runtime
 
         self._watcher: asyncio.Task[None] | None = None
@@ -431,7 +442,7 @@ class Server:
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", self._reuseport),
             ]
         )
         processor = ExternalProcessor(self._runtime, self._instruments, self.recorder, self.approvals)
@@ -453,10 +464,15 @@ class Server:
             log.warning("identity_none", extra={"detail": NO_IDENTITY})
         if approvals and self._settings.identity.mode != "jwt":
             log.warning("approvals_api_unauthenticated", extra={"detail": APPROVERS_UNAUTHENTICATED})
-        ports = {"grpc": f"{host}:{self.grpc_port}", "admin": f"{self._admin_host()}:{self.admin_port}"}
+        ports: dict[str, object] = {"grpc": f"{host}:{self.grpc_port}"}
+        if self._admin_socket is None:
+            ports["admin"] = f"{self._admin_host()}:{self.admin_port}"
+        else:
+            ports["admin"] = self._admin_socket
+            ports["worker"] = self._worker
         if approvals:
             ports["approvals"] = approvals
-        log.info("ready", extra=ports)
+        log.info("ready" if self._worker is None else "worker_serving", extra=ports)
 
     async def _start_approvals_api(self) -> str:
         """The approvers' API on its own gRPC server, apart from the ext_proc one: it is reached by
@@ -466,7 +482,7 @@ class Server:
         address = self._settings.approvals.api_address
         if not address:
             return ""
-        self._approvals_grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        self._approvals_grpc = grpc.aio.server(options=[("grpc.so_reuseport", self._reuseport)])
         self._approvals_api = add_approvals_api(
             self._approvals_grpc, self.approvals, lambda: self._runtime.snapshot.verifier
         )
@@ -498,6 +514,9 @@ class Server:
             self._telemetry.add_routes(app)  # GET /metrics, unless telemetry.prometheus is false
         self._admin_runner = web.AppRunner(app, access_log=None)
         await self._admin_runner.setup()
+        if self._admin_socket is not None:
+            await web.UnixSite(self._admin_runner, self._admin_socket).start()
+            return 0
         port = int(self._settings.server.admin_address.rpartition(":")[2])
         site = web.TCPSite(self._admin_runner, self._admin_host(), port)
         await site.start()
@@ -516,8 +535,10 @@ class Server:
 
     async def _reload(self, request: web.Request) -> web.Response:
         """Reloads now (``extproc reload``). Only from this host: the admin port may be reachable by the
-        cluster's probes and scrapers, which must not be able to make the sidecar reload."""
-        if request.remote not in LOOPBACK:
+        cluster's probes and scrapers, which must not be able to make the sidecar reload. A worker's
+        admin socket is reached by its supervisor only (a folder only the sidecar's user opens), which
+        checked the caller itself."""
+        if self._admin_socket is None and request.remote not in LOOPBACK:
             return web.json_response(
                 {"error": "reload_not_allowed", "message": "POST /reload is accepted from loopback only"},
                 status=403,
@@ -580,9 +601,11 @@ class Server:
             await asyncio.to_thread(self._telemetry.shutdown)
         log.info("stopped")
 
-    async def run_until_signal(self) -> None:
+    async def run_until_signal(self, lifeline: int | None = None) -> None:
         """Serve until SIGTERM or SIGINT, then stop gracefully. SIGHUP reloads rules, policies and settings
-        (``Reloader``), as a process manager's reload signal means.
+        (``Reloader``), as a process manager's reload signal means. ``lifeline``: the read end of a pipe
+        whose write end the supervisor holds (a worker); its end, the supervisor gone, stops the server
+        as SIGTERM does.
 
         Raises what made start-up or serving fail, after closing what had started: the session record then
         still ends with its final checkpoint."""
@@ -601,6 +624,17 @@ class Server:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping, sig)
         loop.add_signal_handler(signal.SIGHUP, self._sighup)
+
+        def orphaned() -> None:
+            assert lifeline is not None
+            loop.remove_reader(lifeline)
+            log.error("supervisor_gone", extra={"detail": "stopping as on SIGTERM"})
+            if not received:
+                received.append("supervisor_gone")
+                stop.set()
+
+        if lifeline is not None:
+            loop.add_reader(lifeline, orphaned)  # readable only at its end: nothing is ever written
         try:
             await self.start()
             await stop.wait()
@@ -612,7 +646,8 @@ class Server:
             except Exception:
                 log.exception("stop_failed")
             raise
-        log.info("signal_received", extra={"signal": received[0]})
+        if received[0] != "supervisor_gone":
+            log.info("signal_received", extra={"signal": received[0]})
         await self.stop()
 
 

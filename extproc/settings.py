@@ -21,6 +21,8 @@ APPROVER_TOKEN_ENV = "EXTPROC_APPROVER_TOKEN"  # noqa: S105 (the variable's name
 """The approver's own token for `extproc approvals ...`: a credential of the person at the terminal,
 not a setting of the sidecar, so it is read here but never part of ``Settings``."""
 MiB = 1024 * 1024
+MAX_WORKERS = 64
+"""More workers than this is a mistake (a Pod's CPUs, not a host's): each holds a whole snapshot."""
 REPO_RULES = Path(__file__).resolve().parent.parent / "rules"
 REPO_POLICIES = REPO_RULES / "policies"
 
@@ -46,6 +48,13 @@ class ServerSettings(_Section):
         3.0, ge=0, description="after SIGTERM: NOT_SERVING is reported this long before the listener closes"
     )
     grace_seconds: float = Field(20.0, ge=0, description="after draining: time open streams get to finish")
+    workers: int = Field(
+        1,
+        ge=1,
+        le=MAX_WORKERS,
+        description="worker processes serving the one gRPC address (SO_REUSEPORT), each with its own "
+        "snapshot, under a supervisor that owns the admin address; more than 1 needs approvals.store redis",
+    )
     reload_watch_seconds: float = Field(
         2.0,
         ge=0,

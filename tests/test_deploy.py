@@ -131,7 +131,7 @@ def test_proxy_bench_runs_and_writes_its_report(tmp_path: Path) -> None:
     assert bench_main([*argv, "--record-and-trace", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "proxy-latest.json").read_text())
     assert report["load"] == "wrk"
-    assert set(report["paths"]) == {"envoy", "floor", "extproc", "recorded", "traced"}
+    assert set(report["paths"]) == {"envoy", "floor", "extproc", "extproc-2w", "recorded", "traced"}
     # Each path answered as it should before the load: masked through extproc, unchanged otherwise.
     assert report["answer_problems"] == []
     # The masked prompt and answer, and the sealed originals: more than twice the prompt.
@@ -146,6 +146,8 @@ def test_proxy_bench_runs_and_writes_its_report(tmp_path: Path) -> None:
     assert "| floor/envoy |" in markdown
     assert "The session record adds" in markdown
     assert "Spans and metrics (and Envoy's trace) add" in markdown
+    assert "| Envoy + extproc, 2 workers |" in markdown
+    assert "Two workers:" in markdown
 
 
 def test_stream_bench_runs_and_writes_its_report(tmp_path: Path) -> None:

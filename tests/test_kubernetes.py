@@ -21,6 +21,7 @@ from extproc.devenv import envoy_binary
 from extproc.identity.dev import DEV_ISSUER, dev_identity, ensure_dev_key, mint_dev_token
 from extproc.identity.jwt import Verifier
 from extproc.settings import PLACEHOLDER, Settings, load_settings
+from extproc.supervisor import require_shared_approvals
 
 from .kubernetes_fixture import (
     KUBERNETES,
@@ -254,6 +255,21 @@ def test_one_replica_keeps_approvals_in_memory_several_share_them(
     settings = _settings(kustomization, tmp_path, monkeypatch)
     replicas = one(rendered(kustomization), "Deployment", "llm")["spec"]["replicas"]
     assert (settings.approvals.store == "memory") == (replicas == 1)
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_workers_have_a_core_each_and_share_approvals(
+    kustomization: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    extproc = containers(kustomization)["extproc"]
+    for variable in extproc.get("env", []):
+        monkeypatch.setenv(variable["name"], str(variable["value"]))
+    settings = _settings(kustomization, tmp_path, monkeypatch)
+    require_shared_approvals(settings)  # serve refuses several workers with approvals in memory
+    cpu = str(extproc["resources"]["requests"]["cpu"])
+    cores = int(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)
+    # One worker may share a core; several are there to use one each.
+    assert cores >= settings.server.workers or settings.server.workers == 1
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
