@@ -2,6 +2,7 @@
 only the others are scanned. A string it calls clean must be one ``scan`` finds nothing in; anything
 else would let a value through unmasked."""
 
+import base64
 import json
 import textwrap
 from dataclasses import dataclass
@@ -24,6 +25,13 @@ from .test_joined_request import INSPECTOR
 PACK = INSPECTOR.detector
 SAMPLES = [
     text for loaded in PACK.rules for text in (*loaded.rule.samples.match, *loaded.rule.samples.no_match)
+]
+# Credentials hidden in base64, which only the decoding of runs finds.
+SAMPLES += [
+    base64.b64encode(text.encode()).decode()
+    for loaded in PACK.rules
+    if loaded.rule.category == "credential" and loaded.rule.severity in ("high", "critical")
+    for text in loaded.rule.samples.match
 ]
 FILLER = ["user", "assistant", "content", "You are a helpful assistant.", "demo-small", "", "\n", "x"]
 
@@ -160,3 +168,18 @@ def test_json_with_escapes_in_a_short_string_is_still_decoded_and_read() -> None
     masked = json.loads(processor.finish())
     assert "jane" not in masked["messages"][0]["content"]
     assert "EMAIL_ADDRESS" in {f.entity for f in processor.findings}
+
+
+def test_every_base64_run_of_the_pass_is_decoded_not_only_the_first() -> None:
+    """Regression: the pass asked the single-match run database, which reports one run for the whole
+    joined text; a credential in base64 in any later string was called clean and let through."""
+    harmless = base64.b64encode(b"hello world, this is a harmless sentence").decode()
+    hidden = base64.b64encode(b"aws_access_key_id = AKIA4OIGBRJZNX47IW6J").decode()
+    uuid = "3b6c1a2e-7f4d-4c2a-9b1e-0a5f2c7d8e91"  # a run that decodes to nothing
+    assert PACK.scan(hidden)
+    assert PACK.clean([harmless, uuid, hidden, "/v1/chat/completions"]) == [True, True, False, True]
+    document = {"messages": [{"role": "user", "content": c} for c in (harmless, hidden)]}
+    processor = BufferedJson(INSPECTOR, 1 << 20, ExtProcError("too large"), ExtProcError("invalid"))
+    processor.feed(json.dumps(document).encode())
+    masked = json.loads(processor.finish())
+    assert masked["messages"][1]["content"] == "[REDACTED:AWS_ACCESS_KEY]"

@@ -157,6 +157,8 @@ class Detector:
         self._run_db = _compile(
             hyperscan.HS_MODE_BLOCK, [encoded.RUN_START], [0], [hyperscan.HS_FLAG_SINGLEMATCH]
         )
+        # For ``clean``: every run, not just the first (SINGLEMATCH would report one for all the strings).
+        self._runs_db = _compile(hyperscan.HS_MODE_BLOCK, [encoded.RUN_START], [0], [0])
         # The rules that read the text of base64 runs (encoded.py): high and critical credentials.
         self._decoded_ids = frozenset(
             r.id
@@ -433,11 +435,12 @@ class Detector:
 
     def clean(self, texts: Sequence[str]) -> list[bool]:
         """Which of ``texts`` ``scan`` would find nothing in, for all of them in one Hyperscan pass: their
-        normalised views joined by newlines. A string is clean when no candidate (regex, listed value,
-        base64 run) ends inside it; every candidate a string has alone is a candidate of the joined text
-        (MULTILINE anchors and ``\\b`` read the newline as the string's edge), so ``True`` is never wrong;
-        a candidate across the newline only costs the string a full scan. Rules Hyperscan does not run
-        (Python-only, hashed lists) or that anchor at the buffer's ends make every string unclean."""
+        normalised views joined by newlines. A string is clean when no candidate (regex, listed value)
+        ends inside it and its base64 runs, if any, decode to no credential; every candidate a string
+        has alone is a candidate of the joined text (MULTILINE anchors and ``\\b`` read the newline as
+        the string's edge), so ``True`` is never wrong; a candidate across the newline only costs the
+        string a full scan. Rules Hyperscan does not run (Python-only, hashed lists) or that anchor at
+        the buffer's ends make every string unclean."""
         if not texts:
             return []
         if not self._batchable or self._hashed:
@@ -450,17 +453,30 @@ class Detector:
             offset += len(view) + len(_BATCH_SEPARATOR)
         data = _ascii(_BATCH_SEPARATOR.join(views))
         ends: list[int] = []
+        runs: list[int] = []
 
         def on_match(_id: int, _start: int, end: int, _flags: int, _context: object) -> bool:
             ends.append(end)
             return False
 
-        for database in (self._block, self._literal_block, self._run_db if self._decoded_ids else None):
+        def on_run(_id: int, _start: int, end: int, _flags: int, _context: object) -> bool:
+            runs.append(end)
+            return False
+
+        for database in (self._block, self._literal_block):
             if database is not None:
                 database.scan(data, match_event_handler=on_match)
         result = [True] * len(texts)
         for end in ends:
             result[bisect.bisect_right(starts, end - 1) - 1] = False
+        if self._decoded_ids:
+            self._runs_db.scan(data, match_event_handler=on_run)
+            # A base64 run and no other candidate: what a scan would find is what its runs decode to
+            # (a UUID, a URL path: runs that hold no credential are the common case).
+            with_runs = {bisect.bisect_right(starts, end - 1) - 1 for end in runs}
+            for index in with_runs:
+                if result[index] and self.encoded(views[index], 0, len(views[index])):
+                    result[index] = False
         return result
 
     def _scan_view(self, text: str, decode: bool = True) -> list[Finding]:
