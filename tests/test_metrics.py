@@ -302,3 +302,22 @@ def test_an_exchange_through_envoy_is_counted_in_the_scrape(stack: Stack) -> Non
     while masked_count() < before + 1 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert masked_count() == before + 1
+
+
+def test_a_tally_reports_one_series_per_label_set_whatever_order_the_labels_came_in() -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from extproc.audit.spans import Tally
+
+    reader = InMemoryMetricReader()
+    tally = Tally(MeterProvider(metric_readers=[reader]).get_meter("t"), "things", "{thing}", "things")
+    tally.add(1, {"a": "1", "b": "2"})
+    tally.add(2, {"b": "2", "a": "1"})
+    tally.add(1, {"a": "3", "b": "2"})
+    collected = reader.get_metrics_data()
+    assert collected is not None
+    [metric] = [m for rm in collected.resource_metrics for sm in rm.scope_metrics for m in sm.metrics]
+    points = {tuple(sorted(p.attributes.items())): p.value for p in metric.data.data_points}
+    assert points == {(("a", "1"), ("b", "2")): 3, (("a", "3"), ("b", "2")): 1}
+    assert metric.data.is_monotonic

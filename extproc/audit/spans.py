@@ -14,7 +14,7 @@ no-op one: spans do not record and nothing below computes an attribute.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
@@ -83,6 +83,25 @@ WORK_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05
 EXCHANGE_BUCKETS = (*WORK_BUCKETS[3:], 5, 10, 30, 60, 120, 300, 600)
 
 
+class Tally:
+    """A counter every exchange adds to: counted in a dict, reported when the metrics are collected (an
+    observable counter, the same series and ``_total`` a counter gives). Adding costs a dict update; the
+    SDK's counter cleans and hashes the attributes on every add, several microseconds, several times
+    per exchange."""
+
+    def __init__(self, meter: metrics.Meter, name: str, unit: str, description: str) -> None:
+        self._counts: dict[tuple[tuple[str, str], ...], int] = {}
+        meter.create_observable_counter(name, callbacks=[self._observe], unit=unit, description=description)
+
+    def add(self, amount: int, attributes: Mapping[str, str] | None = None) -> None:
+        key = tuple(sorted(attributes.items())) if attributes else ()
+        self._counts[key] = self._counts.get(key, 0) + amount
+
+    def _observe(self, _options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+        counts = dict(self._counts)  # one C-level copy: the event loop may add meanwhile
+        return [metrics.Observation(value, dict(key)) for key, value in counts.items()]
+
+
 class Instruments:
     """The tracer and metric instruments every exchange uses."""
 
@@ -97,11 +116,11 @@ class Instruments:
         # still time scans and verifications; only spans need Envoy's trace context.
         self.tracing = not isinstance(self.tracer, trace.NoOpTracer)
         self.enabled = self.tracing or not isinstance(meter, metrics.NoOpMeter)
-        self.exchanges = meter.create_counter(
-            EXCHANGES_METRIC, unit="{exchange}", description="exchanges by decision, policy and error code"
+        self.exchanges = Tally(
+            meter, EXCHANGES_METRIC, "{exchange}", "exchanges by decision, policy and error code"
         )
-        self.findings = meter.create_counter(
-            FINDINGS_METRIC, unit="{finding}", description="findings by entity, direction, action and policy"
+        self.findings = Tally(
+            meter, FINDINGS_METRIC, "{finding}", "findings by entity, direction, action and policy"
         )
         self.duration = meter.create_histogram(
             DURATION_METRIC,
