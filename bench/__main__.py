@@ -1,6 +1,6 @@
 """Benchmarks against baselines measured in the same run: scan, proxy overhead, streamed answers.
 
-Parts (``--only`` picks one; all three run by default):
+Parts (``--only`` picks one; all run by default):
   scan    the detection engine alone, against Python ``re`` and Presidio (see bench/scan.py)
   proxy   latency and throughput of whole requests through three paths, all in front of the same demo
           model server:
@@ -17,6 +17,8 @@ Parts (``--only`` picks one; all three run by default):
           exchange and the profile's top entries (see bench/exchange.py)
   stream  streamed (SSE) answers through the same three paths: time to first token, delay added per
           event, characters held back, unpaced events/s (see bench/stream.py)
+  memory  resident memory of extproc serve per open streamed answer, at 1, 100 and 1,000 ext_proc
+          streams (see bench/memory.py)
 
 The floor is what extproc would cost if it did nothing: extproc/floor is the price of scanning,
 masking and deciding, floor/envoy the price of being an ext_proc server in Python at all. Machines here
@@ -41,7 +43,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from bench import exchange, load, scan, stream
+from bench import exchange, load, memory, scan, stream
 from bench.stacks import FloorStack
 from extproc.audit.keys import generate_keys
 from extproc.devenv import Process, Stack, Upstream
@@ -50,7 +52,7 @@ from tests.redis_fixture import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-PARTS = ("scan", "exchange", "proxy", "stream")
+PARTS = ("scan", "exchange", "proxy", "stream", "memory")
 CARD, CARD_MASKED = "4111 1111 1111 1111", "**** **** **** 1111"
 EMAIL, EMAIL_MASKED = "jane.doe@example.com", "[REDACTED:EMAIL_ADDRESS]"
 _REPORT_TEXT = (
@@ -117,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     streamed.add_argument(
         "--stream-concurrency", type=int, default=8, help="unpaced streams read at once (default 8)"
     )
+    held = parser.add_argument_group("memory", "memory per open stream (--only memory)")
+    held.add_argument(
+        "--memory-trace",
+        action="store_true",
+        help="run the server under tracemalloc and report what grows per stream (inflates RSS)",
+    )
     args = parser.parse_args(argv)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -144,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
                 stream_report = {**header, **_stream(args, paths)}
                 _write(out, "stream", stamp, stream_report, stream.markdown(stream_report))
                 status = status or (1 if stream_report["errors"] else 0)
+    if "memory" in wanted:
+        memory_report = {**header, **memory.run(out=out, traced=args.memory_trace)}
+        _write(out, "memory", stamp, memory_report, memory.markdown(memory_report))
     return status
 
 

@@ -17,6 +17,7 @@ import hashlib
 import json
 import time
 import uuid
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -96,7 +97,7 @@ def _phase_of(event: Event) -> Phase:
     return Phase.REQUEST_TRAILERS if request else Phase.RESPONSE_TRAILERS
 
 
-@dataclass
+@dataclass(slots=True)
 class _Direction:
     """Body state of one direction."""
 
@@ -116,6 +117,23 @@ class _Direction:
     masked: bytearray | None = None
     original_size: int = 0
     masked_size: int = 0
+
+
+class _Admit:
+    """An exchange's ``_admit``, for its request's body processor: held weakly, since the exchange holds
+    the processor. A bound method there would make every exchange a reference cycle, kept (with its
+    scanners and bodies) until the cycle collector runs, long after its stream ended."""
+
+    __slots__ = ("_admit",)
+
+    def __init__(self, exchange: Exchange) -> None:
+        self._admit = weakref.WeakMethod(exchange._admit)
+
+    def __call__(self, document: Any, size: int) -> tuple[Inspector, bool]:
+        admit = self._admit()
+        if admit is None:  # only a processor outliving its exchange gets here: refuse, never pass
+            raise ProtocolError("the exchange of this body has ended")
+        return admit(document, size)
 
 
 class Exchange:
@@ -287,7 +305,7 @@ class Exchange:
         return Scope(
             self._snapshot.inspector,
             BodyLimits(body=limit, stream=limit, event=self._request_limit()),
-            admit=self._admit,
+            admit=_Admit(self),
             json_as_text=self._json_as_text,
         )
 
@@ -704,9 +722,11 @@ class Exchange:
         return []
 
     def _close_request_body(self) -> None:
-        """The upstream answered: whatever of the request body is still held will never be sent."""
+        """The upstream answered: whatever of the request body is still held will never be sent, and no
+        approval can send it again, so its headers are no longer kept for one."""
         state = self._dirs[Direction.REQUEST]
         state.ended = True
+        self._request_event = None
 
     def _body(self, event: Body) -> list[Reply]:
         state = self._dirs[event.direction]

@@ -4,6 +4,8 @@ A snapshot is immutable: each exchange keeps the snapshot it started with."""
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 import hmac
 import logging
@@ -73,7 +75,30 @@ def build_snapshot(settings: Settings, version: str | None = None) -> Snapshot:
     settings file when not given)."""
     version = version if version is not None else fingerprint(settings)
     ruleset, inspector, hash_key = _detection(settings)
-    return replace(_snapshot(settings, ruleset, inspector, hash_key), version=version)
+    snapshot = replace(_snapshot(settings, ruleset, inspector, hash_key), version=version)
+    release_freed_memory()
+    return snapshot
+
+
+def release_freed_memory() -> None:
+    """Hands back to the system the memory compiling the rules used and freed. glibc keeps freed heap
+    memory for reuse and trims it only once the top of the heap is free, which the objects a server
+    keeps there may postpone for good: measured, the default rules left 25 MiB of resident memory
+    behind, given back only at some later free, under load. Nothing to do with another C library."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> ctypes._NamedFuncPointer | None:
+    try:
+        function = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+    function.argtypes = [ctypes.c_size_t]
+    function.restype = ctypes.c_int
+    return function
 
 
 def build_inspector(settings: Settings) -> Inspector:

@@ -219,14 +219,17 @@ class _Messages:
     """Envoy's messages, read with an optional deadline (``time.monotonic()``).
 
     Without a deadline a message is read directly. With one (every streamed answer has one), a reader
-    task started once feeds a queue that is awaited under ``asyncio.timeout_at``: a read that times out
-    is not cancelled (that would break the gRPC stream), the message it brings waits in the queue, and no
-    task or ``asyncio.wait`` is made per message: measured over a plain read, this costs 0.55-0.6x what a
-    task and ``asyncio.wait`` per message did, and nothing for a message already waiting."""
+    task started once appends each message to a list, waking the consumer's one waiter if it waits, and
+    the waiter is awaited under ``asyncio.timeout_at``: a read that times out is not cancelled (that would
+    break the gRPC stream), the message it brings waits in the list, and no task or ``asyncio.wait`` is
+    made per message: measured over a plain read, this costs 0.55-0.6x what a task and ``asyncio.wait``
+    per message did, and nothing for a message already waiting. A list and a future rather than an
+    ``asyncio.Queue``: a stream holds one reader for minutes, and a queue's three deques cost 2.3 KiB."""
 
     def __init__(self, iterator: AsyncIterator[Any]) -> None:
         self._iterator = aiter(iterator)
-        self._queue: asyncio.Queue[object] | None = None
+        self._arrived: list[object] | None = None  # read by the reader task, not yet taken
+        self._waiter: asyncio.Future[None] | None = None  # the consumer, waiting for the next one
         self._reader: asyncio.Task[None] | None = None
 
     async def _read(self) -> object:
@@ -235,36 +238,43 @@ class _Messages:
         except StopAsyncIteration:
             return _END
 
-    async def _feed(self, queue: asyncio.Queue[object]) -> None:
-        """Reads every message into ``queue``; a failed read is put there too, to be raised in order."""
+    async def _feed(self, arrived: list[object]) -> None:
+        """Reads every message into ``arrived``; a failed read is put there too, to be raised in order."""
         while True:
             try:
                 message = await self._read()
             except Exception as exc:  # the stream broke: the consumer raises it where it reads
-                await queue.put(_Failed(exc))
-                return
-            await queue.put(message)
-            if message is _END:
+                message = _Failed(exc)
+            arrived.append(message)
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+            if message is _END or isinstance(message, _Failed):
                 return
 
     async def next(self, deadline: float | None) -> object:
-        if self._queue is None:
+        loop = asyncio.get_running_loop()
+        if self._arrived is None:
             if deadline is None:
                 return await self._read()
-            self._queue = asyncio.Queue()
-            self._reader = asyncio.get_running_loop().create_task(self._feed(self._queue))
-        if not self._queue.empty():  # a burst of chunks: no waiting, no timer
-            message = self._queue.get_nowait()
-        elif deadline is None:
-            message = await self._queue.get()
-        else:
-            # time.monotonic() and the loop's clock are one clock in asyncio's default loop
-            when = asyncio.get_running_loop().time() + (deadline - time.monotonic())
+            self._arrived = []
+            self._reader = loop.create_task(self._feed(self._arrived))
+        if not self._arrived:  # a burst of chunks: no waiting, no timer
+            waiter = self._waiter = loop.create_future()
             try:
-                async with asyncio.timeout_at(when):
-                    message = await self._queue.get()
-            except TimeoutError:
-                return _EXPIRED
+                if deadline is None:
+                    await waiter
+                else:
+                    # time.monotonic() and the loop's clock are one clock in asyncio's default loop
+                    when = loop.time() + (deadline - time.monotonic())
+                    try:
+                        async with asyncio.timeout_at(when):
+                            await waiter
+                    except TimeoutError:
+                        return _EXPIRED
+            finally:
+                self._waiter = None
+        message = self._arrived.pop(0)
         if isinstance(message, _Failed):
             raise message.error
         return message

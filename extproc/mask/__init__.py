@@ -17,6 +17,7 @@ with the strategy of the first finding (earliest start, then longest).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import hmac
 from collections.abc import Mapping
@@ -67,7 +68,11 @@ class Masker:
         self._verdicts = verdicts
 
     def with_verdicts(self, verdicts: Verdicts) -> Masker:
-        return Masker(self._specs, self._key, verdicts)
+        """This masker deciding with ``verdicts`` (one exchange's policy). The strategies are shared, not
+        copied: a streamed answer keeps its masker for as long as it streams."""
+        masker = copy.copy(self)
+        masker._verdicts = verdicts
+        return masker
 
     def replacement(self, finding: Finding, value: str, spec: MaskSpec | None = None) -> str:
         spec = spec or self._specs.get(finding.rule_id, REDACT)

@@ -81,7 +81,8 @@ class HeldEvent:
 
     def __init__(self, render: Callable[[HeldEvent], str]) -> None:
         self.render = render
-        self.pieces: list[Piece] = []
+        # Its pieces are not listed here: a piece names its event, and each naming the other would make
+        # every event a reference cycle, freed only by the cycle collector.
         self.waiting = 0  # pieces not final yet
         self.sealed = False  # every piece has been added
         self.changed = False  # something in it was masked or rewritten
@@ -200,7 +201,6 @@ class Router:
         if not text:
             return
         piece = Piece(text, write, event, next(self._serial))
-        event.pieces.append(piece)
         keys = self._untwinned(list(dict.fromkeys(channels)))
         piece.waiting = len(keys)
         event.waiting += 1
