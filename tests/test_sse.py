@@ -7,12 +7,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from extproc.detect.engine import Detector
+from extproc.detect.engine import Detector, StreamScanner
 from extproc.errors import UpstreamError
 from extproc.mask.bodies import StreamingText
 from extproc.mask.joined import Router
 from extproc.mask.ndjson import SniffedJson
 from extproc.mask.sse import EventStream, SniffedStream
+from extproc.model import Finding
 
 from .rules_fixture import inspector
 
@@ -712,3 +713,22 @@ def test_twinned_channels_change_nothing_a_client_receives(
     assert [(f.rule_id, f.start, f.end) for f in first.findings] == [
         (f.rule_id, f.start, f.end) for f in second.findings
     ]
+
+
+def test_the_events_of_one_chunk_are_fed_to_the_scanner_together(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An answer that arrives faster than it is read comes in chunks of many events: their text is fed
+    in one piece per chunk, not one per event, and comes out masked the same."""
+    fed: list[str] = []
+    real = StreamScanner.feed
+
+    def feed(self: StreamScanner, text: str) -> tuple[str, list[Finding]]:
+        fed.append(text)
+        return real(self, text)
+
+    monkeypatch.setattr(StreamScanner, "feed", feed)
+    body = token_stream(ANSWER, size=2)
+    processor = EventStream(inspector(), 1 << 16, TOO_LARGE)
+    out = processor.feed(body) + processor.finish()
+    assert [t for t in fed if t] == [ANSWER]  # one scanner (one choice), one feed for the whole chunk
+    events = [e.removeprefix("data: ") for e in out.decode().split("\n\n") if e]
+    assert text_of([json.loads(e) for e in events if e != "[DONE]"]) == MASKED

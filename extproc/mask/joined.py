@@ -99,23 +99,33 @@ class JsonText:
 
 class _Channel:
     """One stream scanner over the pieces fed to it, in arrival order. Offsets (``fed``, the log, the
-    findings ``feed`` returns) count characters of the pieces as they came."""
+    findings ``flush`` returns) count characters of the pieces as they came. Pieces are added as events
+    are read and fed to the scanner together (``flush``): what a scanner releases and finds does not
+    depend on how its text is cut, and one feed costs about as much as one piece."""
 
     escape = False  # replacements are written as JSON string content
 
     def __init__(self, scanner: StreamScanner) -> None:
         self.scanner = scanner
-        self.log: deque[tuple[int, Piece]] = deque()  # (offset, piece) fed, not all released yet
-        self.fed = 0
+        self.log: deque[tuple[int, Piece]] = deque()  # (offset, piece) added, not all released yet
+        self.fed = 0  # characters added
+        self.pending: list[str] = []  # added, not fed to the scanner yet
 
-    def feed(self, text: str) -> tuple[int, list[tuple[Finding, str]]]:
-        """Feeds ``text``; returns where what is released ends, and the findings released with their
-        values."""
+    def add(self, text: str) -> None:
+        self.pending.append(text)
         self.fed += len(text)
+
+    def flush(self) -> tuple[int, list[tuple[Finding, str]]]:
+        """Feeds what was added; returns where what is released ends, and the findings released with
+        their values."""
+        text = "".join(self.pending)
+        self.pending.clear()
         return self._released(*self.scanner.feed(text))
 
     def finish(self) -> tuple[int, list[tuple[Finding, str]]]:
-        return self._released(*self.scanner.finish())
+        fed = self.flush()
+        limit, found = self._released(*self.scanner.finish())
+        return limit, fed[1] + found
 
     def _released(self, text: str, findings: list[Finding]) -> tuple[int, list[tuple[Finding, str]]]:
         limit = self.fed - self.scanner.held
@@ -125,6 +135,7 @@ class _Channel:
     def fork(self) -> _Channel:
         """A channel fed what this one was fed, from now on apart (``StreamScanner.fork``); the pieces
         this one holds are held by both."""
+        assert not self.pending, "a channel is forked once what was added to it is fed"
         twin = _Channel(self.scanner.fork())
         twin.log = deque(self.log)
         twin.fed = self.fed
@@ -142,14 +153,17 @@ class _JsonTextChannel(_Channel):
         super().__init__(scanner)
         self.view = JsonTextView()
 
-    def feed(self, text: str) -> tuple[int, list[tuple[Finding, str]]]:
-        self.fed += len(text)
+    def flush(self) -> tuple[int, list[tuple[Finding, str]]]:
+        text = "".join(self.pending)
+        self.pending.clear()
         return self._mapped(*self.scanner.feed(self.view.feed(text)))
 
     def finish(self) -> tuple[int, list[tuple[Finding, str]]]:
+        fed = self.flush()
         rest = self.scanner.feed(self.view.finish())
         end = self.scanner.finish()
-        return self._mapped(rest[0] + end[0], rest[1] + end[1])
+        limit, found = self._mapped(rest[0] + end[0], rest[1] + end[1])
+        return limit, fed[1] + found
 
     def _mapped(self, text: str, findings: list[Finding]) -> tuple[int, list[tuple[Finding, str]]]:
         view = self.view
@@ -174,6 +188,7 @@ class Router:
         self._inspector = inspector
         self._too_many = too_many
         self._channels: dict[Hashable, _Channel] = {}
+        self._added: dict[Hashable, _Channel] = {}  # the channels with text not fed yet, in order
         self._queue: deque[HeldEvent] = deque()
         self._serial = itertools.count()
         # Where findings landed, and the rules that found them there.
@@ -197,7 +212,8 @@ class Router:
     def piece(
         self, event: HeldEvent, text: str, write: Callable[[str], None], channels: Iterable[Hashable]
     ) -> None:
-        """Feeds ``text`` to each channel; ``write`` gets its final text once all have released it."""
+        """Adds ``text`` to each channel, fed at the next ``flush``; ``write`` gets its final text once
+        all have released it."""
         if not text:
             return
         piece = Piece(text, write, event, next(self._serial))
@@ -213,7 +229,8 @@ class Router:
                 kind = _JsonTextChannel if isinstance(key, JsonText) else _Channel
                 channel = self._channels[key] = kind(self._inspector.detector.stream())
             channel.log.append((channel.fed, piece))
-            self._released(channel, *channel.feed(text))
+            channel.add(text)
+            self._added[key] = channel
 
     def _untwinned(self, keys: list[Hashable]) -> list[Hashable]:
         """The channels a piece for ``keys`` is fed to: the answer channel's twin stands for it; a piece
@@ -229,13 +246,24 @@ class Router:
         if ANSWER in keys and twin in keys and len(keys) == 2:
             return [twin]
         if ANSWER in keys or twin in keys:
-            self._channels[ANSWER] = self._channels[twin].fork()
+            channel = self._channels[twin]
+            if self._added.pop(twin, None) is not None:
+                self._released(channel, *channel.flush())
+            self._channels[ANSWER] = channel.fork()
             self._twin = None
         return keys
 
-    def seal(self, event: HeldEvent) -> list[HeldEvent]:
-        """No more pieces for ``event``; returns the events now ready, in order."""
+    def seal(self, event: HeldEvent) -> None:
+        """No more pieces for ``event``."""
         event.sealed = True
+
+    def flush(self) -> list[HeldEvent]:
+        """Feeds every channel what was added to it since the last flush (the pieces of every event read
+        from one body chunk: a stream that comes faster than the events are read is scanned in fewer,
+        longer feeds); returns the events now ready, in order."""
+        added, self._added = self._added, {}
+        for channel in added.values():
+            self._released(channel, *channel.flush())
         return self._ready()
 
     def finish(self) -> list[HeldEvent]:
@@ -245,6 +273,7 @@ class Router:
             self.close()
             self._queue.clear()
             return []
+        self._added.clear()  # finish feeds what each channel still has
         for channel in self._channels.values():
             self._released(channel, *channel.finish())
         self._channels.clear()
@@ -254,6 +283,7 @@ class Router:
         for channel in self._channels.values():
             channel.scanner.close()
         self._channels.clear()
+        self._added.clear()
 
     def _released(self, channel: _Channel, limit: int, findings: list[tuple[Finding, str]]) -> None:
         for finding, value in findings:

@@ -78,12 +78,15 @@ class NdjsonStream(EventFields):
         lines = complete.split(b"\n")[:-1]
         if any(len(line) > self._max for line in lines):
             raise self._too_large
-        return b"".join(self._line(line, b"\n") for line in lines)
+        for line in lines:
+            self._line(line, b"\n")
+        return self._ready()
 
     def finish(self) -> bytes:
         rest, self._pending = self._pending, b""
-        out = self._line(rest, b"") if rest else b""
-        return out + self._end()
+        if rest:
+            self._line(rest, b"")
+        return self._end()
 
     def cut(self) -> bytes:
         """The stream ends here, early: the incomplete line is dropped; the lines held so far go out,
@@ -100,7 +103,10 @@ class NdjsonStream(EventFields):
     def _end(self) -> bytes:
         return b"".join(held.render(held).encode(ENCODING, ERRORS) for held in self._router.finish())
 
-    def _line(self, line: bytes, end: bytes) -> bytes:
+    def _ready(self) -> bytes:
+        return b"".join(held.render(held).encode(ENCODING, ERRORS) for held in self._router.flush())
+
+    def _line(self, line: bytes, end: bytes) -> None:
         text = line.decode(ENCODING, ERRORS)
         try:
             document = load_json(text) if text.strip() else None
@@ -125,7 +131,7 @@ class NdjsonStream(EventFields):
             self._residual(held, root, 0, ("<text>",))
         else:
             self._residual(held, root, 0, ("<text>",) if as_text else ())
-        return b"".join(h.render(h).encode(ENCODING, ERRORS) for h in self._router.seal(held))
+        self._router.seal(held)
 
     def _document(self, held: HeldEvent, document: dict[str, Any]) -> None:
         for key in list(document):

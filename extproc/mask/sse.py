@@ -151,15 +151,15 @@ class EventStream(SseEvents, EventFields):
         return "".join(held.render(held) for held in self._router.finish()).encode(ENCODING, ERRORS)
 
     def _write(self, events: list[SseEvent]) -> bytes:
-        out: list[str] = []
         for event in events:
-            out.extend(held.render(held) for held in self._take(event))
-        return "".join(out).encode(ENCODING, ERRORS)
+            self._take(event)
+        return "".join(held.render(held) for held in self._router.flush()).encode(ENCODING, ERRORS)
 
-    def _take(self, event: SseEvent) -> list[HeldEvent]:
+    def _take(self, event: SseEvent) -> None:
         data = event.data
         if data is None or data.strip() == "[DONE]":
-            return self._router.seal(self._router.event(lambda _: self.render(event)))
+            self._router.seal(self._router.event(lambda _: self.render(event)))
+            return
         try:
             document = load_json(data)
         except ValueError:
@@ -170,12 +170,14 @@ class EventStream(SseEvents, EventFields):
                 lambda h: self.render(event, dump_json(string[0]) if h.changed else None)
             )
             self._residual(held, string, 0, ("<data>",))
-            return self._router.seal(held)
+            self._router.seal(held)
+            return
         if not isinstance(document, dict | list):  # text, or a bare JSON number: read as the text it is
             box = {"data": data}
             held = self._router.event(lambda h: self.render(event, box["data"] if h.changed else None))
             self._residual(held, box, "data", ("<data>",))
-            return self._router.seal(held)
+            self._router.seal(held)
+            return
         document, masked = self._json.keys_and_numbers(document)  # no scanner reads keys and numbers
         root = [document]
         held = self._router.event(lambda h: self.render(event, dump_json(root[0]) if h.changed else None))
@@ -191,7 +193,7 @@ class EventStream(SseEvents, EventFields):
             self._anthropic(held, document, str(kind))
         else:
             self._residual(held, root, 0, ())
-        return self._router.seal(held)
+        self._router.seal(held)
 
     # -- the three kinds of strings --------------------------------------------------------------------
 
