@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -183,3 +184,33 @@ def test_every_base64_run_of_the_pass_is_decoded_not_only_the_first() -> None:
     processor.feed(json.dumps(document).encode())
     masked = json.loads(processor.finish())
     assert masked["messages"][1]["content"] == "[REDACTED:AWS_ACCESS_KEY]"
+
+
+@pytest.mark.parametrize(
+    ("key", "hidden"),
+    [
+        ('{"to": "jane\\u0040example.com"}', "jane"),
+        ('{"card": "4111\\u00201111\\u00201111\\u00201111"}', "4111"),
+        ('[" AKIA4OIGBRJZNX47IW6\\u004a"]', "AKIA4OIGBRJZNX47IW6"),
+    ],
+)
+def test_json_with_escapes_in_a_key_is_decoded_and_read_like_a_value(key: str, hidden: str) -> None:
+    """Regression: keys went into the one pass without the check values had, so a key holding JSON
+    whose value hid behind an escape was called clean and never decoded."""
+    document = {"messages": [{"role": "user", "content": "hi", key: 1}], "metadata": {key: "x"}}
+    processor = BufferedJson(INSPECTOR, 1 << 20, ExtProcError("too large"), ExtProcError("invalid"))
+    processor.feed(json.dumps(document).encode())
+    masked = processor.finish().decode()
+    assert hidden not in masked
+    assert len(processor.findings) >= 2
+
+
+def test_json_with_escapes_repeated_in_a_document_is_masked_every_time() -> None:
+    """Regression: a string found clean as written was remembered as clean before it was decoded, so
+    the second copy of the same tool-call arguments (a conversation repeats them) went out unmasked."""
+    arguments = '{"to": "jane\\u0040example.com"}'
+    document = {"messages": [{"role": "assistant", "content": arguments} for _ in range(3)]}
+    processor = BufferedJson(INSPECTOR, 1 << 20, ExtProcError("too large"), ExtProcError("invalid"))
+    processor.feed(json.dumps(document).encode())
+    masked = json.loads(processor.finish())
+    assert [m["content"] for m in masked["messages"]] == ['{"to":"[REDACTED:EMAIL_ADDRESS]"}'] * 3

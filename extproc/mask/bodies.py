@@ -558,21 +558,24 @@ class JsonMasker:
         while stack:
             item = stack.pop()
             if isinstance(item, str):
-                if (
-                    item
-                    and len(item) <= self._CLEAN_MAX_CHARS
-                    and not ("\\" in item and item.lstrip()[:1] in ("{", "["))
-                ):
+                if self._primable(item):
                     texts.append(item)
             elif isinstance(item, list):
                 stack.extend(item)
             elif isinstance(item, dict):
-                texts.extend(key for key in item if key and len(key) <= self._CLEAN_MAX_CHARS)
+                texts.extend(key for key in item if self._primable(key))  # keys are strings too
                 stack.extend(item.values())
         unique = list(dict.fromkeys(texts))
         for text, clean in zip(unique, self._inspector.detector.clean(unique), strict=True):
             if clean:
                 self._primed.add(text)
+
+    def _primable(self, text: str) -> bool:
+        """Short, and not JSON with escapes (read by ``_nested`` once decoded, whatever the raw text
+        holds): a key or a value alike."""
+        return 0 < len(text) <= self._CLEAN_MAX_CHARS and not (
+            "\\" in text and text.lstrip()[:1] in ("{", "[")
+        )
 
     def value(self, node: Any, depth: int = 0) -> Any:
         """``node`` with every string value, key and long number masked. ``depth``: how deep ``node``
@@ -669,13 +672,15 @@ class JsonMasker:
         if text in self._clean or text in self._primed:
             return text
         masked, found = self._inspector.mask_text(text)
-        if not found and len(text) <= self._CLEAN_MAX_CHARS and len(self._clean) < self._CLEAN_MAX_ENTRIES:
-            self._clean.add(text)
         self.findings.extend(found)
         if masked != text:
             self.changed = True
         if "\\" in masked and masked.lstrip()[:1] in ("{", "["):
+            # Never remembered as clean: what it holds shows once decoded, and must be masked again
+            # wherever the same string comes back (tool-call arguments repeated in a conversation).
             return self._nested(masked, depth)
+        if not found and len(text) <= self._CLEAN_MAX_CHARS and len(self._clean) < self._CLEAN_MAX_ENTRIES:
+            self._clean.add(text)
         return masked
 
     def _nested(self, text: str, depth: int) -> str:
