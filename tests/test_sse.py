@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from extproc.detect.engine import Detector, StreamScanner
 from extproc.errors import UpstreamError
 from extproc.mask.bodies import StreamingText
-from extproc.mask.joined import Router
+from extproc.mask.joined import MAX_CHANNELS, Router
 from extproc.mask.ndjson import SniffedJson
 from extproc.mask.sse import EventStream, SniffedStream
 from extproc.model import Finding
@@ -462,6 +462,20 @@ def test_too_many_texts_end_the_stream() -> None:
     body = b"".join(raw(chat("x", index=n)) for n in range(400))
     with pytest.raises(UpstreamError):
         feed_all(body)
+
+
+@pytest.mark.parametrize("twinned", [True, False])
+def test_the_texts_of_a_stream_are_counted_the_same_with_a_shared_scanner(
+    twinned: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The answer channel counts toward MAX_CHANNELS from the first text, shared or not: 255 texts fit
+    beside it, the 256th does not."""
+    if not twinned:
+        _without_twins(monkeypatch)
+    fits = b"".join(raw(chat("x", index=n)) for n in range(MAX_CHANNELS - 1))
+    assert feed_all(fits + b"data: [DONE]\n\n")[0].endswith(b"data: [DONE]\n\n")
+    with pytest.raises(UpstreamError, match="more than"):
+        feed_all(fits + raw(chat("x", index=MAX_CHANNELS)))
 
 
 # -- shapes a dialect does not expect -------------------------------------------------------------------

@@ -224,7 +224,7 @@ class Router:
         for key in keys:
             channel = self._channels.get(key)
             if channel is None:
-                if len(self._channels) >= MAX_CHANNELS:
+                if len(self._channels) + (self._twin is not None) >= MAX_CHANNELS:  # a twin counts
                     raise self._too_many
                 kind = _JsonTextChannel if isinstance(key, JsonText) else _Channel
                 channel = self._channels[key] = kind(self._inspector.detector.stream())
