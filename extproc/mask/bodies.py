@@ -521,6 +521,9 @@ def _members(node: Any) -> Iterator[tuple[Any, Any, Any]]:
     return iter(())
 
 
+_NO_KEYS: Final = frozenset[str]()
+
+
 class JsonMasker:
     """Masks the string values, the keys and the long numbers of JSON documents, and collects the findings.
 
@@ -622,11 +625,13 @@ class JsonMasker:
             return self._number(node)
         if isinstance(node, list):
             for index, item in enumerate(node):
-                node[index] = self._keys_and_numbers(item)
+                if not (item is None or isinstance(item, str | bool)):  # those stay as they are
+                    node[index] = self._keys_and_numbers(item)
         elif isinstance(node, dict):
             for key, value in node.items():
-                node[key] = self._keys_and_numbers(value)
-            keys = self._keys(node, 1, frozenset())
+                if not (value is None or isinstance(value, str | bool)):
+                    node[key] = self._keys_and_numbers(value)
+            keys = self._keys(node, 1, _NO_KEYS)
             if keys is not None:
                 values = list(node.values())
                 node.clear()
@@ -635,11 +640,14 @@ class JsonMasker:
 
     def _object(self, node: dict[str, Any], depth: int) -> dict[str, Any]:
         values = [self.value(value, depth) for value in node.values()]
-        keys = self._keys(node, depth, frozenset())
+        keys = self._keys(node, depth, _NO_KEYS)
         return dict(zip(keys if keys is not None else node, values, strict=True))
 
     def _keys(self, node: dict[str, Any], depth: int, skip: frozenset[str]) -> list[str] | None:
         """The keys of ``node`` masked, in order, kept distinct; None when none changes."""
+        clean, primed = self._clean, self._primed
+        if all(key in clean or key in primed or key in skip for key in node):
+            return None  # every key known clean (a token stream repeats the same keys in every event)
         masked = [key if key in skip else self._string(key, depth) for key in node]
         if masked == list(node):
             return None
