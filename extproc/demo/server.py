@@ -98,7 +98,8 @@ def _handler(api: str) -> Any:
     return handle
 
 
-async def _answer(request: web.Request, api: str) -> web.StreamResponse:
+async def _record(request: web.Request) -> bytes:
+    """Keeps the request for ``GET /_demo/requests``; returns its body."""
     raw_body = await request.read()
     request.app[_RECORDED].append(
         {
@@ -110,6 +111,18 @@ async def _answer(request: web.Request, api: str) -> web.StreamResponse:
             "body": raw_body.decode("utf-8", "replace"),
         }
     )
+    return raw_body
+
+
+async def not_served(request: web.Request) -> web.Response:
+    """Any other path: recorded (tests prove what reached the model on every forwarded path), then 404."""
+    await _record(request)
+    error = {"message": f"{request.method} {request.path} is not served", "type": "not_found"}
+    return web.json_response({"error": error}, status=404)
+
+
+async def _answer(request: web.Request, api: str) -> web.StreamResponse:
+    raw_body = await _record(request)
     try:
         body = json.loads(raw_body)
     except ValueError:
@@ -389,6 +402,7 @@ def make_app(key_file: Path | None = None) -> web.Application:
     app.router.add_get("/api/version", ollama_version)
     app.router.add_post("/_demo/replies", put_reply)
     app.router.add_get("/_demo/requests", get_requests)
+    app.router.add_route("*", "/{path:.*}", not_served)
     return app
 
 
