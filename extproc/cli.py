@@ -248,6 +248,9 @@ Try it (the card number and the address come back masked):
   curl -s {stack.url}/v1/chat/completions -H 'content-type: application/json'{auth} \\
     -d '{{"model": "{model}", "messages": [{{"role": "user", "content": \
 "my card is 4111 1111 1111 1111, mail me at jane@example.com"}}]}}'
+  Ollama's native API, streamed as NDJSON lines:
+  curl -s {stack.url}/api/chat -H 'content-type: application/json'{auth} \
+    -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "my card is 4111 1111 1111 1111"}}]}}'
 {tokens}
 {traces}Ctrl-C stops all three.
 """,
