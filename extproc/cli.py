@@ -248,6 +248,9 @@ Try it (the card number and the address come back masked):
   curl -s {stack.url}/v1/chat/completions -H 'content-type: application/json'{auth} \\
     -d '{{"model": "{model}", "messages": [{{"role": "user", "content": \
 "my card is 4111 1111 1111 1111, mail me at jane@example.com"}}]}}'
+  Ollama's native API, streamed as NDJSON lines:
+  curl -s {stack.url}/api/chat -H 'content-type: application/json'{auth} \
+    -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "my card is 4111 1111 1111 1111"}}]}}'
 {tokens}
 {traces}Ctrl-C stops all three.
 """,
@@ -498,6 +501,7 @@ def cmd_envoy(args: argparse.Namespace) -> int:  # noqa: RET503 - ends in os.exe
         extproc_port=extproc_port,
         upstream=Upstream.parse(args.upstream),
         otlp=Upstream.parse(args.otlp, "--otlp") if args.otlp else None,
+        model_paths=args.model_paths,
     )
     text = yaml.safe_dump(config, sort_keys=False)
     if args.print:
@@ -857,6 +861,13 @@ def build_parser() -> argparse.ArgumentParser:
     envoy.add_argument("--envoy-config", help="Envoy config to render (default: envoy/envoy.yaml)")
     envoy.add_argument(
         "--otlp", help="OTLP/gRPC collector for Envoy's spans (http://HOST:4317); without it, no tracing"
+    )
+    envoy.add_argument(
+        "--model-path",
+        dest="model_paths",
+        action="append",
+        help="a path forwarded to the model, scanned: /api/chat, or a prefix ending in '/' (repeat it; the"
+        " same list as the setting routes.model; default: the Envoy config's routes)",
     )
     envoy.add_argument("--print", action="store_true", help="print the rendered config instead of running")
     envoy.add_argument("envoy_args", nargs="*", help="extra Envoy arguments, after --")

@@ -20,7 +20,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from ipaddress import ip_address
 from pathlib import Path
@@ -31,6 +31,7 @@ import yaml
 
 from extproc.errors import ConfigError
 from extproc.identity.dev import dev_identity
+from extproc.routes import check_pattern, envoy_match
 
 REPO_ENVOY_CONFIG = Path(__file__).resolve().parent.parent / "envoy" / "envoy.yaml"
 OTLP_CLUSTER = "otel_collector"
@@ -97,11 +98,16 @@ def render_envoy_config(
     extproc_host: str = "127.0.0.1",
     with_extproc: bool = True,
     otlp: Upstream | None = None,
+    model_paths: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """The repo's Envoy config with ports and the upstream replaced (and, for the baseline benchmark,
     without the ext_proc filter). Traces go to the OTLP/gRPC collector ``otlp``; without one, tracing
-    is turned off."""
+    is turned off. With ``model_paths`` (the extproc setting ``routes.model``), the routes to the model
+    are one per path, each a copy of the config's first route to the model; without, they stay as
+    written."""
     config: dict[str, Any] = json.loads(json.dumps(base))
+    if model_paths is not None:
+        _route_model_paths(config, model_paths)
     config["admin"]["address"]["socket_address"]["port_value"] = admin_port
     listener = config["static_resources"]["listeners"][0]
     listener["address"]["socket_address"]["port_value"] = listen_port
@@ -131,6 +137,32 @@ def render_envoy_config(
             for route in vhost["routes"]:
                 route.get("typed_per_filter_config", {}).pop("envoy.filters.http.ext_proc", None)
     return config
+
+
+def _route_model_paths(config: dict[str, Any], model_paths: Sequence[str]) -> None:
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    for vhost in hcm["route_config"]["virtual_hosts"]:
+        routes = vhost["routes"]
+        to_model = [i for i, r in enumerate(routes) if r.get("route", {}).get("cluster") == "model"]
+        if not to_model:
+            continue
+        template = routes[to_model[0]]
+        made = []
+        for pattern in model_paths:
+            route = json.loads(json.dumps(template))
+            try:
+                route["name"] = "model" + check_pattern(pattern).rstrip("/").replace("/", "_")
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
+            route["match"] = envoy_match(pattern)
+            made.append(route)
+        vhost["routes"] = [
+            *routes[: to_model[0]],
+            *made,
+            *(r for i, r in enumerate(routes) if i > to_model[0] and i not in to_model),
+        ]
+        return
+    raise ConfigError("the Envoy config has no route to the model cluster")
 
 
 class Process:
@@ -221,6 +253,8 @@ class Stack:
     # mode itself (then None once started). Without either, the settings must choose (serve refuses).
     dev_identity: Path | None = None
     otlp_endpoint: str | None = None  # Envoy's and extproc's spans go to this OTLP/gRPC collector
+    # Envoy's routes to the model; None: the settings file's routes.model, or the Envoy config's routes
+    model_paths: Sequence[str] | None = None
     processes: dict[str, Process] = field(default_factory=dict)
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="extproc-dev-")))
 
@@ -278,8 +312,21 @@ class Stack:
             upstream=self.upstream,
             with_extproc=self.with_extproc,
             otlp=Upstream.parse(self.otlp_endpoint, "the OTLP endpoint") if self.otlp_endpoint else None,
+            model_paths=self.model_paths if self.model_paths is not None else self._settings_model_paths(),
         )
         self.start_envoy(config, timeout)
+
+    def _settings_model_paths(self) -> list[str] | None:
+        """``routes.model`` of the settings file, so Envoy forwards the paths extproc scans."""
+        if self.settings_file is None:
+            return None
+        try:
+            data = yaml.safe_load(Path(self.settings_file).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            return None  # extproc serve has named the problem
+        routes = data.get("routes") if isinstance(data, dict) else None
+        paths = routes.get("model") if isinstance(routes, dict) else None
+        return [str(p) for p in paths] if isinstance(paths, list) else None
 
     def start_envoy(self, config: dict[str, Any], timeout: float) -> None:
         """Writes the rendered ``config`` and runs Envoy from the wheel on it, until it is ready."""

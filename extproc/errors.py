@@ -7,6 +7,7 @@ from typing import Final
 
 HTTP_STATUS: Final[dict[str, int]] = {
     "invalid_json": 400,
+    "not_found": 404,  # a path that is not one of the model server's forwarded ones (routes.model)
     "invalid_body": 400,
     "body_too_large": 413,
     "unsupported_media_type": 415,

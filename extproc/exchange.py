@@ -65,6 +65,14 @@ from extproc.policy import (
     glob_match,
     prompt_texts,
 )
+from extproc.routes import (
+    OUTPUT_TOKEN_FIELDS,
+    get_field,
+    is_model_path,
+    output_token_field,
+    set_field,
+    within,
+)
 from extproc.runtime import Snapshot
 from extproc.settings import LimitSettings
 
@@ -261,6 +269,9 @@ class Exchange:
         self.shown_request_id = self._clean(self.request_id)
         self.route = (event.get(":path") or "").split("?", 1)[0]
         self.method = event.get(":method") or ""
+        if not is_model_path(self.route, self._snapshot.settings.routes.model):
+            # Envoy refuses these paths itself; this holds when its routes and the settings disagree.
+            return self._reject(ClientError("no such route", code="not_found"))
         try:
             self.principal = self._authenticate(event)
         except AuthError as error:
@@ -467,6 +478,10 @@ class Exchange:
         if isinstance(model, str) and not glob_match(model, policy.models):
             message = f"model {model!r} is not allowed for you (policy {loaded.id!r})"
             violations.append(ClientError(message, code="model_not_allowed"))
+        elif isinstance(document, dict) and not isinstance(model, str) and "*" not in policy.models:
+            # A server that serves one model (TGI, llama.cpp) or a default one takes a body without one.
+            message = f"the request names no model; policy {loaded.id!r} allows only some models"
+            violations.append(ClientError(message, code="model_not_allowed"))
         if self.unmasked_requested and not self.groups & set(policy.unmasked.groups):
             message = f"unmasked answers are not allowed for you (policy {loaded.id!r})"
             violations.append(ClientError(message, code="unmasked_not_allowed"))
@@ -488,19 +503,20 @@ class Exchange:
                 violations.append(ClientError(message, code="prompt_too_long"))
         rewritten = False
         if limits.max_tokens is not None and isinstance(document, dict):
-            field = "max_output_tokens" if self.route.endswith("/responses") else "max_tokens"
-            present = [
-                k for k in ("max_tokens", "max_completion_tokens", "max_output_tokens") if k in document
-            ]
-            asked = [document[k] for k in present if isinstance(document[k], int)]
-            if asked and max(asked) > limits.max_tokens and limits.max_tokens_over == "refuse":
-                message = f"max_tokens {max(asked)} is over the {limits.max_tokens} allowed"
+            # Every API's spelling of the output-token limit (routes.OUTPUT_TOKEN_FIELDS) is held to it.
+            found = [(p, v) for p in OUTPUT_TOKEN_FIELDS for ok, v in [get_field(document, p)] if ok]
+            over = [(p, v) for p, v in found if not within(v, limits.max_tokens)]
+            if over and limits.max_tokens_over == "refuse":
+                name, value = ".".join(over[0][0]), over[0][1]
+                message = f"{name} {json.dumps(value)[:32]} is over the {limits.max_tokens} allowed"
                 violations.append(ClientError(message, code="max_tokens_too_large"))
-            elif rewrite and (not present or max(asked, default=0) > limits.max_tokens):
-                for key in present or [field]:
-                    if not isinstance(document.get(key), int) or document[key] > limits.max_tokens:
-                        document[key] = limits.max_tokens
-                        rewritten = True
+            elif rewrite and (over or not found):
+                for path in [p for p, _ in over] or [output_token_field(self.route)]:
+                    if not set_field(document, path, limits.max_tokens):
+                        message = f"{'.'.join(path[:-1])} is not an object; {path[-1]} cannot be capped"
+                        violations.append(ClientError(message, code="max_tokens_too_large"))
+                        break
+                    rewritten = True
         return violations, rewritten
 
     @property

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from extproc.errors import ConfigError
+from extproc.routes import DEFAULT_MODEL_PATHS, check_pattern
 
 CONFIG_ENV = "EXTPROC_CONFIG"
 APPROVER_TOKEN_ENV = "EXTPROC_APPROVER_TOKEN"  # noqa: S105 (the variable's name, not a token)
@@ -131,6 +132,20 @@ class UpstreamSettings(_Section):
         if self.credential_file and self.credential_env:
             raise ValueError("set credential_file or credential_env, not both")
         return self
+
+
+class RouteSettings(_Section):
+    model: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_MODEL_PATHS),
+        min_length=1,
+        description="the model server's paths forwarded, scanned: '/v1/' (a prefix, ending in '/') or "
+        "'/api/chat' (one path); every other path is refused with 404 not_found",
+    )
+
+    @field_validator("model")
+    @classmethod
+    def _patterns(cls, value: list[str]) -> list[str]:
+        return [check_pattern(pattern) for pattern in value]
 
 
 class PolicySettings(_Section):
@@ -413,6 +428,7 @@ class Settings(_Section):
     detect: DetectSettings = DetectSettings()
     mask: MaskSettings = MaskSettings()
     policy: PolicySettings = PolicySettings()
+    routes: RouteSettings = RouteSettings()
     upstream: UpstreamSettings = UpstreamSettings()
     identity: IdentitySettings = IdentitySettings()
     telemetry: TelemetrySettings = TelemetrySettings()

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from extproc.devenv import Upstream, envoy_binary, render_envoy_config
+from extproc.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted(
@@ -212,3 +213,54 @@ def test_rendering_keeps_the_request_id_settings() -> None:
         assert hcm["request_id_extension"] == _hcms(base)[0]["request_id_extension"]
     [traced] = _hcms(render_envoy_config(base, **common, otlp=Upstream.parse("http://jaeger:4317")))
     assert traced["tracing"] == _hcms(base)[0]["tracing"]
+
+
+def _model_routes(config: dict[str, Any]) -> list[dict[str, Any]]:
+    [hcm] = _hcms(config)
+    [vhost] = hcm["route_config"]["virtual_hosts"]
+    return [r for r in vhost["routes"] if r.get("route", {}).get("cluster") == "model"]
+
+
+def test_the_repo_config_routes_the_default_model_paths_and_refuses_the_rest() -> None:
+    from extproc.routes import DEFAULT_MODEL_PATHS, envoy_match
+
+    config = yaml.safe_load((ROOT / "envoy" / "envoy.yaml").read_text(encoding="utf-8"))
+    assert [r["match"] for r in _model_routes(config)] == [envoy_match(p) for p in DEFAULT_MODEL_PATHS]
+    [hcm] = _hcms(config)
+    last = hcm["route_config"]["virtual_hosts"][0]["routes"][-1]
+    assert last["match"] == {"prefix": "/"}
+    assert last["direct_response"]["status"] == 404
+
+
+def test_rendering_writes_one_route_per_model_path_before_the_404(tmp_path: Path) -> None:
+    base = yaml.safe_load((ROOT / "envoy" / "envoy.yaml").read_text(encoding="utf-8"))
+    config = render_envoy_config(
+        base,
+        listen_port=1,
+        admin_port=2,
+        extproc_port=3,
+        upstream=Upstream("127.0.0.1", 4),
+        model_paths=["/v1/", "/api/chat"],
+    )
+    routes = _model_routes(config)
+    assert [(r["name"], r["match"]) for r in routes] == [
+        ("model_v1", {"prefix": "/v1/"}),
+        ("model_api_chat", {"path": "/api/chat"}),
+    ]
+    assert all(r["request_body_buffer_limit"] == 16777216 for r in routes)
+    names = [r["name"] for r in _hcms(config)[0]["route_config"]["virtual_hosts"][0]["routes"]]
+    assert names == ["healthz", "model_v1", "model_api_chat", "not_found"]
+    path = tmp_path / "envoy.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    result = subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(path), "--use-dynamic-base-id"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    with pytest.raises(ConfigError, match="segment"):
+        render_envoy_config(
+            base, listen_port=1, admin_port=2, extproc_port=3, upstream=Upstream("127.0.0.1", 4),
+            model_paths=["/v1/../api/"],
+        )  # fmt: skip

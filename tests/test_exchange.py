@@ -44,6 +44,9 @@ def exchange(request_mode: BodyMode = BUFFERED, response_mode: BodyMode = FDS) -
 
 
 def headers(direction: Direction, *items: tuple[str, str], eos: bool = False) -> Headers:
+    """Envoy's headers message; a request's carries a forwarded path unless ``items`` name one."""
+    if direction is REQ and not any(name == ":path" for name, _ in items):
+        items = ((":path", "/v1/chat/completions"), *items)
     return Headers(direction, tuple(items), eos)
 
 

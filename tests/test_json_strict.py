@@ -352,7 +352,7 @@ def request(content_type: str | None, body: bytes) -> Any:
     items = [("content-length", str(len(body))), ("x-request-id", "r-1")]
     if content_type is not None:
         items.append(("content-type", content_type))
-    [reply] = ex.handle(Headers(REQ, tuple(items), False))
+    [reply] = ex.handle(Headers(REQ, ((":path", "/v1/chat/completions"), *items), False))
     if isinstance(reply, Reject):
         return reply
     [reply] = ex.handle(Body(REQ, body, True))
@@ -411,7 +411,7 @@ def test_requests_are_masked_as_the_model_server_reads_them(
 def test_a_text_request_read_as_json_gets_the_policy_checks_of_json() -> None:
     # The model named in a text body that is JSON is the model the policy decides on.
     ex = Exchange(SNAPSHOT, ProtocolConfig(BodyMode.BUFFERED, BodyMode.FULL_DUPLEX_STREAMED), "d-1")
-    ex.handle(Headers(REQ, (("content-type", "text/plain"),), False))
+    ex.handle(Headers(REQ, ((":path", "/v1/chat/completions"), ("content-type", "text/plain")), False))
     ex.handle(Body(REQ, b'{"model": "m-1", "messages": []}', True))
     assert ex.model == "m-1"
 

@@ -81,7 +81,7 @@ async def exchange(
 ) -> None:
     """One exchange as Envoy drives it: request headers (with ``token`` as the bearer) and body, then the
     answer's headers and body."""
-    request = [("content-type", content_type)]
+    request = [(":path", "/v1/chat/completions"), ("content-type", content_type)]
     if token is not None:
         request.append(("authorization", f"Bearer {token}"))
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:

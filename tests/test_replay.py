@@ -208,8 +208,8 @@ def test_a_plain_request_id_is_shown_as_it_is(tmp_path: Path) -> None:
 def test_a_cut_stream_is_recorded_with_the_request_id_as_shown(tmp_path: Path) -> None:
     snap = snapshot(tmp_path)
     ex = Exchange(snap, PROTOCOL, "d-12")
-    items = (("x-request-id", "jane@example.com"), ("content-type", "application/json"))
-    ex.handle(Headers(REQ, items, False))
+    items = ((":path", "/v1/chat/completions"), ("x-request-id", "jane@example.com"))
+    ex.handle(Headers(REQ, (*items, ("content-type", "application/json")), False))
     ex.handle(Body(REQ, chat("hi"), True))
     ex.handle(Headers(RESP, ((":status", "200"), ("content-type", "text/event-stream")), False))
     [cut] = ex.handle(Body(RESP, b"data: " + b"y" * 2048 + b"\n\n", False))
@@ -263,7 +263,7 @@ def test_the_queue_must_hold_one_record() -> None:
 def test_an_exchange_that_ended_before_its_answer_is_incomplete(tmp_path: Path) -> None:
     snap = snapshot(tmp_path)
     ex = Exchange(snap, PROTOCOL, "d-10")
-    ex.handle(Headers(REQ, (("content-type", "application/json"),), False))
+    ex.handle(Headers(REQ, ((":path", "/v1/chat/completions"), ("content-type", "application/json")), False))
     ex.handle(Body(REQ, chat("hi"), True))
     ex.handle(Headers(RESP, ((":status", "200"), ("content-type", "text/event-stream")), False))
     ex.handle(Body(RESP, sse("partial")[:40], False))

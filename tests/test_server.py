@@ -51,6 +51,9 @@ async def server() -> AsyncIterator[Server]:
 
 
 def request_headers(*items: tuple[str, str], eos: bool = False) -> pb.ProcessingRequest:
+    """Envoy's first message; it carries a forwarded path unless ``items`` name one."""
+    if not any(name == ":path" for name, _ in items):
+        items = ((":path", "/v1/chat/completions"), *items)
     return pb.ProcessingRequest(
         request_headers=pb.HttpHeaders(
             headers=base_pb2.HeaderMap(

@@ -69,7 +69,17 @@ def chat(text: str) -> bytes:
 
 
 def run(ex: Exchange, prompt: bytes, answer: list[bytes]) -> None:
-    ex.handle(Headers(REQ, (("content-type", "application/json"), ("x-request-id", "r-7")), False))
+    ex.handle(
+        Headers(
+            REQ,
+            (
+                (":path", "/v1/chat/completions"),
+                ("content-type", "application/json"),
+                ("x-request-id", "r-7"),
+            ),
+            False,
+        )
+    )
     ex.handle(Body(REQ, prompt, True))
     ex.handle(Headers(RESP, ((":status", "200"), ("content-type", "text/event-stream")), False))
     for index, chunk in enumerate(answer):
@@ -128,7 +138,16 @@ def test_the_exchange_span_joins_envoys_trace_and_carries_the_decision(telemetry
 def test_a_refusal_names_its_code_and_counts_in_the_metrics(telemetry: Telemetry) -> None:
     ex = traced(telemetry)
     too_big = chat("x" * (SNAPSHOT.settings.limits.max_request_bytes + 1))
-    ex.handle(Headers(REQ, (("content-type", "application/json"),), False))
+    ex.handle(
+        Headers(
+            REQ,
+            (
+                (":path", "/v1/chat/completions"),
+                ("content-type", "application/json"),
+            ),
+            False,
+        )
+    )
     ex.handle(Body(REQ, too_big, True))
     ex.trace.finish(ex.outcome())
     exchange = telemetry.spans()[spans.EXCHANGE_SPAN]
@@ -208,7 +227,16 @@ def test_a_refused_token_marks_the_verify_span() -> None:
 
 def test_a_cut_stream_ends_its_scan_span_with_the_code(telemetry: Telemetry) -> None:
     ex = traced(telemetry)
-    ex.handle(Headers(REQ, (("content-type", "application/json"),), False))
+    ex.handle(
+        Headers(
+            REQ,
+            (
+                (":path", "/v1/chat/completions"),
+                ("content-type", "application/json"),
+            ),
+            False,
+        )
+    )
     ex.handle(Body(REQ, CHAT, True))
     ex.handle(Headers(RESP, ((":status", "200"), ("content-type", "text/event-stream")), False))
     [reply] = ex.handle(Body(RESP, b"data: " + b"x" * 2048 + b"\n\n", False))  # over max_event_bytes

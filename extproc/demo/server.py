@@ -4,7 +4,10 @@
   server-sent token events),
 - ``POST /v1/responses`` (OpenAI Responses API, streamed as ``response.*`` events),
 - ``POST /v1/messages`` (Anthropic messages, streamed as ``content_block_delta`` events),
-- ``GET /v1/models``.
+- ``GET /v1/models``,
+- Ollama's native ``POST /api/chat`` and ``POST /api/generate`` (streamed by default, as NDJSON lines
+  of ``message.content`` or ``response`` ending with ``"done": true``; JSON with ``"stream": false``),
+  ``GET /api/tags`` and ``GET /api/version``.
 
 The answer echoes the last user message, unless a script says otherwise. A control surface for tests is
 reached directly rather than through Envoy:
@@ -14,8 +17,8 @@ reached directly rather than through Envoy:
   its own. A script may set ``chunk_chars`` (characters per token event), ``delay_ms`` (pause between
   events), or replace the whole answer with ``raw`` bytes and a ``content_type``; ``headers`` (an object,
   or a list of ``[name, value]`` pairs to repeat a header) are added to the answer.
-- With ``--api-key-file``, ``/v1/`` answers 401 unless the request carries that key, as a hosted model
-  API would: ``extproc dev`` makes one and gives it to extproc as the upstream credential.
+- With ``--api-key-file``, every path but ``/_demo/`` answers 401 unless the request carries that key,
+  as a hosted model API would: ``extproc dev`` makes one and gives it to extproc as the upstream credential.
 - ``GET /_demo/requests?tag=<x-test-tag>`` returns the requests received (headers, every header line in
   ``header_list``, the path as sent with its query in ``raw_path``, and the body), so a test can prove
   what reached the model.
@@ -35,7 +38,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from aiohttp import web
 
@@ -95,7 +98,8 @@ def _handler(api: str) -> Any:
     return handle
 
 
-async def _answer(request: web.Request, api: str) -> web.StreamResponse:
+async def _record(request: web.Request) -> bytes:
+    """Keeps the request for ``GET /_demo/requests``; returns its body."""
     raw_body = await request.read()
     request.app[_RECORDED].append(
         {
@@ -107,6 +111,18 @@ async def _answer(request: web.Request, api: str) -> web.StreamResponse:
             "body": raw_body.decode("utf-8", "replace"),
         }
     )
+    return raw_body
+
+
+async def not_served(request: web.Request) -> web.Response:
+    """Any other path: recorded (tests prove what reached the model on every forwarded path), then 404."""
+    await _record(request)
+    error = {"message": f"{request.method} {request.path} is not served", "type": "not_found"}
+    return web.json_response({"error": error}, status=404)
+
+
+async def _answer(request: web.Request, api: str) -> web.StreamResponse:
+    raw_body = await _record(request)
     try:
         body = json.loads(raw_body)
     except ValueError:
@@ -125,11 +141,12 @@ async def _answer(request: web.Request, api: str) -> web.StreamResponse:
         default = [] if "content-type" in named else [("content-type", script.content_type)]
         return web.Response(body=script.raw, headers=[*default, *script.headers])
     model = str(body.get("model") or MODELS[0])
-    answer = _API[api](script.content, model, f"{api}-{uuid.uuid4().hex[:24]}", int(time.time()))
-    if not body.get("stream"):
+    kind = _API[api]
+    answer = kind(script.content, model, f"{api}-{uuid.uuid4().hex[:24]}", int(time.time()))
+    if not body.get("stream", kind.streams_by_default):
         return web.json_response(answer.whole(), headers=list(script.headers))
     response = web.StreamResponse(
-        headers=[("content-type", "text/event-stream"), ("cache-control", "no-cache"), *script.headers]
+        headers=[("content-type", kind.stream_type), ("cache-control", "no-cache"), *script.headers]
     )
     await response.prepare(request)
     text = script.content
@@ -155,6 +172,8 @@ class _Answer(ABC):
     model: str
     id: str
     created: int
+    streams_by_default: ClassVar[bool] = False  # without "stream" in the request
+    stream_type: ClassVar[str] = "text/event-stream"
 
     @abstractmethod
     def whole(self) -> dict[str, Any]: ...
@@ -270,7 +289,47 @@ class _Messages(_Answer):
         yield event("message_stop")
 
 
+class _Ollama(_Answer):
+    """Ollama's native answers: one JSON object, or NDJSON lines whose last has ``"done": true``."""
+
+    streams_by_default = True
+    stream_type = "application/x-ndjson"
+
+    @abstractmethod
+    def _line(self, text: str, done: bool) -> dict[str, Any]:
+        """One line: the text of the answer it carries, and the closing fields on the last."""
+
+    def _head(self) -> dict[str, Any]:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created))
+        return {"model": self.model, "created_at": stamp}
+
+    @staticmethod
+    def _done() -> dict[str, Any]:
+        return {"done": True, "done_reason": "stop", "total_duration": 1, "eval_count": 1}
+
+    def whole(self) -> dict[str, Any]:
+        return self._line(self.text, True)
+
+    def events(self, pieces: list[str]) -> Iterator[bytes]:
+        for piece in pieces:
+            yield json.dumps(self._line(piece, False)).encode() + b"\n"
+        yield json.dumps(self._line("", True)).encode() + b"\n"
+
+
+class _OllamaChat(_Ollama):
+    def _line(self, text: str, done: bool) -> dict[str, Any]:
+        message = {"role": "assistant", "content": text}
+        return {**self._head(), "message": message, **(self._done() if done else {"done": False})}
+
+
+class _OllamaGenerate(_Ollama):
+    def _line(self, text: str, done: bool) -> dict[str, Any]:
+        return {**self._head(), "response": text, **(self._done() if done else {"done": False})}
+
+
 _API: dict[str, type[_Answer]] = {
+    "ollama_chat": _OllamaChat,
+    "ollama_generate": _OllamaGenerate,
     "chat": _Chat,
     "completion": _Completion,
     "responses": _Responses,
@@ -287,6 +346,15 @@ async def models(_request: web.Request) -> web.Response:
     )
 
 
+async def ollama_tags(_request: web.Request) -> web.Response:
+    found = [{"name": m, "model": m, "size": 0, "digest": "0" * 64, "details": {}} for m in MODELS]
+    return web.json_response({"models": found})
+
+
+async def ollama_version(_request: web.Request) -> web.Response:
+    return web.json_response({"version": "0.0.0-demo"})
+
+
 async def put_reply(request: web.Request) -> web.Response:
     payload = await request.json()
     reply_id = str(payload["id"])
@@ -301,12 +369,12 @@ async def get_requests(request: web.Request) -> web.Response:
 
 
 def _require_key(key_file: Path) -> Any:
-    """Like a hosted model API: /v1/ needs the server's own key (``authorization: Bearer`` or
+    """Like a hosted model API: every path of the API needs the server's own key (``authorization: Bearer`` or
     ``x-api-key``). The file is read on each request, so a rotated key takes effect at once."""
 
     @web.middleware
     async def check(request: web.Request, handler: Any) -> web.StreamResponse:
-        if request.path.startswith("/v1/"):
+        if not request.path.startswith("/_demo/"):
             key = (await asyncio.to_thread(key_file.read_text, encoding="utf-8")).strip()
             offered = str(request.headers.get("x-api-key") or request.headers.get("authorization") or "")
             if not hmac.compare_digest(offered.removeprefix("Bearer ").encode(), key.encode()):
@@ -328,8 +396,13 @@ def make_app(key_file: Path | None = None) -> web.Application:
     app.router.add_post("/v1/responses", _handler("responses"))
     app.router.add_post("/v1/messages", _handler("messages"))
     app.router.add_get("/v1/models", models)
+    app.router.add_post("/api/chat", _handler("ollama_chat"))
+    app.router.add_post("/api/generate", _handler("ollama_generate"))
+    app.router.add_get("/api/tags", ollama_tags)
+    app.router.add_get("/api/version", ollama_version)
     app.router.add_post("/_demo/replies", put_reply)
     app.router.add_get("/_demo/requests", get_requests)
+    app.router.add_route("*", "/{path:.*}", not_served)
     return app
 
 

@@ -1,0 +1,209 @@
+"""The model servers' native APIs through real Envoy 1.40, the extproc server and the demo model: an
+Ollama client's /api/chat and /api/generate, streamed (NDJSON) and not, masked both ways; paths outside
+routes.model refused; the caller's policy (models, output tokens) held on the native paths as on /v1/."""
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from extproc.devenv import Stack
+from extproc.identity.dev import mint_dev_token
+
+from .conftest import Demo, start_stack
+
+CARD = "4111 1111 1111 1111"
+CARD_MASKED = "**** **** **** 1111"
+EMAIL = "jane.doe@example.com"
+EMAIL_MASKED = "[REDACTED:EMAIL_ADDRESS]"
+PROMPT = f"my card is {CARD}, mail me at {EMAIL}"
+ANSWER = f"Your card {CARD} is on file for {EMAIL}."
+MASKED = f"Your card {CARD_MASKED} is on file for {EMAIL_MASKED}."
+
+
+@pytest.fixture(scope="module")
+def dev_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("dev-identity")
+
+
+@pytest.fixture(scope="module")
+def native(tmp_path_factory: pytest.TempPathFactory, dev_dir: Path) -> Iterator[Stack]:
+    running = start_stack(tmp_path_factory.mktemp("native") / "stack.log", dev_identity=dev_dir)
+    yield running
+    running.stop()
+
+
+def token(dev_dir: Path, *groups: str) -> str:
+    return mint_dev_token(dev_dir, "alice", list(groups), 600)
+
+
+def auth(dev_dir: Path, *groups: str, **headers: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {token(dev_dir, *groups)}", **headers}
+
+
+def chat_body(content: str = PROMPT, **extra: Any) -> dict[str, Any]:
+    return {"model": "demo-small", "messages": [{"role": "user", "content": content}], **extra}
+
+
+def generate_body(prompt: str = PROMPT, **extra: Any) -> dict[str, Any]:
+    return {"model": "demo-small", "prompt": prompt, **extra}
+
+
+def ndjson(stack: Stack, path: str, body: dict[str, Any], headers: dict[str, str]) -> list[dict[str, Any]]:
+    """The lines of a streamed answer, read as an Ollama client reads them: one JSON object per line."""
+    lines: list[dict[str, Any]] = []
+    with httpx.stream("POST", f"{stack.url}{path}", json=body, headers=headers, timeout=30) as answer:
+        assert answer.status_code == 200, answer.read()
+        assert answer.headers["content-type"].startswith("application/x-ndjson")
+        lines.extend(json.loads(line) for line in answer.iter_lines() if line.strip())
+    return lines
+
+
+def test_a_streamed_chat_is_masked_both_ways_also_split_across_lines(
+    native: Stack, dev_dir: Path, tag: str
+) -> None:
+    demo = Demo(native.demo_url)
+    reply = demo.script(content=ANSWER, chunk_chars=3)  # the card and the address span several lines
+    headers = auth(dev_dir, **{"x-demo-reply": reply, "x-test-tag": tag})
+    lines = ndjson(native, "/api/chat", chat_body(), headers)
+    assert "".join(line["message"]["content"] for line in lines) == MASKED
+    assert lines[-1]["done"] is True
+    assert all(line["done"] is False for line in lines[:-1])
+    [seen] = demo.received(tag)
+    prompt = json.loads(seen["body"])["messages"][0]["content"]
+    assert prompt == f"my card is {CARD_MASKED}, mail me at {EMAIL_MASKED}"
+    assert seen["path"] == "/api/chat"
+
+
+def test_a_streamed_generate_is_masked_both_ways(native: Stack, dev_dir: Path, tag: str) -> None:
+    demo = Demo(native.demo_url)
+    reply = demo.script(content=ANSWER, chunk_chars=2)
+    headers = auth(dev_dir, **{"x-demo-reply": reply, "x-test-tag": tag})
+    lines = ndjson(native, "/api/generate", generate_body(), headers)  # "stream" unset: Ollama streams
+    assert "".join(line["response"] for line in lines) == MASKED
+    assert lines[-1]["done"] is True
+    [seen] = demo.received(tag)
+    assert json.loads(seen["body"])["prompt"] == f"my card is {CARD_MASKED}, mail me at {EMAIL_MASKED}"
+
+
+def test_the_echoed_prompt_never_comes_back_whole(native: Stack, dev_dir: Path) -> None:
+    lines = ndjson(native, "/api/generate", generate_body(), auth(dev_dir))
+    text = "".join(line["response"] for line in lines)
+    assert text == f"You said: my card is {CARD_MASKED}, mail me at {EMAIL_MASKED}"
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "text"),
+    [
+        ("/api/chat", chat_body(stream=False), lambda a: a["message"]["content"]),
+        ("/api/generate", generate_body(stream=False), lambda a: a["response"]),
+    ],
+    ids=["chat", "generate"],
+)
+def test_an_answer_that_is_not_streamed_is_masked(
+    native: Stack, dev_dir: Path, tag: str, path: str, body: dict[str, Any], text: Any
+) -> None:
+    demo = Demo(native.demo_url)
+    reply = demo.script(content=ANSWER)
+    headers = auth(dev_dir, **{"x-demo-reply": reply, "x-test-tag": tag})
+    answer = httpx.post(f"{native.url}{path}", json=body, headers=headers, timeout=30)
+    assert answer.status_code == 200
+    assert answer.headers["content-type"].startswith("application/json")
+    document = answer.json()
+    assert (text(document), document["done"]) == (MASKED, True)
+    [seen] = demo.received(tag)
+    assert CARD not in seen["body"]
+    assert EMAIL not in seen["body"]
+
+
+def test_ollama_model_information_is_forwarded(native: Stack, dev_dir: Path) -> None:
+    answer = httpx.get(f"{native.url}/api/tags", headers=auth(dev_dir), timeout=30)
+    assert answer.status_code == 200
+    assert [m["name"] for m in answer.json()["models"]] == ["demo-small", "demo-large"]
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/api/pull", "/api/delete", "/api/chat/", "/v1/../api/pull", "/v1/%2e%2e/api/pull", "/generate/x", "/"],
+)
+def test_a_path_outside_the_configured_ones_is_refused(
+    native: Stack, dev_dir: Path, tag: str, path: str
+) -> None:
+    headers = auth(dev_dir, **{"x-test-tag": tag})
+    answer = httpx.post(f"{native.url}{path}", json=generate_body(), headers=headers, timeout=30)
+    assert answer.status_code == 404
+    assert answer.headers["content-type"] == "application/json"
+    assert answer.json()["error"] == "not_found"
+    assert answer.json()["message"] == "no such route"
+    assert Demo(native.demo_url).received(tag) == []
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [("/api/chat", chat_body(model="demo-large")), ("/api/generate", generate_body(model="demo-large"))],
+    ids=["chat", "generate"],
+)
+def test_a_model_the_policy_forbids_is_refused_on_the_native_path_as_on_v1(
+    native: Stack, dev_dir: Path, tag: str, path: str, body: dict[str, Any]
+) -> None:
+    fraud = auth(dev_dir, "fraud-investigators", **{"x-test-tag": tag})
+    for where, sent in ((path, body), ("/v1/chat/completions", chat_body(model="demo-large"))):
+        answer = httpx.post(f"{native.url}{where}", json=sent, headers=fraud, timeout=30)
+        assert (answer.status_code, answer.json()["error"]) == (403, "model_not_allowed"), where
+    assert Demo(native.demo_url).received(tag) == []
+    allowed = httpx.post(
+        f"{native.url}{path}", json={**body, "model": "demo-small"}, headers=fraud, timeout=30
+    )
+    assert allowed.status_code == 200
+    anyone = httpx.post(f"{native.url}{path}", json=body, headers=auth(dev_dir), timeout=30)
+    assert anyone.status_code == 200  # the default policy allows every model
+
+
+def test_a_body_without_a_model_is_refused_where_the_policy_allows_only_some(
+    native: Stack, dev_dir: Path, tag: str
+) -> None:
+    """TGI's and llama.cpp's native bodies name no model: the server's one model would answer."""
+    fraud = auth(dev_dir, "fraud-investigators", **{"x-test-tag": tag})
+    for path, body in (("/generate", {"inputs": "hi"}), ("/completion", {"prompt": "hi"})):
+        answer = httpx.post(f"{native.url}{path}", json=body, headers=fraud, timeout=30)
+        assert (answer.status_code, answer.json()["error"]) == (403, "model_not_allowed"), path
+    assert Demo(native.demo_url).received(tag) == []
+
+
+@pytest.mark.parametrize("path", ["/generate", "/generate_stream", "/completion"])
+def test_tgi_and_llama_cpp_paths_reach_the_model_scanned(
+    native: Stack, dev_dir: Path, tag: str, path: str
+) -> None:
+    body = {"inputs": PROMPT, "prompt": PROMPT}
+    answer = httpx.post(f"{native.url}{path}", json=body, headers=auth(dev_dir, **{"x-test-tag": tag}))
+    assert answer.status_code == 404  # the demo model serves neither: the model's own 404, not Envoy's
+    assert answer.text != '{"error":"not_found","message":"no such route"}\n'
+    [seen] = Demo(native.demo_url).received(tag)
+    assert seen["path"] == path
+    assert CARD not in seen["body"]
+    assert EMAIL not in seen["body"]
+
+
+def test_output_tokens_are_held_to_the_policy_in_ollamas_spelling(
+    native: Stack, dev_dir: Path, tag: str
+) -> None:
+    fraud = auth(dev_dir, "fraud-investigators")
+    greedy = generate_body(stream=False, options={"num_predict": 5000})
+    answer = httpx.post(f"{native.url}/api/generate", json=greedy, headers=fraud, timeout=30)
+    assert (answer.status_code, answer.json()["error"]) == (400, "max_tokens_too_large")
+    engineering = auth(dev_dir, "engineering", **{"x-test-tag": tag})
+    for asked in (-1, 100000, None):  # -1: no limit in Ollama; capped, not refused, for engineering
+        body = chat_body(stream=False, options={"num_predict": asked, "temperature": 0})
+        assert (
+            httpx.post(f"{native.url}/api/chat", json=body, headers=engineering, timeout=30).status_code
+            == 200
+        )
+    unset = chat_body(stream=False)
+    assert (
+        httpx.post(f"{native.url}/api/chat", json=unset, headers=engineering, timeout=30).status_code == 200
+    )
+    seen = [json.loads(r["body"])["options"] for r in Demo(native.demo_url).received(tag)]
+    assert seen == [{"num_predict": 8192, "temperature": 0}] * 3 + [{"num_predict": 8192}]
