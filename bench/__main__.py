@@ -1,7 +1,11 @@
-"""Benchmarks against baselines measured in the same run: scan, proxy overhead, streamed answers.
+"""Benchmarks against baselines measured in the same run: scan, exchange cost, proxy overhead, streamed
+answers, memory per stream.
 
 Parts (``--only`` picks one; all run by default):
   scan    the detection engine alone, against Python ``re`` and Presidio (see bench/scan.py)
+  exchange  what one exchange costs extproc's own code in-process, without gRPC's transport: CPU per
+          JSON exchange (with and without the session record) and per SSE event, and the profile's top
+          entries (see bench/exchange.py)
   proxy   latency and throughput of whole requests through three paths, all in front of the same demo
           model server:
             envoy    client -> Envoy (no ext_proc filter) -> demo model
@@ -13,8 +17,6 @@ Parts (``--only`` picks one; all run by default):
           checkpoints signed, fsync per batch), and extproc exporting spans and metrics, and Envoy its
           trace, to a local OTLP collector. The load comes from wrk (bench/load.py): per path and round
           a warm-up, a pass with one connection (latency) and one with ``--concurrency`` (throughput).
-  exchange  what one exchange costs extproc's own code in-process, without gRPC's transport: CPU per
-          exchange and the profile's top entries (see bench/exchange.py)
   stream  streamed (SSE) answers through the same three paths: time to first token, delay added per
           event, characters held back, unpaced events/s (see bench/stream.py)
   memory  resident memory of extproc serve per open streamed answer, at 1, 100 and 1,000 ext_proc

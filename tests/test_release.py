@@ -78,7 +78,7 @@ def scanners(monkeypatch: pytest.MonkeyPatch) -> list[StreamScanner]:
 
 def streamed_exchange() -> Exchange:
     ex = Exchange(SNAPSHOT, ProtocolConfig(BodyMode.BUFFERED, BodyMode.FULL_DUPLEX_STREAMED), "d-1")
-    ex.handle(Headers(REQ, (("content-type", "application/json"),), False))
+    ex.handle(Headers(REQ, ((":path", "/v1/chat/completions"), ("content-type", "application/json")), False))
     ex.handle(Body(REQ, CHAT, True))
     ex.handle(Headers(RESP, ((":status", "200"), ("content-type", "text/event-stream")), False))
     return ex
@@ -127,7 +127,7 @@ def test_an_answer_cut_mid_stream_releases_its_scanners_and_is_freed_without_the
 
 def test_the_request_headers_are_let_go_once_the_answer_starts(no_collector: None) -> None:
     ex = Exchange(SNAPSHOT, ProtocolConfig(BodyMode.BUFFERED, BodyMode.FULL_DUPLEX_STREAMED), "d-1")
-    items = [("content-type", "application/json"), ("x-request-id", "r-1")]
+    items = [(":path", "/v1/chat/completions"), ("content-type", "application/json"), ("x-request-id", "r-1")]
     ex.handle(Headers(REQ, tuple(items), False))
     ex.handle(Body(REQ, CHAT, True))
     kept = [obj for obj in gc.get_referents(*gc.get_referents(ex)) if isinstance(obj, Headers)]
@@ -139,7 +139,7 @@ def test_the_request_headers_are_let_go_once_the_answer_starts(no_collector: Non
 
 def test_a_request_processor_outliving_its_exchange_refuses_instead_of_passing(no_collector: None) -> None:
     ex = Exchange(SNAPSHOT, ProtocolConfig(BodyMode.BUFFERED, BodyMode.NONE), "d-1")
-    ex.handle(Headers(REQ, (("content-type", "application/json"),), False))
+    ex.handle(Headers(REQ, ((":path", "/v1/chat/completions"), ("content-type", "application/json")), False))
     processor = ex._dirs[REQ].processor
     del ex
     processor.feed(CHAT)
@@ -180,7 +180,11 @@ async def test_a_stream_envoy_resets_mid_answer_leaves_nothing_behind(
             call = pb_grpc.ExternalProcessorStub(channel).Process()
             await call.write(
                 pb.ProcessingRequest(
-                    request_headers=pb.HttpHeaders(headers=_headers(("content-type", "application/json"))),
+                    request_headers=pb.HttpHeaders(
+                        headers=_headers(
+                            (":path", "/v1/chat/completions"), ("content-type", "application/json")
+                        )
+                    ),
                     protocol_config=pb.ProtocolConfiguration(request_body_mode=2, response_body_mode=4),
                 )
             )
