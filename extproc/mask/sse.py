@@ -22,8 +22,10 @@ strings of an event are of three kinds:
   document that the client and the tool parse: they also feed a channel that reads them decoded
   (``\\u0040`` as ``@``, ``extproc.mask.escapes``), masked on the raw text, on whole escapes.
 - **Whole values**, known fields no receiver joins across events (ids, model, role, ``finish_reason``,
-  ``obfuscation``, usage, signatures, the full texts of ``.done`` and ``response.completed`` events,
-  ``message_start``'s message): each string masked whole, as in a JSON body.
+  ``obfuscation``, usage, signatures, ``message_start``'s message): each string masked whole, as in a
+  JSON body. A string of a Responses event that repeats, character for character, a text its deltas
+  streamed (``.done`` events, parts, items, ``response.completed``) goes out as the deltas were
+  released (``EventStream._repeats``); one that differs is masked whole.
 - **Everything else**: fields the dialect does not know, and every string of an event of no known dialect
   (TGI's ``token.text``, a plain-text ``data:``). They feed a channel per field path (list positions
   left out), across events, and one channel joining them all in arrival order, so a value split across
