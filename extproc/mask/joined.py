@@ -86,6 +86,9 @@ class HeldEvent:
         self.waiting = 0  # pieces not final yet
         self.sealed = False  # every piece has been added
         self.changed = False  # something in it was masked or rewritten
+        # Writes, as the event goes out, what only then is final (a text repeating a streamed one); each
+        # says whether it changed the event.
+        self.fills: list[Callable[[], bool]] = []
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,8 +22,10 @@ strings of an event are of three kinds:
   document that the client and the tool parse: they also feed a channel that reads them decoded
   (``\\u0040`` as ``@``, ``extproc.mask.escapes``), masked on the raw text, on whole escapes.
 - **Whole values**, known fields no receiver joins across events (ids, model, role, ``finish_reason``,
-  ``obfuscation``, usage, signatures, the full texts of ``.done`` and ``response.completed`` events,
-  ``message_start``'s message): each string masked whole, as in a JSON body.
+  ``obfuscation``, usage, signatures, ``message_start``'s message): each string masked whole, as in a
+  JSON body. A string of a Responses event that repeats, character for character, a text its deltas
+  streamed (``.done`` events, parts, items, ``response.completed``) goes out as the deltas were
+  released (``EventStream._repeats``); one that differs is masked whole.
 - **Everything else**: fields the dialect does not know, and every string of an event of no known dialect
   (TGI's ``token.text``, a plain-text ``data:``). They feed a channel per field path (list positions
   left out), across events, and one channel joining them all in arrival order, so a value split across
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from extproc.errors import ExtProcError, UpstreamError
@@ -82,6 +85,21 @@ _RESPONSES_DELTA_META = frozenset(
 )
 _ARGUMENTS_DELTA = "_arguments.delta"  # function_call_arguments, mcp_call_arguments: JSON text
 _POSITION = ("item_id", "output_index", "content_index", "summary_index")
+# The parts and items of the Responses API that repeat a streamed text whole, and the delta kind that
+# streamed it: a part by its ``type`` (and ``content_index`` or ``summary_index``), an item by its ``type``
+# (its ``id`` is the deltas' ``item_id``; its place in ``output`` their ``output_index``).
+_PART_TEXT = {
+    "output_text": ("response.output_text", "text"),
+    "refusal": ("response.refusal", "refusal"),
+    "reasoning_text": ("response.reasoning_text", "text"),
+    "summary_text": ("response.reasoning_summary_text", "text"),
+}
+_ITEM_TEXT = {
+    "function_call": ("response.function_call_arguments", "arguments"),
+    "mcp_call": ("response.mcp_call_arguments", "arguments"),
+    "custom_tool_call": ("response.custom_tool_call_input", "input"),
+    "code_interpreter_call": ("response.code_interpreter_call_code", "code"),
+}
 _ANTHROPIC_TYPES = frozenset(
     {
         "message_start",
@@ -124,6 +142,15 @@ def _key(value: Any) -> Hashable:
     return dump_json(value)
 
 
+@dataclass(eq=False)
+class _Streamed:
+    """A text the deltas carried, piece by piece: as the pieces came, and as each was released (None
+    until it is)."""
+
+    raw: list[str] = field(default_factory=list)
+    masked: list[str | None] = field(default_factory=list)
+
+
 class EventStream(SseEvents, EventFields):
     _json: JsonMasker
 
@@ -132,6 +159,7 @@ class EventStream(SseEvents, EventFields):
         too_many = UpstreamError(f"the answer opens more than {MAX_CHANNELS} texts")
         self._router = Router(inspector, too_many)
         self._json = JsonMasker(inspector, self._found)
+        self._streamed: dict[Hashable, _Streamed] = {}  # the texts a later event may repeat, by text
 
     @property
     def findings(self) -> list[Finding]:
@@ -180,7 +208,7 @@ class EventStream(SseEvents, EventFields):
             return
         document, masked = self._json.keys_and_numbers(document)  # no scanner reads keys and numbers
         root = [document]
-        held = self._router.event(lambda h: self.render(event, dump_json(root[0]) if h.changed else None))
+        held = self._router.event(lambda h: self.render(event, dump_json(root[0]) if _filled(h) else None))
         held.changed = masked
         kind = document.get("type") if isinstance(document, dict) else None
         if isinstance(document, list):
@@ -198,24 +226,46 @@ class EventStream(SseEvents, EventFields):
     # -- the three kinds of strings --------------------------------------------------------------------
 
     def _text(
-        self, held: HeldEvent, node: Any, key: Any, text: tuple[Any, ...], json_text: bool = False
+        self,
+        held: HeldEvent,
+        node: Any,
+        key: Any,
+        text: tuple[Any, ...],
+        json_text: bool = False,
+        repeated: bool = False,
     ) -> None:
         """A text delta (or a text field of an unexpected shape) of the text ``text``. ``json_text``: the
-        text is a JSON document (tool-call arguments), also read decoded, as its receiver parses it."""
+        text is a JSON document (tool-call arguments), also read decoded, as its receiver parses it.
+        ``repeated``: the dialect repeats the whole text in a later event (``_repeats``), so the pieces
+        are remembered as they came and as they are released."""
         value = node[key]
         if isinstance(value, str):
             channel = ("text", *text)
             channels = (channel, JsonText(channel), ANSWER) if json_text else (channel, ANSWER)
-            self._router.piece(held, value, lambda final: node.__setitem__(key, final), channels)
+            if not (repeated and value):
+                self._router.piece(held, value, lambda final: node.__setitem__(key, final), channels)
+                return
+            streamed = self._streamed.get(text)
+            if streamed is None:
+                streamed = self._streamed[text] = _Streamed()
+            number = len(streamed.raw)
+            streamed.raw.append(value)
+            streamed.masked.append(None)
+
+            def write(final: str) -> None:
+                node[key] = final
+                streamed.masked[number] = final
+
+            self._router.piece(held, value, write, channels)
         elif isinstance(value, dict):
             for inner in list(value):
                 if inner in _PART_META:
                     self._whole(held, value, inner)
                 else:
-                    self._text(held, value, inner, text)
+                    self._text(held, value, inner, text, repeated=repeated)
         elif isinstance(value, list):
             for position in range(len(value)):
-                self._text(held, value, position, text)
+                self._text(held, value, position, text, repeated=repeated)
 
     # -- OpenAI chat completions and completions --------------------------------------------------------
 
@@ -296,17 +346,37 @@ class EventStream(SseEvents, EventFields):
     def _responses(self, held: HeldEvent, chunk: dict[str, Any], kind: str) -> None:
         held.changed |= _empty_logprobs(chunk)
         if not kind.endswith(".delta") or kind in _RESPONSES_BINARY:
+            self._repeats(held, chunk, kind)
             for key in list(chunk):  # whole values: full texts, items, the response
                 self._whole(held, chunk, key)
             return
         text = ("responses", kind.removesuffix(".delta"), *(_key(chunk.get(f)) for f in _POSITION))
         for key in list(chunk):
             if key == "delta":
-                self._text(held, chunk, key, text, json_text=kind.endswith(_ARGUMENTS_DELTA))
+                json_text = kind.endswith(_ARGUMENTS_DELTA)
+                self._text(held, chunk, key, text, json_text=json_text, repeated=True)
             elif key in _RESPONSES_DELTA_META or key == "logprobs":
                 self._whole(held, chunk, key)
             else:
                 self._residual(held, chunk, key, (kind, key))
+
+    def _repeats(self, held: HeldEvent, chunk: dict[str, Any], kind: str) -> None:
+        """The strings of ``chunk`` that repeat, whole and as they came, a text its deltas streamed (a
+        ``.done`` event's text, a part, an item, ``response.completed``'s output) go out as the deltas
+        were released, so a client never reads two versions of one text. Such a string holds nothing
+        the deltas did not, all of which was scanned on the stream; it is left out of the whole-value
+        masking (emptied), and written in as the event goes out, once every piece is final. A string
+        that differs from what the deltas carried, even by one character, is masked whole as any other
+        value: an upstream cannot use a final text to say something its deltas did not."""
+        for path, text in _final_texts(chunk, kind):
+            streamed = self._streamed.get(text)
+            if streamed is None:
+                continue
+            value = _at(chunk, path)
+            if not isinstance(value, str) or value != "".join(streamed.raw):
+                continue
+            _at(chunk, path[:-1])[path[-1]] = ""
+            held.fills.append(_fill(chunk, path, streamed, len(streamed.raw), value))
 
     # -- Anthropic messages ----------------------------------------------------------------------------
 
@@ -350,6 +420,94 @@ class EventStream(SseEvents, EventFields):
                 self._text(held, delta, key, ("anthropic", index, _key(kind)))
             else:
                 self._residual(held, delta, key, ("content_block_delta", key))
+
+
+def _filled(held: HeldEvent) -> bool:
+    """Writes in what ``held`` waited for (``HeldEvent.fills``); whether the event changed."""
+    for fill in held.fills:
+        held.changed |= fill()
+    held.fills.clear()
+    return held.changed
+
+
+def _fill(
+    chunk: dict[str, Any], path: tuple[Any, ...], streamed: _Streamed, count: int, value: str
+) -> Callable[[], bool]:
+    """Writes at ``path`` the first ``count`` pieces of ``streamed`` as they were released."""
+
+    def fill() -> bool:
+        pieces = streamed.masked[:count]
+        if any(piece is None for piece in pieces):  # cannot be: the deltas' events went out first
+            raise UpstreamError("a final text of the answer is ready before the deltas it repeats")
+        final = "".join(piece for piece in pieces if piece is not None)
+        _at(chunk, path[:-1])[path[-1]] = final
+        return final != value
+
+    return fill
+
+
+def _at(node: Any, path: tuple[Any, ...]) -> Any:
+    """The value at ``path`` (keys and list positions) under ``node``."""
+    for step in path:
+        node = node[step]
+    return node
+
+
+def _final_texts(chunk: dict[str, Any], kind: str) -> list[tuple[tuple[Any, ...], tuple[Any, ...]]]:
+    """Where a Responses-API event that is not a delta may repeat a streamed text whole: the path of each
+    string, and the text (as ``EventStream._responses`` names the deltas' text) it would repeat."""
+    found: list[tuple[tuple[Any, ...], tuple[Any, ...]]] = []
+    if kind.endswith(".done"):  # response.output_text.done's text, *_arguments.done's arguments, ...
+        text = ("responses", kind.removesuffix(".done"), *(_key(chunk.get(f)) for f in _POSITION))
+        found += [
+            ((key,), text)
+            for key, value in chunk.items()
+            if isinstance(value, str) and key not in _RESPONSES_DELTA_META
+        ]
+    part = chunk.get("part")
+    if isinstance(part, dict):
+        position = tuple(chunk.get(f) for f in _POSITION)
+        found += _part_text(part, ("part",), *position)
+    item = chunk.get("item")
+    if isinstance(item, dict):
+        found += _item_texts(item, ("item",), chunk.get("output_index"))
+    response = chunk.get("response")
+    output = response.get("output") if isinstance(response, dict) else None
+    if isinstance(output, list):
+        for number, entry in enumerate(output):
+            if isinstance(entry, dict):
+                found += _item_texts(entry, ("response", "output", number), number)
+    return found
+
+
+def _part_text(
+    part: dict[str, Any], path: tuple[Any, ...], item: Any, output: Any, content: Any, summary: Any
+) -> list[tuple[tuple[Any, ...], tuple[Any, ...]]]:
+    kind = part.get("type")
+    spec = _PART_TEXT.get(kind) if isinstance(kind, str) else None
+    if spec is None:
+        return []
+    delta, key = spec
+    return [((*path, key), ("responses", delta, *(_key(v) for v in (item, output, content, summary))))]
+
+
+def _item_texts(
+    item: dict[str, Any], path: tuple[Any, ...], output: Any
+) -> list[tuple[tuple[Any, ...], tuple[Any, ...]]]:
+    found: list[tuple[tuple[Any, ...], tuple[Any, ...]]] = []
+    kind = item.get("type")
+    spec = _ITEM_TEXT.get(kind) if isinstance(kind, str) else None
+    if spec is not None:
+        delta, key = spec
+        found.append(((*path, key), ("responses", delta, _key(item.get("id")), _key(output), None, None)))
+    for key, summary in (("content", False), ("summary", True)):
+        parts = item.get(key)
+        if isinstance(parts, list):
+            for number, part in enumerate(parts):
+                if isinstance(part, dict):
+                    index = (None, number) if summary else (number, None)
+                    found += _part_text(part, (*path, key, number), item.get("id"), output, *index)
+    return found
 
 
 def _empty_logprobs(node: Any) -> bool:
