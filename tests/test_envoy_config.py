@@ -264,3 +264,23 @@ def test_rendering_writes_one_route_per_model_path_before_the_404(tmp_path: Path
             base, listen_port=1, admin_port=2, extproc_port=3, upstream=Upstream("127.0.0.1", 4),
             model_paths=["/v1/../api/"],
         )  # fmt: skip
+
+
+def _thresholds(cluster: dict[str, Any]) -> dict[str, int]:
+    """The cluster's DEFAULT-priority circuit breaker, with Envoy's defaults for what it does not set."""
+    limits = {"max_connections": 1024, "max_pending_requests": 1024, "max_requests": 1024}
+    for threshold in cluster.get("circuit_breakers", {}).get("thresholds", []):
+        if threshold.get("priority", "DEFAULT") == "DEFAULT":
+            limits.update({k: int(v) for k, v in threshold.items() if k in limits})
+    return limits
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_request_the_model_admits_can_get_an_ext_proc_stream(path: Path) -> None:
+    """A request holds its ext_proc stream as long as it lasts: with Envoy's default of 1,024 concurrent
+    requests on the extproc cluster, a busy pod would fail requests the model still had room for."""
+    clusters = {c["name"]: c for c in yaml.safe_load(path.read_text())["static_resources"]["clusters"]}
+    model, extproc = _thresholds(clusters["model"]), _thresholds(clusters["extproc"])
+    admitted = model["max_connections"] + model["max_pending_requests"]
+    assert extproc["max_requests"] >= admitted
+    assert extproc["max_pending_requests"] >= admitted
