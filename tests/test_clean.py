@@ -214,3 +214,22 @@ def test_json_with_escapes_repeated_in_a_document_is_masked_every_time() -> None
     processor.feed(json.dumps(document).encode())
     masked = json.loads(processor.finish())
     assert [m["content"] for m in masked["messages"]] == ['{"to":"[REDACTED:EMAIL_ADDRESS]"}'] * 3
+
+
+def test_a_long_header_value_is_scanned_alone_not_in_the_one_pass() -> None:
+    """Every position of a base64 run is a call into Python in the pass: a long value (a token, a
+    cookie) would cost more there than its own scan, which stops at the first run."""
+    inspector, scanned = _counting(INSPECTOR)
+    passed: list[list[str]] = []
+    real = inspector.detector.clean
+
+    def clean(texts: list[str]) -> list[bool]:
+        passed.append(list(texts))
+        return real(texts)
+
+    inspector.detector.clean = clean  # type: ignore[method-assign]
+    blob = base64.b64encode(b"x" * 3000).decode()
+    headers = [("content-type", "application/json"), ("x-blob", blob)]
+    scan_headers(headers, inspector.detector, inspector.masker, _MaskAll())
+    assert all(blob not in texts for texts in passed)
+    assert blob in scanned

@@ -440,7 +440,8 @@ class Detector:
         has alone is a candidate of the joined text (MULTILINE anchors and ``\\b`` read the newline as
         the string's edge), so ``True`` is never wrong; a candidate across the newline only costs the
         string a full scan. Rules Hyperscan does not run (Python-only, hashed lists) or that anchor at
-        the buffer's ends make every string unclean."""
+        the buffer's ends make every string unclean. Meant for short strings: every position of a
+        base64 run is a call into Python here, where a scan alone stops at the first."""
         if not texts:
             return []
         if not self._batchable or self._hashed:

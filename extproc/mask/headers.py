@@ -191,13 +191,18 @@ def scan_headers(
     return scan
 
 
+_BATCH_MAX_CHARS = 256  # longer header values (tokens, cookies) are scanned alone, never batched
+
+
 class _Reader:
     """``Detector.scan`` for the texts of one set of headers, skipping those one pass over all of them
-    found clean (``Detector.clean``): most header values hold nothing."""
+    found clean (``Detector.clean``): most header values hold nothing. Only short texts go into the
+    pass: it hears every position of a base64 run, which for a long value costs more than its scan."""
 
     def __init__(self, detector: Detector, texts: list[str]) -> None:
         self._detector = detector
-        self._clean = {text for text, clean in zip(texts, detector.clean(texts), strict=True) if clean}
+        short = [text for text in texts if len(text) <= _BATCH_MAX_CHARS]
+        self._clean = {text for text, clean in zip(short, detector.clean(short), strict=True) if clean}
 
     def scan(self, text: str) -> list[Finding]:
         return [] if text in self._clean else self._detector.scan(text)
