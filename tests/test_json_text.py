@@ -159,3 +159,23 @@ def test_a_value_found_both_as_written_and_decoded_is_counted_once() -> None:
         "card": "[REDACTED:CREDIT_CARD]",
     }
     assert sorted(f.entity for f in processor.findings) == ["CREDIT_CARD", "EMAIL_ADDRESS"]
+
+
+# A match read on the text as written may take in an escape's hex digits ("\u00e9 4111111111111112" reads
+# as the card 9 4111 1111 1111 1112): it is masked from the escape's end, and the escape stays whole.
+BESIDE_ESCAPES = (
+    json.dumps({"note": "caf\u00e9 4111111111111112"}),
+    '{"note": "4111 1111 1111 111\\u0031 and \\u00e9"}',
+    '{"note": "\\\\' + "4111 1111 1111 1111" + '\\n"}',
+)
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.sampled_from(BESIDE_ESCAPES), st.lists(st.integers(min_value=0, max_value=7), max_size=40))
+def test_a_match_read_as_written_never_cuts_an_escape(arguments: str, pieces: list[int]) -> None:
+    out = feed(chat_tool_call(cut(arguments, pieces)), [])
+    text = chat_arguments(out)
+    note = json.loads(text)["note"]  # still parses, every escape whole
+    assert "4111111111111111" not in text.replace(" ", "")
+    assert "\\u00e9" in text or "\\u00e9" not in arguments
+    assert "4111111111111111" not in note.replace(" ", "")

@@ -43,6 +43,8 @@ class JsonTextView:
         self._pending = ""  # raw text not decoded yet: a cut escape
         self.decoded = 0  # view characters produced
         self.raw = 0  # raw characters decoded (not counting the pending ones)
+        # Raw spans ``[start, end)`` of the escapes decoded since the caller last emptied the list.
+        self.escapes: list[tuple[int, int]] = []
 
     @property
     def held(self) -> int:
@@ -104,6 +106,7 @@ class JsonTextView:
                         break
                 char = chr(code)
             self._offsets.add(self.decoded, self.raw)
+            self.escapes.append((self.raw, self.raw + end - slash))
             self.decoded += 1
             self.raw += end - slash
             self._offsets.add(self.decoded, self.raw)

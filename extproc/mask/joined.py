@@ -49,6 +49,9 @@ class Piece:
     serial: int
     waiting: int = 0  # channels that have not released all of it yet
     marks: list[tuple[int, int, str]] = field(default_factory=list)
+    # Of a JSON text: the offsets (0 to its length) that fall inside an escape, where no mark may begin
+    # or end, or half an escape would be left behind.
+    inside: set[int] | None = None
 
     def final(self) -> str:
         """The text with every finding that lands in it masked; overlapping marks merge, keeping the first
@@ -148,7 +151,11 @@ class _Channel:
 
 
 class _JsonTextChannel(_Channel):
-    """The scanner reads the decoded view of the pieces; findings are mapped back to raw offsets."""
+    """The scanner reads the decoded view of the pieces; findings are mapped back to raw offsets.
+
+    The pieces are decoded as they are added, and each learns where its escapes are (``Piece.inside``):
+    the other channels it feeds read it as written, and a finding of theirs must not cut an escape
+    (``_off_escapes``)."""
 
     escape = True
 
@@ -156,17 +163,39 @@ class _JsonTextChannel(_Channel):
         super().__init__(scanner)
         self.view = JsonTextView()
 
+    def add(self, text: str) -> None:
+        self.pending.append(self.view.feed(text))
+        self.fed += len(text)
+        self._mark(self.fed - self.view.held)
+
     def flush(self) -> tuple[int, list[tuple[Finding, str]]]:
         text = "".join(self.pending)
         self.pending.clear()
-        return self._mapped(*self.scanner.feed(self.view.feed(text)))
+        return self._mapped(*self.scanner.feed(text))
 
     def finish(self) -> tuple[int, list[tuple[Finding, str]]]:
         fed = self.flush()
         rest = self.scanner.feed(self.view.finish())
+        self._mark(self.fed)
         end = self.scanner.finish()
         limit, found = self._mapped(rest[0] + end[0], rest[1] + end[1])
         return limit, fed[1] + found
+
+    def _mark(self, decoded: int) -> None:
+        """Tells the pieces where the escapes just decoded lie, and where the cut one after ``decoded``,
+        not decoded yet, lies so far."""
+        spans = self.view.escapes
+        if decoded < self.fed:
+            spans.append((decoded, self.fed + 1))
+        for start, end in spans:
+            for offset, piece in reversed(self.log):
+                stop = offset + len(piece.text)
+                if stop <= start:
+                    break
+                if piece.inside is None:
+                    piece.inside = set()
+                piece.inside.update(range(max(start + 1, offset) - offset, min(end - 1, stop) - offset + 1))
+        spans.clear()
 
     def _mapped(self, text: str, findings: list[Finding]) -> tuple[int, list[tuple[Finding, str]]]:
         view = self.view
@@ -312,6 +341,10 @@ class Router:
             end = offset + len(piece.text)
             if end > finding.start:
                 spans.append((piece, max(finding.start, offset) - offset, min(finding.end, end) - offset))
+        if not channel.escape:
+            spans = _off_escapes(spans)
+            if not spans:
+                return  # wholly inside escapes: no reader reads it so, and the decoded view is read
         # A value another channel landed here already is counted and decided once, unless this channel
         # found it by a rule that one did not (a keyword only the joined text holds): a policy acting on
         # that rule must hear of it.
@@ -338,6 +371,35 @@ class Router:
         while self._queue and self._queue[0].sealed and self._queue[0].waiting == 0:
             ready.append(self._queue.popleft())
         return ready
+
+
+def _off_escapes(spans: list[tuple[Piece, int, int]]) -> list[tuple[Piece, int, int]]:
+    """A finding read on a JSON text as written, narrowed to begin and end between escapes. The text is
+    also read decoded, where every character an escape stands for is found whole; here, a match that
+    takes in the last hex digit of ``\\u00e9`` would otherwise be masked with the first five left behind,
+    and the text would no longer parse."""
+    if not any(piece.inside for piece, _, _ in spans):
+        return spans
+    spans = list(spans)
+    while spans:
+        piece, start, end = spans[0]
+        inside = piece.inside or set()
+        while start < end and start in inside:
+            start += 1
+        if start < end:
+            spans[0] = (piece, start, end)
+            break
+        spans.pop(0)
+    while spans:
+        piece, start, end = spans[-1]
+        inside = piece.inside or set()
+        while end > start and end in inside:
+            end -= 1
+        if end > start:
+            spans[-1] = (piece, start, end)
+            break
+        spans.pop()
+    return spans
 
 
 class _Values(Protocol):
