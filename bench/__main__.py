@@ -32,12 +32,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import urllib.request
@@ -100,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--exchange-seconds", type=float, default=5.0, help="exchange: seconds of exchanges (default 5)"
     )
+    parser.add_argument(
+        "--scan-against",
+        metavar="REV",
+        help="scan: also time the rule pack of a git revision (or a rules folder), interleaved with today's",
+    )
     parser.add_argument("--only", choices=PARTS, help="run one of the benchmarks")
     streamed = parser.add_argument_group("stream", "the streamed-answer benchmark (--only stream)")
     streamed.add_argument("--stream-runs", type=int, default=5, help="runs per answer and path (default 5)")
@@ -135,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     wanted = [part for part in PARTS if args.only in (None, part)]
     status = 0
     if "scan" in wanted:
-        scan_report = {**header, **scan.run(rounds=args.scan_rounds)}
+        with tempfile.TemporaryDirectory(prefix="bench-rules-") as folder:
+            against = _rules_at(args.scan_against, Path(folder)) if args.scan_against else None
+            scan_report = {**header, **scan.run(rounds=args.scan_rounds, against=against)}
         _write(out, "scan", stamp, scan_report, scan.markdown(scan_report))
     if "exchange" in wanted:
         measured = exchange.run(args.exchange_seconds, PROMPT, (CARD, EMAIL), stream.answers()[1].content)
@@ -166,6 +176,25 @@ def _write(out: Path, name: str, stamp: str, report: dict[str, Any], markdown: s
         (out / f"{label}.md").write_text(markdown)
     print(markdown)
     print(f"written to {out / (name + '-' + stamp + '.json')}")
+
+
+def _rules_at(revision: str, folder: Path) -> tuple[str, Path]:
+    """The rules folder ``revision`` names: a folder as it is, or ``rules/`` of a git revision written out
+    under ``folder``."""
+    given = Path(revision)
+    if given.is_dir():
+        return str(given), given
+    root = Path(__file__).resolve().parent.parent
+    archive = subprocess.run(
+        ["git", "-C", str(root), "archive", "--format=tar", revision, "rules"],
+        capture_output=True,
+        check=False,
+    )
+    if archive.returncode != 0:
+        raise SystemExit(f"--scan-against {revision}: {archive.stderr.decode().strip()}")
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(folder, filter="data")
+    return revision, folder / "rules"
 
 
 def _machine() -> dict[str, Any]:

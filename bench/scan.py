@@ -11,6 +11,9 @@ Messages are 2 KiB of chat-like text with a few planted values; the "mixed" ones
 other scripts, no-break spaces and planted values written with other digits and invisible characters,
 so their view differs from the text (the costly case of normalisation). Also measured: an exact-match list of
 100,000 values (literal and hashed): compile time and throughput.
+
+With ``--scan-against REV`` (a git revision or a rules folder), the pack as it was there is timed on the
+same messages, round for round interleaved with today's, so a change to the pack is read as a ratio.
 """
 
 from __future__ import annotations
@@ -139,6 +142,36 @@ def _time(function: Callable[[str], object], texts: list[str], rounds: int) -> d
     }
 
 
+def _interleaved(
+    functions: dict[str, Callable[[str], object]], texts: list[str], rounds: int
+) -> dict[str, dict[str, float]]:
+    """``_time`` for several functions, taking turns round by round: a machine that slows down for a while
+    slows them all."""
+    for function in functions.values():
+        for text in texts[:20]:
+            function(text)  # warm-up
+    latencies: dict[str, list[float]] = {name: [] for name in functions}
+    elapsed = dict.fromkeys(functions, 0.0)
+    for _ in range(rounds):
+        for name, function in functions.items():
+            began = time.perf_counter()
+            for text in texts:
+                started = time.perf_counter()
+                function(text)
+                latencies[name].append(time.perf_counter() - started)
+            elapsed[name] += time.perf_counter() - began
+    total = sum(len(text) for text in texts) * rounds
+    out = {}
+    for name, times in latencies.items():
+        times.sort()
+        out[name] = {
+            "mb_per_s": total / elapsed[name] / 1e6,
+            "p50_us": statistics.median(times) * 1e6,
+            "p99_us": times[int(0.99 * (len(times) - 1))] * 1e6,
+        }
+    return out
+
+
 def _stream(inspector: Inspector) -> Callable[[str], object]:
     def run(text: str) -> None:
         scanner = inspector.detector.stream()
@@ -222,7 +255,8 @@ def exact_lists(texts: list[str], entries: int = 100_000) -> dict[str, Any]:
     return result
 
 
-def run(rounds: int = 3, count: int = 300) -> dict[str, Any]:
+def run(rounds: int = 3, count: int = 300, against: tuple[str, Path] | None = None) -> dict[str, Any]:
+    """``against``: a label and a rules folder, timed beside today's pack (``--scan-against``)."""
     texts = messages(count)
     began = time.perf_counter()
     inspector = Inspector.build(load_rules([ROOT / "rules"]), hash_key=b"bench-hash-key-0123456789")
@@ -246,7 +280,16 @@ def run(rounds: int = 3, count: int = 300) -> dict[str, Any]:
         "engine (stream, 16-char pieces), mixed text": _stream(inspector),
     }
     results.update({name: _time(fn, mixed, rounds) for name, fn in mixed_paths.items()})
+    compared: dict[str, Any] | None = None
+    if against is not None:
+        label, folder = against
+        other = Inspector.build(load_rules([folder]), hash_key=b"bench-hash-key-0123456789")
+        compared = {"label": label, "rules": len(other.detector.rules)}
+        for kind, corpus in (("messages", texts), ("mixed text", mixed)):
+            pair = {"today": inspector.detector.scan, label: other.detector.scan}
+            compared[kind] = _interleaved(pair, corpus, max(rounds, 5))
     return {
+        "compared": compared,
         "rules": len(inspector.detector.rules),
         "compile_s": compile_s,
         "message_bytes": MESSAGE_BYTES,
@@ -271,6 +314,23 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {name} | {result['mb_per_s']:.1f} | {result['p50_us']:.0f} | {result['p99_us']:.0f} "
             f"| {result['p50_us'] / base['p50_us']:.1f}x |"
         )
+    compared = report.get("compared")
+    if compared:
+        label = compared["label"]
+        lines += [
+            "",
+            f"Today's pack ({report['rules']} rules) against the pack at {label} "
+            f"({compared['rules']} rules), block mode, interleaved:",
+            "",
+            f"| messages | MB/s today | MB/s at {label} | today / {label} |",
+            "|---|---:|---:|---:|",
+        ]
+        for kind in ("messages", "mixed text"):
+            today, then = compared[kind]["today"], compared[kind][label]
+            lines.append(
+                f"| {kind} | {today['mb_per_s']:.1f} | {then['mb_per_s']:.1f} "
+                f"| {today['mb_per_s'] / then['mb_per_s']:.2f}x |"
+            )
     exact = report["exact_lists"]
     lines += [
         "",
