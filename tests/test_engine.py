@@ -349,3 +349,69 @@ def test_a_forked_scanner_goes_on_as_one_fed_the_same_text_from_the_start(
     expected.append(out(whole.finish()))
     got.append(out(twin.finish()))
     assert got == expected
+
+
+# -- the pack-wide allow-list ----------------------------------------------------------------------------
+
+ALLOW = """\
+allow:
+- value: thing777
+  reason: the documentation's example thing
+- value: xx-thing555-yy
+  reason: an example that holds a thing
+"""
+
+
+def test_an_allowed_value_is_dropped_by_every_rule_of_the_pack(tmp_path: Path) -> None:
+    write(tmp_path, RULE, "a.yaml")
+    write(tmp_path, RULE.replace("ok-rule", "other-rule").replace("THING", "OTHER"), "b.yaml")
+    write(tmp_path, ALLOW, "allow.yaml")
+    pack = load_rules([tmp_path])
+    assert [a.value for a in pack.allowed] == ["thing777", "xx-thing555-yy"]
+    found = Detector(pack, edm_key=EDM_KEY)
+    assert found.scan("see thing777 here") == []
+    # Inside an allowed value in the text (a rule matching part of a published token): dropped too.
+    assert found.scan("token xx-thing555-yy") == []
+    text = "thing778 and thing555 alone"
+    assert sorted((f.rule_id, text[f.start : f.end]) for f in found.scan(text)) == [
+        ("ok-rule", "thing555"),
+        ("ok-rule", "thing778"),
+        ("other-rule", "thing555"),
+        ("other-rule", "thing778"),
+    ]
+    # A stream drops the allowed value cut across pieces, and reports the value beside it.
+    stream = found.stream()
+    pieces = [stream.feed("a thing7"), stream.feed("77 and thing778"), stream.finish()]
+    released = "".join(text for text, _ in pieces)
+    assert released == "a thing777 and thing778"
+    assert sorted((f.rule_id, released[f.start : f.end]) for _, fs in pieces for f in fs) == [
+        ("ok-rule", "thing778"),
+        ("other-rule", "thing778"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("allow:\n- value: thing777\n", r"allow\.yaml:2: allow: reason: Field required"),
+        (
+            "allow:\n- value: ''\n  reason: empty\n",
+            r"allow\.yaml:2: allow: value: String should have at least",
+        ),
+        ("allow:\n- value: a\n  reason: r\n  colour: red\n", r"allow\.yaml:2: allow: colour: Extra inputs"),
+        (
+            ALLOW + "- value: thing777\n  reason: again\n",
+            r"allow\.yaml:6: allow: value allowed twice, first at .*:2",
+        ),
+        (
+            "allow: thing777\n",
+            r"allow\.yaml:1: a rule file is a mapping with a `rules:` list, an `allow:` list",
+        ),
+        ("other: []\n", r"allow\.yaml:1: a rule file is a mapping with a `rules:` list, an `allow:` list"),
+    ],
+)
+def test_a_bad_allow_entry_names_its_file_and_line(tmp_path: Path, body: str, message: str) -> None:
+    write(tmp_path, RULE, "a.yaml")
+    write(tmp_path, body, "allow.yaml")
+    with pytest.raises(RuleError, match=message):
+        load_rules([tmp_path])

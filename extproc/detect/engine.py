@@ -659,11 +659,23 @@ class Detector:
             return False
         if any(allowed.search(value) for allowed in loaded.allow):
             return False
+        if loaded.examples and _inside_example(text, start, end, loaded.examples):
+            return False
         found.add(Finding(rule.id, rule.entity, start, end))
         return True
 
     def stream(self) -> StreamScanner:
         return StreamScanner(self)
+
+
+def _inside_example(text: str, start: int, end: int, examples: tuple[str, ...]) -> bool:
+    """Whether ``text[start:end]`` lies inside an occurrence of one of the pack's allowed values (a rule
+    that matches only part of a published example token reports that part)."""
+    for example in examples:
+        size = len(example)
+        if size >= end - start and text.find(example, max(0, end - size), start + size) != -1:
+            return True
+    return False
 
 
 def _compile(

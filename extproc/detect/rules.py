@@ -6,6 +6,7 @@ line of the rule and its id; all problems of all files are reported together.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import re
 from collections.abc import Iterable, Sequence
@@ -107,6 +108,8 @@ class LoadedRule:
     allow: tuple[re.Pattern[str], ...]
     token: re.Pattern[str] | None
     anchor: str = ""  # the literal every match starts with (lower case for case-insensitive rules)
+    # The pack-wide allowed values: a finding lying inside one of them in the text is dropped.
+    examples: tuple[str, ...] = ()
 
     @property
     def id(self) -> str:
@@ -117,10 +120,19 @@ class LoadedRule:
         return f"{self.path}:{self.line}: rule {self.rule.id!r}"
 
 
+class Allowed(_Model):
+    """A value no rule of the pack reports: a provider's published example or test value (``value``), and
+    why it is harmless (``reason``)."""
+
+    value: str = Field(min_length=1, max_length=1024)
+    reason: str = Field(min_length=1)
+
+
 @dataclass(frozen=True)
 class RuleSet:
     rules: tuple[LoadedRule, ...]
     sources: tuple[Path, ...]
+    allowed: tuple[Allowed, ...] = ()
 
 
 class RuleError(Exception):
@@ -187,39 +199,67 @@ def load_rules(paths: Iterable[str | Path], max_match_chars: int = DEFAULT_MAX_M
     problems: list[str] = []
     loaded: list[LoadedRule] = []
     seen: dict[str, str] = {}
+    allowed: dict[str, tuple[Allowed, str]] = {}
     if not files:
         raise RuleError(["no rule files found in " + ", ".join(str(p) for p in paths)])
     for path in files:
-        for item in _load_file(path, max_match_chars, problems):
+        rules, values = _load_file(path, max_match_chars, problems)
+        for item in rules:
             if item.id in seen:
                 problems.append(f"{item.where}: duplicate id, first defined at {seen[item.id]}")
                 continue
             seen[item.id] = f"{item.path}:{item.line}"
             loaded.append(item)
+        for value, where in values:
+            if value.value in allowed:
+                problems.append(f"{where}: value allowed twice, first at {allowed[value.value][1]}")
+                continue
+            allowed[value.value] = (value, where)
     if problems:
         raise RuleError(problems)
-    return RuleSet(rules=tuple(loaded), sources=tuple(files))
+    if allowed:
+        examples = tuple(allowed)
+        loaded = [dataclasses.replace(item, examples=examples) for item in loaded]
+    return RuleSet(rules=tuple(loaded), sources=tuple(files), allowed=tuple(a for a, _ in allowed.values()))
 
 
-def _load_file(path: Path, max_match_chars: int, problems: list[str]) -> list[LoadedRule]:
+def _load_file(
+    path: Path, max_match_chars: int, problems: list[str]
+) -> tuple[list[LoadedRule], list[tuple[Allowed, str]]]:
+    """The rules of a file and the values it allows pack-wide (each with its ``file:line``)."""
     document = read_yaml(path, problems)
     if document is None:
-        return []
-    if not isinstance(document, dict) or not isinstance(document.get("rules"), list):
-        problems.append(f"{path}:1: a rule file is a mapping with a `rules:` list")
-        return []
-    extra = sorted(set(document) - {"rules", "__line__"})
+        return [], []
+    if (
+        not isinstance(document, dict)
+        or not isinstance(document.get("rules", []), list)
+        or not isinstance(document.get("allow", []), list)
+        or not ({"rules", "allow"} & set(document))
+    ):
+        problems.append(f"{path}:1: a rule file is a mapping with a `rules:` list, an `allow:` list, or both")
+        return [], []
+    extra = sorted(set(document) - {"rules", "allow", "__line__"})
     if extra:
         problems.append(f"{path}:1: unknown top-level keys: {', '.join(map(str, extra))}")
     result = []
-    for entry in document["rules"]:
+    for entry in document.get("rules", []):
         if not isinstance(entry, dict):
             problems.append(f"{path}: each entry under `rules:` is a mapping")
             continue
         item = _load_rule(path, strip_lines(entry), int(entry.get("__line__", 0)), max_match_chars, problems)
         if item is not None:
             result.append(item)
-    return result
+    values = []
+    for entry in document.get("allow", []):
+        line = entry.get("__line__", 0) if isinstance(entry, dict) else 0
+        where = f"{path}:{line}: allow"
+        try:
+            values.append((Allowed.model_validate(strip_lines(entry)), where))
+        except ValidationError as exc:
+            for err in exc.errors():
+                location = ".".join(str(p) for p in err["loc"]) or "entry"
+                problems.append(f"{where}: {location}: {err['msg']}")
+    return result, values
 
 
 def read_yaml(path: Path, problems: list[str]) -> Any:
