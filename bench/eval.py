@@ -5,7 +5,9 @@
 
 Per entity: recall (labelled values found), false-positive rate (texts labelled clean in which the
 entity was reported) and, where values are labelled, the leak rate after masking (labelled values still
-present verbatim in the masked text). Results go to bench/results/eval.{json,md}.
+present verbatim in the masked text). The secret scanners' suites are scored per family (gitleaks rule,
+detect-secrets plugin), against the targets: recall >= 99%, false positives <= 1%. ``--misses`` lists
+every miss and false alarm. Results go to bench/results/eval.{json,md}.
 """
 
 from __future__ import annotations
@@ -36,42 +38,15 @@ PATTERN_ENTITIES = (
     "CRYPTO",
 )
 PRESIDIO_EXTRA = ("ABA_ROUTING_NUMBER", "US_BANK_NUMBER", "US_PASSPORT", "US_DRIVER_LICENSE")
-# gitleaks rule ids and detect-secrets plugin names mapped to the entity the default pack reports.
-GITLEAKS_FAMILIES = {
-    "aws-access-token": "AWS_ACCESS_KEY",
-    "github-": "GITHUB_TOKEN",
-    "gitlab-pat": "GITLAB_TOKEN",
-    "slack-": "SLACK_TOKEN",
-    "stripe-": "STRIPE_KEY",
-    "openai-api-key": "OPENAI_API_KEY",
-    "anthropic-": "ANTHROPIC_API_KEY",
-    "gcp-api-key": "GOOGLE_API_KEY",
-    "private-key": "PRIVATE_KEY",
-    "jwt": "JWT",
-    "npm-access-token": "NPM_TOKEN",
-    "pypi-upload-token": "PYPI_TOKEN",
-    "huggingface-access-token": "HUGGINGFACE_TOKEN",
-    "sendgrid-api-token": "SENDGRID_API_KEY",
-    "twilio-api-key": "TWILIO_API_KEY",
-    "generic-api-key": "GENERIC_SECRET",
-}
-DETECT_SECRETS_FAMILIES = {
-    "AWS Access Key": "AWS_ACCESS_KEY",
-    "GitHub Token": "GITHUB_TOKEN",
-    "GitLab Token": "GITLAB_TOKEN",
-    "Slack Token": "SLACK_TOKEN",
-    "Stripe Access Key": "STRIPE_KEY",
-    "OpenAI Token": "OPENAI_API_KEY",
-    "Private Key": "PRIVATE_KEY",
-    "JSON Web Token": "JWT",
-    "NPM tokens": "NPM_TOKEN",
-    "PyPI Token": "PYPI_TOKEN",
-    "SendGrid API Key": "SENDGRID_API_KEY",
-    "Twilio API Key": "TWILIO_API_KEY",
-    "Secret Keyword": "GENERIC_SECRET",
-    "Azure Storage Account access key": "AZURE_STORAGE_KEY",
-    "Public IP (ipv4)": "IP_ADDRESS",
-}
+# Secret-scanner families are scored per family: a case is found when a credential rule reports something
+# in its text (whatever rule: a value the generic rule masks is masked). The exceptions are families of
+# personal data, scored on their entity, and the ones outside the targets.
+PII_FAMILIES = {"Public IP (ipv4)": "IP_ADDRESS"}
+# detect-secrets' keyword plugin: its positives are mostly placeholders (`${VAR}`, `"somePassword"`) that
+# the generic rules skip on purpose; reported, but not part of the recall target.
+UNTARGETED = {"Secret Keyword"}
+TARGET_RECALL, TARGET_FP = 0.99, 0.01
+SECRET_SUITES = ("gitleaks rule samples", "detect-secrets plugin tests")
 
 
 @dataclass
@@ -152,44 +127,61 @@ def presidio_synthetic(inspector: Inspector, path: Path, scores: dict[str, Score
                 score.false_alarms += bool(reported)
 
 
-def secret_cases(
-    inspector: Inspector,
-    cases: list[tuple[str, str, bool]],
-    families: dict[str, str],
-    scores: dict[str, Score],
-) -> None:
-    """(label, text, must_report) cases; a case counts for the entity its family maps to, or for
-    'other credentials' when the default pack makes no claim about that family."""
+def secret_cases(inspector: Inspector, cases: list[tuple[str, str, bool]], scores: dict[str, Score]) -> None:
+    """(family, text, must_report) cases, scored per family (``PII_FAMILIES`` on their entity, the rest on
+    any credential finding)."""
     categories = {r.id: r.rule.category for r in inspector.detector.rules}
     for label, text, must in cases:
-        entity = next((e for prefix, e in families.items() if label.startswith(prefix)), None)
         findings = inspector.detector.scan(text)
+        entity = PII_FAMILIES.get(label)
         if entity is None:
             reported = any(categories[f.rule_id] == "credential" for f in findings)
-            name = "(other credentials)"
         else:
             reported = any(f.entity == entity for f in findings)
-            name = entity
-        score = scores[name]
+        score = scores[label]
         if must:
             score.positives += 1
             score.found += reported
             if not reported:
-                score.misses.append(f"{label}: {text[:60]!r}")
+                score.misses.append(f"{label}: {text[:80]!r}")
         else:
             score.negatives += 1
             score.false_alarms += reported
+            if reported:
+                hits = ", ".join(sorted({f.rule_id for f in findings}))
+                score.misses.append(f"{label} (clean, reported by {hits}): {text[:80]!r}")
+
+
+def _target(scores: dict[str, Score]) -> tuple[dict[str, Any], list[str]]:
+    """The suite's totals over the targeted families, and the line saying whether the targets are met."""
+    total = Score()
+    for family, score in scores.items():
+        if family in UNTARGETED:
+            continue
+        total.positives += score.positives
+        total.found += score.found
+        total.negatives += score.negatives
+        total.false_alarms += score.false_alarms
+    left_out = sorted(UNTARGETED & set(scores))
+    row = total.row("**all families" + (f" but {', '.join(left_out)}" if left_out else "") + "**")
+    recall, fp = row["recall"] or 0.0, row["fp_rate"] or 0.0
+    verdict = "met" if recall >= TARGET_RECALL and fp <= TARGET_FP else "missed"
+    line = (
+        f"Target recall >= {TARGET_RECALL:.0%} and FP rate <= {TARGET_FP:.0%}: {_fmt(recall)} "
+        f"({total.found}/{total.positives}), {_fmt(fp)} ({total.false_alarms}/{total.negatives}): {verdict}"
+    )
+    return row, [line, ""]
 
 
 def _fmt(value: float | None) -> str:
     return "" if value is None else f"{value:.0%}" if value in (0, 1) else f"{value:.1%}"
 
 
-def _table(title: str, rows: list[dict[str, Any]]) -> list[str]:
+def _table(title: str, rows: list[dict[str, Any]], column: str = "entity") -> list[str]:
     lines = [
         f"### {title}",
         "",
-        "| entity | positives | recall | negatives | FP rate | leak rate |",
+        f"| {column} | positives | recall | negatives | FP rate | leak rate |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
@@ -219,26 +211,31 @@ def main(argv: list[str] | None = None) -> int:
     presidio_cases(inspector, args.corpora / "presidio_recognizer_cases.jsonl", scores)
     sections["Presidio research synthetic sentences (1500)"] = scores = defaultdict(Score)
     presidio_synthetic(inspector, args.corpora / "presidio_research_synth_v2.jsonl", scores)
-    sections["gitleaks rule samples"] = scores = defaultdict(Score)
+    sections[SECRET_SUITES[0]] = scores = defaultdict(Score)
     gitleaks = [
         (c["label"], c["text"], bool(c["expect"]["gitleaks_finding"]))
         for c in _read(args.corpora / "gitleaks_rule_samples.jsonl")
     ]
-    secret_cases(inspector, gitleaks, GITLEAKS_FAMILIES, scores)
-    sections["detect-secrets plugin tests"] = scores = defaultdict(Score)
+    secret_cases(inspector, gitleaks, scores)
+    sections[SECRET_SUITES[1]] = scores = defaultdict(Score)
     detect_secrets = [
         (c["label"], c["text"], bool(c["expect"]["flag"]))
         for c in _read(args.corpora / "detect_secrets_plugin_cases.jsonl")
     ]
-    secret_cases(inspector, detect_secrets, DETECT_SECRETS_FAMILIES, scores)
+    secret_cases(inspector, detect_secrets, scores)
     elapsed = time.perf_counter() - started
 
-    report = {
-        name: [score.row(entity) for entity, score in sorted(s.items())] for name, s in sections.items()
-    }
+    report: dict[str, Any] = {}
     lines = [f"Detection quality of {len(inspector.detector.rules)} rules ({elapsed:.1f} s)", ""]
-    for name, rows in report.items():
-        lines += _table(name, rows)
+    for name, section in sections.items():
+        rows = [score.row(entity) for entity, score in sorted(section.items(), key=lambda e: e[0].lower())]
+        if name in SECRET_SUITES:
+            total, target = _target(section)
+            report[name] = {"families": rows, "total": total, "target": target[0]}
+            lines += [*_table(name, [total, *rows], column="family")[:-1], "", *target]
+        else:
+            report[name] = rows
+            lines += _table(name, rows)
     markdown = "\n".join(lines)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
