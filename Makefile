@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint typecheck pytest browser redis-server wrk bench eval clean lock proto
+.PHONY: install run test lint typecheck pytest browser redis-server wrk bench eval soak clean lock proto
 
 # Every install comes from the lock (uv.lock, exported to requirements/*.txt with hashes), through
 # requirements/install.sh, which also repairs the opentelemetry-proto files that xds-protos overwrites.
@@ -89,6 +89,11 @@ proto: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+
+# Mixed traffic at a steady rate for 10 minutes (not part of `make test`): latency and memory per minute,
+# every unexpected outcome; the exit status says whether the bar held. `make soak ARGS="--minutes 30"`.
+soak: $(STAMP)
+	$(BIN)/python -m bench.soak $(ARGS)
 
 eval: $(STAMP)
 	$(BIN)/python -m bench.eval $(ARGS)
