@@ -16,6 +16,7 @@ from extproc.detect.validators import (
     crypto_address,
     iban_mod97,
     ip_address,
+    jwt_header,
     jwt_structure,
     luhn,
     not_placeholder,
@@ -390,6 +391,51 @@ def test_jwt_like_the_jwt_io_example() -> None:
     assert not jwt_structure(f"{header}.{payload}.")
 
 
+# --- jwt_header ----------------------------------------------------------------------------------------
+
+CRLF_HEADER = b64url(b'{"typ":"JWT",\r\n"alg":"HS256"}')
+LONG_CLAIMS = {"sub": "svc-ingest", "aud": "api", "roles": ["admin", "ops"], "note": "caf\u00e9 \u00fc" * 20}
+
+JWT_HEADER_CASES = cases(
+    valid=[
+        f"{segment(HS256)}.{segment(CLAIMS)}",  # header and whole payload, no signature
+        token(HS256, CLAIMS),  # the signature is ignored
+        f"{segment({'alg': 'RS256', 'kid': 'k1'})}.{segment(LONG_CLAIMS)[:200]}",  # payload cut off
+        f"{segment({'alg': 'RS256'})}.{segment(LONG_CLAIMS)[:61]}",  # cut inside a 4-character group
+        *(f"{segment(HS256)}.{segment(LONG_CLAIMS)[:n]}" for n in range(40, 60)),  # cut in an accented letter
+        f"{CRLF_HEADER}.{segment(CLAIMS)}",  # a header written with a line break
+        f"{segment(HS256, padded=True)}.{segment(CLAIMS, padded=True)}",
+    ],
+    invalid=[
+        segment(HS256),  # no payload
+        f"{segment(HS256)}.",
+        f"{segment(HS256)}.e",  # one character: not a byte
+        f"{segment(HS256)[:-1]}.{segment(CLAIMS)}",  # header cut: not JSON
+        f"{segment(HS256)[:8]}asdf{segment(HS256)[8:]}.{segment(CLAIMS)}",  # characters put into the header
+        f"{segment({'typ': 'JWT'})}.{segment(CLAIMS)}",  # no alg
+        f"{segment({'alg': 5})}.{segment(CLAIMS)}",
+        f"{segment(HS256)}.{b64url(b'not json at all, not an object')}",
+        f"{segment(HS256)}.{b64url(b'{' + bytes([0, 1, 2]) + b'binary payload')}",  # control characters
+        f"{segment(HS256)}.{b64url(b'{' + bytes([0xFF, 0xFE, 0xFD, 0xFC]) + b'not utf-8 at all')}",
+        f"{segment(HS256)}.{segment(CLAIMS).replace('-', '+')}+/",  # standard, not url-safe, alphabet
+        f"{segment(HS256)} .{segment(CLAIMS)}",
+        ".",
+        "",
+    ],
+)
+
+
+@pytest.mark.parametrize(("value", "expected"), JWT_HEADER_CASES, ids=ids)
+def test_jwt_header(value: str, expected: bool) -> None:
+    assert jwt_header(value) is expected
+
+
+def test_jwt_header_accepts_every_whole_token_jwt_structure_accepts() -> None:
+    for value, expected in JWT_CASES:
+        if expected:
+            assert jwt_header(value), value
+
+
 # --- ip_address ----------------------------------------------------------------------------------------
 
 IP_CASES = cases(
@@ -524,6 +570,7 @@ def test_registry_names() -> None:
         "bech32",
         "crypto_address",
         "jwt_structure",
+        "jwt_header",
         "ip_address",
         "not_placeholder",
     }
