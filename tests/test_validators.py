@@ -2,6 +2,7 @@ import base64
 import json
 import math
 import string
+import zlib
 
 import pytest
 from hypothesis import given, settings
@@ -12,6 +13,7 @@ from extproc.detect.validators import (
     VALIDATORS,
     aba_checksum,
     base58check,
+    base62_crc32,
     bech32,
     crypto_address,
     iban_mod97,
@@ -436,6 +438,59 @@ def test_jwt_header_accepts_every_whole_token_jwt_structure_accepts() -> None:
             assert jwt_header(value), value
 
 
+# --- base62_crc32 --------------------------------------------------------------------------------------
+
+BASE62 = string.digits + string.ascii_uppercase + string.ascii_lowercase
+
+
+def base62_token(prefix: str, body: str) -> str:
+    number, digits = zlib.crc32(body.encode()), ""
+    for _ in range(6):
+        number, digit = divmod(number, 62)
+        digits = BASE62[digit] + digits
+    return f"{prefix}_{body}{digits}"
+
+
+BODY = "SNNX81GgOBu1XLTWrADOR24oMx1QVk"  # 30 characters
+GOOD = base62_token("ghp", BODY)
+CHANGED = BODY[:3] + ("x" if BODY[3] != "x" else "y") + BODY[4:]
+# A body whose checksum is small enough to need a leading zero.
+PADDED_BODY = next(
+    body for body in (f"{BODY[:24]}{n:06d}" for n in range(1000)) if zlib.crc32(body.encode()) < 62**5
+)
+
+BASE62_CASES = cases(
+    valid=[
+        base62_token("ghp", BODY),
+        base62_token("npm", BODY),
+        base62_token("ghs", "0" * 30),
+        base62_token("gho", PADDED_BODY),
+    ],
+    invalid=[
+        GOOD[:-1] + ("x" if GOOD[-1] != "x" else "y"),  # checksum changed
+        f"ghp_{CHANGED}{base62_token('ghp', BODY)[-6:]}",  # body changed, checksum kept
+        base62_token("ghp", BODY).swapcase().replace("GHP", "ghp"),  # case matters in base62
+        base62_token("ghp", BODY)[:-1],  # 35 characters
+        base62_token("ghp", BODY) + "a",  # 37
+        base62_token("ghp", BODY).replace("_", "-"),
+        base62_token("GHP", BODY),
+        base62_token("github_pat", BODY),
+        "npm_" + "x" * 36,
+        "npm_" + "\u0661" * 36,
+        "",
+    ],
+)
+
+
+@pytest.mark.parametrize(("value", "expected"), BASE62_CASES, ids=ids)
+def test_base62_crc32(value: str, expected: bool) -> None:
+    assert base62_crc32(value) is expected
+
+
+def test_base62_crc32_padding_case_has_a_leading_zero() -> None:
+    assert base62_token("gho", PADDED_BODY)[-6] == "0"
+
+
 # --- ip_address ----------------------------------------------------------------------------------------
 
 IP_CASES = cases(
@@ -571,6 +626,7 @@ def test_registry_names() -> None:
         "crypto_address",
         "jwt_structure",
         "jwt_header",
+        "base62_crc32",
         "ip_address",
         "not_placeholder",
     }

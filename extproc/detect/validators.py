@@ -13,6 +13,7 @@ import json
 import math
 import re
 import string
+import zlib
 from collections import Counter
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
@@ -396,6 +397,24 @@ def jwt_header(value: str) -> bool:
     return False
 
 
+_BASE62: Final = string.digits + string.ascii_uppercase + string.ascii_lowercase
+_BASE62_TOKEN: Final = re.compile(r"[a-z]{3}_([0-9A-Za-z]{30})([0-9A-Za-z]{6})")
+
+
+def base62_crc32(value: str) -> bool:
+    """GitHub's token format, which npm's tokens share: a three-letter prefix and an underscore (``ghp_``,
+    ``gho_``, ``npm_``, ...), 30 random base62 characters, then the CRC32 of those 30 characters in 6
+    base62 characters (0-9, A-Z, a-z, most significant first, zero-padded)."""
+    match = _BASE62_TOKEN.fullmatch(value)
+    if match is None:
+        return False
+    body, checksum = match.groups()
+    number = 0
+    for char in checksum:
+        number = number * 62 + _BASE62.index(char)
+    return number == zlib.crc32(body.encode("ascii"))
+
+
 # --- network -------------------------------------------------------------------------------------------
 
 
@@ -467,6 +486,7 @@ VALIDATORS: Final[Mapping[str, Validator]] = MappingProxyType(
         "crypto_address": crypto_address,
         "jwt_structure": jwt_structure,
         "jwt_header": jwt_header,
+        "base62_crc32": base62_crc32,
         "ip_address": ip_address,
         "not_placeholder": not_placeholder,
     }
