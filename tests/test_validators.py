@@ -2,6 +2,7 @@ import base64
 import json
 import math
 import string
+import zlib
 
 import pytest
 from hypothesis import given, settings
@@ -12,10 +13,12 @@ from extproc.detect.validators import (
     VALIDATORS,
     aba_checksum,
     base58check,
+    base62_crc32,
     bech32,
     crypto_address,
     iban_mod97,
     ip_address,
+    jwt_header,
     jwt_structure,
     luhn,
     not_placeholder,
@@ -390,6 +393,104 @@ def test_jwt_like_the_jwt_io_example() -> None:
     assert not jwt_structure(f"{header}.{payload}.")
 
 
+# --- jwt_header ----------------------------------------------------------------------------------------
+
+CRLF_HEADER = b64url(b'{"typ":"JWT",\r\n"alg":"HS256"}')
+LONG_CLAIMS = {"sub": "svc-ingest", "aud": "api", "roles": ["admin", "ops"], "note": "caf\u00e9 \u00fc" * 20}
+
+JWT_HEADER_CASES = cases(
+    valid=[
+        f"{segment(HS256)}.{segment(CLAIMS)}",  # header and whole payload, no signature
+        token(HS256, CLAIMS),  # the signature is ignored
+        f"{segment({'alg': 'RS256', 'kid': 'k1'})}.{segment(LONG_CLAIMS)[:200]}",  # payload cut off
+        f"{segment({'alg': 'RS256'})}.{segment(LONG_CLAIMS)[:61]}",  # cut inside a 4-character group
+        *(f"{segment(HS256)}.{segment(LONG_CLAIMS)[:n]}" for n in range(40, 60)),  # cut in an accented letter
+        f"{CRLF_HEADER}.{segment(CLAIMS)}",  # a header written with a line break
+        f"{segment(HS256, padded=True)}.{segment(CLAIMS, padded=True)}",
+    ],
+    invalid=[
+        segment(HS256),  # no payload
+        f"{segment(HS256)}.",
+        f"{segment(HS256)}.e",  # one character: not a byte
+        f"{segment(HS256)[:-1]}.{segment(CLAIMS)}",  # header cut: not JSON
+        f"{segment(HS256)[:8]}asdf{segment(HS256)[8:]}.{segment(CLAIMS)}",  # characters put into the header
+        f"{segment({'typ': 'JWT'})}.{segment(CLAIMS)}",  # no alg
+        f"{segment({'alg': 5})}.{segment(CLAIMS)}",
+        f"{segment(HS256)}.{b64url(b'not json at all, not an object')}",
+        f"{segment(HS256)}.{b64url(b'{' + bytes([0, 1, 2]) + b'binary payload')}",  # control characters
+        f"{segment(HS256)}.{b64url(b'{' + bytes([0xFF, 0xFE, 0xFD, 0xFC]) + b'not utf-8 at all')}",
+        f"{segment(HS256)}.{segment(CLAIMS).replace('-', '+')}+/",  # standard, not url-safe, alphabet
+        f"{segment(HS256)} .{segment(CLAIMS)}",
+        ".",
+        "",
+    ],
+)
+
+
+@pytest.mark.parametrize(("value", "expected"), JWT_HEADER_CASES, ids=ids)
+def test_jwt_header(value: str, expected: bool) -> None:
+    assert jwt_header(value) is expected
+
+
+def test_jwt_header_accepts_every_whole_token_jwt_structure_accepts() -> None:
+    for value, expected in JWT_CASES:
+        if expected:
+            assert jwt_header(value), value
+
+
+# --- base62_crc32 --------------------------------------------------------------------------------------
+
+BASE62 = string.digits + string.ascii_uppercase + string.ascii_lowercase
+
+
+def base62_token(prefix: str, body: str) -> str:
+    number, digits = zlib.crc32(body.encode()), ""
+    for _ in range(6):
+        number, digit = divmod(number, 62)
+        digits = BASE62[digit] + digits
+    return f"{prefix}_{body}{digits}"
+
+
+BODY = "SNNX81GgOBu1XLTWrADOR24oMx1QVk"  # 30 characters
+GOOD = base62_token("ghp", BODY)
+CHANGED = BODY[:3] + ("x" if BODY[3] != "x" else "y") + BODY[4:]
+# A body whose checksum is small enough to need a leading zero.
+PADDED_BODY = next(
+    body for body in (f"{BODY[:24]}{n:06d}" for n in range(1000)) if zlib.crc32(body.encode()) < 62**5
+)
+
+BASE62_CASES = cases(
+    valid=[
+        base62_token("ghp", BODY),
+        base62_token("npm", BODY),
+        base62_token("ghs", "0" * 30),
+        base62_token("gho", PADDED_BODY),
+    ],
+    invalid=[
+        GOOD[:-1] + ("x" if GOOD[-1] != "x" else "y"),  # checksum changed
+        f"ghp_{CHANGED}{base62_token('ghp', BODY)[-6:]}",  # body changed, checksum kept
+        base62_token("ghp", BODY).swapcase().replace("GHP", "ghp"),  # case matters in base62
+        base62_token("ghp", BODY)[:-1],  # 35 characters
+        base62_token("ghp", BODY) + "a",  # 37
+        base62_token("ghp", BODY).replace("_", "-"),
+        base62_token("GHP", BODY),
+        base62_token("github_pat", BODY),
+        "npm_" + "x" * 36,
+        "npm_" + "\u0661" * 36,
+        "",
+    ],
+)
+
+
+@pytest.mark.parametrize(("value", "expected"), BASE62_CASES, ids=ids)
+def test_base62_crc32(value: str, expected: bool) -> None:
+    assert base62_crc32(value) is expected
+
+
+def test_base62_crc32_padding_case_has_a_leading_zero() -> None:
+    assert base62_token("gho", PADDED_BODY)[-6] == "0"
+
+
 # --- ip_address ----------------------------------------------------------------------------------------
 
 IP_CASES = cases(
@@ -524,6 +625,8 @@ def test_registry_names() -> None:
         "bech32",
         "crypto_address",
         "jwt_structure",
+        "jwt_header",
+        "base62_crc32",
         "ip_address",
         "not_placeholder",
     }

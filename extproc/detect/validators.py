@@ -13,6 +13,7 @@ import json
 import math
 import re
 import string
+import zlib
 from collections import Counter
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
@@ -320,6 +321,8 @@ def crypto_address(value: str) -> bool:
 # --- tokens --------------------------------------------------------------------------------------------
 
 _BASE64URL_SEGMENT: Final = re.compile(r"[A-Za-z0-9_-]*={0,2}")
+# C0 and C1 control characters other than the white space JSON allows between tokens.
+_CONTROL: Final = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 
 def _base64url_decode(segment: str) -> bytes | None:
@@ -362,6 +365,54 @@ def jwt_structure(value: str) -> bool:
     if signature is None:
         return False
     return bool(signature) or alg.lower() == "none"
+
+
+def jwt_header(value: str) -> bool:
+    """The start of a JWS compact serialisation, as far as a bounded pattern reads a long token: a base64url
+    JSON header with a string ``alg``, a dot, and the beginning of the payload.
+
+    The payload may be cut anywhere, so only what it shows is checked: the bytes it holds decode to UTF-8
+    text (a character cut at the end is fine) that opens a JSON object and holds no control characters
+    but white space. Anything after a second dot (the signature) is ignored.
+    """
+    parts = value.split(".")
+    if len(parts) < 2:
+        return False
+    header = _json_object(parts[0])
+    if header is None or not isinstance(header.get("alg"), str):
+        return False
+    payload = parts[1]
+    if _BASE64URL_SEGMENT.fullmatch(payload) is None:
+        return False
+    # A cut one character into a 4-character group leaves no whole byte: drop that character.
+    raw = _base64url_decode(payload[:-1] if len(payload.rstrip("=")) % 4 == 1 else payload)
+    if not raw:
+        return False
+    for cut in range(4):  # at most 3 bytes of a character the cut split
+        try:
+            text = raw[: len(raw) - cut].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        return text.lstrip().startswith("{") and _CONTROL.search(text) is None
+    return False
+
+
+_BASE62: Final = string.digits + string.ascii_uppercase + string.ascii_lowercase
+_BASE62_TOKEN: Final = re.compile(r"[a-z]{3}_([0-9A-Za-z]{30})([0-9A-Za-z]{6})")
+
+
+def base62_crc32(value: str) -> bool:
+    """GitHub's token format, which npm's tokens share: a three-letter prefix and an underscore (``ghp_``,
+    ``gho_``, ``npm_``, ...), 30 random base62 characters, then the CRC32 of those 30 characters in 6
+    base62 characters (0-9, A-Z, a-z, most significant first, zero-padded)."""
+    match = _BASE62_TOKEN.fullmatch(value)
+    if match is None:
+        return False
+    body, checksum = match.groups()
+    number = 0
+    for char in checksum:
+        number = number * 62 + _BASE62.index(char)
+    return number == zlib.crc32(body.encode("ascii"))
 
 
 # --- network -------------------------------------------------------------------------------------------
@@ -434,6 +485,8 @@ VALIDATORS: Final[Mapping[str, Validator]] = MappingProxyType(
         "bech32": bech32,
         "crypto_address": crypto_address,
         "jwt_structure": jwt_structure,
+        "jwt_header": jwt_header,
+        "base62_crc32": base62_crc32,
         "ip_address": ip_address,
         "not_placeholder": not_placeholder,
     }
