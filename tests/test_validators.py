@@ -396,6 +396,7 @@ def test_jwt_like_the_jwt_io_example() -> None:
 # --- jwt_header ----------------------------------------------------------------------------------------
 
 CRLF_HEADER = b64url(b'{"typ":"JWT",\r\n"alg":"HS256"}')
+DAMAGED_HEADER = b64url(b'{"alg":\'\x9ez","typ":"JWT"}')
 LONG_CLAIMS = {"sub": "svc-ingest", "aud": "api", "roles": ["admin", "ops"], "note": "caf\u00e9 \u00fc" * 20}
 
 JWT_HEADER_CASES = cases(
@@ -407,6 +408,8 @@ JWT_HEADER_CASES = cases(
         *(f"{segment(HS256)}.{segment(LONG_CLAIMS)[:n]}" for n in range(40, 60)),  # cut in an accented letter
         f"{CRLF_HEADER}.{segment(CLAIMS)}",  # a header written with a line break
         f"{segment(HS256, padded=True)}.{segment(CLAIMS, padded=True)}",
+        # a damaged character in the header: still an object's braces around an "alg" member
+        f"{DAMAGED_HEADER}.{segment(CLAIMS)}",
     ],
     invalid=[
         segment(HS256),  # no payload

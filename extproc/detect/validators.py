@@ -367,19 +367,26 @@ def jwt_structure(value: str) -> bool:
     return bool(signature) or alg.lower() == "none"
 
 
+def _header(segment: str) -> bool:
+    """A JOSE header: a JSON object with a string ``alg``; or one with a damaged character (a token pasted
+    with a typo is still a token), which still reads as an object's braces around an ``"alg":`` member."""
+    header = _json_object(segment)
+    if header is not None:
+        return isinstance(header.get("alg"), str)
+    raw = _base64url_decode(segment)
+    return raw is not None and raw.startswith(b'{"') and raw.rstrip().endswith(b'"}') and b'"alg":' in raw
+
+
 def jwt_header(value: str) -> bool:
     """The start of a JWS compact serialisation, as far as a bounded pattern reads a long token: a base64url
-    JSON header with a string ``alg``, a dot, and the beginning of the payload.
+    JSON header with a string ``alg`` (``_header``), a dot, and the beginning of the payload.
 
     The payload may be cut anywhere, so only what it shows is checked: the bytes it holds decode to UTF-8
     text (a character cut at the end is fine) that opens a JSON object and holds no control characters
     but white space. Anything after a second dot (the signature) is ignored.
     """
     parts = value.split(".")
-    if len(parts) < 2:
-        return False
-    header = _json_object(parts[0])
-    if header is None or not isinstance(header.get("alg"), str):
+    if len(parts) < 2 or not _header(parts[0]):
         return False
     payload = parts[1]
     if _BASE64URL_SEGMENT.fullmatch(payload) is None:
