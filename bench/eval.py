@@ -59,6 +59,7 @@ class Score:
     false_alarms: int = 0
     values: int = 0
     leaked: int = 0
+    contradicted: int = 0  # clean cases whose text the suite labels a secret elsewhere (left out)
     misses: list[str] = field(default_factory=list)
 
     def row(self, name: str) -> dict[str, Any]:
@@ -133,7 +134,14 @@ def secret_cases(inspector: Inspector, cases: list[tuple[str, str, bool]], score
     """(family, text, must_report) cases, scored per family (``PII_FAMILIES`` on their entity, the rest on
     any credential finding)."""
     categories = {r.id: r.rule.category for r in inspector.detector.rules}
+    # A clean case of one family whose very text the suite labels a secret under another (the same
+    # Anthropic key under the api and the admin rule; a GitHub token among GitLab's clean cases) cannot
+    # be both: it is left out of the false positives and counted apart.
+    secrets = {text for label, text, must in cases if must and label not in PII_FAMILIES}
     for label, text, must in cases:
+        if not must and text in secrets and label not in PII_FAMILIES:
+            scores[label].contradicted += 1
+            continue
         findings = inspector.detector.scan(text)
         entity = PII_FAMILIES.get(label)
         if entity is None:
@@ -164,6 +172,7 @@ def _target(scores: dict[str, Score]) -> tuple[dict[str, Any], list[str]]:
         total.found += score.found
         total.negatives += score.negatives
         total.false_alarms += score.false_alarms
+        total.contradicted += score.contradicted
     left_out = sorted(UNTARGETED & set(scores))
     row = total.row("**all families" + (f" but {' and '.join(left_out)}" if left_out else "") + "**")
     recall, fp = row["recall"] or 0.0, row["fp_rate"] or 0.0
@@ -172,6 +181,11 @@ def _target(scores: dict[str, Score]) -> tuple[dict[str, Any], list[str]]:
         f"Target recall >= {TARGET_RECALL:.0%} and FP rate <= {TARGET_FP:.0%}: {_fmt(recall)} "
         f"({total.found}/{total.positives}), {_fmt(fp)} ({total.false_alarms}/{total.negatives}): {verdict}"
     )
+    if total.contradicted:
+        line += (
+            f". Left out of the clean cases: {total.contradicted} whose text the suite labels a secret "
+            "under another family"
+        )
     return row, [line, ""]
 
 
