@@ -4,7 +4,9 @@ streams in flight. Every byte a client receives is checked against what the scan
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import os
 import select
 import signal
@@ -13,10 +15,20 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
+import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import pytest
+import yaml
+
+from extproc.audit.keys import generate_keys
+from extproc.devenv import REPO_ENVOY_CONFIG, Stack
+
+from .conftest import Demo, chat, start_stack
 
 pytestmark = pytest.mark.slow
 
@@ -125,3 +137,211 @@ def test_extproc_dev_killed_hard_takes_envoy_extproc_and_the_model_with_it(
         reader.join(10)
         assert dev.stderr is not None
         dev.stderr.close()
+
+
+# -- a stack of our own, whose components a test may kill -----------------------------------------------
+
+CARD = "4111 1111 1111 1111"
+CARD_MASKED = "**** **** **** 1111"
+EMAIL = "jane.doe@example.com"
+EMAIL_MASKED = "[REDACTED:EMAIL_ADDRESS]"
+SECRET = "".join(f"Entry {n}: card {CARD}, mail {EMAIL}. " for n in range(5))
+SECRET_MASKED = SECRET.replace(CARD, CARD_MASKED).replace(EMAIL, EMAIL_MASKED)
+MESSAGE_TIMEOUT_SECONDS = 2  # Envoy's ext_proc message_timeout in these tests (10 s in envoy/envoy.yaml)
+
+
+@pytest.fixture(scope="module")
+def faulty(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Envoy + extproc (session record on) + demo model, with a short ext_proc message timeout."""
+    folder = tmp_path_factory.mktemp("faults")
+    config = yaml.safe_load(REPO_ENVOY_CONFIG.read_text(encoding="utf-8"))
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    [ext_proc] = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_proc"]
+    ext_proc["typed_config"]["message_timeout"] = f"{MESSAGE_TIMEOUT_SECONDS}s"
+    envoy_config = folder / "envoy.yaml"
+    envoy_config.write_text(yaml.safe_dump(config), encoding="utf-8")
+    keys = generate_keys(folder / "keys")
+    record = folder / "session.jsonl"
+    env = {
+        "EXTPROC_AUDIT__RECORD_PATH": str(record),
+        "EXTPROC_AUDIT__SEALING_KEY_FILE": str(keys["auditor_pub"]),
+        "EXTPROC_AUDIT__SIGNING_KEY_FILE": str(keys["signing_key"]),
+    }
+    running = start_stack(folder / "stack.log", envoy_config=envoy_config, extra_env=env)
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def stack(faulty: Stack) -> Stack:
+    """The module's stack with every component running: one a test before left dead is started again,
+    on its port, with Envoy left as it was."""
+    if faulty.processes["demo"].popen.poll() is not None:
+        faulty.start_demo()
+    if faulty.processes["extproc"].popen.poll() is not None:
+        faulty.start_extproc()
+    return faulty
+
+
+def record_path(stack: Stack) -> Path:
+    return Path(stack.extra_env["EXTPROC_AUDIT__RECORD_PATH"])
+
+
+@dataclass
+class Seen:
+    """What one client received: status, raw bytes, and the exception that ended it, if one did."""
+
+    kind: str  # "json" or "sse"
+    status: int | None = None
+    body: bytes = b""
+    error: str | None = None
+    decision_id: str = ""
+    flowing: asyncio.Event = field(default_factory=asyncio.Event)  # text (or the answer) has arrived
+
+    @property
+    def text(self) -> str:
+        """The answer's text as the client assembles it: the deltas of the complete SSE events, or the
+        JSON body as it came."""
+        if self.kind == "json":
+            return self.body.decode("utf-8", "replace")
+        text = ""
+        for event in self.body.split(b"\n\n")[:-1]:
+            for line in event.split(b"\n"):
+                if line.startswith(b"data: {"):
+                    choices = json.loads(line[6:]).get("choices") or [{}]
+                    text += choices[0].get("delta", {}).get("content") or ""
+        return text
+
+    @property
+    def complete(self) -> bool:
+        """Whether the client could take this for a whole answer."""
+        if self.error is not None or self.status != 200:
+            return False
+        if self.kind == "sse":
+            return self.body.endswith(b"data: [DONE]\n\n") and b"event: error" not in self.body
+        return True
+
+    def assert_nothing_in_clear(self) -> None:
+        text, raw = self.text, self.body.decode("utf-8", "replace")
+        for secret in (CARD, CARD.replace(" ", ""), EMAIL):
+            assert secret not in raw, self
+            assert secret not in text, self
+        if self.kind == "sse" and self.status == 200:
+            # Released text is the start of the masked answer: never a byte the scan had not passed.
+            assert SECRET_MASKED.startswith(text), self
+
+
+async def ask(client: httpx.AsyncClient, seen: Seen, reply: str, tag: str = "") -> Seen:
+    headers = {"content-type": "application/json", "x-demo-reply": reply, "x-test-tag": tag}
+    body = chat("tell me", stream=seen.kind == "sse")
+    try:
+        async with client.stream("POST", "/v1/chat/completions", content=body, headers=headers) as answer:
+            seen.status = answer.status_code
+            seen.decision_id = answer.headers.get("x-dlp-decision-id", "")
+            async for chunk in answer.aiter_raw():
+                seen.body += chunk
+                if seen.kind == "json" or seen.text:
+                    seen.flowing.set()
+    except httpx.HTTPError as exc:
+        seen.error = f"{type(exc).__name__}: {exc}"
+    return seen
+
+
+def scripts(demo: Demo) -> dict[str, str]:
+    """Slow answers holding card numbers and addresses: an SSE stream of 3-character tokens (about 4 s)
+    and a JSON answer coming 24 bytes at a time (about 3 s)."""
+    return {
+        "sse": demo.script(content=SECRET, chunk_chars=3, delay_ms=50),
+        "json": demo.script(content=SECRET, chunk_chars=24, delay_ms=100),
+    }
+
+
+async def wait_in_flight(demo: Demo, tag: str, seen: list[Seen]) -> None:
+    """Until every request has reached the model and every stream is flowing: the answers are on their
+    way when the fault comes. (A JSON answer shows nothing to its client before it is whole, so the
+    model's own list of requests received says when it is being answered.)"""
+    async with asyncio.timeout(20):
+        for one in seen:
+            if one.kind == "sse":
+                await one.flowing.wait()
+        while len(await asyncio.to_thread(demo.received, tag)) < len(seen):  # noqa: ASYNC110 - no push
+            await asyncio.sleep(0.05)
+
+
+async def service_resumes(client: httpx.AsyncClient, demo: Demo) -> None:
+    """Asks until an answer comes back (Envoy reconnects to the restarted extproc by itself), then checks
+    that both kinds of answer come masked and whole."""
+    async with asyncio.timeout(30):
+        while (await ask(client, Seen("json"), demo.script(content="hello"))).status != 200:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+    sse, whole = await asyncio.gather(
+        ask(client, Seen("sse"), demo.script(content=SECRET, chunk_chars=3)),
+        ask(client, Seen("json"), demo.script(content=SECRET)),
+    )
+    for seen in (sse, whole):
+        assert seen.complete, seen
+        seen.assert_nothing_in_clear()
+    assert sse.text == SECRET_MASKED
+    assert json.loads(whole.body)["choices"][0]["message"]["content"] == SECRET_MASKED
+
+
+def envoy_counter(stack: Stack, name: str) -> int:
+    with urllib.request.urlopen(f"{stack.envoy_admin_url}/stats?format=json&filter={name}") as answer:  # noqa: S310
+        stats = json.load(answer)["stats"]
+    return sum(int(stat.get("value", 0)) for stat in stats if stat.get("name", "").endswith(name))
+
+
+@pytest.mark.envoy
+@pytest.mark.parametrize("fault", ["killed", "stopped"])
+async def test_extproc_killed_or_stopped_under_load_fails_every_request_closed_and_comes_back(
+    stack: Stack, fault: str
+) -> None:
+    """extproc SIGKILLed, or SIGSTOPped until Envoy's message timeout fires and then killed, with
+    buffered JSON and streamed SSE answers in flight: every request in flight and every new one ends in
+    an error, nothing unscanned reaches a client, and once extproc is started again on its port the
+    same Envoy serves masked answers again."""
+    demo = Demo(stack.demo_url)
+    envoy_pid = stack.processes["envoy"].popen.pid
+    extproc = stack.processes["extproc"].popen
+    tag = uuid.uuid4().hex
+    reply = scripts(demo)
+    limits = httpx.Limits(max_connections=50)
+    async with httpx.AsyncClient(base_url=stack.url, timeout=60, limits=limits) as client:
+        in_flight = [Seen(kind) for kind in ("sse", "json") * 4]
+        asking = [asyncio.create_task(ask(client, one, reply[one.kind], tag)) for one in in_flight]
+        await wait_in_flight(demo, tag, in_flight)
+        timeouts_before = envoy_counter(stack, "ext_proc.dlp.message_timeouts")
+
+        if fault == "killed":
+            extproc.kill()
+            extproc.wait(10)
+            expected_status = 503  # status_on_error: the processor is gone
+        else:
+            extproc.send_signal(signal.SIGSTOP)
+            expected_status = 504  # Envoy's message timeout, which status_on_error does not cover
+        # New requests, whose prompts carry a card: refused, and never seen by the model.
+        late_tag = uuid.uuid4().hex
+        started = time.monotonic()
+        late = await asyncio.gather(
+            *(ask(client, Seen(kind), reply[kind], late_tag) for kind in ("sse", "json"))
+        )
+        waited = time.monotonic() - started
+        if fault == "stopped":
+            assert waited >= MESSAGE_TIMEOUT_SECONDS * 0.9
+            assert envoy_counter(stack, "ext_proc.dlp.message_timeouts") > timeouts_before
+            extproc.send_signal(signal.SIGKILL)  # killed while stopped: it never runs again
+            extproc.send_signal(signal.SIGCONT)
+            extproc.wait(10)
+        for seen in late:
+            assert seen.status == expected_status, seen
+            assert not seen.complete
+        assert demo.received(late_tag) == []
+
+        for seen in await asyncio.gather(*asking):
+            assert not seen.complete, seen
+            seen.assert_nothing_in_clear()
+
+        stack.start_extproc()
+        await service_resumes(client, demo)
+    assert stack.processes["envoy"].popen.pid == envoy_pid
+    assert stack.processes["envoy"].popen.poll() is None
