@@ -559,3 +559,47 @@ async def test_a_client_leaving_mid_stream_through_envoy_closes_the_exchange_and
     for secret in (CARD, EMAIL):
         assert secret not in json.dumps(record)
     seen.assert_nothing_in_clear()
+
+
+# -- a stop signal with streams in flight ----------------------------------------------------------------
+
+
+@pytest.mark.envoy
+async def test_sigterm_lets_streams_in_flight_finish_and_accepts_no_new_one(stack: Stack) -> None:
+    """extproc sent SIGTERM (no drain period here: EXTPROC_SERVER__DRAIN_SECONDS=0) while SSE and JSON
+    answers stream: each finishes whole and masked within the grace period, a request that comes after
+    the listener closed is refused and never reaches the model, and extproc exits 0."""
+    demo = Demo(stack.demo_url)
+    process = stack.processes["extproc"]
+    reply = scripts(demo)
+    tag = uuid.uuid4().hex
+    limits = httpx.Limits(max_connections=50)
+    async with httpx.AsyncClient(base_url=stack.url, timeout=60, limits=limits) as client:
+        in_flight = [Seen(kind) for kind in ("sse", "json") * 3]
+        asking = [asyncio.create_task(ask(client, one, reply[one.kind], tag)) for one in in_flight]
+        await wait_in_flight(demo, tag, in_flight)
+        draining, stopped = process.watch("draining"), process.watch("stopped")
+        stopping = time.monotonic()
+        process.popen.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(draining.wait, 10)
+        late_tag = uuid.uuid4().hex
+        late = await asyncio.gather(
+            *(ask(client, Seen(kind), reply[kind], late_tag) for kind in ("sse", "json"))
+        )
+        for seen in late:
+            assert seen.status == 503, seen
+        assert demo.received(late_tag) == []
+        assert process.popen.poll() is None  # still finishing the streams in flight
+        for seen in await asyncio.gather(*asking):
+            assert seen.complete, seen
+            seen.assert_nothing_in_clear()
+            if seen.kind == "sse":
+                assert seen.text == SECRET_MASKED
+            else:
+                assert json.loads(seen.body)["choices"][0]["message"]["content"] == SECRET_MASKED
+        assert await asyncio.to_thread(process.popen.wait, 30) == 0
+        assert stopped.is_set()
+        grace = 20.0  # server.grace_seconds' default
+        assert time.monotonic() - stopping < grace
+        stack.start_extproc()
+        await service_resumes(client, demo)
