@@ -526,6 +526,27 @@ def test_registry_names() -> None:
         "jwt_structure",
         "ip_address",
         "not_placeholder",
+        # national identifiers (tests/test_validators_national.py)
+        "uk_nino",
+        "uk_nhs",
+        "ca_sin",
+        "in_aadhaar",
+        "in_pan",
+        "au_tfn",
+        "au_medicare",
+        "de_tax_id",
+        "fr_nir",
+        "es_dni",
+        "es_nie",
+        "it_fiscal_code",
+        "nl_bsn",
+        "br_cpf",
+        "br_cnpj",
+        "pl_pesel",
+        "se_personnummer",
+        "sg_nric_fin",
+        "jp_my_number",
+        "imei",
     }
 
 
