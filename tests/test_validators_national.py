@@ -201,7 +201,7 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
             "711206-8750",  # Luhn
             "561124-4620",
             "711306-8757",  # month 13
-            "711266-8753",  # a coordination number (day + 60) is not a personnummer
+            "711266-8756",  # Luhn-valid, but a coordination number (day + 60) is not a personnummer
             "71120-68759",
             "711206/8759",
         ],

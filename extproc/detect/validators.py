@@ -501,8 +501,8 @@ _IN_PAN: Final = re.compile(r"[A-Z]{5}[0-9]{4}[A-Z]")
 
 
 def in_pan(value: str) -> bool:
-    """Indian Permanent Account Number: ``AAAPA1234A``, the fourth letter a known holder type (P for a
-    person, C company, ...), serial not 0000; no check digit."""
+    """Indian Permanent Account Number: five letters, four digits and a letter, upper case; the fourth
+    letter a known holder type (P for a person, C company, ...), the digits not 0000; no check digit."""
     return value.isascii() and _IN_PAN.fullmatch(value) is not None and _stdnum_valid(stdnum_in_pan, value)
 
 
