@@ -547,6 +547,8 @@ def test_registry_names() -> None:
         "sg_nric_fin",
         "jp_my_number",
         "imei",
+        "eu_vat",
+        "mrz_td3",
     }
 
 

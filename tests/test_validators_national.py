@@ -23,12 +23,14 @@ from extproc.detect.validators import (
     de_tax_id,
     es_dni,
     es_nie,
+    eu_vat,
     fr_nir,
     imei,
     in_aadhaar,
     in_pan,
     it_fiscal_code,
     jp_my_number,
+    mrz_td3,
     nl_bsn,
     pl_pesel,
     se_personnummer,
@@ -224,6 +226,53 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
             "000000000000000",
         ],
     ),
+    "eu_vat": (
+        [
+            "DE205978870",
+            "DE 186735881",
+            "FR35583532155",
+            "NL729337728B01",
+            "ATU85286547",
+            "IT64678030780",
+            "PL8723968958",
+            "BE0809100853",
+            "ESB69176816",
+            "IE4969624G",
+            "de205978870",
+        ],
+        [
+            "DE205978871",  # check digit
+            "FR35583532156",
+            "NL729337729B01",
+            "EU372000041",  # the OSS scheme's numbers are no member state's
+            "GB980780684",  # the United Kingdom is no member state (Northern Ireland is XI)
+            "XX205978870",
+            "DE20597887",
+            "DE-205978870",
+            "",
+        ],
+    ),
+    "mrz_td3": (
+        [
+            "QX72048150UTO8503127F3307113ZK8830192<<<<<46",
+            "K04Y933162UTO9201280M2904054<<<<<<<<<<<<<<<4",
+            "5583021AB9UTO0112307<3401011<<<<<<<<<<<<<<<6",
+            "P<UTOQZXKWINSKI<<JANE<MARA<<<<<<<<<<<<<<<<<<\nQX72048150UTO8503127F3307113ZK8830192<<<<<46",
+            # ICAO 9303's specimen, which the rule lets through: it confirms the implementation
+            "L898902C36UTO7408122F1204159ZE184226B<<<<<10",
+        ],
+        [
+            "QX72048151UTO8503127F3307113ZK8830192<<<<<46",  # document number check digit
+            "QX72048150UTO8503128F3307113ZK8830192<<<<<46",  # birth date check digit
+            "QX72048150UTO8503127F3307114ZK8830192<<<<<46",  # expiry check digit
+            "QX72048150UTO8503127F3307113ZK8830193<<<<<46",  # personal number check digit
+            "QX72048150UTO8503127F3307113ZK8830192<<<<<47",  # composite
+            "QX72048150UTO8503127F3307113ZK883019<<<<<<46",  # a personal number without its check digit
+            "QX72048150UTO8503127F3307113ZK8830192<<<<<4",
+            "qx72048150uto8503127f3307113zk8830192<<<<<46",
+            "",
+        ],
+    ),
 }
 
 
@@ -262,6 +311,8 @@ def test_every_national_validator_is_tested() -> None:
         sg_nric_fin,
         jp_my_number,
         imei,
+        eu_vat,
+        mrz_td3,
     }
     assert {VALIDATORS[name] for name in CASES} == national
 

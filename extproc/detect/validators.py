@@ -28,6 +28,7 @@ from stdnum.ca import sin as stdnum_ca_sin
 from stdnum.de import idnr as stdnum_de_idnr
 from stdnum.es import dni as stdnum_es_dni
 from stdnum.es import nie as stdnum_es_nie
+from stdnum.eu import vat as stdnum_eu_vat
 from stdnum.fr import nir as stdnum_fr_nir
 from stdnum.gb import nhs as stdnum_gb_nhs
 from stdnum.in_ import aadhaar as stdnum_in_aadhaar
@@ -654,6 +655,65 @@ def imei(value: str) -> bool:
     return digits is not None and _stdnum_valid(stdnum_imei, digits)
 
 
+# EU VAT identification numbers: the member states' prefixes (EL for Greece, XI for Northern Ireland).
+_EU_VAT_PREFIXES: Final = frozenset(
+    {"AT", "BE", "BG", "CY", "CZ", "DE", "DK", "EE", "EL", "ES", "FI", "FR", "HR", "HU"}
+    | {"IE", "IT", "LT", "LU", "LV", "MT", "NL", "PL", "PT", "RO", "SE", "SI", "SK", "XI"}
+)
+
+
+def eu_vat(value: str) -> bool:
+    """VAT identification number of an EU member state or Northern Ireland: the country prefix and that
+    country's number with its check digits (``stdnum.eu.vat``, which delegates to each country's module;
+    no VIES lookup). Spaces are ignored."""
+    number = _strip(value, " ").upper()
+    if not number.isascii() or number[:2] not in _EU_VAT_PREFIXES or not number[2:].isalnum():
+        return False
+    return _stdnum_valid(stdnum_eu_vat, number)
+
+
+# Machine-readable zone of a passport (ICAO 9303 TD3): two lines of 44 characters. Line 2 carries four
+# check digits and a composite one, each the 7-3-1 weighted sum mod 10 of its field (digits as
+# themselves, A-Z as 10-35, the filler < as 0).
+_MRZ_TD3_LINE2: Final = re.compile(
+    r"[A-Z0-9<]{9}[0-9]"  # document number, check digit
+    r"[A-Z<]{3}"  # nationality
+    r"[0-9]{7}"  # birth date YYMMDD, check digit
+    r"[MFX<]"  # sex
+    r"[0-9]{7}"  # expiry date YYMMDD, check digit
+    r"[A-Z0-9<]{14}[0-9<]"  # personal number, check digit (< when there is none)
+    r"[0-9]"  # composite check digit
+)
+_MRZ_WEIGHTS: Final = (7, 3, 1)
+
+
+def _mrz_check(field: str) -> str:
+    total = 0
+    for index, char in enumerate(field):
+        value = 0 if char == "<" else int(char, 36)
+        total += value * _MRZ_WEIGHTS[index % 3]
+    return str(total % 10)
+
+
+def mrz_td3(value: str) -> bool:
+    """A passport's machine-readable zone, line 2 alone or both lines (the name line first, white space
+    between): line 2's check digits of the document number, birth date, expiry date and personal number,
+    and the composite check digit over them (python-stdnum has no MRZ module)."""
+    line = value.split()[-1] if value.strip() else ""
+    if not line.isascii() or _MRZ_TD3_LINE2.fullmatch(line) is None:
+        return False
+    number, birth, expiry, personal = line[0:10], line[13:20], line[21:28], line[28:43]
+    for field in (number, birth, expiry):
+        if _mrz_check(field[:-1]) != field[-1]:
+            return False
+    if personal[-1] == "<":
+        if personal[:-1].strip("<"):
+            return False  # a personal number needs its check digit
+    elif _mrz_check(personal[:-1]) != personal[-1]:
+        return False
+    return _mrz_check(number + birth + expiry + personal) == line[43]
+
+
 # --- entropy and the registry --------------------------------------------------------------------------
 
 
@@ -698,6 +758,8 @@ VALIDATORS: Final[Mapping[str, Validator]] = MappingProxyType(
         "sg_nric_fin": sg_nric_fin,
         "jp_my_number": jp_my_number,
         "imei": imei,
+        "eu_vat": eu_vat,
+        "mrz_td3": mrz_td3,
     }
 )
 
