@@ -16,8 +16,29 @@ import string
 import zlib
 from collections import Counter
 from collections.abc import Callable, Mapping
-from types import MappingProxyType
+from types import MappingProxyType, ModuleType
 from typing import Final
+
+# python-stdnum (LGPL-2.1-or-later, used unmodified): the check digits and structure of national numbers.
+# It ships no types; each module's is_valid(str) -> bool is the only call made, through _stdnum_valid.
+from stdnum import imei as stdnum_imei
+from stdnum.au import tfn as stdnum_au_tfn
+from stdnum.br import cnpj as stdnum_br_cnpj
+from stdnum.br import cpf as stdnum_br_cpf
+from stdnum.ca import sin as stdnum_ca_sin
+from stdnum.de import idnr as stdnum_de_idnr
+from stdnum.es import dni as stdnum_es_dni
+from stdnum.es import nie as stdnum_es_nie
+from stdnum.eu import vat as stdnum_eu_vat
+from stdnum.fr import nir as stdnum_fr_nir
+from stdnum.gb import nhs as stdnum_gb_nhs
+from stdnum.in_ import aadhaar as stdnum_in_aadhaar
+from stdnum.in_ import pan as stdnum_in_pan
+from stdnum.it import codicefiscale as stdnum_it_codicefiscale
+from stdnum.jp import in_ as stdnum_jp_in
+from stdnum.nl import bsn as stdnum_nl_bsn
+from stdnum.pl import pesel as stdnum_pl_pesel
+from stdnum.se import personnummer as stdnum_se_personnummer
 
 Validator = Callable[[str], bool]
 
@@ -470,6 +491,287 @@ def not_placeholder(value: str) -> bool:
     return len(set(folded)) > 1
 
 
+# --- national identifiers ------------------------------------------------------------------------------
+#
+# Each validator strips the separators its rule allows, checks the shape (ASCII only: stdnum's own checks
+# would accept what its compact() turns into digits), then asks python-stdnum where it has the number.
+# stdnum's is_valid() catches its own ValidationError; any other exception (a bug, an unexpected input)
+# is caught here too, since a validator must never raise.
+
+
+def _stdnum_valid(module: ModuleType, number: str) -> bool:
+    try:
+        return bool(module.is_valid(number))
+    except Exception:  # a validator is total: whatever the library raises means "not valid"
+        return False
+
+
+def _strip(value: str, separators: str) -> str:
+    return "".join(char for char in value if char not in separators)
+
+
+def _digits_of(value: str, separators: str, *lengths: int) -> str | None:
+    """The value's ASCII digits with ``separators`` removed, if there are ``lengths`` of them and they are
+    not one digit repeated (111 111 111 passes several of these checksums and is never issued)."""
+    digits = _strip(value, separators)
+    if len(digits) not in lengths or not _ascii_digits(digits) or len(set(digits)) == 1:
+        return None
+    return digits
+
+
+# UK National Insurance number: two prefix letters, six digits, a suffix A-D; no check digit. HMRC never
+# uses D, F, I, Q, U or V in the prefix, nor O as its second letter, nor the prefixes below.
+_UK_NINO: Final = re.compile(r"[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z][0-9]{6}[A-D]")
+_UK_NINO_UNUSED_PREFIXES: Final = frozenset({"BG", "GB", "KN", "NK", "NT", "TN", "ZZ"})
+
+
+def uk_nino(value: str) -> bool:
+    """UK National Insurance number (``QQ 12 34 56 C``, spaces optional): the allocation rules of its
+    prefix letters and suffix (there is no checksum)."""
+    number = _strip(value, " ").upper()
+    return (
+        number.isascii()
+        and _UK_NINO.fullmatch(number) is not None
+        and number[:2] not in _UK_NINO_UNUSED_PREFIXES
+    )
+
+
+def uk_nhs(value: str) -> bool:
+    """NHS number (England, Wales, Isle of Man): 10 digits (spaces or dashes ignored), mod 11 check digit."""
+    digits = _digits_of(value, " -", 10)
+    return digits is not None and _stdnum_valid(stdnum_gb_nhs, digits)
+
+
+def ca_sin(value: str) -> bool:
+    """Canadian Social Insurance Number: 9 digits (spaces or dashes ignored), not starting with 0 or 8
+    (business numbers), Luhn check digit."""
+    digits = _digits_of(value, " -", 9)
+    return digits is not None and _stdnum_valid(stdnum_ca_sin, digits)
+
+
+def in_aadhaar(value: str) -> bool:
+    """Indian Aadhaar number: 12 digits (spaces or dashes ignored), first digit 2-9, not a palindrome,
+    Verhoeff check digit."""
+    digits = _digits_of(value, " -", 12)
+    return digits is not None and _stdnum_valid(stdnum_in_aadhaar, digits)
+
+
+_IN_PAN: Final = re.compile(r"[A-Z]{5}[0-9]{4}[A-Z]")
+
+
+def in_pan(value: str) -> bool:
+    """Indian Permanent Account Number: five letters, four digits and a letter, upper case; the fourth
+    letter a known holder type (P for a person, C company, ...), the digits not 0000; no check digit."""
+    return value.isascii() and _IN_PAN.fullmatch(value) is not None and _stdnum_valid(stdnum_in_pan, value)
+
+
+def au_tfn(value: str) -> bool:
+    """Australian Tax File Number: 8 or 9 digits (spaces or dashes ignored), weighted mod 11 checksum."""
+    digits = _digits_of(value, " -", 8, 9)
+    return digits is not None and _stdnum_valid(stdnum_au_tfn, digits)
+
+
+_AU_MEDICARE_WEIGHTS: Final = (1, 3, 7, 9, 1, 3, 7, 9)
+
+
+def au_medicare(value: str) -> bool:
+    """Australian Medicare card number: 10 digits (or 11 with the individual reference number; spaces or
+    dashes ignored), first digit 2-6, ninth digit the 1-3-7-9 weighted sum of the first eight mod 10,
+    tenth digit (the card's issue number) not 0. python-stdnum has no Medicare module."""
+    digits = _digits_of(value, " -", 10, 11)
+    if digits is None or digits[0] not in "23456" or digits[9] == "0":
+        return False
+    total = sum(weight * (ord(char) - 48) for weight, char in zip(_AU_MEDICARE_WEIGHTS, digits, strict=False))
+    return total % 10 == ord(digits[8]) - 48 and (len(digits) == 10 or digits[10] != "0")
+
+
+def de_tax_id(value: str) -> bool:
+    """German tax identification number (Steuer-ID, IdNr): 11 digits (spaces ignored), not starting with
+    0, exactly one digit of the first ten repeated (twice or three times), ISO 7064 mod 11,10 check digit."""
+    digits = _digits_of(value, " ", 11)
+    return digits is not None and _stdnum_valid(stdnum_de_idnr, digits)
+
+
+_FR_NIR: Final = re.compile(r"[1-478][0-9]{4}(?:[0-9]{2}|2A|2B)[0-9]{8}")
+
+
+def fr_nir(value: str) -> bool:
+    """French social security number (NIR, numéro de sécurité sociale): 15 characters (spaces or dots
+    ignored), sex digit 1-4, 7 or 8, Corsican departments 2A/2B, mod 97 key."""
+    number = _strip(value, " .").upper()
+    return number.isascii() and _FR_NIR.fullmatch(number) is not None and _stdnum_valid(stdnum_fr_nir, number)
+
+
+_ES_DNI: Final = re.compile(r"[0-9]{8}[A-Z]")
+_ES_NIE: Final = re.compile(r"[XYZ][0-9]{7}[A-Z]")
+
+
+def es_dni(value: str) -> bool:
+    """Spanish DNI (the NIF of Spanish nationals): 8 digits and a check letter (mod 23; a space or dash
+    before the letter ignored)."""
+    number = _strip(value, " -").upper()
+    return number.isascii() and _ES_DNI.fullmatch(number) is not None and _stdnum_valid(stdnum_es_dni, number)
+
+
+def es_nie(value: str) -> bool:
+    """Spanish NIE (foreigners' identity number): X, Y or Z, 7 digits and a check letter (mod 23; spaces or
+    dashes ignored)."""
+    number = _strip(value, " -").upper()
+    return number.isascii() and _ES_NIE.fullmatch(number) is not None and _stdnum_valid(stdnum_es_nie, number)
+
+
+def it_fiscal_code(value: str) -> bool:
+    """Italian codice fiscale of a person: 16 characters (surname and name letters, birth date and place,
+    with the digit substitutions of omocodia), a valid birth date and the check letter. The 11-digit
+    codes of companies, which stdnum also accepts, are not a person's."""
+    number = _strip(value, " ").upper()
+    return number.isascii() and len(number) == 16 and _stdnum_valid(stdnum_it_codicefiscale, number)
+
+
+def nl_bsn(value: str) -> bool:
+    """Dutch citizen service number (BSN): 9 digits (spaces, dots or dashes ignored; stdnum would pad a
+    shorter number with zeros, this does not), the eleven test."""
+    digits = _digits_of(value, " .-", 9)
+    return digits is not None and _stdnum_valid(stdnum_nl_bsn, digits)
+
+
+def br_cpf(value: str) -> bool:
+    """Brazilian CPF: 11 digits (dots, dashes and spaces ignored), two mod 11 check digits; one digit
+    repeated (111.111.111-11, valid by the checksum) is rejected."""
+    digits = _digits_of(value, " .-", 11)
+    return digits is not None and _stdnum_valid(stdnum_br_cpf, digits)
+
+
+_BR_CNPJ: Final = re.compile(r"[0-9A-Z]{12}[0-9]{2}")
+
+
+def br_cnpj(value: str) -> bool:
+    """Brazilian CNPJ (company registry number): 14 characters (dots, slash, dash ignored; the first 12 may
+    be letters from 2026 on), two mod 11 check digits; one character repeated is rejected."""
+    number = _strip(value, " ./-").upper()
+    if not number.isascii() or _BR_CNPJ.fullmatch(number) is None or len(set(number)) == 1:
+        return False
+    return _stdnum_valid(stdnum_br_cnpj, number)
+
+
+def pl_pesel(value: str) -> bool:
+    """Polish PESEL: 11 digits, a valid birth date (the century in the month) and the 1-3-7-9 check digit."""
+    digits = _digits_of(value, " ", 11)
+    return digits is not None and _stdnum_valid(stdnum_pl_pesel, digits)
+
+
+_SE_PERSONNUMMER: Final = re.compile(r"(?:[0-9]{2})?[0-9]{6}[-+]?[0-9]{4}")
+
+
+def se_personnummer(value: str) -> bool:
+    """Swedish personnummer: ``YYMMDD-NNNN`` (``+`` from the year a person turns 100), ``YYYYMMDD-NNNN``
+    or either without the separator; a valid birth date and the Luhn check digit. Coordination numbers
+    (day + 60) are not personnummer and are rejected."""
+    number = _strip(value, " ")
+    if not number.isascii() or _SE_PERSONNUMMER.fullmatch(number) is None:
+        return False
+    return _stdnum_valid(stdnum_se_personnummer, number)
+
+
+_SG_NRIC: Final = re.compile(r"([STFGM])([0-9]{7})([A-Z])")
+_SG_NRIC_WEIGHTS: Final = (2, 7, 6, 5, 4, 3, 2)
+# (offset added to the weighted sum, check letters indexed by the sum mod 11) per first letter: S and T
+# for citizens and permanent residents (T from 2000), F and G for foreigners (G from 2000).
+_SG_NRIC_TABLES: Final[Mapping[str, tuple[int, str]]] = MappingProxyType(
+    {"S": (0, "JZIHGFEDCBA"), "T": (4, "JZIHGFEDCBA"), "F": (0, "XWUTRQPNMLK"), "G": (4, "XWUTRQPNMLK")}
+)
+# M (foreigners, from 2022): offset 3, and the letter "KLJNPQRTUWX"[10 - sum mod 11].
+_SG_NRIC_M_LETTERS: Final = "KLJNPQRTUWX"
+
+
+def sg_nric_fin(value: str) -> bool:
+    """Singapore NRIC or FIN: S, T, F, G or M, seven digits and the check letter of the ICA's weighted
+    mod 11 scheme (weights 2-7-6-5-4-3-2, offset and letter table by series). python-stdnum has no
+    NRIC module."""
+    match = _SG_NRIC.fullmatch(value.upper()) if value.isascii() else None
+    if match is None:
+        return False
+    series, digits, letter = match.groups()
+    total = sum(weight * (ord(char) - 48) for weight, char in zip(_SG_NRIC_WEIGHTS, digits, strict=True))
+    if series == "M":
+        return letter == _SG_NRIC_M_LETTERS[10 - (total + 3) % 11]
+    offset, letters = _SG_NRIC_TABLES[series]
+    return letter == letters[(total + offset) % 11]
+
+
+def jp_my_number(value: str) -> bool:
+    """Japanese Individual Number (My Number, 個人番号): 12 digits (spaces or dashes ignored), mod 11 check
+    digit."""
+    digits = _digits_of(value, " -", 12)
+    return digits is not None and _stdnum_valid(stdnum_jp_in, digits)
+
+
+def imei(value: str) -> bool:
+    """IMEI of a mobile device: 15 digits (spaces, dashes or slashes ignored) with the Luhn check digit.
+    The 14-digit form without a check digit and the 16-digit IMEISV have nothing to check: rejected."""
+    digits = _digits_of(value, " -/", 15)
+    return digits is not None and _stdnum_valid(stdnum_imei, digits)
+
+
+# EU VAT identification numbers: the member states' prefixes (EL for Greece, XI for Northern Ireland).
+_EU_VAT_PREFIXES: Final = frozenset(
+    {"AT", "BE", "BG", "CY", "CZ", "DE", "DK", "EE", "EL", "ES", "FI", "FR", "HR", "HU"}
+    | {"IE", "IT", "LT", "LU", "LV", "MT", "NL", "PL", "PT", "RO", "SE", "SI", "SK", "XI"}
+)
+
+
+def eu_vat(value: str) -> bool:
+    """VAT identification number of an EU member state or Northern Ireland: the country prefix and that
+    country's number with its check digits (``stdnum.eu.vat``, which delegates to each country's module;
+    no VIES lookup). Spaces are ignored."""
+    number = _strip(value, " ").upper()
+    if not number.isascii() or number[:2] not in _EU_VAT_PREFIXES or not number[2:].isalnum():
+        return False
+    return _stdnum_valid(stdnum_eu_vat, number)
+
+
+# Machine-readable zone of a passport (ICAO 9303 TD3): two lines of 44 characters. Line 2 carries four
+# check digits and a composite one, each the 7-3-1 weighted sum mod 10 of its field (digits as
+# themselves, A-Z as 10-35, the filler < as 0).
+_MRZ_TD3_LINE2: Final = re.compile(
+    r"[A-Z0-9<]{9}[0-9]"  # document number, check digit
+    r"[A-Z<]{3}"  # nationality
+    r"[0-9]{7}"  # birth date YYMMDD, check digit
+    r"[MFX<]"  # sex
+    r"[0-9]{7}"  # expiry date YYMMDD, check digit
+    r"[A-Z0-9<]{14}[0-9<]"  # personal number, check digit (< when there is none)
+    r"[0-9]"  # composite check digit
+)
+_MRZ_WEIGHTS: Final = (7, 3, 1)
+
+
+def _mrz_check(field: str) -> str:
+    total = 0
+    for index, char in enumerate(field):
+        value = 0 if char == "<" else int(char, 36)
+        total += value * _MRZ_WEIGHTS[index % 3]
+    return str(total % 10)
+
+
+def mrz_td3(value: str) -> bool:
+    """A passport's machine-readable zone, line 2 alone or both lines (the name line first, white space
+    between): line 2's check digits of the document number, birth date, expiry date and personal number,
+    and the composite check digit over them (python-stdnum has no MRZ module)."""
+    line = value.split()[-1] if value.strip() else ""
+    if not line.isascii() or _MRZ_TD3_LINE2.fullmatch(line) is None:
+        return False
+    number, birth, expiry, personal = line[0:10], line[13:20], line[21:28], line[28:43]
+    for field in (number, birth, expiry):
+        if _mrz_check(field[:-1]) != field[-1]:
+            return False
+    if personal[-1] == "<":
+        if personal[:-1].strip("<"):
+            return False  # a personal number needs its check digit
+    elif _mrz_check(personal[:-1]) != personal[-1]:
+        return False
+    return _mrz_check(number + birth + expiry + personal) == line[43]
+
+
 # --- entropy and the registry --------------------------------------------------------------------------
 
 
@@ -496,6 +798,28 @@ VALIDATORS: Final[Mapping[str, Validator]] = MappingProxyType(
         "base62_crc32": base62_crc32,
         "ip_address": ip_address,
         "not_placeholder": not_placeholder,
+        "uk_nino": uk_nino,
+        "uk_nhs": uk_nhs,
+        "ca_sin": ca_sin,
+        "in_aadhaar": in_aadhaar,
+        "in_pan": in_pan,
+        "au_tfn": au_tfn,
+        "au_medicare": au_medicare,
+        "de_tax_id": de_tax_id,
+        "fr_nir": fr_nir,
+        "es_dni": es_dni,
+        "es_nie": es_nie,
+        "it_fiscal_code": it_fiscal_code,
+        "nl_bsn": nl_bsn,
+        "br_cpf": br_cpf,
+        "br_cnpj": br_cnpj,
+        "pl_pesel": pl_pesel,
+        "se_personnummer": se_personnummer,
+        "sg_nric_fin": sg_nric_fin,
+        "jp_my_number": jp_my_number,
+        "imei": imei,
+        "eu_vat": eu_vat,
+        "mrz_td3": mrz_td3,
     }
 )
 
