@@ -119,7 +119,11 @@ class Detector:
         self.rules: tuple[LoadedRule, ...] = tuple(r for r in ruleset.rules if r.rule.enabled)
         prepare_normalize()  # the normalisation tables, built at start-up rather than on a first request
         self._cache = _Cache(cache_dir) if cache_dir is not None else None
-        self._keywords = [tuple(k.lower() for k in r.rule.keywords) for r in self.rules]
+        # Per rule, one search for any of its keywords (some rules name a dozen, in several languages).
+        self._keywords = [
+            re.compile("|".join(re.escape(k.lower()) for k in r.rule.keywords)) if r.rule.keywords else None
+            for r in self.rules
+        ]
         problems: list[str] = []
         self._python_only: list[int] = []
         self._hashed: dict[int, frozenset[str]] = {}
@@ -557,7 +561,8 @@ class Detector:
                 # A keyword must appear near a match, so none anywhere means no finding: skip the windows.
                 if lowered is None:
                     lowered = text.lower()
-                if not any(keyword in lowered for keyword in self._keywords[index]):
+                keywords = self._keywords[index]
+                if keywords is not None and keywords.search(lowered) is None:
                     continue
             final = 0
             if memo is not None:
@@ -671,9 +676,10 @@ class Detector:
 def _inside_example(text: str, start: int, end: int, examples: tuple[str, ...]) -> bool:
     """Whether ``text[start:end]`` lies inside an occurrence of one of the pack's allowed values (a rule
     that matches only part of a published example token reports that part)."""
+    value = text[start:end]
     for example in examples:
         size = len(example)
-        if size >= end - start and text.find(example, max(0, end - size), start + size) != -1:
+        if value in example and text.find(example, max(0, end - size), start + size) != -1:
             return True
     return False
 
