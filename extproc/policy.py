@@ -362,7 +362,7 @@ def load_policies(paths: Iterable[str | Path], known: KnownNames | None = None) 
     for item in loaded:
         warnings.extend(_approval_warnings(item))
     defaults = [p for p in loaded if p.policy.default]
-    if loaded and len(defaults) != 1:
+    if len(defaults) != 1 and (loaded or not problems):  # files with no policy at all have no default
         named = ", ".join(p.where for p in defaults) or "none"
         where = ", ".join(str(f) for f in files)
         problems.append(f"{where}: exactly one policy must be the default (default: true); found {named}")
@@ -388,7 +388,7 @@ def _load_file(
         problems.append(f"{path}: a policy file is a mapping with a `policies` list, a `base`, or both")
         return [], None
     # A misspelt `base:` would drop every guardrail without a word: unknown keys are refused.
-    for key in sorted(set(document) - FILE_KEYS - {"__line__"}):
+    for key in sorted(set(document) - FILE_KEYS - {"__line__"}, key=str):  # keys may be numbers too
         close = difflib.get_close_matches(str(key), sorted(FILE_KEYS), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         problems.append(f"{path}: unknown key {key!r}{hint}; a policy file holds `policies` and `base`")

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from extproc import yamlfiles
 from extproc.errors import ConfigError
 from extproc.routes import DEFAULT_MODEL_PATHS, check_pattern
 
@@ -474,11 +475,11 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     if path is not None:
         where = str(path)
         try:
-            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+            loaded = yamlfiles.load(yamlfiles.decode(Path(path).read_bytes()))
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read settings file: {exc.strerror}") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+        except yamlfiles.YamlProblem as exc:
+            raise ConfigError(f"{exc.where(path)}: {exc.message}") from exc
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -552,6 +553,6 @@ def _env_value(name: str, value: str) -> Any:
     if not value.lstrip().startswith(("[", "{")):
         return value
     try:
-        return yaml.safe_load(value)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"${name}: not a YAML (or JSON) list or mapping: {exc}") from exc
+        return yamlfiles.load(value)
+    except yamlfiles.YamlProblem as exc:
+        raise ConfigError(f"${name}: not a YAML (or JSON) list or mapping: {exc.message}") from exc

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
+from extproc import yamlfiles
 from extproc.detect.validators import VALIDATORS
 
 # Python `re` confirms what Hyperscan finds; both read \d, \w, \s and \b as ASCII.
@@ -238,7 +239,7 @@ def _load_file(
     ):
         problems.append(f"{path}:1: a rule file is a mapping with a `rules:` list, an `allow:` list, or both")
         return [], []
-    extra = sorted(set(document) - {"rules", "allow", "__line__"})
+    extra = sorted(set(document) - {"rules", "allow", "__line__"}, key=str)  # keys may be numbers too
     if extra:
         problems.append(f"{path}:1: unknown top-level keys: {', '.join(map(str, extra))}")
     result = []
@@ -266,17 +267,12 @@ def read_yaml(path: Path, problems: list[str]) -> Any:
     """The YAML document in ``path``, every mapping marked with its ``__line__``; None, with the problem
     (file and line) appended to ``problems``, when it cannot be read or parsed."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return yamlfiles.load(yamlfiles.decode(path.read_bytes()), LineLoader)
     except OSError as exc:
         problems.append(f"{path}: cannot read: {exc.strerror}")
-        return None
-    try:
-        return yaml.load(text, Loader=LineLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        problems.append(f"{path}{line}: invalid YAML: {getattr(exc, 'problem', exc)}")
-        return None
+    except yamlfiles.YamlProblem as exc:
+        problems.append(f"{exc.where(path)}: {exc.message}")
+    return None
 
 
 def strip_lines(node: Any) -> Any:

@@ -72,5 +72,12 @@ def json_object(data: bytes) -> dict[str, Any]:
 
 
 def is_number(value: object) -> TypeGuard[int | float]:
-    """A JSON NumericDate: int or float, finite, and not a bool (``True`` is an int in Python)."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    """A JSON NumericDate: int or float, finite, and not a bool (``True`` is an int in Python). An
+    integer too large for a float (JSON allows ``1`` followed by 400 zeros) is no date either: it could
+    not be compared with the clock."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False

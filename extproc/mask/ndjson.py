@@ -8,7 +8,9 @@ has ``"done": true``. Those texts are scanned across lines like server-sent toke
 fields (model, timestamps, the done reason, tool calls sent whole) are masked whole; every other string,
 and every string of a line of no known shape, feeds a channel per field path and one joining them all,
 across lines; a line that is not JSON is such a string. A line longer than ``max_line_bytes``, complete
-or not, ends the stream with ``too_large``.
+or not, ends the stream with ``too_large``; a line that is JSON only to a lenient reader (a repeated key,
+nesting past the limit, a broken document that starts like one), or more texts than a stream may open,
+with ``invalid`` (an answer's ``upstream_unscannable`` by default; a request's ``invalid_json``).
 """
 
 from __future__ import annotations
@@ -44,13 +46,26 @@ _TOP_META = frozenset({"model", "created_at", "done", "done_reason", "context"})
 class NdjsonStream(EventFields):
     _json: JsonMasker
 
-    def __init__(self, inspector: Inspector, max_line_bytes: int, too_large: ExtProcError) -> None:
+    def __init__(
+        self,
+        inspector: Inspector,
+        max_line_bytes: int,
+        too_large: ExtProcError,
+        invalid: ExtProcError | None = None,
+    ) -> None:
         self._max = max_line_bytes
         self._too_large = too_large
+        self._invalid = invalid
         self._pending = b""
         self._found: list[Finding] = []
         self._json = JsonMasker(inspector, self._found)
-        self._router = Router(inspector, UpstreamError(f"the answer opens more than {MAX_CHANNELS} texts"))
+        self._router = Router(inspector, self._refusal(f"opens more than {MAX_CHANNELS} texts"))
+
+    def _refusal(self, reason: str) -> ExtProcError:
+        """``invalid`` saying why (an answer's 502 when none was given)."""
+        if self._invalid is None:
+            return UpstreamError(f"the answer {reason}")
+        return type(self._invalid)(f"{self._invalid.message}: {reason}", code=self._invalid.code)
 
     @property
     def findings(self) -> list[Finding]:
@@ -110,6 +125,10 @@ class NdjsonStream(EventFields):
         text = line.decode(ENCODING, ERRORS)
         try:
             document = load_json(text) if text.strip() else None
+        except UpstreamError as exc:  # JSON that cannot be read one way only: said in this direction's words
+            if self._invalid is None:
+                raise
+            raise self._refusal(f"a line {exc.message.removeprefix('an event of the answer ')}") from exc
         except ValueError:
             document = None
         # Text, or a bare JSON number, is read as the text it is; a JSON string as its receiver decodes it.

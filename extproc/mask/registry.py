@@ -212,7 +212,9 @@ def _lines(body: _Body) -> BodyProcessor:
     headers say."""
     scope = body.scope
     inspector = scope.inspector if scope.admit is None else scope.admit(None, 0)[0]
-    return NdjsonStream(inspector, scope.limits.event, body.words.event_too_large(scope.limits))
+    words = body.words
+    invalid = words.invalid() if words.request else None
+    return NdjsonStream(inspector, scope.limits.event, words.event_too_large(scope.limits), invalid)
 
 
 def _events(body: _Body) -> BodyProcessor:
