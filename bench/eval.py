@@ -6,8 +6,10 @@
 Per entity: recall (labelled values found), false-positive rate (texts labelled clean in which the
 entity was reported) and, where values are labelled, the leak rate after masking (labelled values still
 present verbatim in the masked text). The secret scanners' suites are scored per family (gitleaks rule,
-detect-secrets plugin), against the targets: recall >= 99%, false positives <= 1%. ``--misses`` lists
-every miss and false alarm. Results go to bench/results/eval.{json,md}.
+detect-secrets plugin), against the targets: recall >= 99%, false positives <= 1%. Last, the project's
+own corpus (``bench/corpus.py``: documents generated from a fixed seed, with planted values and decoys)
+is scored per entity against the same targets. ``--misses`` lists every miss and false alarm. Results go
+to bench/results/eval.{json,md}.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench import corpus
 from extproc.detect.rules import load_rules
 from extproc.mask import Inspector
 from extproc.model import Finding
@@ -214,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rules", type=Path, action="append")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--misses", action="store_true", help="list what was missed")
+    parser.add_argument("--seed", type=int, default=corpus.SEED, help="the generated corpus's seed")
+    parser.add_argument("--documents", type=int, default=corpus.DOCUMENTS, help="the generated corpus's size")
     args = parser.parse_args(argv)
     if not (args.corpora / "README.md").exists():
         print(f"eval: no corpora at {args.corpora} (pass --corpora DIR)", file=sys.stderr)
@@ -239,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         for c in _read(args.corpora / "detect_secrets_plugin_cases.jsonl")
     ]
     secret_cases(inspector, detect_secrets, scores)
+    documents = corpus.generate(args.seed, args.documents)
+    generated = corpus.evaluate(inspector, documents)
     elapsed = time.perf_counter() - started
 
     report: dict[str, Any] = {}
@@ -252,6 +259,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             report[name] = rows
             lines += _table(name, rows)
+    report["generated corpus"] = {
+        "seed": args.seed,
+        "documents": len(documents),
+        "entities": [score.row(entity) for entity, score in generated.items()],
+        "total": corpus.totals(generated).row("all entities"),
+    }
+    lines += corpus.markdown(generated, documents, args.seed)
     markdown = "\n".join(lines)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -262,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
             for entity, score in sorted(scores.items()):
                 for miss in score.misses:
                     print(f"MISS {name[:20]} {entity}: {miss!r}")
+        for entity, generated_score in generated.items():
+            for miss in generated_score.misses:
+                print(f"MISS generated corpus {entity}: {miss}")
     return 0
 
 
