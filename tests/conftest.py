@@ -1,11 +1,12 @@
 import contextlib
 import json
 import os
+import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import anthropic
 import httpx
@@ -14,8 +15,8 @@ from anthropic.lib.streaming import MessageStream
 
 from extproc.devenv import Stack
 
+from . import markers
 from .redis_fixture import RedisServer
-
 
 def pytest_configure(config: pytest.Config) -> None:
     # One Hyperscan compile of the default pack per test session, shared by every server the tests start.
@@ -99,3 +100,37 @@ def anthropic_stream(stack: Stack, reply: str) -> Iterator[MessageStream]:
         ) as stream,
     ):
         yield stream
+
+
+# -- markers: what a test starts, and which tests are slow ----------------------------------------------
+
+# Measured with `pytest --durations`: tests over about two seconds on a two-core machine, beside whole
+# modules marked slow in their own file (tests/test_faults.py). A name here that no longer matches a test
+# fails tests/test_markers.py.
+SLOW: Final[frozenset[str]] = frozenset()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    markers.mark(items)
+    for item in items:
+        if item.nodeid.split("[")[0] in SLOW:
+            item.add_marker("slow")
+
+
+@pytest.fixture(autouse=True)
+def no_process_in_unit_tests(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test marked ``unit`` that starts a process fails: the marker rule (tests/markers.py) or the
+    mark written on the test is wrong, and ``-m unit`` would no longer be what it says."""
+    if request.node.get_closest_marker("unit") is None:
+        return
+    original = subprocess.Popen.__init__
+
+    def refuse(self: subprocess.Popen[Any], args: Any, *rest: Any, **kwargs: Any) -> None:
+        pytest.fail(
+            f"a test marked unit started a process ({args!r}): mark it process or envoy "
+            "(tests/markers.py says how the rule decides)",
+            pytrace=False,
+        )
+        original(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
