@@ -18,6 +18,10 @@ from extproc.devenv import Stack
 from . import markers
 from .redis_fixture import RedisServer
 
+# pytester: tests of the suite's own plugins; stack_logs: a failed test's report shows its Stack's logs.
+pytest_plugins = ["pytester", "tests.stack_logs"]
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # One Hyperscan compile of the default pack per test session, shared by every server the tests start.
     os.environ.setdefault("EXTPROC_DETECT__CACHE_DIR", tempfile.mkdtemp(prefix="extproc-hs-cache-"))
