@@ -10,7 +10,8 @@ A test is marked by what it (or a fixture it uses, or a helper either calls) sta
   receiver (a thread) and sockets on loopback count as in process.
 
 The code is read, not run: the names a function's code refers to, resolved in its module, followed into
-every function and class defined under ``tests`` (helpers, fixtures' helpers). A mark written on the test
+every function and class defined under ``tests`` (helpers, fixtures' helpers) and ``bench`` (run in
+process by some tests). A mark written on the test
 wins over the rule (for what a name cannot show, as a fixture asked for by ``request.getfixturevalue``),
 and ``unit`` tests are also watched while they run (``conftest.no_process_in_unit_tests``): a unit test
 that starts a process fails, so the rule cannot silently drift.
@@ -42,10 +43,10 @@ def _codes(code: types.CodeType) -> Iterator[types.CodeType]:
 
 def _functions_of(obj: Any) -> Iterator[Any]:
     """The Python functions behind a function, a method, a fixture or a class (its methods, and those of
-    the bases it has under ``tests``)."""
+    the bases it has under ``tests`` or ``bench``)."""
     if isinstance(obj, type):
         for klass in obj.__mro__:
-            if klass.__module__.split(".")[0] != "tests":
+            if klass.__module__.split(".")[0] not in _FOLLOWED:
                 continue
             for member in vars(klass).values():
                 if isinstance(member, staticmethod | classmethod):
@@ -60,14 +61,17 @@ def _functions_of(obj: Any) -> Iterator[Any]:
         yield obj
 
 
+_FOLLOWED: Final = frozenset({"tests", "bench"})  # the suite, and the benchmarks some tests run in process
+
+
 def _ours(obj: Any) -> bool:
     module = getattr(obj, "__module__", None) or ""
-    return module.split(".")[0] == "tests" and (inspect.isfunction(obj) or isinstance(obj, type))
+    return module.split(".")[0] in _FOLLOWED and (inspect.isfunction(obj) or isinstance(obj, type))
 
 
 def starts(*roots: Any) -> set[str]:
-    """What the code of ``roots`` starts, followed through what it calls under ``tests``: a subset of
-    {"envoy", "process"}."""
+    """What the code of ``roots`` starts, followed through what it calls under ``tests`` and ``bench``: a
+    subset of {"envoy", "process"}."""
     found: set[str] = set()
     seen: set[int] = set()
     todo = [function for root in roots for function in _functions_of(root)]

@@ -12,7 +12,6 @@ from bench.scan import _interleaved, markdown
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.process  # git archive, run by bench/scan.py
 def test_a_revision_is_written_out_and_a_folder_is_taken_as_it_is(tmp_path: Path) -> None:
     label, folder = _rules_at("HEAD", tmp_path)
     assert label == "HEAD"
@@ -22,7 +21,6 @@ def test_a_revision_is_written_out_and_a_folder_is_taken_as_it_is(tmp_path: Path
     assert _rules_at(str(ROOT / "rules"), tmp_path) == (str(ROOT / "rules"), ROOT / "rules")
 
 
-@pytest.mark.process  # git archive, run by bench/scan.py
 def test_an_unknown_revision_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="no-such-revision"):
         _rules_at("no-such-revision", tmp_path)
