@@ -108,10 +108,31 @@ def anthropic_stream(stack: Stack, reply: str) -> Iterator[MessageStream]:
 
 # -- markers: what a test starts, and which tests are slow ----------------------------------------------
 
-# Measured with `pytest --durations`: tests over about two seconds on a two-core machine, beside whole
-# modules marked slow in their own file (tests/test_faults.py). A name here that no longer matches a test
-# fails tests/test_markers.py.
-SLOW: Final[frozenset[str]] = frozenset()
+# Measured with `pytest --durations` (one file at a time, the compiled rule pack already cached, so the
+# first test of a file does not pay the compile): tests over about two seconds on a shared two-core
+# machine, beside whole modules marked slow in their own file (tests/test_faults.py,
+# tests/test_record_faults.py). A name here that no longer matches a test fails tests/test_markers.py.
+SLOW: Final[frozenset[str]] = frozenset(
+    {
+        # in process: approval holds waited out, the exchange benchmark, a server's notifications
+        "tests/test_approvals_server.py::test_a_client_leaving_during_a_hold_ends_the_wait_and_is_recorded",
+        "tests/test_approvals_server.py::test_a_hold_extends_the_timeout_waits_and_sends_the_approved_body_on",
+        "tests/test_bench_exchange.py::test_the_exchange_bench_reports_the_cpu_of_masked_exchanges",
+        "tests/test_bench_exchange.py::test_the_exchange_bench_refuses_a_path_that_lets_a_value_through",
+        "tests/test_approval_notify.py::test_the_server_announces_what_its_approval_service_is_asked",
+        # processes: Chromium, a venv installed from the lock, extproc commands that load the rule pack
+        "tests/test_approval_browser.py::test_an_approver_decides_in_the_page",
+        "tests/test_approvals_cli.py::test_list_show_approve_and_deny_from_the_command_line",
+        "tests/test_deploy.py::test_the_image_install_steps_give_a_working_sidecar_from_the_runtime_lock",
+        "tests/test_cli.py::test_scan_keeps_the_compiled_pack_in_the_users_cache_folder",
+        "tests/test_cli.py::test_audit_keygen_verify_and_show",
+        "tests/test_cli.py::test_rules_check_passes_on_the_default_pack",
+        "tests/test_cli.py::test_scan_mask_of_clean_text_exits_0",
+        "tests/test_cli.py::test_scan_json_lines",
+        "tests/test_cli.py::test_scan_finds_nothing_in_clean_text",
+        "tests/test_cli.py::test_hash_list_feeds_a_hashed_rule",
+    }
+)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -31,6 +31,8 @@ from extproc.settings import load_settings
 
 from .test_server import request_headers
 
+pytestmark = pytest.mark.slow  # each waits out a retry of the writer, or a second of refusals
+
 MODES = ["fail_closed", "continue"]
 
 
