@@ -99,6 +99,14 @@ def starts(*roots: Any) -> set[str]:
                 stack_classes = True
             if _ours(value) and not (isinstance(value, type) and issubclass(value, devenv.Stack)):
                 todo.extend(_functions_of(value))
+            elif isinstance(value, types.ModuleType):  # ``soak.main(...)``, ``devenv.Stack(...)``
+                if value is devenv and ("running" in names or ("Stack" in names and "start" in names)):
+                    found.add("envoy")
+                elif value.__name__.split(".")[0] in _FOLLOWED:
+                    for attribute in names:
+                        member = getattr(value, attribute, None)
+                        if _ours(member):
+                            todo.extend(_functions_of(member))
         if stack_classes and "start" in names:
             found.add("envoy")
     return found

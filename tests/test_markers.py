@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from bench import soak
 from extproc.devenv import Stack
 
 from .conftest import SLOW, start_stack
@@ -104,3 +105,11 @@ def test_the_rule_follows_the_helpers_a_test_calls(code: Any, expected: set[str]
 def test_a_unit_test_that_starts_a_process_fails() -> None:
     with pytest.raises(pytest.fail.Exception, match="a test marked unit started a process"):
         subprocess.run(["true"], check=True)
+
+
+def _runs_the_soak() -> None:
+    soak.main([])
+
+
+def test_the_rule_follows_a_function_called_through_its_module() -> None:
+    assert "envoy" in starts(_runs_the_soak)  # it runs commands too: envoy wins
