@@ -128,6 +128,11 @@ SLOW: Final[frozenset[str]] = frozenset(
         "tests/test_stream_final_text.py::test_every_final_text_is_exactly_what_its_deltas_assembled_to",
         "tests/test_server.py::test_serve_stops_cleanly_on_sigterm",
         "tests/test_signals.py::test_sighup_reloads_and_the_server_keeps_serving",
+        "tests/test_stream_refusals.py::test_regression_a_refused_card_split_across_events_is_not_released_in_clear_on_the_cut",
+        "tests/test_stream_refusals.py::test_regression_invisible_characters_alone_are_released_and_cost_linear_time",
+        "tests/test_workers.py::test_workers_that_keep_dying_stop_the_service",
+        "tests/test_workers.py::test_sigterm_stops_every_worker_and_each_record_verifies",
+        "tests/test_workers.py::test_one_worker_keeps_the_port_exclusive",
         "tests/test_signals.py::test_a_stop_signal_drains_and_ends_the_record_with_a_signed_final_checkpoint",
         # processes: Chromium, a venv installed from the lock, extproc commands that load the rule pack
         "tests/test_approval_browser.py::test_an_approver_decides_in_the_page",
