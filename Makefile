@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint typecheck pytest browser redis-server wrk bench eval soak clean lock proto
+.PHONY: install run test test-fast lint typecheck pytest browser redis-server wrk bench eval soak clean lock proto
 
 # Every install comes from the lock (uv.lock, exported to requirements/*.txt with hashes), through
 # requirements/install.sh, which also repairs the opentelemetry-proto files that xds-protos overwrites.
@@ -73,6 +73,12 @@ wrk:
 	  set -x; $(APT_GET) update -qq && $(APT_GET) install -y -qq --no-install-recommends wrk; }
 
 test: lint typecheck pytest
+
+# The quick loop while editing: the tests that start no process (no Envoy, Redis, Chromium or command)
+# and are not slow, in a few minutes where `make test` takes much longer. tests/markers.py says how a test
+# is marked; `make test` still runs every test.
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -m "unit and not slow" $(PYTEST_ARGS)
 
 BENCH_STAMP := $(VENV)/.bench-stamp
 $(BENCH_STAMP): $(STAMP) requirements/bench.txt

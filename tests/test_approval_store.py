@@ -50,7 +50,9 @@ def vote(approver: Person, approve: bool = True) -> Callable[[Approval], Approva
     return lambda a: a.vote(approver, approve, now)
 
 
-@pytest.fixture(params=["memory", "redis"])
+# The Redis pair starts redis-server (the session's, through getfixturevalue: a name the marker rule cannot
+# follow), so its tests are marked process here.
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.process)])
 async def stores(request: pytest.FixtureRequest) -> AsyncIterator[Pair]:
     if request.param == "memory":
         memory = MemoryStore()

@@ -359,8 +359,10 @@ async def test_watch_sends_once_what_was_created_while_it_listed(api: Api) -> No
 
 
 async def test_watch_streams_end_when_the_api_closes(api: Api) -> None:
+    pending = await api.service.request(ask())
     call = api.stub.Watch(pb.WatchRequest(), metadata=api.token("bob", "approvers"))
-    await asyncio.sleep(0.2)  # the stream is open and waiting
+    # The pending approval listed: the stream is open, and follows the store (it does before listing).
+    assert (await asyncio.wait_for(call.read(), 10)).request.id == pending.id
     api.servicer.close()
     assert await asyncio.wait_for(call.read(), 10) is grpc.aio.EOF
     assert await call.code() == grpc.StatusCode.OK

@@ -95,11 +95,13 @@ async def test_a_stopping_server_ends_watch_streams_instead_of_waiting_its_grace
     srv = Server(settings, Runtime(build_snapshot(settings)))
     await srv.start()
     token = mint(tmp_path, "bob", "approvers")
+    pending = await srv.approvals.request(ask())
     async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.approvals_port}") as channel:
         call = rpc.ApprovalsStub(channel).Watch(
             pb.WatchRequest(), metadata=(("authorization", f"Bearer {token}"),)
         )
-        await asyncio.sleep(0.3)  # open, and waiting for changes
+        # The pending approval listed: the stream is open, and waits for changes.
+        assert (await asyncio.wait_for(call.read(), 10)).request.id == pending.id
         started = time.monotonic()
         await srv.stop()
         assert time.monotonic() - started < 10

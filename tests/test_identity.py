@@ -510,7 +510,7 @@ async def test_regression_unknown_kid_refreshes_once_in_the_background(
     # A second unknown kid inside the rate-limit window: refused, and no second fetch.
     clock[0] += 59
     assert code_of(verifier, ec_keys.sign(claims(), kid="unknown-2")) == "jwt_key_unknown"
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(0.2)  # a fetch that must not happen has no event to wait for: a bounded window
     assert jwks_server.hits["/jwks"] == 2
     # After the window, an unknown kid may ask again.
     clock[0] += 2
@@ -526,7 +526,7 @@ async def test_regression_a_burst_of_unknown_kids_makes_one_fetch_even_without_r
     for n in range(50):
         assert code_of(verifier, rsa_keys.sign(claims(), kid=f"made-up-{n}")) == "jwt_key_unknown"
     await eventually(lambda: jwks_server.hits["/jwks"] == 2)
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(0.2)  # a window for a second fetch that must not come (no event says it will not)
     assert jwks_server.hits["/jwks"] == 2  # one refresh was pending: the other 49 asked for nothing
 
 
@@ -552,7 +552,7 @@ async def test_regression_key_headers_jku_x5u_jwk_x5c_are_ignored(
     assert code_of(verifier, token) == "jwt_signature_invalid"
     # a genuine token carrying the headers still verifies with the issuer's key
     assert verifier.verify(rsa_keys.sign(claims(), jku=attacker_url), now=NOW).subject == "alice"
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(0.2)  # a window for a fetch of the attacker's URL, which must never come
     assert jwks_server.hits.get("/attacker-jwks", 0) == 0
 
 
@@ -863,7 +863,7 @@ async def test_redirects_are_not_followed(
 async def test_close_stops_every_task(jwks_path: Path) -> None:
     verifier = Verifier(identity(issuer(jwks_path), jwks_refresh_seconds=0.01))
     await verifier.start()
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # a few refreshes (every 10 ms) under way: what close must stop
     await verifier.close()
     await verifier.close()
     pending = [task for task in asyncio.all_tasks() if "refresh" in repr(task.get_coro())]

@@ -202,6 +202,7 @@ def dev_running(
     assert leftovers.stdout == b""
 
 
+@pytest.mark.envoy  # `extproc dev` as a command, which starts Envoy itself
 def test_make_run_prints_a_working_curl_line_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     printed: list[str] = []
     with dev_running(tmp_path, printed=printed) as (url, data, authorization):
@@ -228,6 +229,7 @@ def test_make_run_prints_a_working_curl_line_and_stops_on_ctrl_c(tmp_path: Path)
         assert "[REDACTED:EMAIL_ADDRESS]" in content
 
 
+@pytest.mark.envoy  # `extproc dev` as a command, which starts Envoy itself
 def test_dev_with_a_settings_file_keeps_the_dev_identity(tmp_path: Path) -> None:
     """`extproc dev --config F` used to drop the dev identity: a request without a token got 200."""
     settings = tmp_path / "settings.yaml"

@@ -51,6 +51,18 @@ async def store(redis_server: RedisServer, prefix: str) -> AsyncIterator[RedisSt
     await opened.close()
 
 
+async def subscribed(url: str, channel: str) -> None:
+    """Until a client listens on ``channel``, as Redis itself counts them: a store's listener is subscribed
+    before any wait reads the approval, so a change published from then on reaches the wait."""
+    admin = redis.asyncio.Redis.from_url(url, decode_responses=True)
+    try:
+        async with asyncio.timeout(10):
+            while (await admin.pubsub_numsub(channel))[0][1] < 1:  # noqa: ASYNC110 - Redis is asked
+                await asyncio.sleep(0.02)
+    finally:
+        await admin.aclose()
+
+
 def near(value: int, expected: float) -> bool:
     """A PTTL read a moment after the write: at most the expected milliseconds (the store's clock ran
     on from the time the expectation counts from), and not seconds less."""
@@ -184,7 +196,7 @@ async def test_service_refuses_while_redis_is_down_and_works_when_it_is_back(own
         held = await service.request(approval_request())
         waiting = asyncio.create_task(service.wait(held.id, 60))
         watching = asyncio.create_task(anext(aiter(service.watch())))
-        await asyncio.sleep(0.2)  # the wait and the watch are blocked on changes by now
+        await subscribed(own_server.url, "outage:changes")
 
         own_server.stop()
         assert await unavailable_fast(waiting) < 2.0  # a wait in progress ends, it does not hang
@@ -203,7 +215,7 @@ async def test_service_refuses_while_redis_is_down_and_works_when_it_is_back(own
         own_server.start(own_server.port)  # the same address; nothing was saved, so it starts empty
         again = await service.request(approval_request(body_digest=digest))
         waiting = asyncio.create_task(service.wait(again.id, 60))
-        await asyncio.sleep(0.2)
+        await subscribed(own_server.url, "outage:changes")
         await service.decide(again.id, BOB, True)
         assert (await asyncio.wait_for(waiting, 5)).status == "approved"
         assert (await service.redeem(again.id, ALICE, digest)).status == "used"
@@ -239,7 +251,9 @@ async def test_a_broken_subscription_while_redis_stays_up_loses_no_decision(own_
         await one.create(approval)
         waiting = asyncio.create_task(one.wait(approval.id, 60))
         watching = asyncio.create_task(anext(aiter(one.watch())))
-        await asyncio.sleep(0.2)  # both are blocked on changes by now
+        # Both are blocked on changes by now. Kept as a sleep: Redis shows the listener subscribed, but
+        # not whether the watch has joined it yet, and a watch that joins after the kill would not see it.
+        await asyncio.sleep(0.2)
         assert await admin.client_kill_filter(_type="pubsub") == 1
         await two.update(approval.id, vote(BOB))
         woken = await asyncio.wait_for(waiting, 5)

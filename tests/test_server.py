@@ -116,9 +116,12 @@ async def test_health_reports_serving_then_not_serving_while_draining() -> None:
         await call.write(request_headers(("content-type", "text/plain")))
         await call.read()
         stopping = asyncio.create_task(srv.stop())
-        await asyncio.sleep(0.3)
-        answer = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
-        assert answer.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        async with asyncio.timeout(5):  # NOT_SERVING is the stop's first step; the drain lasts 1 s
+            while (  # noqa: ASYNC110 - health is asked, it does not call back
+                await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
+            ).status != health_pb2.HealthCheckResponse.NOT_SERVING:
+                await asyncio.sleep(0.02)
+        assert not stopping.done()  # still draining: the stream opened before is still served
         await call.write(pb.ProcessingRequest(request_body=pb.HttpBody(body=b"late", end_of_stream=True)))
         assert (await call.read()).HasField("request_body")
         await call.done_writing()

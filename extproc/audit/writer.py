@@ -14,6 +14,12 @@ own cut-off write), someone else wrote to the file meanwhile: the writer then be
 ``start`` record, so that its next checkpoint does not vouch for what it found (a checkpoint covers only its
 own run).
 
+The file written is always the one at ``path``: before each batch the writer checks that the file it has
+open is still there. One removed, or renamed away (log rotation), would otherwise take every later record
+with it; the writer opens the path again (creating it) and begins a new run there, whose ``start`` record
+names the last record written to the file before (``replaces``: its ``seq`` and ``hash``). A path that
+cannot be opened again (a read-only folder, a full disk) is a failed write like any other.
+
 A writer that continues a file says so in its ``start`` record (``resumed``: the ``seq`` and ``hash`` of the
 last record it found) and in the ``audit_resumed`` log: with the ``audit_checkpoint`` logs, anchors outside
 the file against which an edit made while no writer ran shows up. The checkpoint written at ``close`` is
@@ -205,6 +211,7 @@ class RecordWriter:
         self._gap = _Gap()
         self._start_record: dict[str, Any] | None = None
         self._on_disk: tuple[int, str] | None = None
+        self._replaces: tuple[int, str] | None = None  # _on_disk of the file last replaced under the writer
         self._written = 0
         self._since_checkpoint = 0
         self._checkpoint_at = time.monotonic()
@@ -247,26 +254,30 @@ class RecordWriter:
         if self._thread is not None or self._closing:
             raise RuntimeError("RecordWriter.start() called twice, or after close()")
         try:
-            self._path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self._path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise ConfigError(f"{self._path}: cannot open the session record: {exc.strerror}") from exc
-        try:
-            self._regular = stat.S_ISREG(os.fstat(fd).st_mode)
-            if self._regular:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._fd, self._regular = self._open()
         except BlockingIOError as exc:
-            os.close(fd)
             raise ConfigError(f"{self._path}: another process is writing this session record") from exc
         except OSError as exc:
-            os.close(fd)
-            raise ConfigError(f"{self._path}: cannot lock the session record: {exc.strerror}") from exc
-        self._fd = fd
+            raise ConfigError(f"{self._path}: cannot open the session record: {exc.strerror}") from exc
         self._start_record = {"type": "start", "time": iso_time(self._clock()), "pid": os.getpid()}
         self._checkpoint_at = time.monotonic()
         self._attempt([], final=False)
         self._thread = threading.Thread(target=self._run, name="extproc-audit-writer", daemon=True)
         self._thread.start()
+
+    def _open(self) -> tuple[int, bool]:
+        """Opens (creating it and its folder) and locks the file at ``path``: its descriptor, and whether
+        it is a regular file. Raises OSError; BlockingIOError when another process holds the lock."""
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self._path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            regular = stat.S_ISREG(os.fstat(fd).st_mode)
+            if regular:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise
+        return fd, regular
 
     def submit(self, entry: Entry) -> bool:
         """Queue a record (or a function building one, called on the writer's thread); never blocks.
@@ -440,6 +451,12 @@ class RecordWriter:
             if self._dropped.pending:
                 dropped = self._dropped.take()
                 self._gap.add(dropped.lost, dropped.first_id, *dropped.reasons)
+        problem = self._follow_path()
+        if problem is not None:
+            error, reason = problem
+            self._lose([_record_id(body) for body in bodies], reason)
+            self._fail(error, reason)
+            return
         now = time.monotonic()
         prefix = b""
         tail: Tail | None = None
@@ -483,6 +500,52 @@ class RecordWriter:
         if recovered:
             reported = sum(line.gap.lost for line in lines if line.gap is not None)
             log.warning("audit_write_recovered", extra={"path": str(self._path), "lost": reported})
+
+    def _follow_path(self) -> tuple[OSError, str] | None:
+        """Keep writing to the file at ``path``, not to one that was removed or renamed away from it.
+
+        Appending to a file that is no longer at its path would lose every record silently (a removed
+        file is freed when the writer closes it). So before each batch the file open is compared with the
+        one at the path; when they differ (or the path is gone, or the writer could not open it before),
+        the old one is closed and the path opened again, created if need be, and the writer begins a new
+        run in it: a ``start`` record whose ``replaces`` names the last record written to the file before
+        (its ``seq`` and ``hash``), so an auditor can join the two. The error and its reason when the
+        path cannot be opened: the batch is lost, and the next attempt tries again."""
+        fd = self._fd
+        if fd is not None:
+            try:
+                opened, here = os.fstat(fd), os.stat(self._path)
+                if (opened.st_dev, opened.st_ino) == (here.st_dev, here.st_ino):
+                    return None
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                return exc, f"checking the session record's path: {exc}"
+            log.error("audit_file_replaced", extra={"path": str(self._path)})
+            self._fd = None
+            os.close(fd)  # and its lock with it
+            if self._on_disk is not None:
+                self._replaces = self._on_disk
+            self._on_disk = None
+        try:
+            self._fd, self._regular = self._open()
+        except BlockingIOError as exc:
+            return exc, "reopening the session record: another process is writing it"
+        except OSError as exc:
+            return exc, f"reopening the session record: {exc}"
+        start: dict[str, Any] = {
+            "type": "start",
+            "time": iso_time(self._clock()),
+            "pid": os.getpid(),
+            "reason": "the session record was removed or replaced under the writer",
+        }
+        if self._replaces is not None:
+            seq, digest = self._replaces
+            start["replaces"] = {"seq": seq - 1, "hash": digest}
+        self._start_record = start
+        self._resync = True
+        log.warning("audit_file_reopened", extra={"path": str(self._path), "replaces": start.get("replaces")})
+        return None
 
     def _check_tail(self, tail: Tail) -> None:
         """Begin a new run when the file's last record is not the last one this writer wrote.
