@@ -17,6 +17,7 @@ from extproc.detect.engine import Detector
 from extproc.detect.rules import load_rules
 from extproc.mask import Inspector
 
+from .rules_fixture import hyperscan_cache
 from .test_stream_hold import block, streamed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +99,7 @@ def test_a_stream_holds_a_run_until_it_ends(inspector: Inspector) -> None:
     assert [f.entity for f in findings] == ["AWS_ACCESS_KEY"]
 
 
-DETECTOR = Detector(PACK)
+DETECTOR = Detector(PACK, cache_dir=hyperscan_cache())
 PIECES = [
     b64(AWS),
     b64(GITHUB, urlsafe=True),

@@ -18,8 +18,10 @@ from extproc.errors import ExtProcError
 from extproc.mask import Inspector
 from extproc.mask.bodies import BufferedJson
 
+from .rules_fixture import hyperscan_cache
+
 ROOT = Path(__file__).resolve().parents[1]
-INSPECTOR = Inspector.build(load_rules([ROOT / "rules"]), hash_key=b"k" * 24)
+INSPECTOR = Inspector.build(load_rules([ROOT / "rules"]), hash_key=b"k" * 24, cache_dir=hyperscan_cache())
 CARD = "4111 1111 1111 1111"
 TOKEN = "ghp_9Btr3dQAjQvDjPO9iaZzBjJK5LJbgr7uwliM"
 

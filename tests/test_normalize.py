@@ -19,6 +19,7 @@ from extproc.detect.normalize import CONFUSABLES, normalize
 from extproc.detect.rules import load_rules
 from extproc.mask import Inspector
 
+from .rules_fixture import hyperscan_cache
 from .test_stream_hold import block, samples, streamed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,7 +176,7 @@ def disguise(text: str, seed: int) -> str:
     return "".join(out)
 
 
-DETECTOR = Detector(PACK)
+DETECTOR = Detector(PACK, cache_dir=hyperscan_cache())
 PLAIN = [t for t in samples(PACK) if normalize(t).text == t]
 
 

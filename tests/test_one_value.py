@@ -18,11 +18,13 @@ from extproc.model import Body, BodyMode, Direction, Finding, Headers, ProtocolC
 from extproc.runtime import build_snapshot
 from extproc.settings import REPO_RULES, load_settings
 
+from .rules_fixture import hyperscan_cache
+
 REQ = Direction.REQUEST
 CARD = "4111 1111 1111 1111"
 CARD_TEXT = f"my credit card is {CARD}, thanks"
 PACK = load_rules([REPO_RULES])
-_DETECTOR = Detector(PACK)
+_DETECTOR = Detector(PACK, cache_dir=hyperscan_cache())
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +87,7 @@ def test_two_values_stay_two_findings(detector: Detector) -> None:
 
 def test_the_most_specific_rule_reports_the_value() -> None:
     """Higher severity, then the rule without keywords, then the longer span, then file order."""
-    detector = Detector(PACK)
+    detector = Detector(PACK, cache_dir=hyperscan_cache())
     detector._rank = {  # (minus the severity, whether it needs keywords, file order)
         "low-wide": (0, False, 0),
         "high-keyword": (-2, True, 1),

@@ -17,6 +17,8 @@ from extproc.detect.engine import Detector
 from extproc.detect.rules import LoadedRule, RuleSet, load_rules
 from extproc.model import Finding
 
+from .rules_fixture import hyperscan_cache
+
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "rules"
 
@@ -50,7 +52,7 @@ def _cases(kind: str) -> list[Any]:
 
 @pytest.fixture(scope="module")
 def detector() -> Detector:
-    return Detector(PACK)
+    return Detector(PACK, cache_dir=hyperscan_cache())
 
 
 def _found(detector: Detector, rule_id: str, text: str) -> list[str]:

@@ -17,12 +17,14 @@ from extproc.errors import UpstreamError
 from extproc.mask import Inspector
 from extproc.mask.sse import EventStream
 
-from .rules_fixture import EDM_KEY, HASH_KEY, inspector
+from .rules_fixture import EDM_KEY, HASH_KEY, hyperscan_cache, inspector
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKS = {
     "fixture": inspector(),
-    "shipped": Inspector.build(load_rules([ROOT / "rules"]), hash_key=HASH_KEY, edm_key=EDM_KEY),
+    "shipped": Inspector.build(
+        load_rules([ROOT / "rules"]), hash_key=HASH_KEY, edm_key=EDM_KEY, cache_dir=hyperscan_cache()
+    ),
 }
 CARD = "4111 1111 1111 1111"
 EMAIL = "jane@example.com"
