@@ -15,6 +15,7 @@ from extproc.detect.validators import (
     base58check,
     base62_crc32,
     bech32,
+    card_number,
     crypto_address,
     iban_mod97,
     ip_address,
@@ -73,6 +74,38 @@ LUHN_CASES = cases(
 @pytest.mark.parametrize(("value", "expected"), LUHN_CASES, ids=ids)
 def test_luhn(value: str, expected: bool) -> None:
     assert luhn(value) is expected
+
+
+CARD_NUMBER_CASES = cases(
+    valid=[
+        "4111111111111111",
+        "4111 1111 1111 1111",
+        "4111.1111.1111.1111",
+        "3782-822463-10005",  # Amex, 4-6-5
+        "3056 930902 5904",  # Diners, 4-6-4
+        "6011 6230 3783 9170 495",  # 19 digits, 4-4-4-4-3
+        "6011623037839170495",
+        "4111\t1111  1111\n1111",
+    ],
+    invalid=[
+        "4111 1111 1111 1112",  # fails Luhn
+        "4435 9852 7498 27",  # the tail of DE54 0743 4435 9852 7498 27 (Luhn-valid, 4-4-4-2)
+        "4245 5270 5147 2021 45",  # the tail of a valid German IBAN (4-4-4-4-2)
+        "3826 1073 9980 92",
+        "",
+        "-- --",
+    ],
+)
+
+
+@pytest.mark.parametrize(("value", "expected"), CARD_NUMBER_CASES, ids=ids)
+def test_card_number(value: str, expected: bool) -> None:
+    assert card_number(value) is expected
+
+
+@pytest.mark.parametrize("value", [v for v, ok in LUHN_CASES if not ok])
+def test_card_number_never_accepts_what_luhn_rejects(value: str) -> None:
+    assert not card_number(value)
 
 
 # --- iban_mod97 ----------------------------------------------------------------------------------------
@@ -621,6 +654,7 @@ def test_shannon_entropy_ignores_order_and_bounds() -> None:
 def test_registry_names() -> None:
     assert set(VALIDATORS) == {
         "luhn",
+        "card_number",
         "iban_mod97",
         "ssn_rules",
         "aba_checksum",

@@ -72,6 +72,23 @@ def luhn(value: str) -> bool:
     return total % 10 == 0
 
 
+_CARD_GROUPS: Final = re.compile(r"[\s./-]+")
+
+
+def card_number(value: str) -> bool:
+    """A payment card number as the card rules read one: ``luhn``, and when it is written in groups, not in
+    groups of four closed by a shorter one (``4435 9852 7498 27``, 4-4-4-1 to 4-4-4-3 and 4-4-4-4-1 to
+    4-4-4-4-2). That is how the tail of an IBAN is printed (``DE54 0743 4435 9852 7498 27``), checksum
+    right or wrong, and how no card is: cards are printed 4-4-4-4, 4-6-5, 4-6-4 or, with 19 digits,
+    4-4-4-4-3."""
+    if not luhn(value):
+        return False
+    sizes = [len(group) for group in _CARD_GROUPS.split(value) if group]
+    *head, last = sizes
+    shorter = 4 if len(head) == 3 else 3  # 4-4-4-4-3 is a 19-digit card's layout
+    return not (len(head) in (3, 4) and all(size == 4 for size in head) and last < shorter)
+
+
 # --- IBAN ----------------------------------------------------------------------------------------------
 
 # IBAN length per country code, from the SWIFT IBAN Registry (ISO 13616), all 89 countries as of the
@@ -787,6 +804,7 @@ def shannon_entropy(value: str) -> float:
 VALIDATORS: Final[Mapping[str, Validator]] = MappingProxyType(
     {
         "luhn": luhn,
+        "card_number": card_number,
         "iban_mod97": iban_mod97,
         "ssn_rules": ssn_rules,
         "aba_checksum": aba_checksum,
