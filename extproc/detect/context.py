@@ -70,56 +70,46 @@ def label_forms(label: str) -> tuple[str, ...]:
     return (written,) if split == written else (written, split)
 
 
+def _matcher(keywords: Sequence[str]) -> re.Pattern[str] | None:
+    """One pattern for ``keywords`` (lower case): those starting with a space not after a letter or digit."""
+    if not keywords:
+        return None
+    parts = [
+        "(?<![^\\W_])" + re.escape(k.lstrip(" ")) if k.startswith(" ") else re.escape(k)
+        for k in sorted(set(keywords), key=len, reverse=True)
+    ]
+    return re.compile("|".join(parts))
+
+
 class Keywords:
     """A rule's keywords, matched in a window of text or in a label."""
 
     def __init__(self, keywords: Sequence[str]) -> None:
         lowered = [k.lower() for k in keywords]
-        self.plain = tuple(k for k in lowered if not k.startswith(" "))
-        bounded = [k.lstrip(" ") for k in lowered if k.startswith(" ")]
-        self.bounded = (
-            re.compile("(?<![^\\W_])(?:" + "|".join(re.escape(k) for k in bounded) + ")") if bounded else None
-        )
+        self._window = _matcher(lowered)
         # What a label must hold for a keyword to match `<label>: `: the keyword without its `:` or `: `.
         stems = []
         for keyword in lowered:
             stem = keyword.strip(" ")
             stem = stem[:-1] if stem.endswith(":") else stem
             stems.append(stem if len(stem) >= 2 else "")
-        self._labelled = tuple(k for k, s in zip(lowered, stems, strict=True) if s)
-        self._label_plain = tuple(k for k in self._labelled if not k.startswith(" "))
-        labelled_bounded = [k.lstrip(" ") for k in self._labelled if k.startswith(" ")]
-        self._label_bounded = (
-            re.compile("(?<![^\\W_])(?:" + "|".join(re.escape(k) for k in labelled_bounded) + ")")
-            if labelled_bounded
-            else None
-        )
+        self._label = _matcher([k for k, s in zip(lowered, stems, strict=True) if s])
         # Some of these is in any text a keyword of the rule can be found for, in a window or a label.
         self.prefilter = tuple(
             dict.fromkeys(s if s else k.lstrip(" ") for k, s in zip(lowered, stems, strict=True))
         )
 
-    def __bool__(self) -> bool:
-        return bool(self.plain or self.bounded)
-
     def in_window(self, text: str, start: int, end: int) -> bool:
-        """Whether a keyword lies in ``text[start:end]`` (a bounded one: not after a letter or digit,
-        looked for in the character before ``start`` too)."""
-        window = text[start:end].lower()
-        if any(keyword in window for keyword in self.plain):
-            return True
-        if self.bounded is None:
+        """Whether a keyword lies in ``text[start:end]`` (one starting with a space: not after a letter
+        or digit, the character before ``start`` included)."""
+        if self._window is None:
             return False
         before = text[start - 1 : start].lower()[-1:] if start > 0 else ""
-        return self.bounded.search(before + window, len(before)) is not None
+        return self._window.search(before + text[start:end].lower(), len(before)) is not None
 
     def in_label(self, forms: Sequence[str]) -> bool:
-        for form in forms:
-            if any(keyword in form for keyword in self._label_plain):
-                return True
-            if self._label_bounded is not None and self._label_bounded.search(form) is not None:
-                return True
-        return False
+        matcher = self._label
+        return matcher is not None and any(matcher.search(form) is not None for form in forms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,12 +203,21 @@ def _label(cell: str) -> str:
 
 class Tables:
     """The table headers over the rows of one text, read on demand: one per scan, or per confirmation of
-    a stream's buffer (``base``: its offset in the stream; ``state``: what the rows before it left)."""
+    a stream's buffer (``base``: its offset in the stream; ``state``: what the rows before it left).
+    ``known``: the answers so far, by the value's offsets from the start of the stream (they depend only
+    on the text before the value: a stream keeps them while it keeps the value's text)."""
 
-    def __init__(self, text: str, base: int = 0, state: TableState | None = None) -> None:
+    def __init__(
+        self,
+        text: str,
+        base: int = 0,
+        state: TableState | None = None,
+        known: dict[tuple[int, int], list[tuple[str, ...]]] | None = None,
+    ) -> None:
         self._text = text
         self._base = base
         self._state = state
+        self._known: dict[tuple[int, int], list[tuple[str, ...]]] = {} if known is None else known
         self._cursor: tuple[int, TableState] | None = None  # a line start and the state there
         self._rows: dict[int, TableState] = {}
         self._labels: dict[tuple[int, int, int], tuple[str, ...]] = {}
@@ -226,6 +225,13 @@ class Tables:
     def labels(self, start: int, end: int) -> list[tuple[str, ...]]:
         """The forms (``label_forms``) of the header cells over the value at ``text[start:end]``, one per
         delimiter whose table holds it."""
+        key = (start + self._base, end + self._base)
+        known = self._known.get(key)
+        if known is None:
+            known = self._known[key] = self._read(start, end)
+        return known
+
+    def _read(self, start: int, end: int) -> list[tuple[str, ...]]:
         text = self._text
         row_start = text.rfind("\n", 0, start) + 1
         if start - row_start > ROW_CHARS:

@@ -101,10 +101,17 @@ class _Context:
     """Where keyword rules look beyond their window, in one confirmation of ``text`` (context.py): the
     forms of a label naming it, and the headers of the tables its values sit in, read on demand."""
 
-    __slots__ = ("_base", "_label", "_state", "_tables", "_text")
+    __slots__ = ("_base", "_known", "_label", "_state", "_tables", "_text")
 
-    def __init__(self, text: str, base: int, state: TableState | None, label: tuple[str, ...]) -> None:
-        self._text, self._base, self._state, self._label = text, base, state, label
+    def __init__(
+        self,
+        text: str,
+        base: int,
+        state: TableState | None,
+        label: tuple[str, ...],
+        known: dict[tuple[int, int], list[tuple[str, ...]]] | None = None,
+    ) -> None:
+        self._text, self._base, self._state, self._label, self._known = text, base, state, label, known
         self._tables: Tables | None = None
 
     def extra(self) -> str:
@@ -120,7 +127,7 @@ class _Context:
         if self._label and keywords.in_label(self._label):
             return True
         if self._tables is None:
-            self._tables = Tables(self._text, self._base, self._state)
+            self._tables = Tables(self._text, self._base, self._state, self._known)
         return any(keywords.in_label(forms) for forms in self._tables.labels(start, end))
 
 
@@ -585,6 +592,7 @@ class Detector:
         *,
         state: TableState | None = None,
         label: tuple[str, ...] = (),
+        columns: dict[tuple[int, int], list[tuple[str, ...]]] | None = None,
     ) -> list[Finding]:
         """Turn candidates into findings with exact spans.
 
@@ -598,11 +606,12 @@ class Detector:
 
         Keyword rules also read, where their window has no keyword, ``label`` (forms of what names the
         whole text) and the header of the table column a value sits in; ``state``: what the rows before
-        ``text`` (a stream's buffer, starting at a line) left for that (context.py)."""
+        ``text`` (a stream's buffer, starting at a line) left for that (context.py); ``columns``: the
+        headers over values found so far, kept by a stream across confirmations."""
         found: set[Finding] = set()
         size = len(text)
         lowered: str | None = None
-        context = _Context(text, base, state, label)
+        context = _Context(text, base, state, label, columns)
         for index, ends in hits.ends.items():
             loaded = self.rules[index]
             if loaded.rule.keywords:
@@ -724,14 +733,15 @@ class Detector:
             return False
         if rule.validator is not None and not VALIDATORS[rule.validator](value):
             return False
+        # A label naming the text, or the header of the value's table column: after the validator, the
+        # strongest test of the bare numbers keyword rules find, before the rest.
+        if not near and (keywords is None or context is None or not context.names(keywords, start, end)):
+            return False
         if rule.min_entropy is not None and shannon_entropy(value) < rule.min_entropy:
             return False
         if any(allowed.search(value) for allowed in loaded.allow):
             return False
         if loaded.examples and _inside_example(text, start, end, loaded.examples):
-            return False
-        # Last, as the dearest: a label naming the text, or the header of the value's table column.
-        if not near and (keywords is None or context is None or not context.names(keywords, start, end)):
             return False
         found.add(Finding(rule.id, rule.entity, start, end))
         return True
@@ -854,6 +864,7 @@ class StreamScanner:
         # The buffer starts at a line (or inside one too long for a table row): what the lines dropped
         # before it leave for table context (context.py).
         self._table = TableState()
+        self._columns: dict[tuple[int, int], list[tuple[str, ...]]] = {}  # Tables.labels, by value
         self._tables = bool(detector._keywords)
         self._hold = detector.hold
         self._fixed_hold = _fixed_hold
@@ -905,6 +916,7 @@ class StreamScanner:
         twin._offsets = copy.deepcopy(self._offsets)
         twin._hits = _Hits()
         twin._memo = {key: set(found) for key, found in self._memo.items()}
+        twin._columns = dict(self._columns)  # the texts part: so may their tables
         twin._handlers = self._detector._handlers(twin._hits, self._base)
         detector = self._detector
         databases = (detector._stream_db, detector._literal_stream)
@@ -1000,6 +1012,7 @@ class StreamScanner:
             settled,
             state=self._table,
             label=self._label,
+            columns=self._columns,
         )
         spans = [(f.start + self._base, f.end + self._base, f) for f in findings]
         crossing = True
@@ -1084,3 +1097,5 @@ class StreamScanner:
             # In place: the Hyperscan handlers hold this list, not the attribute.
             self._hits.literals[:] = [h for h in self._hits.literals if h[1] >= keep_from]
             self._memo = {k: v for k, v in self._memo.items() if k[1] >= keep_from}
+            if self._columns:
+                self._columns = {k: v for k, v in self._columns.items() if k[0] >= keep_from}
