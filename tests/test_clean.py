@@ -104,9 +104,9 @@ def _counting(inspector: Inspector) -> tuple[Inspector, list[str]]:
     scanned: list[str] = []
     real = inspector.detector.scan
 
-    def scan(text: str, *, merged: bool = True) -> list[object]:
+    def scan(text: str, *, merged: bool = True, label: str | None = None) -> list[object]:
         scanned.append(text)
-        return real(text, merged=merged)  # type: ignore[return-value]
+        return real(text, merged=merged, label=label)  # type: ignore[return-value]
 
     detector = mock.Mock(wraps=inspector.detector)
     detector.scan = scan

@@ -680,9 +680,9 @@ def test_a_one_choice_stream_is_read_by_one_scanner(monkeypatch: pytest.MonkeyPa
     made: list[object] = []
     real = Detector.stream
 
-    def stream(self: Detector) -> object:
+    def stream(self: Detector, label: str | None = None) -> object:
         made.append(self)
-        return real(self)
+        return real(self, label)
 
     monkeypatch.setattr(Detector, "stream", stream)
     chunks, processor = run(token_stream(ANSWER, size=2))

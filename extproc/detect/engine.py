@@ -32,6 +32,7 @@ from pathlib import Path
 import hyperscan
 
 from extproc.detect import encoded
+from extproc.detect.context import ROW_CHARS, Keywords, Tables, TableState, label_forms
 from extproc.detect.normalize import OffsetMap, normalize
 from extproc.detect.normalize import prepare as prepare_normalize
 from extproc.detect.rules import LoadedRule, RuleSet, pattern_width
@@ -60,6 +61,7 @@ _BUFFER_ANCHOR = re.compile(r"\\[AzZ]|\(\?[a-zA-Z]*-[a-zA-Z]*m")
 # What ``clean`` puts between strings: a line break, for which `^` `$` (MULTILINE) and `\b` read as at
 # the start or end of a text, and which no value spans in a string read alone.
 _BATCH_SEPARATOR = "\n"
+_LABELS_KEPT = 4096  # labels whose forms are remembered (JSON keys repeat in every event of a stream)
 
 
 class DetectorError(Exception):
@@ -95,6 +97,40 @@ def read_list(path: Path) -> list[tuple[int, str]]:
     return values
 
 
+class _Context:
+    """Where keyword rules look beyond their window, in one confirmation of ``text`` (context.py): the
+    forms of a label naming it, and the headers of the tables its values sit in, read on demand."""
+
+    __slots__ = ("_base", "_known", "_label", "_state", "_tables", "_text")
+
+    def __init__(
+        self,
+        text: str,
+        base: int,
+        state: TableState | None,
+        label: tuple[str, ...],
+        known: dict[tuple[int, int], list[tuple[str, ...]]] | None = None,
+    ) -> None:
+        self._text, self._base, self._state, self._label, self._known = text, base, state, label, known
+        self._tables: Tables | None = None
+
+    def extra(self) -> str:
+        """The label and the header rows ``state`` knows (not in ``text``), lower case: a keyword rule
+        with none of its keywords in these or in ``text`` finds nothing."""
+        if not self._label and self._state is None:
+            return ""
+        headers = self._state.headers().lower() if self._state is not None else ""
+        return "\n" + "\n".join(self._label) + "\n" + headers
+
+    def names(self, keywords: Keywords, start: int, end: int) -> bool:
+        """Whether the label, or the header of the column ``text[start:end]`` sits in, holds a keyword."""
+        if self._label and keywords.in_label(self._label):
+            return True
+        if self._tables is None:
+            self._tables = Tables(self._text, self._base, self._state, self._known)
+        return any(keywords.in_label(forms) for forms in self._tables.labels(start, end))
+
+
 @dataclass
 class _Hits:
     """Candidates from one Hyperscan pass: regex match ends per rule, literal matches as spans."""
@@ -119,11 +155,14 @@ class Detector:
         self.rules: tuple[LoadedRule, ...] = tuple(r for r in ruleset.rules if r.rule.enabled)
         prepare_normalize()  # the normalisation tables, built at start-up rather than on a first request
         self._cache = _Cache(cache_dir) if cache_dir is not None else None
-        # Per rule, one search for any of its keywords (some rules name a dozen, in several languages).
-        self._keywords = [
-            re.compile("|".join(re.escape(k.lower()) for k in r.rule.keywords)) if r.rule.keywords else None
+        self._keywords = {r.id: Keywords(r.rule.keywords) for r in self.rules if r.rule.keywords}
+        # Per rule, one search for any of what its keywords need (some rules name a dozen, in several
+        # languages): a text with none of them gets no finding of the rule.
+        self._prefilters = [
+            re.compile("|".join(map(re.escape, self._keywords[r.id].prefilter))) if r.rule.keywords else None
             for r in self.rules
         ]
+        self._labels: dict[str, tuple[str, ...]] = {}  # label -> its forms, when a keyword can be in them
         problems: list[str] = []
         self._python_only: list[int] = []
         self._hashed: dict[int, frozenset[str]] = {}
@@ -388,13 +427,26 @@ class Detector:
 
         return on_regex, on_literal
 
-    def scan(self, text: str, *, merged: bool = True) -> list[Finding]:
+    def label(self, name: str) -> tuple[str, ...]:
+        """How ``name`` (a JSON key) reads as the label of a value (context.py), or nothing when no keyword
+        rule's keyword can be found in it: most keys (``content``, ``role``) are no context."""
+        forms = self._labels.get(name)
+        if forms is None:
+            forms = label_forms(name)
+            if not any(keywords.in_label(forms) for keywords in self._keywords.values()):
+                forms = ()
+            if len(self._labels) < _LABELS_KEPT:
+                self._labels[name] = forms
+        return forms
+
+    def scan(self, text: str, *, merged: bool = True, label: str | None = None) -> list[Finding]:
         """Every value found in ``text``, sorted by position; offsets are character offsets in ``text``. The
         rules read its normalised view (normalize.py); each finding covers the original characters its view
         span comes from. One value found by several rules is one finding (``merge``); ``merged=False``
-        gives each rule's own findings (what a rule's samples are checked against)."""
+        gives each rule's own findings (what a rule's samples are checked against). ``label``: what the
+        caller knows names the text (the key of a JSON string), context for keyword rules (context.py)."""
         view = normalize(text)
-        findings = self._scan_view(view.text)
+        findings = self._scan_view(view.text, label=self.label(label) if label else ())
         if view.offsets is not None and findings:
             mapped = {f.at(*view.span(f.start, f.end)) for f in findings}
             findings = sorted(mapped, key=lambda f: (f.start, f.end, f.rule_id))
@@ -484,8 +536,8 @@ class Detector:
                     result[index] = False
         return result
 
-    def _scan_view(self, text: str, decode: bool = True) -> list[Finding]:
-        findings = self._scan_plain(text)
+    def _scan_view(self, text: str, decode: bool = True, label: tuple[str, ...] = ()) -> list[Finding]:
+        findings = self._scan_plain(text, label)
         if decode:
             encoded_findings = self.encoded(text, 0, len(text))
             if encoded_findings:
@@ -524,7 +576,7 @@ class Detector:
             self._run_db.scan(_ascii(text[start:end]), match_event_handler=on_run)
         return bool(seen)
 
-    def _scan_plain(self, text: str) -> list[Finding]:
+    def _scan_plain(self, text: str, label: tuple[str, ...] = ()) -> list[Finding]:
         hits = _Hits()
         on_regex, on_literal = self._handlers(hits)
         data = _ascii(text)
@@ -532,7 +584,7 @@ class Detector:
             self._block.scan(data, match_event_handler=on_regex)
         if self._literal_block is not None:
             self._literal_block.scan(data, match_event_handler=on_literal)
-        return self.confirm(text, hits)
+        return self.confirm(text, hits, label=label)
 
     def confirm(
         self,
@@ -542,6 +594,10 @@ class Detector:
         base: int = 0,
         since: int = 0,
         settled: Callable[[int], int] | None = None,
+        *,
+        state: TableState | None = None,
+        label: tuple[str, ...] = (),
+        columns: dict[tuple[int, int], list[tuple[str, ...]]] | None = None,
     ) -> list[Finding]:
         """Turn candidates into findings with exact spans.
 
@@ -551,18 +607,25 @@ class Detector:
         the context from the end). The same window over the same text gives the same findings, so a held
         buffer is not confirmed again and again as it grows. ``since`` is where the text not released yet
         starts: a window whose matches all end before it only holds findings already released, and is
-        skipped (windows are confirmed whole or not at all, never cut)."""
+        skipped (windows are confirmed whole or not at all, never cut).
+
+        Keyword rules also read, where their window has no keyword, ``label`` (forms of what names the
+        whole text) and the header of the table column a value sits in; ``state``: what the rows before
+        ``text`` (a stream's buffer, starting at a line) left for that (context.py); ``columns``: the
+        headers over values found so far, kept by a stream across confirmations."""
         found: set[Finding] = set()
         size = len(text)
         lowered: str | None = None
+        context = _Context(text, base, state, label, columns)
         for index, ends in hits.ends.items():
             loaded = self.rules[index]
             if loaded.rule.keywords:
-                # A keyword must appear near a match, so none anywhere means no finding: skip the windows.
+                # A keyword must appear near a match (or in a label or header, which the text or ``state``
+                # holds), so none anywhere means no finding: skip the windows.
                 if lowered is None:
-                    lowered = text.lower()
-                keywords = self._keywords[index]
-                if keywords is not None and keywords.search(lowered) is None:
+                    lowered = text.lower() + context.extra()
+                prefilter = self._prefilters[index]
+                if prefilter is not None and prefilter.search(lowered) is None:
                     continue
             final = 0
             if memo is not None:
@@ -571,26 +634,26 @@ class Detector:
                 if high + loaded.width <= since:  # every match starts before `high`: all already released
                     continue
                 if memo is None or high > final:
-                    self._confirm_regex(loaded, text, low, high, found)
+                    self._confirm_regex(loaded, text, low, high, found, context)
                     continue
                 key = (index, low + base, high + base)
                 known = memo.get(key)
                 if known is None:
                     known = set()
-                    self._confirm_regex(loaded, text, low, high, known)
+                    self._confirm_regex(loaded, text, low, high, known, context)
                     memo[key] = {Finding(f.rule_id, f.entity, f.start + base, f.end + base) for f in known}
                     found |= known
                 else:
                     found |= {Finding(f.rule_id, f.entity, f.start - base, f.end - base) for f in known}
         for index in self._python_only:
-            self._confirm_regex(self.rules[index], text, 0, size, found)
+            self._confirm_regex(self.rules[index], text, 0, size, found, context)
         for index, start, end in hits.literals:
             before = text[start - 1] if start > 0 else " "
             after = text[end] if end < size else " "
             if not (before.isalnum() or after.isalnum()):
-                self._accept(self.rules[index], text, start, end, start, found)
+                self._accept(self.rules[index], text, start, end, start, found, context)
         for index, digests in self._hashed.items():
-            self._confirm_hashed(index, digests, text, found)
+            self._confirm_hashed(index, digests, text, found, context)
         if found and "[" in text:
             tokens = [m.span() for m in MASK_TOKEN.finditer(text)]
             found = {f for f in found if not any(s <= f.start and f.end <= e for s, e in tokens)}
@@ -607,7 +670,15 @@ class Detector:
         mapped = {Finding(f.rule_id, f.entity, *view.span(f.start, f.end)) for f in found}
         return sorted(mapped, key=lambda f: (f.start, f.end))
 
-    def _confirm_regex(self, loaded: LoadedRule, text: str, low: int, high: int, found: set[Finding]) -> None:
+    def _confirm_regex(
+        self,
+        loaded: LoadedRule,
+        text: str,
+        low: int,
+        high: int,
+        found: set[Finding],
+        context: _Context | None = None,
+    ) -> None:
         regex = loaded.regex
         assert regex is not None
         group = loaded.rule.group
@@ -628,7 +699,7 @@ class Detector:
             if match is None:
                 return
             start, end = match.span(group)
-            if start < end and self._accept(loaded, text, start, end, match.start(), found):
+            if start < end and self._accept(loaded, text, start, end, match.start(), found, context):
                 # Resume after the value, not the whole match: a boundary character the pattern consumed
                 # after one value may be the boundary before the next ("card1 card2").
                 position = max(end, match.start() + 1)
@@ -637,7 +708,9 @@ class Detector:
                 # ("order 12345 4111 1111 1111 1111": the first candidate fails Luhn, the card follows).
                 position = match.start() + 1
 
-    def _confirm_hashed(self, index: int, digests: frozenset[str], text: str, found: set[Finding]) -> None:
+    def _confirm_hashed(
+        self, index: int, digests: frozenset[str], text: str, found: set[Finding], context: _Context
+    ) -> None:
         loaded = self.rules[index]
         assert loaded.token is not None
         assert loaded.rule.exact is not None
@@ -646,19 +719,29 @@ class Detector:
         for match in loaded.token.finditer(text):
             value = match.group()
             if hash_value(self._edm_key, value if case_sensitive else value.lower()) in digests:
-                self._accept(loaded, text, match.start(), match.end(), match.start(), found)
+                self._accept(loaded, text, match.start(), match.end(), match.start(), found, context)
 
-    @staticmethod
     def _accept(
-        loaded: LoadedRule, text: str, start: int, end: int, match_start: int, found: set[Finding]
+        self,
+        loaded: LoadedRule,
+        text: str,
+        start: int,
+        end: int,
+        match_start: int,
+        found: set[Finding],
+        context: _Context | None = None,
     ) -> bool:
         rule = loaded.rule
         value = text[start:end]
-        if rule.keywords:
-            around = text[max(0, match_start - rule.keyword_window) : end].lower()
-            if not any(keyword.lower() in around for keyword in rule.keywords):
-                return False
+        keywords = self._keywords.get(rule.id) if rule.keywords else None
+        near = keywords is None or keywords.in_window(text, max(0, match_start - rule.keyword_window), end)
+        if not near and context is None:
+            return False
         if rule.validator is not None and not VALIDATORS[rule.validator](value):
+            return False
+        # A label naming the text, or the header of the value's table column: after the validator, the
+        # strongest test of the bare numbers keyword rules find, before the rest.
+        if not near and (keywords is None or context is None or not context.names(keywords, start, end)):
             return False
         if rule.min_entropy is not None and shannon_entropy(value) < rule.min_entropy:
             return False
@@ -669,8 +752,9 @@ class Detector:
         found.add(Finding(rule.id, rule.entity, start, end))
         return True
 
-    def stream(self) -> StreamScanner:
-        return StreamScanner(self)
+    def stream(self, label: str | None = None) -> StreamScanner:
+        """A scanner for text arriving in pieces; ``label`` as for ``scan``."""
+        return StreamScanner(self, label=label)
 
 
 def _inside_example(text: str, start: int, end: int, examples: tuple[str, ...]) -> bool:
@@ -781,8 +865,14 @@ class StreamScanner:
     ``_fixed_hold`` (for comparisons only) holds back the last ``Detector.hold`` characters instead, as
     streams did before the tail model."""
 
-    def __init__(self, detector: Detector, *, _fixed_hold: bool = False) -> None:
+    def __init__(self, detector: Detector, *, label: str | None = None, _fixed_hold: bool = False) -> None:
         self._detector = detector
+        self._label = detector.label(label) if label else ()
+        # The buffer starts at a line (or inside one too long for a table row): what the lines dropped
+        # before it leave for table context (context.py).
+        self._table = TableState()
+        self._columns: dict[tuple[int, int], list[tuple[str, ...]]] = {}  # Tables.labels, by value
+        self._tables = bool(detector._keywords)
         self._hold = detector.hold
         self._fixed_hold = _fixed_hold
         self._tail = detector.tail.state()
@@ -833,6 +923,7 @@ class StreamScanner:
         twin._offsets = copy.deepcopy(self._offsets)
         twin._hits = _Hits()
         twin._memo = {key: set(found) for key, found in self._memo.items()}
+        twin._columns = dict(self._columns)  # the texts part: so may their tables
         twin._handlers = self._detector._handlers(twin._hits, self._base)
         detector = self._detector
         databases = (detector._stream_db, detector._literal_stream)
@@ -920,7 +1011,15 @@ class StreamScanner:
                 return (end - reach[index] if group is None else tail.settled(state, group)) - base
 
         findings = detector.confirm(
-            self._buffer, self._hits.shift(base), self._memo, base, self._released - base, settled
+            self._buffer,
+            self._hits.shift(base),
+            self._memo,
+            base,
+            self._released - base,
+            settled,
+            state=self._table,
+            label=self._label,
+            columns=self._columns,
         )
         spans = [(f.start + self._base, f.end + self._base, f) for f in findings]
         crossing = True
@@ -958,6 +1057,21 @@ class StreamScanner:
         self._trim()
         return out, released
 
+    def _drop_lines(self, keep_from: int) -> int:
+        """Where the buffer may start so that it starts at a line, moving the table state over the lines
+        dropped: the start of the line ``keep_from`` is in, unless that line is longer than a table row
+        (then ``keep_from``, and the state marks its first line partial)."""
+        index = keep_from - self._base
+        row = self._buffer.rfind("\n", 0, index) + 1
+        state = self._table
+        if row:
+            state = state.advance(self._buffer, 0, row, self._base)
+        if index - row <= ROW_CHARS and not (row == 0 and state.partial):
+            self._table = state
+            return self._base + row
+        self._table = state.dropped()
+        return keep_from
+
     def _continues(self, offset: int) -> bool:
         """Whether the base64 characters at view offset ``offset`` go on from text before it."""
         index = offset - self._base
@@ -979,6 +1093,8 @@ class StreamScanner:
         self._original = self._original[self._oreleased - self._obase :]
         self._obase = self._oreleased
         keep_from = max(self._base, self._released - self._keep)
+        if keep_from > self._base and self._tables:
+            keep_from = self._drop_lines(keep_from)
         if keep_from > self._base:
             self._offsets.drop_before(keep_from)
             self._buffer = self._buffer[keep_from - self._base :]
@@ -988,3 +1104,5 @@ class StreamScanner:
             # In place: the Hyperscan handlers hold this list, not the attribute.
             self._hits.literals[:] = [h for h in self._hits.literals if h[1] >= keep_from]
             self._memo = {k: v for k, v in self._memo.items() if k[1] >= keep_from}
+            if self._columns:
+                self._columns = {k: v for k, v in self._columns.items() if k[0] >= keep_from}

@@ -182,12 +182,13 @@ class Inspector:
         """The same detector, masking as ``verdicts`` (one exchange's policy, one direction) says."""
         return Inspector(self.detector, self.masker.with_verdicts(verdicts))
 
-    def mask_text(self, text: str) -> tuple[str, list[Finding]]:
-        findings = self.detector.scan(text)
+    def mask_text(self, text: str, label: str | None = None) -> tuple[str, list[Finding]]:
+        """``text`` masked, and its findings; ``label``: what names it (a JSON key, ``Detector.scan``)."""
+        findings = self.detector.scan(text, label=label)
         return self.masker.apply(text, findings), findings
 
-    def stream(self) -> StreamMasker:
-        return StreamMasker(self.detector.stream(), self.masker)
+    def stream(self, label: str | None = None) -> StreamMasker:
+        return StreamMasker(self.detector.stream(label), self.masker)
 
 
 class StreamMasker:

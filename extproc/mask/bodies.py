@@ -74,6 +74,7 @@ _ESCAPE = re.compile(r"\\.", re.DOTALL)
 _NOT_STRUCTURE = bytes(c for c in range(256) if c not in b'"[]{}')
 _STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
 _LONG_INTEGER = re.compile(rf"-?\d{{{LONG_NUMBER_DIGITS},}}")
+_INTEGER = re.compile(r"-?\d+")
 
 
 def json_depth(text: str) -> int:
@@ -537,8 +538,15 @@ class JsonMasker:
     with another key of its object is kept apart with a suffix (``[REDACTED:CREDIT_CARD]#2``): nothing
     is merged away, and nothing of the value shows.
 
+    A value is scanned with its key as a label (``Detector.scan``): ``{"ssn": "594743681"}`` is a value
+    named by its key, as ``ssn: 594743681`` would be in text, however far the key is from the value in
+    the document. A string in an array, or JSON held in a string, has the key of the array or the
+    string. A number under a key that names a value for some keyword rule is scanned whatever its
+    length (``{"ssn": 594743681}``).
+
     Short strings found clean are remembered: a token stream repeats its id, model and role in every
-    event, and scanning them once is enough."""
+    event, and scanning them once is enough. A string under such a key is not: it may be clean alone
+    and a value under its key."""
 
     _CLEAN_MAX_CHARS = 256
     _CLEAN_MAX_ENTRIES = 4096
@@ -580,17 +588,17 @@ class JsonMasker:
             "\\" in text and text.lstrip()[:1] in ("{", "[")
         )
 
-    def value(self, node: Any, depth: int = 0) -> Any:
+    def value(self, node: Any, depth: int = 0, key: str | None = None) -> Any:
         """``node`` with every string value, key and long number masked. ``depth``: how deep ``node``
-        sits in the document that holds it."""
+        sits in the document that holds it; ``key``: the key it is the value of, if any."""
         if isinstance(node, str):
-            return self._string(node, depth)
+            return self._string(node, depth, key)
         if isinstance(node, bool) or node is None:
             return node
         if isinstance(node, int | float):
-            return self._number(node)
+            return self._number(node, key)
         if isinstance(node, list):
-            return [self.value(item, depth + 1) for item in node]
+            return [self.value(item, depth + 1, key) for item in node]
         if isinstance(node, dict):
             return self._object(node, depth + 1)
         return node
@@ -601,7 +609,7 @@ class JsonMasker:
         before = len(self.findings)
         for key, value in node.items():
             if key not in skip and value is not None and not isinstance(value, bool):
-                node[key] = self.value(value, 1)
+                node[key] = self.value(value, 1, key)
         keys = self._keys(node, 1, skip)
         if keys is not None:
             items = list(node.items())
@@ -618,19 +626,19 @@ class JsonMasker:
         masked, self.changed = self.changed, changed or self.changed
         return node, masked
 
-    def _keys_and_numbers(self, node: Any) -> Any:
+    def _keys_and_numbers(self, node: Any, key: str | None = None) -> Any:
         if isinstance(node, bool) or node is None or isinstance(node, str):
             return node
         if isinstance(node, int | float):
-            return self._number(node)
+            return self._number(node, key)
         if isinstance(node, list):
             for index, item in enumerate(node):
                 if not (item is None or isinstance(item, str | bool)):  # those stay as they are
-                    node[index] = self._keys_and_numbers(item)
+                    node[index] = self._keys_and_numbers(item, key)
         elif isinstance(node, dict):
-            for key, value in node.items():
+            for name, value in node.items():
                 if not (value is None or isinstance(value, str | bool)):
-                    node[key] = self._keys_and_numbers(value)
+                    node[name] = self._keys_and_numbers(value, name)
             keys = self._keys(node, 1, _NO_KEYS)
             if keys is not None:
                 values = list(node.values())
@@ -639,7 +647,7 @@ class JsonMasker:
         return node
 
     def _object(self, node: dict[str, Any], depth: int) -> dict[str, Any]:
-        values = [self.value(value, depth) for value in node.values()]
+        values = [self.value(value, depth, key) for key, value in node.items()]
         keys = self._keys(node, depth, _NO_KEYS)
         return dict(zip(keys if keys is not None else node, values, strict=True))
 
@@ -663,35 +671,38 @@ class JsonMasker:
             out.append(new)
         return out
 
-    def _number(self, number: float) -> float | str:
+    def _number(self, number: float, key: str | None = None) -> float | str:
         texts = [str(number)] if isinstance(number, int) else [repr(float(number))]
         if isinstance(number, JsonFloat) and number.literal not in texts:
             texts.insert(0, number.literal)
+        label = key if key is not None and self._inspector.detector.label(key) else None
         for text in texts:
-            if _LONG_INTEGER.match(text):
-                masked, found = self._inspector.mask_text(text)
+            if _LONG_INTEGER.match(text) or (label is not None and _INTEGER.match(text)):
+                masked, found = self._inspector.mask_text(text, label)
                 self.findings.extend(found)
                 if masked != text:
                     self.changed = True
                     return masked
         return number
 
-    def _string(self, text: str, depth: int = 0) -> str:
-        if text in self._clean or text in self._primed:
+    def _string(self, text: str, depth: int = 0, key: str | None = None) -> str:
+        label = key if key is not None and self._inspector.detector.label(key) else None
+        if text in self._primed or (label is None and text in self._clean):
             return text
-        masked, found = self._inspector.mask_text(text)
+        masked, found = self._inspector.mask_text(text, label)
         self.findings.extend(found)
         if masked != text:
             self.changed = True
         if "\\" in masked and masked.lstrip()[:1] in ("{", "["):
             # Never remembered as clean: what it holds shows once decoded, and must be masked again
             # wherever the same string comes back (tool-call arguments repeated in a conversation).
-            return self._nested(masked, depth)
-        if not found and len(text) <= self._CLEAN_MAX_CHARS and len(self._clean) < self._CLEAN_MAX_ENTRIES:
+            return self._nested(masked, depth, key)
+        remember = label is None and len(text) <= self._CLEAN_MAX_CHARS
+        if not found and remember and len(self._clean) < self._CLEAN_MAX_ENTRIES:
             self._clean.add(text)
         return masked
 
-    def _nested(self, text: str, depth: int) -> str:
+    def _nested(self, text: str, depth: int, key: str | None = None) -> str:
         try:
             inner = loads_strict(text, max_depth=max(MAX_JSON_DEPTH - depth, 0))
         except JsonRejected:
@@ -700,7 +711,7 @@ class JsonMasker:
             return text
         if not isinstance(inner, dict | list):
             return text
-        masked = self.value(inner, depth)
+        masked = self.value(inner, depth, key)
         if masked == inner:
             return text
         self.changed = True

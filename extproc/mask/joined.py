@@ -259,7 +259,7 @@ class Router:
                 if len(self._channels) + (self._twin is not None) >= MAX_CHANNELS:  # a twin counts
                     raise self._too_many
                 kind = _JsonTextChannel if isinstance(key, JsonText) else _Channel
-                channel = self._channels[key] = kind(self._inspector.detector.stream())
+                channel = self._channels[key] = kind(self._inspector.detector.stream(_label(key)))
             channel.log.append((channel.fed, piece))
             channel.add(text)
             self._added[key] = channel
@@ -402,8 +402,17 @@ def _off_escapes(spans: list[tuple[Piece, int, int]]) -> list[tuple[Piece, int, 
     return spans
 
 
+def _label(channel: Hashable) -> str | None:
+    """The key a field channel's text is the value of (its path's last key), a label for keyword rules."""
+    if isinstance(channel, tuple) and len(channel) == 2 and channel[0] == "path":
+        path = channel[1]
+        if isinstance(path, tuple) and path and isinstance(path[-1], str):
+            return path[-1]
+    return None
+
+
 class _Values(Protocol):
-    def value(self, node: Any, depth: int = 0) -> Any: ...
+    def value(self, node: Any, depth: int = 0, key: str | None = None) -> Any: ...
 
 
 class EventFields:
@@ -418,7 +427,7 @@ class EventFields:
         """A known value no receiver joins across events: every string in it masked whole."""
         value = node[key]
         if isinstance(value, str | list | dict):
-            masked = self._json.value(value)
+            masked = self._json.value(value, 0, key if isinstance(key, str) else None)
             if masked != value:
                 node[key] = masked
                 held.changed = True
