@@ -415,3 +415,20 @@ def test_a_bad_allow_entry_names_its_file_and_line(tmp_path: Path, body: str, me
     write(tmp_path, body, "allow.yaml")
     with pytest.raises(RuleError, match=message):
         load_rules([tmp_path])
+
+
+def test_not_after_drops_a_value_the_text_before_it_disowns_in_blocks_and_streams(tmp_path: Path) -> None:
+    write(tmp_path, RULE.replace("  samples:", "  not_after: 'REF-?$'\n  samples:"), "a.yaml")
+    found = Detector(load_rules([tmp_path]), edm_key=EDM_KEY)
+    text = "REF-thing123 and thing456, REFthing789"
+    assert [text[f.start : f.end] for f in found.scan(text)] == ["thing456"]
+    stream = found.stream()
+    pieces = [stream.feed(text[:5]), stream.feed(text[5:]), stream.finish()]
+    released = "".join(t for t, _ in pieces)
+    assert [released[f.start : f.end] for _, fs in pieces for f in fs] == ["thing456"]
+
+
+def test_a_bad_not_after_names_its_file_rule_and_field(tmp_path: Path) -> None:
+    path = write(tmp_path, RULE.replace("  samples:", "  not_after: 'REF('\n  samples:"))
+    with pytest.raises(RuleError, match=r"r\.yaml:2: rule 'ok-rule': not_after: invalid regular expression"):
+        load_rules([path])

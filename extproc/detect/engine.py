@@ -35,7 +35,7 @@ from extproc.detect import encoded
 from extproc.detect.context import ROW_CHARS, Keywords, Tables, TableState, label_forms
 from extproc.detect.normalize import OffsetMap, normalize
 from extproc.detect.normalize import prepare as prepare_normalize
-from extproc.detect.rules import LoadedRule, RuleSet, pattern_width
+from extproc.detect.rules import NOT_AFTER_CHARS, LoadedRule, RuleSet, pattern_width
 from extproc.detect.tail import TailBuilder, TailModel
 from extproc.detect.validators import VALIDATORS, shannon_entropy
 from extproc.model import Finding
@@ -746,6 +746,10 @@ class Detector:
         if rule.min_entropy is not None and shannon_entropy(value) < rule.min_entropy:
             return False
         if any(allowed.search(value) for allowed in loaded.allow):
+            return False
+        if loaded.not_after is not None and loaded.not_after.search(
+            text, max(0, start - NOT_AFTER_CHARS), start
+        ):
             return False
         if loaded.examples and _inside_example(text, start, end, loaded.examples):
             return False

@@ -79,6 +79,10 @@ class Rule(_Model):
     validator: str | None = None
     min_entropy: float | None = Field(None, ge=0, le=8)
     allow: list[str] = Field(default_factory=list)
+    # A Python regex searched in the text just before the value (up to NOT_AFTER_CHARS characters, `$`
+    # at the value's start): a hit drops the finding. Context no Hyperscan pattern may look back at
+    # without lookbehind (a card's digits right after an IBAN's country code and check digits).
+    not_after: str | None = None
     max_length: int | None = Field(None, ge=1)
     mask: Annotated[MaskSpec, BeforeValidator(_mask_spec)] = MaskSpec()
     exact: ExactList | None = None
@@ -111,6 +115,7 @@ class LoadedRule:
     anchor: str = ""  # the literal every match starts with (lower case for case-insensitive rules)
     # The pack-wide allowed values: a finding lying inside one of them in the text is dropped.
     examples: tuple[str, ...] = ()
+    not_after: re.Pattern[str] | None = None
 
     @property
     def id(self) -> str:
@@ -189,6 +194,9 @@ def rule_files(paths: Iterable[str | Path]) -> list[Path]:
 
 
 DEFAULT_MAX_MATCH_CHARS = 1024
+# How far before a value a rule's `not_after` looks (within what a stream keeps behind a value: at least
+# the default keyword window).
+NOT_AFTER_CHARS = 48
 
 
 def load_rules(paths: Iterable[str | Path], max_match_chars: int = DEFAULT_MAX_MATCH_CHARS) -> RuleSet:
@@ -298,6 +306,7 @@ def _load_rule(
     regex = _compile(rule.pattern, rule, "pattern", where, problems) if rule.pattern is not None else None
     if rule.candidate is not None:
         _compile(rule.candidate, rule, "candidate", where, problems)
+    not_after = _compile(rule.not_after, rule, "not_after", where, problems) if rule.not_after else None
     allow = tuple(
         p for p in (_compile(a, rule, f"allow[{i}]", where, problems) for i, a in enumerate(rule.allow)) if p
     )
@@ -322,7 +331,15 @@ def _load_rule(
         return None
     anchor = pattern_anchor(regex) if regex is not None else ""
     return LoadedRule(
-        rule=rule, path=path, line=line, regex=regex, width=width, allow=allow, token=token, anchor=anchor
+        rule=rule,
+        path=path,
+        line=line,
+        regex=regex,
+        width=width,
+        allow=allow,
+        token=token,
+        anchor=anchor,
+        not_after=not_after,
     )
 
 
