@@ -67,8 +67,8 @@ def scanners(monkeypatch: pytest.MonkeyPatch) -> list[StreamScanner]:
     opened: list[StreamScanner] = []
     stream = Detector.stream
 
-    def recorded(detector: Detector) -> StreamScanner:
-        scanner = stream(detector)
+    def recorded(detector: Detector, label: str | None = None) -> StreamScanner:
+        scanner = stream(detector, label)
         opened.append(scanner)
         return scanner
 
