@@ -138,6 +138,25 @@ def test_default_pack_streams_find_what_block_mode_finds(
     assert found == block(default, text)
 
 
+def test_regression_a_secret_right_after_a_mask_token_is_found_however_the_stream_is_cut(
+    default: Detector,
+) -> None:
+    """Found by the property above: Hyperscan's stream mode missed a match of one rule (an alternation of
+    Mailjet's two naming schemes) at some write boundaries while block mode found it, so the stream never
+    saw the candidate. The rule is two rules now; this is the example, cut as it was."""
+    text = (
+        "PTAyOTU1OTEzMDg5MjI0OTQ4Mg.jN9oqZ.gfMNGgyq5eenZfS4Ma6gbOOOyJsMJ_APIKEY_PRIVATE=0dbbcf03b2e"
+        "f9eed93550b4691ad3528Airtable.configure({ apiKey: 'key0YR6pFNDyAd65m' }) // airtable_api_k"
+        "ey: 'keyD6RLKjGlzpQ84M'   [EMAIL_ADDRESS:0123456789abcdef]MJ_APIKEY_PRIVATE=0dbbcf03b2ef9e"
+        "ed93550b4691ad3528"
+    )
+    sizes = [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 11, 24, 24, 24, 24, 24, 24, 24, 24, 24]
+    released, found = streamed(default, text, sizes)
+    assert released == text
+    assert found == block(default, text)
+    assert ("mailjet-mj-api-secret", 256, 288) in found
+
+
 @settings(max_examples=400, deadline=None)
 @given(texts(TEST_PACK), st.lists(st.integers(min_value=1, max_value=24), max_size=80))
 def test_test_pack_streams_find_what_block_mode_finds(text: str, sizes: list[int]) -> None:
