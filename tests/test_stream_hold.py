@@ -157,6 +157,61 @@ def test_regression_a_secret_right_after_a_mask_token_is_found_however_the_strea
     assert ("mailjet-mj-api-secret", 256, 288) in found
 
 
+# Cuts at which Hyperscan's stream mode, alone, lost the second of two copies of a rule's sample.
+_LOST_AT_A_WRITE_BOUNDARY = [
+    ("CLOUDFLARE_API_TOKEN=8HTlIMBriBwmsz04cKH3eUo4zzvUb-157K0fMu_h", [16, 9, 22, 17, 22, 12, 5, 13, 1, 12]),
+    ("DD_API_KEY=75d4894d53c040b4644185b64cee6637", [8, 10, 4, 24, 13, 16, 5, 3, 3, 1]),
+    (
+        'apiToken := config.GetEnvOrDefault("SERVICE_API_TOKEN", "79fec541-0dd0-4fc5-9d7a-497e6e191adb")',
+        [3, 30, 7, 5, 10, 23, 29, 8, 16, 1, 24, 2, 4, 11, 17, 11],
+    ),
+    ("FB_CLIENT_TOKEN: c903c8c66c002f6350d09f3e3261ad97", [5, 19, 28, 26, 25]),
+    (
+        "curl -H 'xi-api-key: 3ad70f98f6d29fcfdd88cdd412252a7d' https://api.elevenlabs.io/v1/user",
+        [29, 24, 22, 26, 25, 29, 29],
+    ),
+]
+
+
+@pytest.mark.parametrize(("sample", "sizes"), _LOST_AT_A_WRITE_BOUNDARY, ids=lambda v: str(v)[:24])
+def test_regression_a_match_hyperscans_stream_mode_loses_is_still_found(
+    default: Detector, sample: str, sizes: list[int]
+) -> None:
+    text = f"{sample} {sample}"
+    released, found = streamed(default, text, sizes)
+    assert released == text
+    assert found == block(default, text)
+    assert len(found) >= 2
+
+
+_SAMPLED = [
+    (r.id, sample) for r in DEFAULT_PACK.rules for sample in r.rule.samples.match[:3] if sample.isascii()
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from(_SAMPLED),
+    st.sampled_from(["glued", "twice", "after a token"]),
+    st.lists(st.integers(min_value=1, max_value=30), min_size=1, max_size=60),
+)
+def test_every_rule_sample_is_found_in_a_stream_however_it_is_cut(
+    default: Detector, case: tuple[str, str], shape: str, sizes: list[int]
+) -> None:
+    """Hyperscan's stream mode loses some matches whose anchor falls on a write boundary (the bare
+    patterns of several rules, fed in pieces, missed what one block found). A stream also scans what
+    it has not released in block mode; every sample, alone and beside itself, is found cut anywhere."""
+    _, sample = case
+    text = {
+        "glued": f"zz{sample}Q " + "y" * 40 + " ]" + sample,
+        "twice": f"{sample} {sample}",
+        "after a token": f"[EMAIL_ADDRESS:0123456789abcdef]{sample}",
+    }[shape]
+    released, found = streamed(default, text, sizes)
+    assert released == text
+    assert found == block(default, text)
+
+
 @settings(max_examples=400, deadline=None)
 @given(texts(TEST_PACK), st.lists(st.integers(min_value=1, max_value=24), max_size=80))
 def test_test_pack_streams_find_what_block_mode_finds(text: str, sizes: list[int]) -> None:

@@ -1016,7 +1016,7 @@ class StreamScanner:
 
         findings = detector.confirm(
             self._buffer,
-            self._hits.shift(base),
+            self._rescanned(self._hits.shift(base)),
             self._memo,
             base,
             self._released - base,
@@ -1091,6 +1091,33 @@ class StreamScanner:
             if found is not None:
                 limit = min(limit, self._base + found.start())
         return limit
+
+    def _rescanned(self, hits: _Hits) -> _Hits:
+        """``hits`` (offsets in the buffer) with those of a block-mode scan of the text not released yet.
+
+        Hyperscan's stream mode is not split-invariant for every pattern: a match whose anchor falls on a
+        write boundary can be lost (the bare pattern, fed in pieces, misses what one block finds), and a
+        candidate the stream never reports is a value never confirmed. The hold model keeps every match
+        from where it starts, so each match still to come starts in the text not released yet: scanning
+        that text in block mode, with the context a boundary needs before it, finds every candidate the
+        stream may have lost. The candidates are only where Python looks; a doubled one costs nothing."""
+        detector = self._detector
+        low = max(0, self._released - self._base - CONTEXT)
+        if low >= len(self._buffer):
+            return hits
+        block = _Hits()
+        on_regex, on_literal = detector._handlers(block, low)
+        data = _ascii(self._buffer[low:])
+        if detector._block is not None:
+            detector._block.scan(data, match_event_handler=on_regex)
+        if detector._literal_block is not None:
+            detector._literal_block.scan(data, match_event_handler=on_literal)
+        for rule, ends in block.ends.items():
+            known = hits.ends[rule]
+            hits.ends[rule] = sorted(set(known).union(ends))
+        if block.literals:
+            hits.literals = sorted(set(hits.literals).union(block.literals))
+        return hits
 
     def _trim(self) -> None:
         # Of the original, only what is not released yet is ever read again.
