@@ -77,6 +77,16 @@ def test_a_markdown_header_names_its_whole_column(default: Detector) -> None:
     assert found(default, text) == [("phone-number-keyword", PHONE)]
 
 
+def test_a_header_whose_words_are_joined_names_its_column_too(default: Detector) -> None:
+    """``steuer_id``, ``Steuer.ID``: the keyword (``steuer id``) is only in the header read with its words
+    split, which the test that a rule's keywords are anywhere in the text must read too."""
+    tax_id = "35732834615"
+    for header in ("steuer_id", "Steuer.ID", "steuer-id"):
+        assert found(default, csv(f"name,{header}", f"Jane Doe,{tax_id}")) == [("de-tax-id", tax_id)], header
+        text = markdown(f"| Name | {header} |", f"| Jane | {tax_id} |")
+        assert found(default, text) == [("de-tax-id", tax_id)], header
+
+
 def test_without_a_keyword_in_the_header_nothing_is_found(default: Detector) -> None:
     assert found(default, csv("name,id,number", f"Jane Doe,{SSN},{PHONE}")) == []
     assert found(default, markdown("| Name | Id | Number |", f"| Jane | {SIN} | {PHONE} |")) == []

@@ -43,6 +43,7 @@ from extproc.model import Finding
 log = logging.getLogger("extproc.detect")
 HYPERSCAN_VERSION = importlib.metadata.version("hyperscan")
 
+_LABEL_JOINS = re.compile(r"[_\-.]+")  # what joins a label's words, as extproc.detect.context splits them
 CONTEXT = 32  # characters around a window, for \b, lookbehind and lookahead at its edges
 # A rule wider than this whose matches all start with a literal (a PEM block's "-----BEGIN") is held back
 # in streams only from where that literal (or its beginning, at the very end) appears.
@@ -616,6 +617,7 @@ class Detector:
         found: set[Finding] = set()
         size = len(text)
         lowered: str | None = None
+        split: str | None = None
         context = _Context(text, base, state, label, columns)
         for index, ends in hits.ends.items():
             loaded = self.rules[index]
@@ -626,7 +628,12 @@ class Detector:
                     lowered = text.lower() + context.extra()
                 prefilter = self._prefilters[index]
                 if prefilter is not None and prefilter.search(lowered) is None:
-                    continue
+                    # A header or key reads with its words split (``steuer_id`` as ``steuer id``): the
+                    # keyword may be in that reading only.
+                    if split is None:
+                        split = _LABEL_JOINS.sub(" ", lowered)
+                    if prefilter.search(split) is None:
+                        continue
             final = 0
             if memo is not None:
                 final = settled(index) if settled is not None else size - loaded.width - CONTEXT
