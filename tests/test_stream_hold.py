@@ -85,10 +85,12 @@ def default() -> Detector:
     return Detector(DEFAULT_PACK, cache_dir=Path(cache) if cache else None)
 
 
-def streamed(detector: Detector, text: str, sizes: list[int]) -> tuple[str, list[tuple[str, int, int]]]:
+def streamed(
+    detector: Detector, text: str, sizes: list[int], label: str | None = None
+) -> tuple[str, list[tuple[str, int, int]]]:
     """Feed ``text`` in pieces of ``sizes`` (the rest in one), then finish: what was released, and the
     findings with offsets from the start of the stream."""
-    scanner = detector.stream()
+    scanner = detector.stream(label)
     released, found, position = [], [], 0
     for size in [*sizes, len(text)]:
         out, hits = scanner.feed(text[position : position + size])
@@ -101,8 +103,8 @@ def streamed(detector: Detector, text: str, sizes: list[int]) -> tuple[str, list
     return "".join(released), sorted((f.rule_id, f.start, f.end) for f in found)
 
 
-def block(detector: Detector, text: str) -> list[tuple[str, int, int]]:
-    return sorted((f.rule_id, f.start, f.end) for f in detector.scan(text))
+def block(detector: Detector, text: str, label: str | None = None) -> list[tuple[str, int, int]]:
+    return sorted((f.rule_id, f.start, f.end) for f in detector.scan(text, label=label))
 
 
 def holds(detector: Detector, pieces: list[str]) -> list[tuple[str, int]]:
