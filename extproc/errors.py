@@ -33,6 +33,7 @@ HTTP_STATUS: Final[dict[str, int]] = {
     "prompt_blocked": 403,
     "unmasked_not_allowed": 403,
     "prompt_too_long": 400,
+    "prompt_unscannable": 400,  # a prompt as token ids or embeddings (extproc/mask/tokens.py)
     "max_tokens_too_large": 400,
     "header_not_maskable": 403,  # a request header the policy masks cannot be rewritten (host, content-type)
     "headers_too_large": 431,

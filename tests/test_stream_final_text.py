@@ -1,8 +1,10 @@
 """A text repeated whole at the end of a token stream goes out exactly as its deltas were released.
 
 The Responses API streams a text in deltas, then repeats it in ``.done`` events, in the item's parts and
-in ``response.completed``. The client must never read two versions of one text, and a final text that
-is not what the deltas carried must not carry a value out unmasked."""
+in ``response.completed``; TGI's ``/generate_stream`` repeats it in its last event's ``generated_text``
+(the other dialects, chat completions, Anthropic messages and Ollama's NDJSON, never repeat a text).
+The client must never read two versions of one text, and a final text that is not what the deltas
+carried must not carry a value out unmasked."""
 
 import json
 from pathlib import Path
@@ -221,3 +223,51 @@ def test_a_final_text_repeating_only_the_deltas_so_far_gets_them_as_released(pac
     parsed = parse(run(PACKS[pack], body, 1000))
     assert [e.get("text") for e in parsed if "text" in e] == [parsed[0]["delta"]]
     assert "".join(e["delta"] for e in parsed if "delta" in e) == "mail [REDACTED:EMAIL_ADDRESS]"
+
+
+def tgi(message: str, sizes: list[int], final: str | None = None) -> bytes:
+    """A TGI ``/generate_stream``: a token event per piece of ``message`` cut by ``sizes``, then the
+    end-of-sequence token (special, its text no part of the answer) with ``generated_text``."""
+    events: list[dict[str, Any]] = [
+        {"index": n, "token": {"id": 7 + n, "text": piece, "logprob": -0.5, "special": False}}
+        for n, piece in enumerate(pieces(message, sizes))
+    ]
+    end = {"id": 2, "text": "</s>", "logprob": -0.1, "special": True}
+    details = {"finish_reason": "eos_token", "generated_tokens": len(events) + 1, "seed": None}
+    events.append(
+        {"index": len(events), "token": end, "generated_text": final or message, "details": details}
+    )
+    for event in events[:-1]:
+        event.update(generated_text=None, details=None, top_tokens=None)
+    return b"".join(b"data:" + json.dumps(e).encode() + b"\n\n" for e in events)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    pack=st.sampled_from(sorted(PACKS)),
+    message=segments,
+    note=segments,
+    escape=st.booleans(),
+    sizes=cuts,
+    chunk=st.integers(min_value=7, max_value=400),
+)
+def test_tgis_generated_text_is_exactly_what_its_tokens_assembled_to(
+    pack: str, message: list[str], note: list[str], escape: bool, sizes: list[int], chunk: int
+) -> None:
+    """The answer is prose and a JSON document, as a model asked for JSON writes it."""
+    text = " ".join(message) + "\n" + arguments_text(note, escape)
+    out = run(PACKS[pack], tgi(text, sizes), chunk)
+    events = parse(out)
+    assembled = "".join(e["token"]["text"] for e in events if not e["token"]["special"])
+    assert events[-1]["generated_text"] == assembled
+    assert [e["generated_text"] for e in events[:-1]] == [None] * (len(events) - 1)
+    for secret in (CARD, "4111111111111111", EMAIL):  # escapes in a text are not decoded: it is no JSON
+        assert secret.encode() not in out
+
+
+@pytest.mark.parametrize("pack", sorted(PACKS))
+def test_a_tgi_generated_text_that_differs_from_its_tokens_is_masked_whole(pack: str) -> None:
+    events = parse(run(PACKS[pack], tgi("see you soon", [4], final=f"see you soon, card {CARD}"), 50))
+    assert "".join(e["token"]["text"] for e in events[:-1]) == "see you soon"
+    assert CARD not in events[-1]["generated_text"]
+    assert events[-1]["generated_text"].startswith("see you soon, card ")

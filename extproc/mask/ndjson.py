@@ -5,12 +5,14 @@ Ollama streams its answers this way: ``/api/chat`` lines carry ``message.content
 has ``"done": true``. Those texts are scanned across lines like server-sent token events
 (``extproc.mask.sse``): each feeds the channel of its text and the stream's answer channel
 (``extproc.mask.joined``), and a line is held until its text is released, then goes out whole. Known
-fields (model, timestamps, the done reason, tool calls sent whole) are masked whole; every other string,
-and every string of a line of no known shape, feeds a channel per field path and one joining them all,
-across lines; a line that is not JSON is such a string. A line longer than ``max_line_bytes``, complete
-or not, ends the stream with ``too_large``; a line that is JSON only to a lenient reader (a repeated key,
-nesting past the limit, a broken document that starts like one), or more texts than a stream may open,
-with ``invalid`` (an answer's ``upstream_unscannable`` by default; a request's ``invalid_json``).
+fields (model, timestamps, the done reason, tool calls sent whole) are masked whole; ``context`` (the
+token ids of the conversation) and other per-token fields of an answer are emptied, and a request line
+carrying token ids is refused (``extproc.mask.tokens``); every other string, and every string of a line
+of no known shape, feeds a channel per field path and one joining them all, across lines; a line that
+is not JSON is such a string. A line longer than ``max_line_bytes``, complete or not, ends the stream
+with ``too_large``; a line that is JSON only to a lenient reader (a repeated key, nesting past the
+limit, a broken document that starts like one), or more texts than a stream may open, with ``invalid``
+(an answer's ``upstream_unscannable`` by default; a request's ``invalid_json``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from extproc.mask import Inspector
 from extproc.mask.bodies import (
     ENCODING,
     ERRORS,
+    Admit,
     BufferedJson,
     JsonMasker,
     JsonRejected,
@@ -32,6 +35,7 @@ from extproc.mask.bodies import (
 )
 from extproc.mask.joined import ANSWER, MAX_CHANNELS, EventFields, HeldEvent, Router
 from extproc.mask.sse import load_json
+from extproc.mask.tokens import refuse_token_input, strip_token_detail
 from extproc.model import Finding
 
 MEDIA_TYPES = frozenset(
@@ -141,8 +145,13 @@ class NdjsonStream(EventFields):
             return (str(root[0]) if as_text else dump_json(root[0])) + end.decode()
 
         held = self._router.event(render)
-        if not as_text:  # no scanner reads keys and numbers
-            root[0], held.changed = self._json.keys_and_numbers(root[0])
+        if not as_text:
+            if self._invalid is None:  # an answer: per-token copies and token ids are emptied
+                held.changed = strip_token_detail(document)
+            else:  # a request: a prompt as token ids is refused
+                refuse_token_input(document)
+            root[0], masked = self._json.keys_and_numbers(root[0])  # no scanner reads keys and numbers
+            held.changed |= masked
             document = root[0]
         if isinstance(document, dict):
             self._document(held, document)
@@ -203,8 +212,9 @@ class SniffedJson(BufferedJson):
         too_large: ExtProcError,
         invalid: ExtProcError,
         max_line_bytes: int,
+        admit: Admit | None = None,
     ) -> None:
-        super().__init__(inspector, limit, too_large, invalid, sniff=True)
+        super().__init__(inspector, limit, too_large, invalid, sniff=True, admit=admit)
         self._max_line = max_line_bytes
 
     def _mask_text(self, inspector: Inspector, body: bytes) -> bytes:

@@ -11,11 +11,11 @@ The readers, per direction, first match wins:
 
 | direction | media type | body mode | processor | size |
 |---|---|---|---|---|
-| request | JSON, text, none | any | ``BufferedJson`` through the policy's ``admit`` | body |
+| request | JSON, text, none | any | ``BufferedJson``: token ids refused, then the policy's ``admit`` | body |
 | request | NDJSON | any | ``NdjsonStream`` | body |
 | response | ``text/event-stream`` | any | ``EventStream`` | stream |
 | response | NDJSON | any | ``NdjsonStream`` | stream |
-| response | JSON | any | ``BufferedJson`` | body |
+| response | JSON | any | ``BufferedJson``, per-token fields emptied | body |
 | response | text, none | streamed | ``SniffedStream``: first bytes choose events, text or JSON | stream |
 | response | text, none | buffered | ``BufferedJson`` | body |
 
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from extproc.errors import ClientError, ExtProcError, UpstreamError
 from extproc.mask import Inspector
@@ -48,6 +49,7 @@ from extproc.mask.encoding import Decoder, UnsupportedEncoding, decoder_for, par
 from extproc.mask.ndjson import MEDIA_TYPES as NDJSON_MEDIA_TYPES
 from extproc.mask.ndjson import NdjsonStream, SniffedJson
 from extproc.mask.sse import EventStream, SniffedStream
+from extproc.mask.tokens import refuse_token_input, strip_token_detail
 from extproc.model import BodyMode, Direction, Headers
 
 EVENT_STREAM = "text/event-stream"
@@ -190,6 +192,23 @@ class Reader:
     build: Callable[[_Body], BodyProcessor]
 
 
+def _admit(body: _Body) -> Admit:
+    """What a document held whole goes through before it is masked. A request: refused when it carries
+    its prompt as token ids or embeddings, whatever the policy, then the policy's ``admit``. An answer:
+    its per-token copies of the text and its token ids emptied (``extproc.mask.tokens``)."""
+    scope = body.scope
+    policy = scope.admit
+
+    def request(document: Any, size: int) -> tuple[Inspector, bool]:
+        refuse_token_input(document)
+        return (scope.inspector, False) if policy is None else policy(document, size)
+
+    def answer(document: Any, size: int) -> tuple[Inspector, bool]:
+        return scope.inspector, document is not None and strip_token_detail(document)
+
+    return request if body.words.request else answer
+
+
 def _held_json(body: _Body) -> BodyProcessor:
     """A JSON document held whole. Text, or no content type, is read as JSON when it parses as an object
     or an array (as its receiver may read it), and as text otherwise."""
@@ -201,7 +220,7 @@ def _held_json(body: _Body) -> BodyProcessor:
         words.invalid(),
         as_text=scope.json_as_text,
         sniff=is_text(body.media),
-        admit=scope.admit,
+        admit=_admit(body),
         charset=body.charset,
         undecodable=words.undecodable(),
     )
@@ -231,7 +250,12 @@ def _sniffed(body: _Body) -> BodyProcessor:
         lambda: EventStream(inspector, limits.event, words.event_too_large(limits)),
         lambda: StreamingText(inspector, limits.stream, words.too_large(limits.stream)),
         lambda: SniffedJson(
-            inspector, limits.body, words.too_large(limits.body), words.invalid(), limits.event
+            inspector,
+            limits.body,
+            words.too_large(limits.body),
+            words.invalid(),
+            limits.event,
+            admit=_admit(body),
         ),
         limits.event,
         words.event_too_large(limits),

@@ -26,14 +26,18 @@ strings of an event are of three kinds:
   JSON body. A string of a Responses event that repeats, character for character, a text its deltas
   streamed (``.done`` events, parts, items, ``response.completed``) goes out as the deltas were
   released (``EventStream._repeats``); one that differs is masked whole.
+- **TGI's native stream** (``/generate_stream``): ``token.text`` is the text's delta (a special token's,
+  such as the end of sequence, is scanned but is no part of it), and the last event repeats the text in
+  ``generated_text``, which goes out as the deltas were released, as a Responses final text does.
 - **Everything else**: fields the dialect does not know, and every string of an event of no known dialect
-  (TGI's ``token.text``, a plain-text ``data:``). They feed a channel per field path (list positions
+  (llama.cpp's ``content``, a plain-text ``data:``). They feed a channel per field path (list positions
   left out), across events, and one channel joining them all in arrival order, so a value split across
   events of an unknown shape is found too. Such an event may be held until a later event, or the end of
   the stream, settles the scanner: an unknown field is never a way around it.
 
-``logprobs`` repeat the tokens one by one and cannot be masked in step with the text: they become
-``null`` (chat) or ``[]`` (Responses API, wherever they appear).
+Per-token copies of the text (``logprobs``, TGI's ``top_tokens``) and token ids (TGI's ``token.id``,
+vLLM's ``token_ids``, llama.cpp's ``tokens``) cannot be masked in step with the text: they are emptied
+in every event (``extproc.mask.tokens``).
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ from extproc.mask.bodies import (
     loads_strict,
 )
 from extproc.mask.joined import ANSWER, MAX_CHANNELS, EventFields, HeldEvent, JsonText, Router
+from extproc.mask.tokens import strip_token_detail
 from extproc.model import Finding
 
 _CHAT_META = frozenset(
@@ -115,6 +120,8 @@ _ANTHROPIC_TYPES = frozenset(
 _ANTHROPIC_TEXT = {"text_delta": "text", "input_json_delta": "partial_json", "thinking_delta": "thinking"}
 _ANTHROPIC_BLOCK_TEXT = {"text": ("text", "text_delta"), "thinking": ("thinking", "thinking_delta")}
 _ANTHROPIC_META = frozenset({"type", "index", "message", "usage", "error", "content_block", "delta"})
+_TGI_TEXT = ("tgi", "text")
+_TGI_META = frozenset({"index", "details", "top_tokens"})
 
 
 def load_json(text: str) -> Any:
@@ -206,10 +213,11 @@ class EventStream(SseEvents, EventFields):
             self._residual(held, box, "data", ("<data>",))
             self._router.seal(held)
             return
+        stripped = strip_token_detail(document)
         document, masked = self._json.keys_and_numbers(document)  # no scanner reads keys and numbers
         root = [document]
         held = self._router.event(lambda h: self.render(event, dump_json(root[0]) if _filled(h) else None))
-        held.changed = masked
+        held.changed = masked or stripped
         kind = document.get("type") if isinstance(document, dict) else None
         if isinstance(document, list):
             self._residual(held, root, 0, ())
@@ -219,6 +227,8 @@ class EventStream(SseEvents, EventFields):
             self._responses(held, document, kind)
         elif kind in _ANTHROPIC_TYPES:
             self._anthropic(held, document, str(kind))
+        elif isinstance(document.get("token"), dict) and isinstance(document["token"].get("text"), str):
+            self._tgi(held, document)
         else:
             self._residual(held, root, 0, ())
         self._router.seal(held)
@@ -283,10 +293,8 @@ class EventStream(SseEvents, EventFields):
             number = _key(choice.get("index", 0))
             for key in list(choice):
                 value = choice[key]
-                if key == "logprobs":
-                    if value is not None:
-                        choice[key] = None
-                        held.changed = True
+                if key == "logprobs":  # emptied already (strip_token_detail)
+                    self._whole(held, choice, key)
                 elif key == "delta" and isinstance(value, dict):
                     self._chat_delta(held, number, value)
                 elif key == "delta":
@@ -344,7 +352,6 @@ class EventStream(SseEvents, EventFields):
     # -- OpenAI Responses API ----------------------------------------------------------------------------
 
     def _responses(self, held: HeldEvent, chunk: dict[str, Any], kind: str) -> None:
-        held.changed |= _empty_logprobs(chunk)
         if not kind.endswith(".delta") or kind in _RESPONSES_BINARY:
             self._repeats(held, chunk, kind)
             for key in list(chunk):  # whole values: full texts, items, the response
@@ -369,14 +376,21 @@ class EventStream(SseEvents, EventFields):
         that differs from what the deltas carried, even by one character, is masked whole as any other
         value: an upstream cannot use a final text to say something its deltas did not."""
         for path, text in _final_texts(chunk, kind):
-            streamed = self._streamed.get(text)
-            if streamed is None:
-                continue
-            value = _at(chunk, path)
-            if not isinstance(value, str) or value != "".join(streamed.raw):
-                continue
-            _at(chunk, path[:-1])[path[-1]] = ""
-            held.fills.append(_fill(chunk, path, streamed, len(streamed.raw), value))
+            self._repeat(held, chunk, path, text)
+
+    def _repeat(self, held: HeldEvent, chunk: dict[str, Any], path: tuple[Any, ...], text: Hashable) -> bool:
+        """When the string at ``path`` repeats ``text`` whole and as its deltas came, empties it and
+        writes it in as they were released once the event goes out (``_repeats``); returns whether it
+        does. A string that differs is left for the caller to mask whole."""
+        streamed = self._streamed.get(text)
+        if streamed is None:
+            return False
+        value = _at(chunk, path)
+        if not isinstance(value, str) or value != "".join(streamed.raw):
+            return False
+        _at(chunk, path[:-1])[path[-1]] = ""
+        held.fills.append(_fill(chunk, path, streamed, len(streamed.raw), value))
+        return True
 
     # -- Anthropic messages ----------------------------------------------------------------------------
 
@@ -420,6 +434,30 @@ class EventStream(SseEvents, EventFields):
                 self._text(held, delta, key, ("anthropic", index, _key(kind)))
             else:
                 self._residual(held, delta, key, ("content_block_delta", key))
+
+    # -- TGI's native stream -----------------------------------------------------------------------------
+
+    def _tgi(self, held: HeldEvent, chunk: dict[str, Any]) -> None:
+        """One event of TGI's ``/generate_stream``: ``token.text`` is a delta of the one text, and the last
+        event repeats the text whole in ``generated_text`` (without the special tokens' text, such as the
+        end of sequence, which its clients leave out too)."""
+        token = chunk["token"]
+        special = token.get("special") is True
+        for inner in list(token):
+            if inner == "text":
+                self._text(held, token, inner, _TGI_TEXT, repeated=not special)
+            else:
+                self._whole(held, token, inner)
+        for key in list(chunk):
+            if key == "token":
+                continue
+            if key == "generated_text":
+                if not self._repeat(held, chunk, (key,), _TGI_TEXT):
+                    self._whole(held, chunk, key)
+            elif key in _TGI_META:
+                self._whole(held, chunk, key)
+            else:
+                self._residual(held, chunk, key, (key,))
 
 
 def _filled(held: HeldEvent) -> bool:
@@ -508,22 +546,6 @@ def _item_texts(
                     index = (None, number) if summary else (number, None)
                     found += _part_text(part, (*path, key, number), item.get("id"), output, *index)
     return found
-
-
-def _empty_logprobs(node: Any) -> bool:
-    """Empties, in place, every non-empty ``logprobs`` list under ``node``; returns whether it did."""
-    changed = False
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "logprobs" and isinstance(value, list) and value:
-                node[key] = []
-                changed = True
-            else:
-                changed |= _empty_logprobs(value)
-    elif isinstance(node, list):
-        for item in node:
-            changed |= _empty_logprobs(item)
-    return changed
 
 
 _BOM = b"\xef\xbb\xbf"
