@@ -1,13 +1,19 @@
 """The model servers' native APIs through real Envoy 1.40, the extproc server and the demo model: an
-Ollama client's /api/chat and /api/generate, streamed (NDJSON) and not, masked both ways; paths outside
-routes.model refused; the caller's policy (models, output tokens) held on the native paths as on /v1/."""
+Ollama client's /api/chat and /api/generate, streamed (NDJSON) and not, masked both ways; TGI's
+/generate and /generate_stream, llama.cpp's /completion; paths outside routes.model refused; the
+caller's policy (models, output tokens) held on the native paths as on /v1/. And what every API can
+return beside the text, token by token (log probabilities, token ids), emptied, read by the official
+clients; a prompt sent as token ids refused."""
 
 import json
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import httpx
+import ollama
+import openai
 import pytest
 
 from extproc.devenv import Stack
@@ -173,18 +179,149 @@ def test_a_body_without_a_model_is_refused_where_the_policy_allows_only_some(
     assert Demo(native.demo_url).received(tag) == []
 
 
-@pytest.mark.parametrize("path", ["/generate", "/generate_stream", "/completion"])
-def test_tgi_and_llama_cpp_paths_reach_the_model_scanned(
-    native: Stack, dev_dir: Path, tag: str, path: str
+def sse_documents(answer: httpx.Response) -> list[dict[str, Any]]:
+    return [json.loads(line[5:]) for line in answer.iter_lines() if line.startswith("data:")]
+
+
+def test_tgi_generate_is_masked_both_ways_and_loses_its_token_details(
+    native: Stack, dev_dir: Path, tag: str
 ) -> None:
-    body = {"inputs": PROMPT, "prompt": PROMPT}
-    answer = httpx.post(f"{native.url}{path}", json=body, headers=auth(dev_dir, **{"x-test-tag": tag}))
-    assert answer.status_code == 404  # the demo model serves neither: the model's own 404, not Envoy's
-    assert answer.text != '{"error":"not_found","message":"no such route"}\n'
-    [seen] = Demo(native.demo_url).received(tag)
-    assert seen["path"] == path
+    demo = Demo(native.demo_url)
+    headers = auth(dev_dir, **{"x-demo-reply": demo.script(content=ANSWER), "x-test-tag": tag})
+    body = {"inputs": PROMPT, "parameters": {"details": True, "max_new_tokens": 50}}
+    answer = httpx.post(f"{native.url}/generate", json=body, headers=headers, timeout=30)
+    assert answer.status_code == 200
+    document = answer.json()
+    assert document["generated_text"] == MASKED
+    assert (document["details"]["tokens"], document["details"]["prefill"]) == ([], [])
+    [seen] = demo.received(tag)
     assert CARD not in seen["body"]
     assert EMAIL not in seen["body"]
+
+
+def test_tgi_generate_stream_gives_the_masked_tokens_and_the_same_generated_text(
+    native: Stack, dev_dir: Path
+) -> None:
+    demo = Demo(native.demo_url)
+    headers = auth(dev_dir, **{"x-demo-reply": demo.script(content=ANSWER, chunk_chars=3)})
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 50}}
+    with httpx.stream(
+        "POST", f"{native.url}/generate_stream", json=body, headers=headers, timeout=30
+    ) as answer:
+        assert answer.status_code == 200
+        events = sse_documents(answer)
+    assembled = "".join(e["token"]["text"] for e in events if not e["token"]["special"])
+    assert assembled == MASKED
+    assert events[-1]["generated_text"] == MASKED  # the text the tokens assembled to, byte for byte
+    assert {e["token"]["id"] for e in events} == {0}  # the ids are the text to a tokenizer
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_llama_cpp_completion_is_masked_and_loses_its_token_ids(
+    native: Stack, dev_dir: Path, tag: str, stream: bool
+) -> None:
+    demo = Demo(native.demo_url)
+    headers = auth(dev_dir, **{"x-demo-reply": demo.script(content=ANSWER, chunk_chars=3), "x-test-tag": tag})
+    body = {"prompt": PROMPT, "n_predict": 50, "stream": stream}
+    answer = httpx.post(f"{native.url}/completion", json=body, headers=headers, timeout=30)
+    assert answer.status_code == 200
+    documents = sse_documents(answer) if stream else [answer.json()]
+    assert "".join(d["content"] for d in documents) == MASKED
+    assert all(d["tokens"] == [] for d in documents)
+    [seen] = demo.received(tag)
+    assert CARD not in seen["body"]
+
+
+def ollama_client(stack: Stack, dev_dir: Path, **headers: str) -> closing[ollama.Client]:
+    """Ollama's official client, pointed at the proxy (closed on leaving the ``with``)."""
+    return closing(ollama.Client(host=stack.url, headers=auth(dev_dir, **headers), timeout=30))
+
+
+def test_the_ollama_client_chats_through_the_proxy_masked_both_ways(
+    native: Stack, dev_dir: Path, tag: str
+) -> None:
+    demo = Demo(native.demo_url)
+    reply = demo.script(content=ANSWER, chunk_chars=3)
+    messages = [{"role": "user", "content": PROMPT}]
+    with ollama_client(native, dev_dir, **{"x-demo-reply": reply}) as client:
+        streamed = client.chat(model="demo-small", messages=messages, stream=True)
+        assert "".join(part.message.content or "" for part in streamed) == MASKED
+        whole = client.chat(model="demo-small", messages=messages)
+        assert whole.message.content == MASKED
+        assert whole.done is True
+    with ollama_client(native, dev_dir, **{"x-test-tag": tag}) as client:
+        echoed = client.chat(model="demo-small", messages=messages)
+    assert echoed.message.content == f"You said: my card is {CARD_MASKED}, mail me at {EMAIL_MASKED}"
+    [seen] = demo.received(tag)
+    assert seen["path"] == "/api/chat"
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_the_ollama_client_generates_through_the_proxy_and_gets_no_context_ids(
+    native: Stack, dev_dir: Path, stream: bool
+) -> None:
+    """``context`` holds the conversation as token ids: the demo's ids read back as the text, card and
+    all, to anyone with its tokenizer (as a real model's do with its public one)."""
+    demo = Demo(native.demo_url)
+    with ollama_client(
+        native, dev_dir, **{"x-demo-reply": demo.script(content=ANSWER, chunk_chars=3)}
+    ) as client:
+        if stream:
+            parts = list(client.generate(model="demo-small", prompt=PROMPT, stream=True))
+            text, last = "".join(p.response for p in parts), parts[-1]
+        else:
+            last = client.generate(model="demo-small", prompt=PROMPT)
+            text = last.response
+    assert text == MASKED
+    assert last.done is True
+    assert not last.context
+    with ollama_client(native, dev_dir) as client, pytest.raises(ollama.ResponseError) as refused:
+        client.generate(model="demo-small", prompt="go on", context=[1, 2, 3])  # an earlier answer's ids
+    assert refused.value.status_code == 400
+    assert "prompt_unscannable" in str(refused.value)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_the_openai_client_asking_for_logprobs_gets_none_and_a_masked_text(
+    native: Stack, dev_dir: Path, stream: bool
+) -> None:
+    demo = Demo(native.demo_url)
+    headers = auth(dev_dir, **{"x-demo-reply": demo.script(content=ANSWER, chunk_chars=3)})
+    client = openai.OpenAI(
+        base_url=f"{native.url}/v1", api_key="unused", max_retries=0, default_headers=headers
+    )
+    messages: Any = [{"role": "user", "content": "hi"}]
+    with client:
+        if stream:
+            chunks = list(
+                client.chat.completions.create(
+                    model="demo-small", messages=messages, logprobs=True, top_logprobs=2, stream=True
+                )
+            )
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            assert all(c.choices[0].logprobs is None for c in chunks if c.choices)
+        else:
+            completion = client.chat.completions.create(
+                model="demo-small", messages=messages, logprobs=True, top_logprobs=2
+            )
+            text = completion.choices[0].message.content or ""
+            assert completion.choices[0].logprobs is None
+            assert CARD not in completion.model_dump_json()
+    assert text == MASKED
+
+
+def test_the_openai_client_sending_a_prompt_as_token_ids_is_refused(
+    native: Stack, dev_dir: Path, tag: str
+) -> None:
+    headers = auth(dev_dir, **{"x-test-tag": tag})
+    client = openai.OpenAI(
+        base_url=f"{native.url}/v1", api_key="unused", max_retries=0, default_headers=headers
+    )
+    with client, pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model="demo-small", prompt=[[52, 49, 49, 49]], max_tokens=5)
+    assert refused.value.status_code == 400
+    assert refused.value.body == "prompt_unscannable" or "prompt_unscannable" in str(refused.value)
+    assert Demo(native.demo_url).received(tag) == []
 
 
 def test_output_tokens_are_held_to_the_policy_in_ollamas_spelling(

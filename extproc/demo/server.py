@@ -7,7 +7,16 @@
 - ``GET /v1/models``,
 - Ollama's native ``POST /api/chat`` and ``POST /api/generate`` (streamed by default, as NDJSON lines
   of ``message.content`` or ``response`` ending with ``"done": true``; JSON with ``"stream": false``),
-  ``GET /api/tags`` and ``GET /api/version``.
+  ``GET /api/tags`` and ``GET /api/version``,
+- TGI's native ``POST /generate`` and ``POST /generate_stream`` (``token`` events, the last with
+  ``generated_text``), llama.cpp server's ``POST /completion`` (``content`` events with ``"stream":
+  true``).
+
+Like the real servers, answers carry the text token by token too when asked (chat ``logprobs``,
+completions ``logprobs``, TGI ``details``) and always where the real ones do (Ollama's ``context``, TGI's
+``token.id``). The demo's tokenizer is plain: a token is four characters of the text, and its id the
+token's UTF-8 bytes read as one integer (``token_id``, ``detokenize``), so a test can read back what
+token ids would tell anyone holding a model's tokenizer.
 
 The answer echoes the last user message, unless a script says otherwise. A control surface for tests is
 reached directly rather than through Envoy:
@@ -82,6 +91,8 @@ def _last_user_text(body: dict[str, Any]) -> str:
         return str(body["prompt"])
     if isinstance(body.get("input"), str):
         return str(body["input"])
+    if isinstance(body.get("inputs"), str):  # TGI's native API
+        return str(body["inputs"])
     for message in reversed(body.get("messages") or body.get("input") or []):
         if isinstance(message, dict) and message.get("role") == "user":
             content = message.get("content")
@@ -143,8 +154,9 @@ async def _answer(request: web.Request, api: str) -> web.StreamResponse:
         return web.Response(body=script.raw, headers=[*default, *script.headers])
     model = str(body.get("model") or MODELS[0])
     kind = _API[api]
-    answer = kind(script.content, model, f"{api}-{uuid.uuid4().hex[:24]}", int(time.time()))
-    if not body.get("stream", kind.streams_by_default):
+    answer = kind(script.content, model, f"{api}-{uuid.uuid4().hex[:24]}", int(time.time()), body)
+    streamed = body.get("stream", kind.streams_by_default) or request.path == "/generate_stream"
+    if not streamed:
         if not script.delay_ms:
             return web.json_response(answer.whole(), headers=list(script.headers))
         # A slow JSON answer: its bytes come in pieces, chunked, with the pause between them.
@@ -171,6 +183,29 @@ async def _answer(request: web.Request, api: str) -> web.StreamResponse:
     return response
 
 
+TOKEN_CHARS = 4
+
+
+def token_id(token: str) -> int:
+    """The demo tokenizer's id of ``token``: its UTF-8 bytes as one big-endian integer."""
+    return int.from_bytes(token.encode(), "big")
+
+
+def detokenize(ids: list[int]) -> str:
+    """The text of the demo tokenizer's ``ids``."""
+    return "".join(i.to_bytes((i.bit_length() + 7) // 8, "big").decode() for i in ids if i > 0)
+
+
+def _tokens(text: str) -> list[str]:
+    return [text[i : i + TOKEN_CHARS] for i in range(0, len(text), TOKEN_CHARS)]
+
+
+def _logprob(token: str) -> dict[str, Any]:
+    """One token of a chat answer's ``logprobs.content``, with its one alternative."""
+    entry = {"token": token, "logprob": -0.25, "bytes": list(token.encode())}
+    return {**entry, "top_logprobs": [entry]}
+
+
 def _sse(data: Any, name: str | None = None) -> bytes:
     head = f"event: {name}\n".encode() if name else b""
     return head + b"data: " + (data if isinstance(data, bytes) else json.dumps(data).encode()) + b"\n\n"
@@ -184,6 +219,7 @@ class _Answer(ABC):
     model: str
     id: str
     created: int
+    request: dict[str, Any]  # the request's body: what it asked for (logprobs, details)
     streams_by_default: ClassVar[bool] = False  # without "stream" in the request
     stream_type: ClassVar[str] = "text/event-stream"
 
@@ -202,14 +238,25 @@ class _Chat(_Answer):
             "created": self.created,
             "model": self.model,
             "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": self.text}, "finish_reason": "stop"}
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": self.text},
+                    "logprobs": self._logprobs(_tokens(self.text)),
+                    "finish_reason": "stop",
+                }
             ],
             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
         }
 
+    def _logprobs(self, tokens: list[str]) -> dict[str, Any] | None:
+        if not self.request.get("logprobs"):
+            return None
+        return {"content": [_logprob(token) for token in tokens], "refusal": None}
+
     def events(self, pieces: list[str]) -> Iterator[bytes]:
         def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
-            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            logprobs = self._logprobs([delta["content"]] if delta.get("content") else [])
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
             head = {"id": self.id, "object": "chat.completion.chunk", "created": self.created}
             return _sse({**head, "model": self.model, "choices": [choice]})
 
@@ -222,7 +269,16 @@ class _Chat(_Answer):
 
 class _Completion(_Answer):
     def _body(self, text: str, finish: str | None) -> dict[str, Any]:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        tokens = _tokens(text)
+        logprobs = None
+        if self.request.get("logprobs") is not None:  # the legacy shape: parallel lists
+            logprobs = {
+                "tokens": tokens,
+                "token_logprobs": [-0.25] * len(tokens),
+                "top_logprobs": [{token: -0.25} for token in tokens],
+                "text_offset": [TOKEN_CHARS * n for n in range(len(tokens))],
+            }
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
         head = {"id": self.id, "object": "text_completion", "created": self.created}
         return {**head, "model": self.model, "choices": [choice]}
 
@@ -336,7 +392,75 @@ class _OllamaChat(_Ollama):
 
 class _OllamaGenerate(_Ollama):
     def _line(self, text: str, done: bool) -> dict[str, Any]:
-        return {**self._head(), "response": text, **(self._done() if done else {"done": False})}
+        line = {**self._head(), "response": text, **(self._done() if done else {"done": False})}
+        if done:  # the conversation as token ids, for the next request's "context"
+            prompt = _last_user_text(self.request)
+            line["context"] = [token_id(token) for token in _tokens(prompt) + _tokens(self.text)]
+        return line
+
+
+class _Tgi(_Answer):
+    """TGI's native API: ``/generate`` (JSON, token details when ``parameters.details``) and
+    ``/generate_stream`` (one ``token`` event per token, the last an end-of-sequence token with the whole
+    ``generated_text``)."""
+
+    @staticmethod
+    def _token(text: str) -> dict[str, Any]:
+        return {"id": token_id(text), "text": text, "logprob": -0.25, "special": False}
+
+    def whole(self) -> dict[str, Any]:
+        answer: dict[str, Any] = {"generated_text": self.text}
+        parameters = self.request.get("parameters")
+        if isinstance(parameters, dict) and parameters.get("details"):
+            tokens = [self._token(token) for token in _tokens(self.text)]
+            answer["details"] = {
+                "finish_reason": "eos_token",
+                "generated_tokens": len(tokens),
+                "seed": None,
+                "prefill": [self._token(token) for token in _tokens(_last_user_text(self.request))],
+                "tokens": tokens,
+            }
+        return answer
+
+    def events(self, pieces: list[str]) -> Iterator[bytes]:
+        for number, piece in enumerate(pieces):
+            yield _sse(
+                {
+                    "index": number,
+                    "token": self._token(piece),
+                    "generated_text": None,
+                    "details": None,
+                    "top_tokens": None,
+                }
+            )
+        end = {"id": 2, "text": "</s>", "logprob": -0.01, "special": True}
+        details = {"finish_reason": "eos_token", "generated_tokens": len(pieces) + 1, "seed": None}
+        yield _sse(
+            {
+                "index": len(pieces),
+                "token": end,
+                "generated_text": self.text,
+                "details": details,
+                "top_tokens": None,
+            }
+        )
+
+
+class _LlamaCpp(_Answer):
+    """llama.cpp server's native ``/completion``: ``content`` and the tokens' ids (``tokens``) per event,
+    the last with ``"stop": true`` and an empty ``content``."""
+
+    def _body(self, text: str, stop: bool) -> dict[str, Any]:
+        tokens = [token_id(token) for token in _tokens(text)]
+        return {"index": 0, "content": text, "tokens": tokens, "stop": stop, "id_slot": 0}
+
+    def whole(self) -> dict[str, Any]:
+        return {**self._body(self.text, True), "model": self.model, "tokens_predicted": 1}
+
+    def events(self, pieces: list[str]) -> Iterator[bytes]:
+        for piece in pieces:
+            yield _sse(self._body(piece, False))
+        yield _sse({**self._body("", True), "model": self.model, "tokens_predicted": len(pieces)})
 
 
 _API: dict[str, type[_Answer]] = {
@@ -346,6 +470,8 @@ _API: dict[str, type[_Answer]] = {
     "completion": _Completion,
     "responses": _Responses,
     "messages": _Messages,
+    "tgi": _Tgi,
+    "llama_cpp": _LlamaCpp,
 }
 
 
@@ -412,6 +538,9 @@ def make_app(key_file: Path | None = None) -> web.Application:
     app.router.add_post("/api/generate", _handler("ollama_generate"))
     app.router.add_get("/api/tags", ollama_tags)
     app.router.add_get("/api/version", ollama_version)
+    app.router.add_post("/generate", _handler("tgi"))
+    app.router.add_post("/generate_stream", _handler("tgi"))
+    app.router.add_post("/completion", _handler("llama_cpp"))
     app.router.add_post("/_demo/replies", put_reply)
     app.router.add_get("/_demo/requests", get_requests)
     app.router.add_route("*", "/{path:.*}", not_served)
