@@ -14,6 +14,7 @@ HTTP_STATUS: Final[dict[str, int]] = {
     "unsupported_content_encoding": 415,
     "invalid_content_encoding": 400,
     "model_not_allowed": 403,
+    "media_not_allowed": 403,  # images, audio, video or files the policy does not let through unscanned
     "policy_blocked": 403,
     "approval_required": 403,
     # approvals (extproc/approvals): a retry with x-approval-id, or an approver's step, the rules refuse

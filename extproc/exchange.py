@@ -33,6 +33,7 @@ from extproc.mask.bodies import BodyProcessor, Passthrough
 from extproc.mask.encoding import DecodeError, Decoder
 from extproc.mask.headers import HeaderNotMaskable, HeaderScan, HeadersTooLarge, scan_headers
 from extproc.mask.registry import BodyLimits, Reading, Refused, Scope, choose, media_type
+from extproc.media import media_in
 from extproc.model import (
     Actions,
     AwaitApproval,
@@ -482,6 +483,15 @@ class Exchange:
             # A server that serves one model (TGI, llama.cpp) or a default one takes a body without one.
             message = f"the request names no model; policy {loaded.id!r} allows only some models"
             violations.append(ClientError(message, code="model_not_allowed"))
+        if isinstance(document, dict):
+            carried = [(kind, where) for kind, where in media_in(document) if kind not in policy.media]
+            if carried:
+                kind, where = carried[0]
+                message = (
+                    f"the request carries or asks for {kind} ({where}), which cannot be scanned; "
+                    f"policy {loaded.id!r} does not let {kind} through"
+                )
+                violations.append(ClientError(message, code="media_not_allowed"))
         if self.unmasked_requested and not self.groups & set(policy.unmasked.groups):
             message = f"unmasked answers are not allowed for you (policy {loaded.id!r})"
             violations.append(ClientError(message, code="unmasked_not_allowed"))

@@ -47,6 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from extproc.detect.rules import MaskSpec, read_yaml, rule_files, strip_lines
 from extproc.errors import ExtProcError
+from extproc.media import MediaKind
 from extproc.model import Finding
 
 Action = Literal["mask", "allow", "block", "approve"]
@@ -210,6 +211,9 @@ class Unmasked(_Model):
 
 
 class Policy(_Model):
+    """One policy. ``media``: the kinds of media (``extproc.media``) its requests may carry to the model
+    unscanned, or ask the answer in; none by default."""
+
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", max_length=64)
     description: str = ""
     default: bool = False
@@ -222,6 +226,7 @@ class Policy(_Model):
     blocked_prompts: list[BlockedPrompt] = Field(default_factory=list)
     limits: PolicyLimits = PolicyLimits()
     unmasked: Unmasked = Unmasked()
+    media: list[MediaKind] = Field(default_factory=list)
     inherit: Inherit = Inherit()
     approval: ApprovalSpec | None = None  # for every `approve` of this policy without its own
 
