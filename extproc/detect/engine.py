@@ -43,7 +43,6 @@ from extproc.model import Finding
 log = logging.getLogger("extproc.detect")
 HYPERSCAN_VERSION = importlib.metadata.version("hyperscan")
 
-_LABEL_JOINS = re.compile(r"[_\-.]+")  # what joins a label's words, as extproc.detect.context splits them
 CONTEXT = 32  # characters around a window, for \b, lookbehind and lookahead at its edges
 # A rule wider than this whose matches all start with a literal (a PEM block's "-----BEGIN") is held back
 # in streams only from where that literal (or its beginning, at the very end) appears.
@@ -157,12 +156,18 @@ class Detector:
         prepare_normalize()  # the normalisation tables, built at start-up rather than on a first request
         self._cache = _Cache(cache_dir) if cache_dir is not None else None
         self._keywords = {r.id: Keywords(r.rule.keywords) for r in self.rules if r.rule.keywords}
-        # Per rule, one search for any of what its keywords need (some rules name a dozen, in several
-        # languages): a text with none of them gets no finding of the rule.
-        self._prefilters = [
-            re.compile("|".join(map(re.escape, self._keywords[r.id].prefilter))) if r.rule.keywords else None
-            for r in self.rules
-        ]
+        # What a keyword rule's keywords need (some rules name a dozen, in several languages): a text with
+        # none of them gets no finding of the rule. All of them are one Hyperscan database, read over the
+        # UTF-8 bytes of the lowered text: one pass tells every keyword rule at once (a Python alternation
+        # per rule took a search of the whole text each). See ``_need_expression``.
+        needs: dict[str, set[int]] = defaultdict(set)
+        unfiltered: set[int] = set()  # a keyword of spaces alone needs nothing: found in any text
+        for index, loaded in enumerate(self.rules):
+            if loaded.rule.keywords:
+                for need in self._keywords[loaded.id].prefilter:
+                    (needs[need] if need else unfiltered).add(index)
+        self._needs = [frozenset(rules) for rules in needs.values()]
+        self._unfiltered = frozenset(unfiltered)
         self._labels: dict[str, tuple[str, ...]] = {}  # label -> its forms, when a keyword can be in them
         problems: list[str] = []
         self._python_only: list[int] = []
@@ -251,6 +256,12 @@ class Detector:
         )
         self._literal_stream = self._database(
             hyperscan.HS_MODE_STREAM, literal_expressions, literal_ids, literal_flags, literal=True
+        )
+        self._keyword_db = self._database(
+            hyperscan.HS_MODE_BLOCK,
+            [_need_expression(need) for need in needs],
+            list(range(len(needs))),
+            [hyperscan.HS_FLAG_SINGLEMATCH] * len(needs),
         )
 
     # -- compilation ----------------------------------------------------------------------------------
@@ -616,24 +627,17 @@ class Detector:
         headers over values found so far, kept by a stream across confirmations."""
         found: set[Finding] = set()
         size = len(text)
-        lowered: str | None = None
-        split: str | None = None
+        keyed: set[int] | None = None  # the keyword rules whose keywords the text may hold
         context = _Context(text, base, state, label, columns)
         for index, ends in hits.ends.items():
             loaded = self.rules[index]
             if loaded.rule.keywords:
                 # A keyword must appear near a match (or in a label or header, which the text or ``state``
                 # holds), so none anywhere means no finding: skip the windows.
-                if lowered is None:
-                    lowered = text.lower() + context.extra()
-                prefilter = self._prefilters[index]
-                if prefilter is not None and prefilter.search(lowered) is None:
-                    # A header or key reads with its words split (``steuer_id`` as ``steuer id``): the
-                    # keyword may be in that reading only.
-                    if split is None:
-                        split = _LABEL_JOINS.sub(" ", lowered)
-                    if prefilter.search(split) is None:
-                        continue
+                if keyed is None:
+                    keyed = self._keyed(text.lower() + context.extra())
+                if index not in keyed:
+                    continue
             final = 0
             if memo is not None:
                 final = settled(index) if settled is not None else size - loaded.width - CONTEXT
@@ -665,6 +669,21 @@ class Detector:
             tokens = [m.span() for m in MASK_TOKEN.finditer(text)]
             found = {f for f in found if not any(s <= f.start and f.end <= e for s, e in tokens)}
         return sorted(found, key=lambda f: (f.start, f.end, f.rule_id))
+
+    def _keyed(self, lowered: str) -> set[int]:
+        """The keyword rules some of whose keywords' needs (``Keywords.prefilter``) ``lowered`` may hold,
+        as written or with a label's words split (``_need_expression``)."""
+        keyed = set(self._unfiltered)
+        if self._keyword_db is None:
+            return keyed
+        needs = self._needs
+
+        def on_need(need: int, _start: int, _end: int, _flags: int, _context: object) -> bool:
+            keyed.update(needs[need])
+            return False
+
+        self._keyword_db.scan(lowered.encode("utf-8", "surrogatepass"), match_event_handler=on_need)
+        return keyed
 
     def reference(self, text: str, rule_id: str) -> list[Finding]:
         """What one regex rule finds in ``text`` by Python alone, over the whole text: the standard
@@ -766,6 +785,21 @@ class Detector:
     def stream(self, label: str | None = None) -> StreamScanner:
         """A scanner for text arriving in pieces; ``label`` as for ``scan``."""
         return StreamScanner(self, label=label)
+
+
+def _need_expression(need: str) -> bytes:
+    """A Hyperscan expression for the UTF-8 bytes of ``need`` (lower case), found wherever the lowered text
+    holds it, also as a header or key reads with its words split (``steuer_id`` as ``steuer id``, a run of
+    ``_ - .`` read as one space): each space of ``need`` also matches such a run. That reads a little more
+    than the split form holds (``a_ b`` for ``a b``): only a keyword rule's windows are then read for
+    nothing; no text holding the need is missed."""
+    parts = []
+    for char in need:
+        if char == " ":
+            parts.append(b"[\\x20\\x2d\\x2e\\x5f]+")
+        else:
+            parts.append(b"".join(b"\\x%02x" % byte for byte in char.encode("utf-8")))
+    return b"".join(parts)
 
 
 def _inside_example(text: str, start: int, end: int, examples: tuple[str, ...]) -> bool:
