@@ -935,6 +935,10 @@ class StreamScanner:
         self._offsets = OffsetMap()
         self._run_from = 0  # where the run of base64 characters at the end of the view starts
         self._hits = _Hits()
+        # What block-mode scans of the text not released found (``_rescanned``), stream offsets, and where
+        # the text they read ended.
+        self._block_hits = _Hits()
+        self._scanned = 0
         self._memo: dict[tuple[int, int, int], set[Finding]] = {}
         # The binding does not keep the handlers alive: the scanner must, for as long as its streams live.
         self._handlers = detector._handlers(self._hits)
@@ -986,6 +990,10 @@ class StreamScanner:
         for rule, ends in self._hits.ends.items():
             twin._hits.ends[rule].extend(ends)
         twin._hits.literals.extend(self._hits.literals)
+        twin._block_hits = _Hits()
+        for rule, ends in self._block_hits.ends.items():
+            twin._block_hits.ends[rule].extend(ends)
+        twin._block_hits.literals.extend(self._block_hits.literals)
         return twin
 
     def feed(self, text: str) -> tuple[str, list[Finding]]:
@@ -1134,30 +1142,45 @@ class StreamScanner:
         return limit
 
     def _rescanned(self, hits: _Hits) -> _Hits:
-        """``hits`` (offsets in the buffer) with those of a block-mode scan of the text not released yet.
+        """``hits`` (offsets in the buffer) with those of block-mode scans of the text not released yet.
 
         Hyperscan's stream mode is not split-invariant for every pattern: a match whose anchor falls on a
         write boundary can be lost (the bare pattern, fed in pieces, misses what one block finds), and a
         candidate the stream never reports is a value never confirmed. The hold model keeps every match
         from where it starts, so each match still to come starts in the text not released yet: scanning
         that text in block mode, with the context a boundary needs before it, finds every candidate the
-        stream may have lost. The candidates are only where Python looks; a doubled one costs nothing."""
+        stream may have lost. The candidates are only where Python looks; a doubled one costs nothing.
+
+        The scans are kept, so each reads only what arrived since the last one, from as far back as a
+        match ending in it can start (the widest rule and the context): a match ending earlier was inside
+        a scan already, and its end read there as here (block mode reads no further than the character
+        after a match), except at that scan's very end, which is read again. So a held value of many
+        kilobytes, fed in small pieces, costs a scan of its length once, not once per piece."""
         detector = self._detector
-        low = max(0, self._released - self._base - CONTEXT)
-        if low >= len(self._buffer):
-            return hits
-        block = _Hits()
-        on_regex, on_literal = detector._handlers(block, low)
-        data = _ascii(self._buffer[low:])
-        if detector._block is not None:
-            detector._block.scan(data, match_event_handler=on_regex)
-        if detector._literal_block is not None:
-            detector._literal_block.scan(data, match_event_handler=on_literal)
+        base = self._base
+        end = base + len(self._buffer)
+        low = max(self._released - CONTEXT, self._scanned - detector.width - CONTEXT, base)
+        block = self._block_hits
+        if low < end:
+            scanned = _Hits()
+            on_regex, on_literal = detector._handlers(scanned, low)
+            data = _ascii(self._buffer[low - base :])
+            if detector._block is not None:
+                detector._block.scan(data, match_event_handler=on_regex)
+            if detector._literal_block is not None:
+                detector._literal_block.scan(data, match_event_handler=on_literal)
+            since = self._scanned  # what ends before it was found by the scans before
+            for rule, ends in scanned.ends.items():
+                block.ends[rule].extend(e for e in ends if e >= since)
+            block.literals.extend(h for h in scanned.literals if h[2] >= since)
+            self._scanned = end
         for rule, ends in block.ends.items():
-            known = hits.ends[rule]
-            hits.ends[rule] = sorted(set(known).union(ends))
+            if ends:
+                known = hits.ends[rule]
+                hits.ends[rule] = sorted(set(known).union(e - base for e in ends))
         if block.literals:
-            hits.literals = sorted(set(hits.literals).union(block.literals))
+            shifted = {(rule, start - base, stop - base) for rule, start, stop in block.literals}
+            hits.literals = sorted(shifted.union(hits.literals))
         return hits
 
     def _trim(self) -> None:
@@ -1175,6 +1198,10 @@ class StreamScanner:
                 self._hits.ends[rule] = [e for e in self._hits.ends[rule] if e > keep_from]
             # In place: the Hyperscan handlers hold this list, not the attribute.
             self._hits.literals[:] = [h for h in self._hits.literals if h[1] >= keep_from]
+            block = self._block_hits
+            for rule in list(block.ends):
+                block.ends[rule] = [e for e in block.ends[rule] if e > keep_from]
+            block.literals[:] = [h for h in block.literals if h[1] >= keep_from]
             self._memo = {k: v for k, v in self._memo.items() if k[1] >= keep_from}
             if self._columns:
                 self._columns = {k: v for k, v in self._columns.items() if k[0] >= keep_from}
