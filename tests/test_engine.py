@@ -1,14 +1,16 @@
 """The detection engine: Hyperscan candidates confirmed by Python, block and stream mode."""
 
+import re
 import textwrap
 from pathlib import Path
 
+import hyperscan
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from extproc.detect.check import check_rules
-from extproc.detect.engine import Detector, DetectorError
+from extproc.detect.engine import Detector, DetectorError, _need_expression
 from extproc.detect.rules import RuleError, load_rules
 from extproc.model import Finding
 
@@ -263,7 +265,8 @@ def test_compiled_databases_are_cached_and_reused(tmp_path: Path) -> None:
     first = Inspector.build(ruleset, hash_key=HASH_KEY, edm_key=EDM_KEY, cache_dir=tmp_path)
     files = sorted(p.name for p in tmp_path.iterdir())
     assert any(name.startswith("prefilter-") for name in files)
-    assert sum(name.startswith("db-") for name in files) == 4  # block + stream, regex + literal
+    # block + stream, regex + literal; the keyword rules' needs
+    assert sum(name.startswith("db-") for name in files) == 5
     second = Inspector.build(ruleset, hash_key=HASH_KEY, edm_key=EDM_KEY, cache_dir=tmp_path)
     assert second.detector.prefiltered == first.detector.prefiltered == {"zip-code"}
     text = "zip 94105, jane@example.com, Bluebird-7"
@@ -432,3 +435,27 @@ def test_a_bad_not_after_names_its_file_rule_and_field(tmp_path: Path) -> None:
     path = write(tmp_path, RULE.replace("  samples:", "  not_after: 'REF('\n  samples:"))
     with pytest.raises(RuleError, match=r"r\.yaml:2: rule 'ok-rule': not_after: invalid regular expression"):
         load_rules([path])
+
+
+_JOINS = re.compile(r"[_\-.]+")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.text(alphabet="ab _-.é", max_size=6).filter(lambda need: need.strip(" ") != ""),
+    st.text(alphabet="ab _-.éx", max_size=24),
+)
+def test_a_keyword_need_is_found_where_the_text_or_its_split_reading_holds_it(need: str, text: str) -> None:
+    """The one pass over the lowered text that tells which keyword rules may apply must not miss a need
+    the text holds as written or with a label's joins read as spaces (``steuer_id`` as ``steuer id``)."""
+    database = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+    database.compile(expressions=[_need_expression(need)], ids=[0], elements=1, flags=[0])
+    seen: list[int] = []
+
+    def on_match(_id: int, _start: int, _end: int, _flags: int, _context: object) -> bool:
+        seen.append(_end)
+        return False
+
+    database.scan(text.encode("utf-8"), match_event_handler=on_match)
+    if need in text or need in _JOINS.sub(" ", text):
+        assert seen

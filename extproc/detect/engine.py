@@ -43,7 +43,6 @@ from extproc.model import Finding
 log = logging.getLogger("extproc.detect")
 HYPERSCAN_VERSION = importlib.metadata.version("hyperscan")
 
-_LABEL_JOINS = re.compile(r"[_\-.]+")  # what joins a label's words, as extproc.detect.context splits them
 CONTEXT = 32  # characters around a window, for \b, lookbehind and lookahead at its edges
 # A rule wider than this whose matches all start with a literal (a PEM block's "-----BEGIN") is held back
 # in streams only from where that literal (or its beginning, at the very end) appears.
@@ -157,12 +156,18 @@ class Detector:
         prepare_normalize()  # the normalisation tables, built at start-up rather than on a first request
         self._cache = _Cache(cache_dir) if cache_dir is not None else None
         self._keywords = {r.id: Keywords(r.rule.keywords) for r in self.rules if r.rule.keywords}
-        # Per rule, one search for any of what its keywords need (some rules name a dozen, in several
-        # languages): a text with none of them gets no finding of the rule.
-        self._prefilters = [
-            re.compile("|".join(map(re.escape, self._keywords[r.id].prefilter))) if r.rule.keywords else None
-            for r in self.rules
-        ]
+        # What a keyword rule's keywords need (some rules name a dozen, in several languages): a text with
+        # none of them gets no finding of the rule. All of them are one Hyperscan database, read over the
+        # UTF-8 bytes of the lowered text: one pass tells every keyword rule at once (a Python alternation
+        # per rule took a search of the whole text each). See ``_need_expression``.
+        needs: dict[str, set[int]] = defaultdict(set)
+        unfiltered: set[int] = set()  # a keyword of spaces alone needs nothing: found in any text
+        for index, loaded in enumerate(self.rules):
+            if loaded.rule.keywords:
+                for need in self._keywords[loaded.id].prefilter:
+                    (needs[need] if need else unfiltered).add(index)
+        self._needs = [frozenset(rules) for rules in needs.values()]
+        self._unfiltered = frozenset(unfiltered)
         self._labels: dict[str, tuple[str, ...]] = {}  # label -> its forms, when a keyword can be in them
         problems: list[str] = []
         self._python_only: list[int] = []
@@ -251,6 +256,12 @@ class Detector:
         )
         self._literal_stream = self._database(
             hyperscan.HS_MODE_STREAM, literal_expressions, literal_ids, literal_flags, literal=True
+        )
+        self._keyword_db = self._database(
+            hyperscan.HS_MODE_BLOCK,
+            [_need_expression(need) for need in needs],
+            list(range(len(needs))),
+            [hyperscan.HS_FLAG_SINGLEMATCH] * len(needs),
         )
 
     # -- compilation ----------------------------------------------------------------------------------
@@ -616,24 +627,17 @@ class Detector:
         headers over values found so far, kept by a stream across confirmations."""
         found: set[Finding] = set()
         size = len(text)
-        lowered: str | None = None
-        split: str | None = None
+        keyed: set[int] | None = None  # the keyword rules whose keywords the text may hold
         context = _Context(text, base, state, label, columns)
         for index, ends in hits.ends.items():
             loaded = self.rules[index]
             if loaded.rule.keywords:
                 # A keyword must appear near a match (or in a label or header, which the text or ``state``
                 # holds), so none anywhere means no finding: skip the windows.
-                if lowered is None:
-                    lowered = text.lower() + context.extra()
-                prefilter = self._prefilters[index]
-                if prefilter is not None and prefilter.search(lowered) is None:
-                    # A header or key reads with its words split (``steuer_id`` as ``steuer id``): the
-                    # keyword may be in that reading only.
-                    if split is None:
-                        split = _LABEL_JOINS.sub(" ", lowered)
-                    if prefilter.search(split) is None:
-                        continue
+                if keyed is None:
+                    keyed = self._keyed(text.lower() + context.extra())
+                if index not in keyed:
+                    continue
             final = 0
             if memo is not None:
                 final = settled(index) if settled is not None else size - loaded.width - CONTEXT
@@ -665,6 +669,21 @@ class Detector:
             tokens = [m.span() for m in MASK_TOKEN.finditer(text)]
             found = {f for f in found if not any(s <= f.start and f.end <= e for s, e in tokens)}
         return sorted(found, key=lambda f: (f.start, f.end, f.rule_id))
+
+    def _keyed(self, lowered: str) -> set[int]:
+        """The keyword rules some of whose keywords' needs (``Keywords.prefilter``) ``lowered`` may hold,
+        as written or with a label's words split (``_need_expression``)."""
+        keyed = set(self._unfiltered)
+        if self._keyword_db is None:
+            return keyed
+        needs = self._needs
+
+        def on_need(need: int, _start: int, _end: int, _flags: int, _context: object) -> bool:
+            keyed.update(needs[need])
+            return False
+
+        self._keyword_db.scan(lowered.encode("utf-8", "surrogatepass"), match_event_handler=on_need)
+        return keyed
 
     def reference(self, text: str, rule_id: str) -> list[Finding]:
         """What one regex rule finds in ``text`` by Python alone, over the whole text: the standard
@@ -766,6 +785,21 @@ class Detector:
     def stream(self, label: str | None = None) -> StreamScanner:
         """A scanner for text arriving in pieces; ``label`` as for ``scan``."""
         return StreamScanner(self, label=label)
+
+
+def _need_expression(need: str) -> bytes:
+    """A Hyperscan expression for the UTF-8 bytes of ``need`` (lower case), found wherever the lowered text
+    holds it, also as a header or key reads with its words split (``steuer_id`` as ``steuer id``, a run of
+    ``_ - .`` read as one space): each space of ``need`` also matches such a run. That reads a little more
+    than the split form holds (``a_ b`` for ``a b``): only a keyword rule's windows are then read for
+    nothing; no text holding the need is missed."""
+    parts = []
+    for char in need:
+        if char == " ":
+            parts.append(b"[\\x20\\x2d\\x2e\\x5f]+")
+        else:
+            parts.append(b"".join(b"\\x%02x" % byte for byte in char.encode("utf-8")))
+    return b"".join(parts)
 
 
 def _inside_example(text: str, start: int, end: int, examples: tuple[str, ...]) -> bool:
@@ -901,6 +935,10 @@ class StreamScanner:
         self._offsets = OffsetMap()
         self._run_from = 0  # where the run of base64 characters at the end of the view starts
         self._hits = _Hits()
+        # What block-mode scans of the text not released found (``_rescanned``), stream offsets, and where
+        # the text they read ended.
+        self._block_hits = _Hits()
+        self._scanned = 0
         self._memo: dict[tuple[int, int, int], set[Finding]] = {}
         # The binding does not keep the handlers alive: the scanner must, for as long as its streams live.
         self._handlers = detector._handlers(self._hits)
@@ -952,6 +990,10 @@ class StreamScanner:
         for rule, ends in self._hits.ends.items():
             twin._hits.ends[rule].extend(ends)
         twin._hits.literals.extend(self._hits.literals)
+        twin._block_hits = _Hits()
+        for rule, ends in self._block_hits.ends.items():
+            twin._block_hits.ends[rule].extend(ends)
+        twin._block_hits.literals.extend(self._block_hits.literals)
         return twin
 
     def feed(self, text: str) -> tuple[str, list[Finding]]:
@@ -1100,30 +1142,45 @@ class StreamScanner:
         return limit
 
     def _rescanned(self, hits: _Hits) -> _Hits:
-        """``hits`` (offsets in the buffer) with those of a block-mode scan of the text not released yet.
+        """``hits`` (offsets in the buffer) with those of block-mode scans of the text not released yet.
 
         Hyperscan's stream mode is not split-invariant for every pattern: a match whose anchor falls on a
         write boundary can be lost (the bare pattern, fed in pieces, misses what one block finds), and a
         candidate the stream never reports is a value never confirmed. The hold model keeps every match
         from where it starts, so each match still to come starts in the text not released yet: scanning
         that text in block mode, with the context a boundary needs before it, finds every candidate the
-        stream may have lost. The candidates are only where Python looks; a doubled one costs nothing."""
+        stream may have lost. The candidates are only where Python looks; a doubled one costs nothing.
+
+        The scans are kept, so each reads only what arrived since the last one, from as far back as a
+        match ending in it can start (the widest rule and the context): a match ending earlier was inside
+        a scan already, and its end read there as here (block mode reads no further than the character
+        after a match), except at that scan's very end, which is read again. So a held value of many
+        kilobytes, fed in small pieces, costs a scan of its length once, not once per piece."""
         detector = self._detector
-        low = max(0, self._released - self._base - CONTEXT)
-        if low >= len(self._buffer):
-            return hits
-        block = _Hits()
-        on_regex, on_literal = detector._handlers(block, low)
-        data = _ascii(self._buffer[low:])
-        if detector._block is not None:
-            detector._block.scan(data, match_event_handler=on_regex)
-        if detector._literal_block is not None:
-            detector._literal_block.scan(data, match_event_handler=on_literal)
+        base = self._base
+        end = base + len(self._buffer)
+        low = max(self._released - CONTEXT, self._scanned - detector.width - CONTEXT, base)
+        block = self._block_hits
+        if low < end:
+            scanned = _Hits()
+            on_regex, on_literal = detector._handlers(scanned, low)
+            data = _ascii(self._buffer[low - base :])
+            if detector._block is not None:
+                detector._block.scan(data, match_event_handler=on_regex)
+            if detector._literal_block is not None:
+                detector._literal_block.scan(data, match_event_handler=on_literal)
+            since = self._scanned  # what ends before it was found by the scans before
+            for rule, ends in scanned.ends.items():
+                block.ends[rule].extend(e for e in ends if e >= since)
+            block.literals.extend(h for h in scanned.literals if h[2] >= since)
+            self._scanned = end
         for rule, ends in block.ends.items():
-            known = hits.ends[rule]
-            hits.ends[rule] = sorted(set(known).union(ends))
+            if ends:
+                known = hits.ends[rule]
+                hits.ends[rule] = sorted(set(known).union(e - base for e in ends))
         if block.literals:
-            hits.literals = sorted(set(hits.literals).union(block.literals))
+            shifted = {(rule, start - base, stop - base) for rule, start, stop in block.literals}
+            hits.literals = sorted(shifted.union(hits.literals))
         return hits
 
     def _trim(self) -> None:
@@ -1141,6 +1198,10 @@ class StreamScanner:
                 self._hits.ends[rule] = [e for e in self._hits.ends[rule] if e > keep_from]
             # In place: the Hyperscan handlers hold this list, not the attribute.
             self._hits.literals[:] = [h for h in self._hits.literals if h[1] >= keep_from]
+            block = self._block_hits
+            for rule in list(block.ends):
+                block.ends[rule] = [e for e in block.ends[rule] if e > keep_from]
+            block.literals[:] = [h for h in block.literals if h[1] >= keep_from]
             self._memo = {k: v for k, v in self._memo.items() if k[1] >= keep_from}
             if self._columns:
                 self._columns = {k: v for k, v in self._columns.items() if k[0] >= keep_from}
