@@ -783,7 +783,9 @@ class TailModel:
         arrived since. Before any search, one walk back from the end over what arrived (and the characters
         an assertion reading ahead left undecided last time) keeps the groups that can: a match in
         progress starts with one of the group's first characters and goes on with characters of its
-        alphabet. Only those groups are searched, each from where its earliest match may start."""
+        alphabet. Only those groups are searched, each from where its earliest match may start: where it
+        was in progress last time, if the walk never ruled that out, or else the furthest place back the
+        walk found it may start (a search costs for every place it tries, and most are ruled out here)."""
         end = base + len(text)
         last = state.end
         masks = self._masks
@@ -791,9 +793,12 @@ class TailModel:
         alive = self._all
         started = 0
         follows = alive  # the groups the character after the current one can be second for
+        hits = []  # per character walked (from the end back), the groups a match may start with it
         for distance, char in enumerate(reversed(text[max(last - len(wild) - base, 0) :])):
             first, second, alphabet = masks[char]
-            started |= alive & first & follows
+            hit = alive & first & follows
+            hits.append(hit)
+            started |= hit
             follows = second
             if distance < len(wild):
                 alphabet |= wild[distance]
@@ -801,9 +806,24 @@ class TailModel:
             if not alive:
                 break
         before = state.pending
-        candidates = started | (before & alive)
+        kept = before & alive  # in progress last time, and nothing walked over rules that out
+        candidates = started | kept
         if not last:  # the start of the stream: matches anchored there pass no filter
             candidates |= self._begins
+            kept |= self._begins
+        # The groups the walk alone places: the furthest character back each may start with.
+        placed: dict[int, int] = {}
+        unplaced = started & ~kept
+        distance = len(hits)
+        while unplaced and distance:
+            distance -= 1
+            new = hits[distance] & unplaced
+            if new:
+                unplaced ^= new
+                while new:
+                    bit = new & -new
+                    new ^= bit
+                    placed[bit.bit_length() - 1] = end - 1 - distance
         starts = state.starts
         groups = self.groups
         limit = end - self.fixed
@@ -814,6 +834,8 @@ class TailModel:
             index = bit.bit_length() - 1
             group = groups[index]
             low = max(starts[index] if before & bit else last, end - group.reach, base)
+            if not kept & bit:
+                low = max(low, placed[index])
             found = group.prefixes.pattern.search(text, low - base)
             if found is not None:
                 start = base + found.start()
