@@ -444,6 +444,7 @@ class Prefixes:
     alphabet: re.Pattern[str] | None
     wildcard: int
     begins: bool = False  # a match can start with ``^`` or ``\\A``: the conditions do not hold at offset 0
+    third: re.Pattern[str] | None = None  # the characters a match can have third (None: any)
 
 
 def prefix_pattern(regex: re.Pattern[str], max_reach: int) -> Prefixes:
@@ -506,6 +507,7 @@ def prefix_pattern(regex: re.Pattern[str], max_reach: int) -> Prefixes:
         chars(positions.alphabet),
         max(0, _reach(parsed) - 1),
         positions.begins,
+        chars(positions.places[2]),
     )
 
 
@@ -604,9 +606,10 @@ def _fold(text: str, caseless: bool) -> bytes:
     return data.lower() if caseless else data
 
 
-class _Masks(dict[str, tuple[int, int, int]]):
-    """Per character, three bit sets of groups: those whose matches can start with it, those whose
-    matches can have it second, and those whose matches can go on with it. Filled as characters are seen
+class _Masks(dict[str, tuple[int, int, int, int]]):
+    """Per character, four bit sets of groups: those whose matches can start with it, those whose
+    matches can have it second, those whose matches can have it third, and those whose matches can go on
+    with it. Filled as characters are seen
     (the ASCII ones up front); past ``LIMIT`` distinct characters the table starts over (only a cache)."""
 
     LIMIT = 8192
@@ -620,8 +623,8 @@ class _Masks(dict[str, tuple[int, int, int]]):
         for code in range(128):
             self[chr(code)] = self._compute(chr(code))
 
-    def _compute(self, char: str) -> tuple[int, int, int]:
-        first = second = alphabet = 0
+    def _compute(self, char: str) -> tuple[int, int, int, int]:
+        first = second = third = alphabet = 0
         for index, group in enumerate(self._groups):
             bit = 1 << index
             prefixes = group.prefixes
@@ -629,11 +632,13 @@ class _Masks(dict[str, tuple[int, int, int]]):
                 first |= bit
             if prefixes.second is None or prefixes.second.fullmatch(char):
                 second |= bit
+            if prefixes.third is None or prefixes.third.fullmatch(char):
+                third |= bit
             if prefixes.alphabet is None or prefixes.alphabet.fullmatch(char):
                 alphabet |= bit
-        return first, second, alphabet
+        return first, second, third, alphabet
 
-    def __missing__(self, char: str) -> tuple[int, int, int]:
+    def __missing__(self, char: str) -> tuple[int, int, int, int]:
         if len(self) >= self.LIMIT:
             self.clear()
             self._ascii()
@@ -721,7 +726,8 @@ class TailBuilder:
         pattern = re.compile("(?:" + "|".join(alternatives) + r")\Z", flags)
         first = re.compile(chars[0], flags) if chars else None
         second = re.compile(chars[1], flags) if len(chars) > 1 else None
-        self._add(rule, Prefixes(pattern, first, second, None, 0))
+        third = re.compile(chars[2], flags) if len(chars) > 2 else None
+        self._add(rule, Prefixes(pattern, first, second, None, 0, third=third))
         self._fixed_rules[rule] = width + self._context
 
     def add_fixed(self, rule: str, hold: int) -> None:
@@ -782,10 +788,11 @@ class TailModel:
         nothing in progress at the last call can only have a match in progress now from a character that
         arrived since. Before any search, one walk back from the end over what arrived (and the characters
         an assertion reading ahead left undecided last time) keeps the groups that can: a match in
-        progress starts with one of the group's first characters and goes on with characters of its
-        alphabet. Only those groups are searched, each from where its earliest match may start: where it
-        was in progress last time, if the walk never ruled that out, or else the furthest place back the
-        walk found it may start (a search costs for every place it tries, and most are ruled out here)."""
+        progress starts with one of the group's first characters (then one of its second, then one of
+        its third) and goes on with characters of its alphabet. Only those groups are searched, each
+        from where its earliest match may start: where it was in progress last time, if the walk never
+        ruled that out, or else the furthest place back the walk found it may start (a search costs for
+        every place it tries, and most are ruled out here)."""
         end = base + len(text)
         last = state.end
         masks = self._masks
@@ -793,13 +800,14 @@ class TailModel:
         alive = self._all
         started = 0
         follows = alive  # the groups the character after the current one can be second for
+        follows_next = next_third = alive  # ... the one after that third for; the next one's third
         hits = []  # per character walked (from the end back), the groups a match may start with it
         for distance, char in enumerate(reversed(text[max(last - len(wild) - base, 0) :])):
-            first, second, alphabet = masks[char]
-            hit = alive & first & follows
+            first, second, third, alphabet = masks[char]
+            hit = alive & first & follows & follows_next
             hits.append(hit)
             started |= hit
-            follows = second
+            follows, follows_next, next_third = second, next_third, third
             if distance < len(wild):
                 alphabet |= wild[distance]
             alive &= alphabet
