@@ -649,12 +649,16 @@ class _Masks(dict[str, tuple[int, int, int, int]]):
 class TailState:
     """One stream's view of the tail: what it had at the last call and where matches were in progress."""
 
-    __slots__ = ("end", "lists", "pending", "starts")
+    __slots__ = ("end", "floor", "floored", "lists", "pending", "starts")
 
     def __init__(self, groups: int, lists: int) -> None:
         self.end = 0  # stream offset of the end of the text at the last call
-        self.pending = 0  # bit set of the groups with a match in progress at that end
+        self.pending = 0  # bit set of the groups a match may be in progress for at that end
         self.starts = [0] * groups  # for those, the earliest offset where one may start
+        # Of those, the ones not searched (no match of theirs could start before the limit): none starts
+        # before ``floor``, the limit the others gave, and ``starts`` does not say more.
+        self.floored = 0
+        self.floor = 0
         self.lists = [0] * lists
 
 
@@ -792,7 +796,13 @@ class TailModel:
         its third) and goes on with characters of its alphabet. Only those groups are searched, each
         from where its earliest match may start: where it was in progress last time, if the walk never
         ruled that out, or else the furthest place back the walk found it may start (a search costs for
-        every place it tries, and most are ruled out here)."""
+        every place it tries, and most are ruled out here).
+
+        Only the earliest start of all is the limit, so a group whose search could only find a start at
+        or after the limit the others gave is not searched: it is kept as possibly in progress from that
+        limit (``floor``), which is as much as ``settled`` promises of it and where the next call looks.
+        On prose most searches are skipped so: the groups a word in progress is a prefix for start at that
+        word, and a group reading the space before it has already put the limit there."""
         end = base + len(text)
         last = state.end
         masks = self._masks
@@ -814,42 +824,65 @@ class TailModel:
             if not alive:
                 break
         before = state.pending
+        floored, floor = state.floored & before, state.floor
         kept = before & alive  # in progress last time, and nothing walked over rules that out
-        candidates = started | kept
         if not last:  # the start of the stream: matches anchored there pass no filter
-            candidates |= self._begins
             kept |= self._begins
-        # The groups the walk alone places: the furthest character back each may start with.
-        placed: dict[int, int] = {}
-        unplaced = started & ~kept
-        distance = len(hits)
-        while unplaced and distance:
-            distance -= 1
-            new = hits[distance] & unplaced
-            if new:
-                unplaced ^= new
-                while new:
-                    bit = new & -new
-                    new ^= bit
-                    placed[bit.bit_length() - 1] = end - 1 - distance
         starts = state.starts
         groups = self.groups
         limit = end - self.fixed
-        pending = 0
-        while candidates:
-            bit = candidates & -candidates
-            candidates ^= bit
+        pending = pruned = 0
+        # First the groups still in progress, from where they were: they hold the most, so the limit
+        # they give is low early and lets the search of most others be skipped.
+        rest = kept
+        while rest:
+            bit = rest & -rest
+            rest ^= bit
             index = bit.bit_length() - 1
             group = groups[index]
-            low = max(starts[index] if before & bit else last, end - group.reach, base)
-            if not kept & bit:
-                low = max(low, placed[index])
+            held = (floor if floored & bit else starts[index]) if before & bit else last
+            low = max(held, end - group.reach, base)
+            if low >= limit:
+                pruned |= bit
+                continue
             found = group.prefixes.pattern.search(text, low - base)
             if found is not None:
                 start = base + found.start()
                 starts[index] = start
                 pending |= bit
                 limit = min(limit, start)
+        # Then the others the walk found may start, from the furthest place back, for as long as a start
+        # there could still move the limit.
+        unplaced = started & ~kept
+        distance = len(hits)
+        while unplaced and distance:
+            distance -= 1
+            place = end - 1 - distance
+            if place >= limit:
+                break
+            new = hits[distance] & unplaced
+            unplaced ^= new
+            while new:
+                bit = new & -new
+                new ^= bit
+                index = bit.bit_length() - 1
+                group = groups[index]
+                held = (floor if floored & bit else starts[index]) if before & bit else last
+                low = max(place, held, end - group.reach, base)
+                if low >= limit:
+                    pruned |= bit
+                    continue
+                found = group.prefixes.pattern.search(text, low - base)
+                if found is not None:
+                    start = base + found.start()
+                    starts[index] = start
+                    pending |= bit
+                    limit = min(limit, start)
+        # A group not searched may have a match in progress, but from no earlier than the limit.
+        pruned |= unplaced
+        state.floored = pruned
+        state.floor = limit
+        pending |= pruned
         for index, values in enumerate(self.lists):
             low = max(state.lists[index], end - values.reach, base)
             position = values.earliest(text, low - base)
@@ -863,7 +896,9 @@ class TailModel:
     @staticmethod
     def settled(state: TailState, group: int) -> int:
         """The stream offset before which no match of ``group``'s rules was in progress at the last call."""
-        return state.starts[group] if state.pending >> group & 1 else state.end
+        if not state.pending >> group & 1:
+            return state.end
+        return state.floor if state.floored >> group & 1 else state.starts[group]
 
     def holding(self, text: str) -> dict[str, int]:
         """For reports: per rule, how many characters at the end of ``text`` it alone would hold."""
