@@ -445,6 +445,9 @@ class Prefixes:
     wildcard: int
     begins: bool = False  # a match can start with ``^`` or ``\\A``: the conditions do not hold at offset 0
     third: re.Pattern[str] | None = None  # the characters a match can have third (None: any)
+    # The position automaton the conditions are read off: per position, a pattern for its character and
+    # the bit set of the positions that may follow it; and the flags to compile the patterns with.
+    automaton: tuple[tuple[str, ...], tuple[int, ...], int] | None = None
 
 
 def prefix_pattern(regex: re.Pattern[str], max_reach: int) -> Prefixes:
@@ -508,6 +511,11 @@ def prefix_pattern(regex: re.Pattern[str], max_reach: int) -> Prefixes:
         max(0, _reach(parsed) - 1),
         positions.begins,
         chars(positions.places[2]),
+        (
+            tuple(positions.chars),
+            tuple(sum(1 << i for i in follow) for follow in positions.follow),
+            compile_flags,
+        ),
     )
 
 
@@ -646,6 +654,66 @@ class _Masks(dict[str, tuple[int, int, int, int]]):
         return masks
 
 
+class _Pairs(dict[str, int]):
+    """Per pair of ASCII characters, the groups whose matches can have the second right after the first:
+    some position of the group's automaton holds the first and is followed by one that holds the second.
+    Any other pair (one character beyond ASCII, or a group without an automaton) rules out no group: a
+    table over every pair of characters of every script would grow without bound. Filled as pairs are
+    seen; at most 16,384 of them."""
+
+    def __init__(self, groups: Sequence[_Group]) -> None:
+        super().__init__()
+        self._groups = groups
+        self._all = (1 << len(groups)) - 1
+        self._compiled: dict[tuple[str, int], re.Pattern[str]] = {}
+        # Per ASCII character, per group: the positions holding it, and the positions that may follow those
+        # (-1, every position, for a group without an automaton).
+        self._chars: dict[str, tuple[list[int], list[int]]] = {}
+
+    def _positions(self, char: str) -> tuple[list[int], list[int]]:
+        known = self._chars.get(char)
+        if known is not None:
+            return known
+        holding: list[int] = []
+        following: list[int] = []
+        matched: dict[tuple[str, int], bool] = {}
+        for group in self._groups:
+            automaton = group.prefixes.automaton
+            if automaton is None:
+                holding.append(-1)
+                following.append(-1)
+                continue
+            patterns, follows, flags = automaton
+            at = after = 0
+            for position, pattern in enumerate(patterns):
+                key = (pattern, flags)
+                hit = matched.get(key)
+                if hit is None:
+                    compiled = self._compiled.get(key)
+                    if compiled is None:
+                        compiled = self._compiled[key] = re.compile(pattern, flags)
+                    hit = matched[key] = compiled.fullmatch(char) is not None
+                if hit:
+                    at |= 1 << position
+                    after |= follows[position]
+            holding.append(at)
+            following.append(after)
+        known = self._chars[char] = (holding, following)
+        return known
+
+    def __missing__(self, pair: str) -> int:
+        if not pair.isascii():
+            return self._all
+        _, after = self._positions(pair[0])
+        at, _ = self._positions(pair[1])
+        mask = 0
+        for index, (possible, holding) in enumerate(zip(after, at, strict=True)):
+            if possible & holding:
+                mask |= 1 << index
+        self[pair] = mask
+        return mask
+
+
 class TailState:
     """One stream's view of the tail: what it had at the last call and where matches were in progress."""
 
@@ -769,6 +837,7 @@ class TailModel:
         self.fixed = fixed  # characters always held for the rules the analysis could not model
         self.fixed_rules = fixed_rules  # those rules, with the hold each keeps (anchored: from the anchor)
         self._masks = _Masks(groups)
+        self._pairs = _Pairs(groups)
         self._all = (1 << len(groups)) - 1
         self._begins = sum(1 << i for i, g in enumerate(groups) if g.prefixes.begins)
         # _wild[d]: the groups for which the character ``d`` places from the end may be one an assertion
@@ -811,16 +880,20 @@ class TailModel:
         started = 0
         follows = alive  # the groups the character after the current one can be second for
         follows_next = next_third = alive  # ... the one after that third for; the next one's third
+        pairs = self._pairs
+        following = ""  # the character after the current one
         hits = []  # per character walked (from the end back), the groups a match may start with it
         for distance, char in enumerate(reversed(text[max(last - len(wild) - base, 0) :])):
             first, second, third, alphabet = masks[char]
-            hit = alive & first & follows & follows_next
+            pair = pairs[char + following] if following else alive
+            hit = alive & first & follows & follows_next & pair
             hits.append(hit)
             started |= hit
             follows, follows_next, next_third = second, next_third, third
             if distance < len(wild):
                 alphabet |= wild[distance]
-            alive &= alphabet
+            alive &= alphabet & pair
+            following = char
             if not alive:
                 break
         before = state.pending
