@@ -259,6 +259,31 @@ def test_a_match_starting_before_the_hold_is_decided(data: st.DataObject) -> Non
                 assert spans == [partial.span(g) for g in range(regex.groups + 1)], (loaded.id, text, cut)
 
 
+@settings(max_examples=200, deadline=None)
+@given(texts(DEFAULT_PACK), st.lists(st.integers(min_value=1, max_value=24), max_size=40))
+def test_the_limit_is_what_a_search_of_every_group_gives(
+    default: Detector, text: str, sizes: list[int]
+) -> None:
+    """The shortcuts of ``TailModel.limit`` (groups ruled out by their first characters or their alphabet,
+    searches skipped where they could not move the limit) change nothing: after every piece, the limit is
+    the earliest start any group's prefix expression finds at the end of the text so far, and no group is
+    settled past its own earliest start (the confirmations a stream keeps rely on that)."""
+    model = default.tail
+    state = model.state()
+    position = 0
+    for size in [*sizes, len(text)]:
+        position = min(len(text), position + size)
+        head = text[:position]
+        limit = model.limit(head, 0, state)
+        expected = len(head) - model.fixed
+        for index, group in enumerate(model.groups):
+            found = group.prefixes.pattern.search(head, max(0, len(head) - group.reach))
+            if found is not None:
+                expected = min(expected, found.start())
+                assert model.settled(state, index) <= found.start(), (group.rules, head)
+        assert limit == expected, head
+
+
 # -- how much is held ----------------------------------------------------------------------------------
 
 

@@ -444,6 +444,10 @@ class Prefixes:
     alphabet: re.Pattern[str] | None
     wildcard: int
     begins: bool = False  # a match can start with ``^`` or ``\\A``: the conditions do not hold at offset 0
+    third: re.Pattern[str] | None = None  # the characters a match can have third (None: any)
+    # The position automaton the conditions are read off: per position, a pattern for its character and
+    # the bit set of the positions that may follow it; and the flags to compile the patterns with.
+    automaton: tuple[tuple[str, ...], tuple[int, ...], int] | None = None
 
 
 def prefix_pattern(regex: re.Pattern[str], max_reach: int) -> Prefixes:
@@ -506,6 +510,12 @@ def prefix_pattern(regex: re.Pattern[str], max_reach: int) -> Prefixes:
         chars(positions.alphabet),
         max(0, _reach(parsed) - 1),
         positions.begins,
+        chars(positions.places[2]),
+        (
+            tuple(positions.chars),
+            tuple(sum(1 << i for i in follow) for follow in positions.follow),
+            compile_flags,
+        ),
     )
 
 
@@ -604,9 +614,10 @@ def _fold(text: str, caseless: bool) -> bytes:
     return data.lower() if caseless else data
 
 
-class _Masks(dict[str, tuple[int, int, int]]):
-    """Per character, three bit sets of groups: those whose matches can start with it, those whose
-    matches can have it second, and those whose matches can go on with it. Filled as characters are seen
+class _Masks(dict[str, tuple[int, int, int, int]]):
+    """Per character, four bit sets of groups: those whose matches can start with it, those whose
+    matches can have it second, those whose matches can have it third, and those whose matches can go on
+    with it. Filled as characters are seen
     (the ASCII ones up front); past ``LIMIT`` distinct characters the table starts over (only a cache)."""
 
     LIMIT = 8192
@@ -620,8 +631,8 @@ class _Masks(dict[str, tuple[int, int, int]]):
         for code in range(128):
             self[chr(code)] = self._compute(chr(code))
 
-    def _compute(self, char: str) -> tuple[int, int, int]:
-        first = second = alphabet = 0
+    def _compute(self, char: str) -> tuple[int, int, int, int]:
+        first = second = third = alphabet = 0
         for index, group in enumerate(self._groups):
             bit = 1 << index
             prefixes = group.prefixes
@@ -629,11 +640,13 @@ class _Masks(dict[str, tuple[int, int, int]]):
                 first |= bit
             if prefixes.second is None or prefixes.second.fullmatch(char):
                 second |= bit
+            if prefixes.third is None or prefixes.third.fullmatch(char):
+                third |= bit
             if prefixes.alphabet is None or prefixes.alphabet.fullmatch(char):
                 alphabet |= bit
-        return first, second, alphabet
+        return first, second, third, alphabet
 
-    def __missing__(self, char: str) -> tuple[int, int, int]:
+    def __missing__(self, char: str) -> tuple[int, int, int, int]:
         if len(self) >= self.LIMIT:
             self.clear()
             self._ascii()
@@ -641,15 +654,79 @@ class _Masks(dict[str, tuple[int, int, int]]):
         return masks
 
 
+class _Pairs(dict[str, int]):
+    """Per pair of ASCII characters, the groups whose matches can have the second right after the first:
+    some position of the group's automaton holds the first and is followed by one that holds the second.
+    Any other pair (one character beyond ASCII, or a group without an automaton) rules out no group: a
+    table over every pair of characters of every script would grow without bound. Filled as pairs are
+    seen; at most 16,384 of them."""
+
+    def __init__(self, groups: Sequence[_Group]) -> None:
+        super().__init__()
+        self._groups = groups
+        self._all = (1 << len(groups)) - 1
+        self._compiled: dict[tuple[str, int], re.Pattern[str]] = {}
+        # Per ASCII character, per group: the positions holding it, and the positions that may follow those
+        # (-1, every position, for a group without an automaton).
+        self._chars: dict[str, tuple[list[int], list[int]]] = {}
+
+    def _positions(self, char: str) -> tuple[list[int], list[int]]:
+        known = self._chars.get(char)
+        if known is not None:
+            return known
+        holding: list[int] = []
+        following: list[int] = []
+        matched: dict[tuple[str, int], bool] = {}
+        for group in self._groups:
+            automaton = group.prefixes.automaton
+            if automaton is None:
+                holding.append(-1)
+                following.append(-1)
+                continue
+            patterns, follows, flags = automaton
+            at = after = 0
+            for position, pattern in enumerate(patterns):
+                key = (pattern, flags)
+                hit = matched.get(key)
+                if hit is None:
+                    compiled = self._compiled.get(key)
+                    if compiled is None:
+                        compiled = self._compiled[key] = re.compile(pattern, flags)
+                    hit = matched[key] = compiled.fullmatch(char) is not None
+                if hit:
+                    at |= 1 << position
+                    after |= follows[position]
+            holding.append(at)
+            following.append(after)
+        known = self._chars[char] = (holding, following)
+        return known
+
+    def __missing__(self, pair: str) -> int:
+        if not pair.isascii():
+            return self._all
+        _, after = self._positions(pair[0])
+        at, _ = self._positions(pair[1])
+        mask = 0
+        for index, (possible, holding) in enumerate(zip(after, at, strict=True)):
+            if possible & holding:
+                mask |= 1 << index
+        self[pair] = mask
+        return mask
+
+
 class TailState:
     """One stream's view of the tail: what it had at the last call and where matches were in progress."""
 
-    __slots__ = ("end", "lists", "pending", "starts")
+    __slots__ = ("end", "floor", "floored", "lists", "pending", "starts")
 
     def __init__(self, groups: int, lists: int) -> None:
         self.end = 0  # stream offset of the end of the text at the last call
-        self.pending = 0  # bit set of the groups with a match in progress at that end
+        self.pending = 0  # bit set of the groups a match may be in progress for at that end
         self.starts = [0] * groups  # for those, the earliest offset where one may start
+        # Of those, the ones not searched (no match of theirs could start before the limit): none starts
+        # before ``floor``, the limit the others gave, and ``starts`` does not say more.
+        self.floored = 0
+        self.floor = 0
         self.lists = [0] * lists
 
 
@@ -721,7 +798,8 @@ class TailBuilder:
         pattern = re.compile("(?:" + "|".join(alternatives) + r")\Z", flags)
         first = re.compile(chars[0], flags) if chars else None
         second = re.compile(chars[1], flags) if len(chars) > 1 else None
-        self._add(rule, Prefixes(pattern, first, second, None, 0))
+        third = re.compile(chars[2], flags) if len(chars) > 2 else None
+        self._add(rule, Prefixes(pattern, first, second, None, 0, third=third))
         self._fixed_rules[rule] = width + self._context
 
     def add_fixed(self, rule: str, hold: int) -> None:
@@ -759,6 +837,7 @@ class TailModel:
         self.fixed = fixed  # characters always held for the rules the analysis could not model
         self.fixed_rules = fixed_rules  # those rules, with the hold each keeps (anchored: from the anchor)
         self._masks = _Masks(groups)
+        self._pairs = _Pairs(groups)
         self._all = (1 << len(groups)) - 1
         self._begins = sum(1 << i for i, g in enumerate(groups) if g.prefixes.begins)
         # _wild[d]: the groups for which the character ``d`` places from the end may be one an assertion
@@ -782,8 +861,17 @@ class TailModel:
         nothing in progress at the last call can only have a match in progress now from a character that
         arrived since. Before any search, one walk back from the end over what arrived (and the characters
         an assertion reading ahead left undecided last time) keeps the groups that can: a match in
-        progress starts with one of the group's first characters and goes on with characters of its
-        alphabet. Only those groups are searched, each from where its earliest match may start."""
+        progress starts with one of the group's first characters (then one of its second, then one of
+        its third) and goes on with characters of its alphabet. Only those groups are searched, each
+        from where its earliest match may start: where it was in progress last time, if the walk never
+        ruled that out, or else the furthest place back the walk found it may start (a search costs for
+        every place it tries, and most are ruled out here).
+
+        Only the earliest start of all is the limit, so a group whose search could only find a start at
+        or after the limit the others gave is not searched: it is kept as possibly in progress from that
+        limit (``floor``), which is as much as ``settled`` promises of it and where the next call looks.
+        On prose most searches are skipped so: the groups a word in progress is a prefix for start at that
+        word, and a group reading the space before it has already put the limit there."""
         end = base + len(text)
         last = state.end
         masks = self._masks
@@ -791,35 +879,83 @@ class TailModel:
         alive = self._all
         started = 0
         follows = alive  # the groups the character after the current one can be second for
+        follows_next = next_third = alive  # ... the one after that third for; the next one's third
+        pairs = self._pairs
+        following = ""  # the character after the current one
+        hits = []  # per character walked (from the end back), the groups a match may start with it
         for distance, char in enumerate(reversed(text[max(last - len(wild) - base, 0) :])):
-            first, second, alphabet = masks[char]
-            started |= alive & first & follows
-            follows = second
+            first, second, third, alphabet = masks[char]
+            pair = pairs[char + following] if following else alive
+            hit = alive & first & follows & follows_next & pair
+            hits.append(hit)
+            started |= hit
+            follows, follows_next, next_third = second, next_third, third
             if distance < len(wild):
                 alphabet |= wild[distance]
-            alive &= alphabet
+            alive &= alphabet & pair
+            following = char
             if not alive:
                 break
         before = state.pending
-        candidates = started | (before & alive)
+        floored, floor = state.floored & before, state.floor
+        kept = before & alive  # in progress last time, and nothing walked over rules that out
         if not last:  # the start of the stream: matches anchored there pass no filter
-            candidates |= self._begins
+            kept |= self._begins
         starts = state.starts
         groups = self.groups
         limit = end - self.fixed
-        pending = 0
-        while candidates:
-            bit = candidates & -candidates
-            candidates ^= bit
+        pending = pruned = 0
+        # First the groups still in progress, from where they were: they hold the most, so the limit
+        # they give is low early and lets the search of most others be skipped.
+        rest = kept
+        while rest:
+            bit = rest & -rest
+            rest ^= bit
             index = bit.bit_length() - 1
             group = groups[index]
-            low = max(starts[index] if before & bit else last, end - group.reach, base)
+            held = (floor if floored & bit else starts[index]) if before & bit else last
+            low = max(held, end - group.reach, base)
+            if low >= limit:
+                pruned |= bit
+                continue
             found = group.prefixes.pattern.search(text, low - base)
             if found is not None:
                 start = base + found.start()
                 starts[index] = start
                 pending |= bit
                 limit = min(limit, start)
+        # Then the others the walk found may start, from the furthest place back, for as long as a start
+        # there could still move the limit.
+        unplaced = started & ~kept
+        distance = len(hits)
+        while unplaced and distance:
+            distance -= 1
+            place = end - 1 - distance
+            if place >= limit:
+                break
+            new = hits[distance] & unplaced
+            unplaced ^= new
+            while new:
+                bit = new & -new
+                new ^= bit
+                index = bit.bit_length() - 1
+                group = groups[index]
+                held = (floor if floored & bit else starts[index]) if before & bit else last
+                low = max(place, held, end - group.reach, base)
+                if low >= limit:
+                    pruned |= bit
+                    continue
+                found = group.prefixes.pattern.search(text, low - base)
+                if found is not None:
+                    start = base + found.start()
+                    starts[index] = start
+                    pending |= bit
+                    limit = min(limit, start)
+        # A group not searched may have a match in progress, but from no earlier than the limit.
+        pruned |= unplaced
+        state.floored = pruned
+        state.floor = limit
+        pending |= pruned
         for index, values in enumerate(self.lists):
             low = max(state.lists[index], end - values.reach, base)
             position = values.earliest(text, low - base)
@@ -833,7 +969,9 @@ class TailModel:
     @staticmethod
     def settled(state: TailState, group: int) -> int:
         """The stream offset before which no match of ``group``'s rules was in progress at the last call."""
-        return state.starts[group] if state.pending >> group & 1 else state.end
+        if not state.pending >> group & 1:
+            return state.end
+        return state.floor if state.floored >> group & 1 else state.starts[group]
 
     def holding(self, text: str) -> dict[str, int]:
         """For reports: per rule, how many characters at the end of ``text`` it alone would hold."""
