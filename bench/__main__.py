@@ -96,6 +96,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="proxy: also measure extproc with the session record, and with tracing",
     )
+    parser.add_argument(
+        "--proxy-against",
+        type=Path,
+        metavar="TREE",
+        help="proxy: also measure extproc run from another source tree (a folder holding its extproc/, as "
+        "`git archive REV extproc | tar -x -C TREE` writes), interleaved with this one",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default bench/results)")
     parser.add_argument(
         "--scan-rounds", type=int, default=3, help="passes over the scan messages (default 3)"
@@ -155,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         load.wrk_path()  # before any stack starts: say what is missing at once
     if "proxy" in wanted or "stream" in wanted:
         audited = "proxy" in wanted and args.record_and_trace
-        with _stacks(out, audited=audited, workers="proxy" in wanted) as paths:
+        against = args.proxy_against if "proxy" in wanted else None
+        with _stacks(out, audited=audited, workers="proxy" in wanted, against=against) as paths:
             if "proxy" in wanted:
                 proxy_report = {**header, **_proxy(args, paths)}
                 _write(out, "proxy", stamp, proxy_report, _markdown(proxy_report))
@@ -202,10 +210,14 @@ def _machine() -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _stacks(out: Path, audited: bool = False, workers: bool = False) -> Iterator[dict[str, str]]:
+def _stacks(
+    out: Path, audited: bool = False, workers: bool = False, against: Path | None = None
+) -> Iterator[dict[str, str]]:
     """Stacks in front of one demo model: Envoy + extproc, Envoy alone (no ext_proc filter), Envoy +
     the floor and, when ``audited``, Envoy + extproc with the session record on (recorded), and with
-    spans and metrics exported (traced). Yields the URL of each path (direct: the demo model), the
+    spans and metrics exported (traced); with ``against``, Envoy + extproc run from that source tree
+    (its ``extproc`` package first on the path; the settings, rules and Envoy config are this tree's).
+    Yields the URL of each path (direct: the demo model), the
     record's path as ``record``, and as ``token`` a token of the dev issuer every extproc verifies."""
     log = out / "stack.log"
     log.write_text("")
@@ -242,6 +254,18 @@ def _stacks(out: Path, audited: bool = False, workers: bool = False) -> Iterator
         }
         if workers:
             paths["extproc-2w"] = two.url
+        if against is not None:
+            if not (against / "extproc" / "__init__.py").is_file():
+                raise SystemExit(f"--proxy-against {against}: no extproc package there")
+            other = Stack(
+                log_path=log,
+                upstream=upstream,
+                dev_identity=identity,
+                # -m puts the working directory (this tree) before PYTHONPATH, unless told not to.
+                extra_env={"PYTHONPATH": str(against.resolve()), "PYTHONSAFEPATH": "1"},
+            )
+            stacks.append(other.start())
+            paths["against"] = other.url
         if audited:
             keys = generate_keys(bare.workdir / "audit-keys")
             record = bare.workdir / "session.jsonl"
@@ -307,7 +331,8 @@ def _check_answers(urls: dict[str, str], headers: dict[str, str]) -> list[str]:
 def _proxy(args: argparse.Namespace, paths: dict[str, str]) -> dict[str, Any]:
     """Every path measured once per round, the rounds one after the other, so that a slow spell of a
     shared machine falls on every path alike; each figure is the median over the rounds."""
-    names = [*PROXY_PATHS, *(name for name in (*WORKER_PATHS, "recorded", "traced") if name in paths)]
+    optional = (*WORKER_PATHS, "recorded", "traced", "against")
+    names = [*PROXY_PATHS, *(name for name in optional if name in paths)]
     urls = {name: paths[name] for name in names}
     headers = {"content-type": "application/json", "authorization": f"Bearer {paths['token']}"}
     problems = _check_answers(urls, headers)
@@ -352,7 +377,10 @@ def _ratios(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str
     """The figures the project's targets are written in: extproc over the floor (the cost of the work
     extproc does) and the floor over Envoy alone (the cost of an ext_proc server in Python at all)."""
     ratios: dict[str, dict[str, float]] = {}
-    for label, top, bottom in (("extproc/floor", "extproc", "floor"), ("floor/envoy", "floor", "envoy")):
+    pairs = [("extproc/floor", "extproc", "floor"), ("floor/envoy", "floor", "envoy")]
+    if "against" in results:
+        pairs += [("against/floor", "against", "floor"), ("extproc/against", "extproc", "against")]
+    for label, top, bottom in pairs:
         a, b = results[top], results[bottom]
         ratios[label] = {
             "p50_ms_c1": a["sequential"]["p50_ms"] / b["sequential"]["p50_ms"],
@@ -392,6 +420,7 @@ _LABELS = {
     "extproc-2w": "Envoy + extproc, 2 workers",
     "recorded": "... with the session record",
     "traced": "... with tracing",
+    "against": "Envoy + extproc of the other tree (--proxy-against)",
 }
 
 

@@ -21,16 +21,24 @@ import logging
 import pstats
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from prometheus_client import CollectorRegistry
 
 from extproc import logs
 from extproc.audit.keys import generate_keys
 from extproc.audit.session import SessionRecorder
+from extproc.audit.spans import SCOPE, Instruments
 from extproc.identity.dev import dev_identity, mint_dev_token
 from extproc.runtime import Runtime, build_snapshot
 from extproc.server import ExternalProcessor
@@ -215,6 +223,47 @@ async def _recorded(folder: Path, wire: list[bytes], seconds: float, values: tup
         telemetry.shutdown()
 
 
+class _Encoding(SpanExporter):
+    """Encodes every batch of spans as the OTLP exporter does before it sends them, and drops it: the CPU
+    of an export without a collector's share or the network's."""
+
+    def __init__(self) -> None:
+        self.spans = 0
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        encode_spans(spans).SerializeToString()
+        self.spans += len(spans)
+        return SpanExportResult.SUCCESS
+
+
+async def _traced(folder: Path, wire: list[bytes], seconds: float, values: tuple[str, ...]) -> float:
+    """CPU seconds per exchange with tracing on, as ``telemetry.otlp_endpoint`` has it (every exchange
+    sampled: Envoy's traceparent says so): the spans built on the event loop, and encoded by the batch
+    processor's thread, its share included."""
+    settings = load_settings(None, identity=dev_identity(folder))
+    runtime = Runtime(build_snapshot(settings))
+    await runtime.snapshot.start()
+    # Metrics as ``serve`` has them by default (a Prometheus reader), beside the spans.
+    meters = MeterProvider(metric_readers=[PrometheusMetricReader(registry=CollectorRegistry())])
+    exporter = _Encoding()
+    provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(1.0)))
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    instruments = Instruments(provider.get_tracer(SCOPE), meters.get_meter(SCOPE))
+    processor = ExternalProcessor(runtime, instruments)
+    try:
+        for _ in range(100):
+            await _one(processor, wire)
+        check_masked(await _one(processor, wire), values)
+        provider.force_flush()
+        if not exporter.spans:
+            raise RuntimeError("the bench's traced exchanges exported no span")
+        return (await _cpu(processor, wire, seconds, provider.force_flush))[1]
+    finally:
+        provider.shutdown()
+        meters.shutdown()
+        await runtime.snapshot.close()
+
+
 async def _measure(seconds: float, prompt: bytes, values: tuple[str, ...], answer: str) -> dict[str, Any]:
     folder = Path(tempfile.mkdtemp(prefix="extproc-bench-exchange-"))
     settings = load_settings(None, identity=dev_identity(folder))
@@ -249,11 +298,14 @@ async def _measure(seconds: float, prompt: bytes, values: tuple[str, ...], answe
         await runtime.snapshot.close()
         telemetry.shutdown()
     per_recorded = await _recorded(folder, wire, seconds, values)
+    per_traced = await _traced(folder, wire, seconds, values)
     return {
         "exchanges": count,
         "cpu_us_per_exchange": round(per_exchange * 1e6, 1),
         "cpu_us_per_recorded_exchange": round(per_recorded * 1e6, 1),
         "recorded_ratio": round(per_recorded / per_exchange, 2),
+        "cpu_us_per_traced_exchange": round(per_traced * 1e6, 1),
+        "traced_ratio": round(per_traced / per_exchange, 2),
         "streams": streams,
         "events_per_stream": events,
         "cpu_us_per_stream": round(per_stream * 1e6, 1),
@@ -285,6 +337,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"| chat request and JSON answer, both masked | {report['cpu_us_per_exchange']} | exchange |\n"
         f"| the same with the session record (sealed, signed) | {report['cpu_us_per_recorded_exchange']} "
         f"| exchange ({report['recorded_ratio']}x) |\n"
+        f"| the same with tracing (spans encoded for OTLP) | {report['cpu_us_per_traced_exchange']} "
+        f"| exchange ({report['traced_ratio']}x) |\n"
         f"| streamed answer ({report['events_per_stream']} SSE events, a card and an e-mail split across "
         f"them) | {report['cpu_us_per_stream']} | exchange |\n"
         f"| the same | {report['cpu_us_per_event']} | event (the request's share included) |\n\n"

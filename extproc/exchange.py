@@ -31,7 +31,7 @@ from extproc.identity import Principal, bearer_token, principal_from_metadata
 from extproc.mask import Inspector
 from extproc.mask.bodies import BodyProcessor, Passthrough
 from extproc.mask.encoding import DecodeError, Decoder
-from extproc.mask.headers import HeaderNotMaskable, HeaderScan, HeadersTooLarge, scan_headers
+from extproc.mask.headers import HeaderNotMaskable, HeaderScan, HeadersTooLarge, scan_headers, scan_short
 from extproc.mask.registry import BodyLimits, Reading, Refused, Scope, choose, media_type
 from extproc.media import media_in
 from extproc.model import (
@@ -569,7 +569,11 @@ class Exchange:
             return text
         shown = self._shown.get(text)
         if shown is None:
-            shown = self._shown[text] = self._snapshot.inspector.mask_text(unquote(text))[0]
+            # The route, the method and the model repeat across exchanges, and the request id was read
+            # clean among the headers: most are answered from the detector's memory of clean texts.
+            inspector = self._snapshot.inspector
+            view = unquote(text)
+            shown = self._shown[text] = inspector.masker.apply(view, scan_short(inspector.detector, view))
         return shown
 
     def outcome(self, error_code: str | None = None) -> Outcome:

@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,52 @@ def make(writers: list[RecordWriter]) -> Callable[..., RecordWriter]:
         return writer
 
     return make
+
+
+def _counted(calls: list[bytes]) -> Callable[[int, bytes], int]:
+    def write(fd: int, data: bytes) -> int:
+        calls.append(data)
+        return os.write(fd, data)
+
+    return write
+
+
+def _until(condition: Callable[[], bool], seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def test_records_submitted_together_share_one_write_and_one_fsync(
+    tmp_path: Path, make: Callable[..., RecordWriter]
+) -> None:
+    """A group commit: the writer is not woken per record; the records that arrive while the first one
+    lingers go out with it, in one write (and one fsync), without a flush asking for it."""
+    path = tmp_path / "record.jsonl"
+    calls: list[bytes] = []
+    writer = make(path, write=_counted(calls), linger_seconds=0.5, checkpoint_every=1000)
+    calls.clear()  # the start record
+    for i in range(5):
+        assert writer.submit(exchange(i))
+    assert _until(lambda: writer.written == 5)
+    assert len(calls) == 1
+    assert [r["id"] for r in records(path) if r["type"] == "exchange"] == [f"r{i}" for i in range(5)]
+
+
+def test_a_full_batch_is_written_at_once_and_a_lone_record_after_its_linger(
+    tmp_path: Path, make: Callable[..., RecordWriter]
+) -> None:
+    path = tmp_path / "record.jsonl"
+    writer = make(path, linger_seconds=3600, batch_size=4)
+    for i in range(4):
+        writer.submit(exchange(i))
+    assert _until(lambda: writer.written == 4)  # a full batch does not wait for the linger
+    other = make(tmp_path / "other.jsonl", linger_seconds=0.05)
+    other.submit(exchange(9))
+    assert _until(lambda: other.written == 1, 5)  # nothing but the linger made it go
 
 
 def test_a_written_file_verifies(tmp_path: Path, make: Callable[..., RecordWriter]) -> None:

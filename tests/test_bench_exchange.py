@@ -12,6 +12,7 @@ def test_the_exchange_bench_reports_the_cpu_of_masked_exchanges() -> None:
     assert report["exchanges"] > 0
     assert report["cpu_us_per_exchange"] > 0
     assert report["cpu_us_per_event"] > 0
+    assert report["cpu_us_per_traced_exchange"] > 0  # it raises when no span was exported
     assert "extproc/exchange.py" in report["profile"]
     assert "extproc/mask/sse.py" in report["stream_profile"]
 

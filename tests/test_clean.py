@@ -17,6 +17,7 @@ from extproc.detect.engine import Detector
 from extproc.detect.rules import load_rules
 from extproc.errors import ExtProcError
 from extproc.mask import Inspector, MaskSpec
+from extproc.mask import headers as headers_module
 from extproc.mask.bodies import BufferedJson
 from extproc.mask.headers import scan_headers
 from extproc.model import Finding
@@ -233,3 +234,74 @@ def test_a_long_header_value_is_scanned_alone_not_in_the_one_pass() -> None:
     scan_headers(headers, inspector.detector, inspector.masker, _MaskAll())
     assert all(blob not in texts for texts in passed)
     assert blob in scanned
+
+
+def _passing(inspector: Inspector) -> list[list[str]]:
+    """The texts of each one-pass call of ``inspector``'s detector (a ``_counting`` one)."""
+    passed: list[list[str]] = []
+    real = INSPECTOR.detector.clean
+
+    def clean(texts: list[str]) -> list[bool]:
+        passed.append(list(texts))
+        return real(texts)
+
+    inspector.detector.clean = clean  # type: ignore[method-assign]
+    return passed
+
+
+def test_header_texts_found_clean_once_are_not_read_again_by_the_same_detector() -> None:
+    """The headers of one deployment repeat: what one message's headers showed clean is remembered
+    (per detector), and the next message with them costs neither the pass nor a scan."""
+    inspector, scanned = _counting(INSPECTOR)
+    passed = _passing(inspector)
+    headers = [
+        (":authority", "127.0.0.1:10000"),
+        (":path", "/v1/chat/completions"),
+        ("content-type", "application/json"),
+        ("date", "Sun, 06 Dec 2026 20:00:00 GMT"),
+    ]
+    scan_headers(headers, inspector.detector, inspector.masker, _MaskAll())
+    assert passed
+    assert scanned
+    passed.clear()
+    scanned.clear()
+    again = scan_headers(
+        [*headers, ("x-request-id", "7f4d")], inspector.detector, inspector.masker, _MaskAll()
+    )
+    assert passed == [["x-request-id", "7f4d"]]
+    assert scanned == []
+    assert again.findings == []
+    other, scanned_by_other = _counting(INSPECTOR)  # another detector (a reload) remembers nothing
+    scan_headers(headers, other.detector, other.masker, _MaskAll())
+    assert scanned_by_other
+
+
+def test_a_header_value_with_a_finding_is_never_remembered_and_is_masked_every_time() -> None:
+    """Only clean texts are remembered: a value with something in it is read and masked on every
+    message, an IP address in a header that names addresses included when something else is with it."""
+    inspector, scanned = _counting(INSPECTOR)
+    headers = [("x-note", "card 4111111111111111"), ("x-forwarded-for", "10.0.0.1, jane.doe@example.com")]
+    for _ in range(3):
+        scanned.clear()
+        result = scan_headers(headers, inspector.detector, inspector.masker, _MaskAll())
+        assert {f.entity for f in result.findings} == {"CREDIT_CARD", "EMAIL_ADDRESS"}
+        assert dict(result.set) == {
+            "x-note": "card ************1111",
+            "x-forwarded-for": "10.0.0.1, [REDACTED:EMAIL_ADDRESS]",
+        }
+        assert "card 4111111111111111" in scanned
+        assert "10.0.0.1, jane.doe@example.com" in scanned
+
+
+def test_the_memory_of_clean_texts_is_bounded_and_starts_over_when_full(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(headers_module, "KNOWN_CLEAN_MAX", 8)
+    known = headers_module.KnownClean()
+    for n in range(20):
+        known.add(f"text {n}")
+    assert "text 19" in known
+    assert "text 0" not in known
+    assert sum(f"text {n}" in known for n in range(20)) <= 8
+    known.add("x" * 1000)  # longer than a text of the one pass: never kept
+    assert "x" * 1000 not in known

@@ -5,8 +5,10 @@ writes what is queued."""
 import json
 import logging
 import os
+import select
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -74,3 +76,29 @@ def test_a_full_log_pipe_does_not_block_the_caller(
     written = sum(1 for event in events if event in ("exchange", "after"))
     assert dropped + written == logs.QUEUE_SIZE * 3 + 1  # every line written, or counted as dropped
     assert dropped > 0
+
+
+def test_a_warning_is_written_at_once_and_the_lines_before_it_with_it(
+    stderr_pipe: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Info lines wait for the writer's next round (batched, not one wake-up per line); a warning wakes
+    it, and comes out after the lines logged before it, in order."""
+    read, write = stderr_pipe
+    monkeypatch.setattr(logs, "FLUSH_SECONDS", 60.0)
+    monkeypatch.setattr(sys, "stderr", os.fdopen(write, "w", buffering=1, closefd=False))
+    logs.configure(LogSettings(level="info", format="json"), background=True)
+    log = logging.getLogger("extproc.test")
+    log.info("first")
+    log.info("second")
+    log.warning("trouble")
+    seen = b""
+    deadline = time.monotonic() + 10
+    while b"trouble" not in seen and time.monotonic() < deadline:
+        ready, _, _ = select.select([read], [], [], 0.1)
+        if ready:
+            seen += os.read(read, 1 << 16)
+    assert [json.loads(line)["event"] for line in seen.decode().splitlines()] == [
+        "first",
+        "second",
+        "trouble",
+    ]

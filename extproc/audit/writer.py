@@ -3,7 +3,10 @@
 Callers never wait on the disk: ``submit`` only puts a record (or a function that builds one, so that
 building and sealing also happen off the event loop) on a bounded queue, and a full queue loses the record
 rather than block. The thread writes what is queued in batches, one ``write`` and one ``fsync`` per batch,
-and signs a checkpoint every ``checkpoint_every`` records or ``checkpoint_seconds``.
+and signs a checkpoint every ``checkpoint_every`` records or ``checkpoint_seconds``. A record waits up to
+``linger_seconds`` for others to share its batch (a group commit): a thread woken for every record, as
+every exchange ends, took the interpreter from the event loop once per exchange and paid an ``fsync``
+for each record. A full batch, a flush, a loss to report and ``close`` wake it at once.
 
 A write that fails (a full disk, an I/O error) does not stop the writer: the records that did not reach the
 file are counted as lost, the writer reports itself unhealthy, and it retries every ``retry_seconds``. A
@@ -53,6 +56,7 @@ may carry the id of the record it builds as a str attribute ``record_id``, so th
 that record when it is lost."""
 
 _LOG_INTERVAL: Final = 1.0
+LINGER_SECONDS: Final = 0.05
 _MAX_WAIT: Final = 3600.0
 
 
@@ -175,11 +179,12 @@ class RecordWriter:
         retry_seconds: float = 1.0,
         batch_size: int = 512,
         write: Callable[[int, bytes], int] = os.write,
+        linger_seconds: float = LINGER_SECONDS,
     ) -> None:
         if checkpoint_every < 1 or queue_size < 1 or batch_size < 1:
             raise ValueError("checkpoint_every, queue_size and batch_size must be at least 1")
-        if checkpoint_seconds < 0 or retry_seconds < 0:
-            raise ValueError("checkpoint_seconds and retry_seconds must not be negative")
+        if checkpoint_seconds < 0 or retry_seconds < 0 or linger_seconds < 0:
+            raise ValueError("checkpoint_seconds, retry_seconds and linger_seconds must not be negative")
         self._path = path
         self._signing_key = signing_key
         self._checkpoint_every = checkpoint_every
@@ -190,11 +195,13 @@ class RecordWriter:
         self._retry_seconds = retry_seconds
         self._batch_size = batch_size
         self._write = write
+        self._linger = linger_seconds
 
         # Shared with callers, guarded by _cond.
         self._cond = threading.Condition()
         self._items: deque[Entry | _Flush] = deque()
         self._queued = 0
+        self._oldest: float | None = None  # when the oldest record waiting was queued (time.monotonic())
         self._closing = False
         self._flushes = 0
         self._dropped = _Gap()
@@ -297,7 +304,13 @@ class RecordWriter:
                 return False
             self._items.append(entry)
             self._queued += 1
-            self._cond.notify()
+            # The writer learns of the first record (to time its wait) and of a full batch; the records
+            # between join the batch without waking it.
+            if self._oldest is None:
+                self._oldest = time.monotonic()
+                self._cond.notify()
+            elif self._queued >= self._batch_size:
+                self._cond.notify()
         return True
 
     def mark_lost(self, record_id: str | None, reason: str) -> None:
@@ -376,6 +389,8 @@ class RecordWriter:
                     else:
                         entries.append(item)
                         self._queued -= 1
+                if not self._queued:  # records left beyond the batch have waited long enough: kept
+                    self._oldest = None
                 final = self._closing and not self._items
             try:
                 self._attempt(entries, final=final)
@@ -398,17 +413,28 @@ class RecordWriter:
         """Under _cond: whether the thread has something to do now."""
         if self._closing or self._flushes:
             return True
+        now = time.monotonic()
         if self._failed:
-            return time.monotonic() >= self._retry_at
-        return bool(self._items) or self._dropped.pending or self._checkpoint_due(0, time.monotonic())
+            return now >= self._retry_at
+        if self._queued and (self._queued >= self._batch_size or self._lingered(now) <= 0):
+            return True
+        return self._dropped.pending or self._checkpoint_due(0, now)
+
+    def _lingered(self, now: float) -> float:
+        """Under _cond: how long the oldest record waiting may still wait for others."""
+        return self._linger - (now - self._oldest) if self._oldest is not None else self._linger
 
     def _wait_time(self) -> float | None:
         now = time.monotonic()
         if self._failed:
             return min(_MAX_WAIT, max(0.0, self._retry_at - now))
+        wait: float | None = None
         if self._signing_key is not None and self._since_checkpoint:
-            return min(_MAX_WAIT, max(0.0, self._checkpoint_at + self._checkpoint_seconds - now))
-        return None
+            wait = min(_MAX_WAIT, max(0.0, self._checkpoint_at + self._checkpoint_seconds - now))
+        if self._queued:
+            lingered = max(0.0, self._lingered(now))
+            wait = lingered if wait is None else min(wait, lingered)
+        return wait
 
     def _checkpoint_due(self, adding: int, now: float, final: bool = False) -> bool:
         """Whether a checkpoint ends the batch; at close always, even right after another one, since only the

@@ -27,6 +27,7 @@ Pure: header pairs in, findings and the header changes that mask them out; no I/
 
 from __future__ import annotations
 
+import weakref
 from bisect import bisect_left, bisect_right
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
@@ -192,20 +193,106 @@ def scan_headers(
 
 
 _BATCH_MAX_CHARS = 256  # longer header values (tokens, cookies) are scanned alone, never batched
+KNOWN_CLEAN_MAX = 2048  # short texts remembered as clean, per detector
+
+
+class KnownClean:
+    """The short texts (``_BATCH_MAX_CHARS`` at most) one detector found nothing in, remembered: the
+    headers of one deployment repeat (names, the route, the host, content types, the server), and each
+    costs a pass or a scan per message otherwise. Only clean texts are kept, keyed by the text itself:
+    a remembered text is one ``Detector.scan`` returned nothing for, exactly, and no value the rules
+    found stays in memory. Bounded: full, it starts over (a sender of ever new values gets the cost of
+    no memory, not more). A reload builds a new detector, and with it a new memory."""
+
+    __slots__ = ("_texts",)
+
+    def __init__(self) -> None:
+        self._texts: dict[str, None] = {}
+
+    def __contains__(self, text: str) -> bool:
+        return text in self._texts
+
+    def add(self, text: str) -> None:
+        if len(text) > _BATCH_MAX_CHARS:
+            return
+        texts = self._texts
+        if len(texts) >= KNOWN_CLEAN_MAX:
+            texts.clear()
+        texts[text] = None
+
+
+_KNOWN: weakref.WeakKeyDictionary[Detector, KnownClean] = weakref.WeakKeyDictionary()
+
+
+def known_clean(detector: Detector) -> KnownClean:
+    """``detector``'s memory of clean short texts (made on first use, gone with the detector)."""
+    known = _KNOWN.get(detector)
+    if known is None:
+        known = _KNOWN[detector] = KnownClean()
+    return known
+
+
+def scan_short(detector: Detector, text: str) -> list[Finding]:
+    """``detector.scan(text)``, answered from the memory of clean texts when ``text`` is in it."""
+    known = known_clean(detector)
+    if text in known:
+        return []
+    findings = detector.scan(text)
+    if not findings:
+        known.add(text)
+    return findings
 
 
 class _Reader:
-    """``Detector.scan`` for the texts of one set of headers, skipping those one pass over all of them
-    found clean (``Detector.clean``): most header values hold nothing. Only short texts go into the
-    pass: it hears every position of a base64 run, which for a long value costs more than its scan."""
+    """``Detector.scan`` for the texts of one set of headers, skipping those known clean (``KnownClean``)
+    and those one pass over all the others found clean (``Detector.clean``): most header values hold
+    nothing. Only short texts go into the pass: it hears every position of a base64 run, which for a
+    long value costs more than its scan. ``address`` reads a text of a header that names addresses
+    (``ADDRESS_HEADERS``), where an IP address is not a finding: a text that holds nothing else is
+    remembered apart, as clean there."""
 
     def __init__(self, detector: Detector, texts: list[str]) -> None:
         self._detector = detector
-        short = [text for text in texts if len(text) <= _BATCH_MAX_CHARS]
-        self._clean = {text for text, clean in zip(short, detector.clean(short), strict=True) if clean}
+        self._known = known = known_clean(detector)
+        self._addresses = addresses = _known_addresses(detector)
+        # A text remembered clean in an address header is not clean anywhere else (it holds an address):
+        # the pass would not clear it.
+        short = [
+            text
+            for text in texts
+            if len(text) <= _BATCH_MAX_CHARS and text not in known and text not in addresses
+        ]
+        if short:
+            for text, clean in zip(short, detector.clean(short), strict=True):
+                if clean:
+                    known.add(text)
 
     def scan(self, text: str) -> list[Finding]:
-        return [] if text in self._clean else self._detector.scan(text)
+        if text in self._known:
+            return []
+        findings = self._detector.scan(text)
+        if not findings:
+            self._known.add(text)
+        return findings
+
+    def address(self, text: str) -> list[Finding]:
+        if text in self._addresses:
+            return []
+        findings = [f for f in self.scan(text) if f.entity not in ADDRESS_ENTITIES]
+        if not findings:
+            self._addresses.add(text)
+        return findings
+
+
+_ADDRESSES: weakref.WeakKeyDictionary[Detector, KnownClean] = weakref.WeakKeyDictionary()
+
+
+def _known_addresses(detector: Detector) -> KnownClean:
+    """``detector``'s memory of texts clean in a header that names addresses."""
+    known = _ADDRESSES.get(detector)
+    if known is None:
+        known = _ADDRESSES[detector] = KnownClean()
+    return known
 
 
 # One reading of a header's values: the separator they are joined with, where each value starts in that
@@ -249,15 +336,14 @@ def _scan_values(
     scan: HeaderScan,
 ) -> None:
     url = name in URLS
+    address = name in ADDRESS_HEADERS
     # (rules, raw span) -> finding, value as read. One value read in several views is decided once per
     # set of rules that found it: a view that adds a rule puts the value to the policy under it too.
     found: dict[tuple[tuple[str, ...], int, int], tuple[Finding, str]] = {}
     for separator, starts, views in readings:
         shift = len(JOIN) - len(separator)
         for text, positions in views:
-            for finding in reader.scan(text):
-                if name in ADDRESS_HEADERS and finding.entity in ADDRESS_ENTITIES:
-                    continue
+            for finding in reader.address(text) if address else reader.scan(text):
                 start = finding.start if positions is None else positions[finding.start]
                 end = finding.end if positions is None else positions[finding.end]
                 start, end = _canonical(starts, shift, start, False), _canonical(starts, shift, end, True)
