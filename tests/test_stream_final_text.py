@@ -39,6 +39,16 @@ WORDS = ("see", "and", "order", ",", "\n", "card", "mail", "ssn", "caf\u00e9")
 # Joined with spaces: a value run into a digit on either side is a longer number, not that value.
 segments = st.lists(st.sampled_from((CARD, EMAIL, *DECOYS, *WORDS)), min_size=1, max_size=12)
 cuts = st.lists(st.integers(min_value=1, max_value=9), min_size=1, max_size=40)
+# A stream: the pack, a message and a JSON document's note (its "@" escaped or not), cut into deltas by
+# ``sizes``, fed to the scanner in chunks of ``chunk`` bytes.
+STREAMS = {
+    "pack": st.sampled_from(sorted(PACKS)),
+    "message": segments,
+    "note": segments,
+    "escape": st.booleans(),
+    "sizes": cuts,
+    "chunk": st.integers(min_value=7, max_value=400),
+}
 
 
 def arguments_text(parts: list[str], escape: bool) -> str:
@@ -157,14 +167,7 @@ def assert_nothing_unmasked(pack: Inspector, out: bytes, events: list[dict[str, 
 
 
 @settings(max_examples=40, deadline=None)
-@given(
-    pack=st.sampled_from(sorted(PACKS)),
-    message=segments,
-    note=segments,
-    escape=st.booleans(),
-    sizes=cuts,
-    chunk=st.integers(min_value=7, max_value=400),
-)
+@given(**STREAMS)
 def test_every_final_text_is_exactly_what_its_deltas_assembled_to(
     pack: str, message: list[str], note: list[str], escape: bool, sizes: list[int], chunk: int
 ) -> None:
@@ -243,14 +246,7 @@ def tgi(message: str, sizes: list[int], final: str | None = None) -> bytes:
 
 
 @settings(max_examples=40, deadline=None)
-@given(
-    pack=st.sampled_from(sorted(PACKS)),
-    message=segments,
-    note=segments,
-    escape=st.booleans(),
-    sizes=cuts,
-    chunk=st.integers(min_value=7, max_value=400),
-)
+@given(**STREAMS)
 def test_tgis_generated_text_is_exactly_what_its_tokens_assembled_to(
     pack: str, message: list[str], note: list[str], escape: bool, sizes: list[int], chunk: int
 ) -> None:

@@ -224,12 +224,17 @@ class KnownClean:
 _KNOWN: weakref.WeakKeyDictionary[Detector, KnownClean] = weakref.WeakKeyDictionary()
 
 
-def known_clean(detector: Detector) -> KnownClean:
-    """``detector``'s memory of clean short texts (made on first use, gone with the detector)."""
-    known = _KNOWN.get(detector)
+def _memory(memories: weakref.WeakKeyDictionary[Detector, KnownClean], detector: Detector) -> KnownClean:
+    """``detector``'s memory in ``memories`` (made on first use, gone with the detector)."""
+    known = memories.get(detector)
     if known is None:
-        known = _KNOWN[detector] = KnownClean()
+        known = memories[detector] = KnownClean()
     return known
+
+
+def known_clean(detector: Detector) -> KnownClean:
+    """``detector``'s memory of clean short texts."""
+    return _memory(_KNOWN, detector)
 
 
 def scan_short(detector: Detector, text: str) -> list[Finding]:
@@ -289,10 +294,7 @@ _ADDRESSES: weakref.WeakKeyDictionary[Detector, KnownClean] = weakref.WeakKeyDic
 
 def _known_addresses(detector: Detector) -> KnownClean:
     """``detector``'s memory of texts clean in a header that names addresses."""
-    known = _ADDRESSES.get(detector)
-    if known is None:
-        known = _ADDRESSES[detector] = KnownClean()
-    return known
+    return _memory(_ADDRESSES, detector)
 
 
 # One reading of a header's values: the separator they are joined with, where each value starts in that
