@@ -32,6 +32,8 @@ _PART_TYPES: Final[dict[str, MediaKind]] = {
     "image_url": "image",
     "input_image": "image",
     "image": "image",
+    "image_embeds": "image",  # vLLM: an image as its embeddings
+    "image_pil": "image",
     "input_audio": "audio",
     "audio_url": "audio",
     "video_url": "video",

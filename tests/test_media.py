@@ -84,6 +84,10 @@ def user(*parts: dict[str, Any]) -> dict[str, Any]:
         ),
         ({"prompt": "and this?", "images": [PIXEL]}, [("image", "images")]),
         ({"prompt": "[img-1] this?", "image_data": [{"data": PIXEL, "id": 1}]}, [("image", "image_data")]),
+        (  # vLLM: an image as its embeddings
+            {"messages": [user({"type": "image_embeds", "image_embeds": "AAAA"})]},
+            [("image", "messages[0].content[1]")],
+        ),
         (  # vLLM: video and audio by URL
             {"messages": [user({"type": "video_url", "video_url": {"url": "https://x/v.mp4"}})]},
             [("video", "messages[0].content[1]")],

@@ -119,6 +119,7 @@ def test_tgi_generate_details_lose_their_tokens_and_prefill() -> None:
 def test_ollamas_context_is_emptied_in_a_json_answer_and_on_the_last_ndjson_line() -> None:
     whole = {"model": "m", "response": TEXT, "done": True, "context": IDS}
     assert answer(whole)["context"] == []
+    assert answer({**whole, "context": [float(i) for i in IDS]})["context"] == []
     lines = [{"model": "m", "response": t, "done": False} for t in TOKENS]
     lines.append({"model": "m", "response": "", "done": True, "context": [1, 2, *IDS]})
     body = b"".join(json.dumps(line).encode() + b"\n" for line in lines)
@@ -255,6 +256,7 @@ def test_a_tool_schema_the_answer_echoes_keeps_fields_named_like_token_detail() 
         ({"model": "m", "prompt": [[40, 1093], [4111]]}, "prompt"),  # a batch of them
         ({"prompt": [12, " and then", 34]}, "prompt"),  # llama.cpp: ids and text mixed
         ({"prompt": 4111}, "prompt"),
+        ({"model": "m", "prompt": [52.0, 49.0, 49.0, 49.0]}, "prompt"),  # read as ids by a lenient server
         ({"model": "m", "input": [[40, 1093, 4111]]}, "input"),  # OpenAI embeddings
         ({"model": "m", "prompt": "hi", "context": [1, 2, 3]}, "context"),  # Ollama's /api/generate
         ({"model": "m", "prompt_token_ids": [1, 2]}, "prompt_token_ids"),

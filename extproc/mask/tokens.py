@@ -54,17 +54,22 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_number(value: Any) -> bool:
+    """A JSON number: a server validating leniently reads ``40.0`` as the token id 40."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _holds_ids(value: Any) -> bool:
-    """An integer, or a list holding one, in lists nested to any depth (``[[1, 2], [3]]``, llama.cpp's
-    ``[12, "text", 34]``)."""
-    if _is_int(value):
+    """A number, or a list holding one, in lists nested to any depth (``[[1, 2], [3]]``, llama.cpp's
+    ``[12, "text", 34]``, ``[40.0, 1093.0]``): a prompt is never a number."""
+    if _is_number(value):
         return True
     stack = [value]
     while stack:
         node = stack.pop()
         if isinstance(node, list):
             for item in node:
-                if _is_int(item):
+                if _is_number(item):
                     return True
                 if isinstance(item, list):
                     stack.append(item)
@@ -96,9 +101,9 @@ def _token_list(key: str, value: Any) -> bool:
     """Whether ``value`` under ``key`` is a non-empty list of token ids or token objects."""
     if not isinstance(value, list) or not value:
         return False
-    if key == "context":  # Ollama's: integers only (other APIs use the name for documents)
-        return all(_is_int(item) for item in value)
-    return all(_is_int(item) or isinstance(item, dict) for item in value)
+    if key == "context":  # Ollama's: numbers only (other APIs use the name for documents)
+        return all(_is_number(item) for item in value)
+    return all(_is_number(item) or isinstance(item, dict) for item in value)
 
 
 def strip_token_detail(document: Any) -> bool:
